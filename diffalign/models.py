@@ -1,0 +1,128 @@
+"""Resolve and load diffusers pipelines: hub ids, local folders, and the built-in tiny / toy ids.
+
+``resolve_model`` only looks at the string and the file system, so bad input is rejected before any
+weights load; ``load_pipeline`` does the loading with the real diffusers code path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffalign import tiny
+
+# diffusers >= 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns).
+try:
+    from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+    _DTYPE_KW = "dtype"
+except ImportError:  # older diffusers
+    _DTYPE_KW = "torch_dtype"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+#: Built-in model ids -> a function returning the local folder (built or located on first use).
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+    "tiny-sd": lambda: tiny.cached_tiny("sd"),
+    "tiny-sdxl": lambda: tiny.cached_tiny("sdxl"),
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def register_builtin_model(name: str, locate: Callable[[], Path]) -> None:
+    """Make ``name`` usable wherever a model id is (e.g. the shipped ``toy-sdxl``)."""
+    BUILTIN_MODELS[name] = locate
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is 'builtin', 'local' or 'hub'."""
+
+    name: str
+    kind: str
+
+    def location(self) -> str:
+        return str(BUILTIN_MODELS[self.name]()) if self.kind == "builtin" else self.name
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Classify a ``--model`` value without loading anything; raise a clear error if it cannot be one."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("model must be a non-empty string: a hub id, a local path, or a built-in id "
+                         f"({', '.join(sorted(BUILTIN_MODELS))})")
+    if model in BUILTIN_MODELS:
+        return ModelSource(model, "builtin")
+    path = Path(os.path.expanduser(model))
+    if path.exists():
+        if path.is_dir() and not (path / "model_index.json").exists() and not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no model_index.json: expected a diffusers pipeline folder")
+        return ModelSource(str(path), "local")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model and os.sep != "/"
+    if looks_like_path:
+        raise FileNotFoundError(f"model path {model!r} does not exist")
+    if _HUB_ID.match(model):
+        return ModelSource(model, "hub")
+    raise ValueError(
+        f"unknown model {model!r}: not a built-in id ({', '.join(sorted(BUILTIN_MODELS))}), "
+        "not an existing local path, and not a hub id of the form 'org/name'"
+    )
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_pipeline(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    variant: str | None = None,
+    vae: str | None = None,
+    device: str | torch.device | None = None,
+    custom_pipeline: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load any diffusers SD 1.x/2.x or SDXL pipeline by hub id, local path or built-in id.
+
+    ``vae`` overrides the pipeline's VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix`` for fp16 SDXL).
+    ``custom_pipeline`` must be a local folder the user names (never fetched code) and
+    ``trust_remote_code`` stays off unless asked for.
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    source = resolve_model(model)
+    torch_dtype = parse_dtype(dtype)
+    kwargs = {_DTYPE_KW: torch_dtype, "variant": variant, "trust_remote_code": trust_remote_code}
+    if custom_pipeline is not None:
+        if not Path(custom_pipeline).is_dir():
+            raise FileNotFoundError(f"custom pipeline {custom_pipeline!r} must be a local folder with a pipeline.py")
+        kwargs["custom_pipeline"] = str(Path(custom_pipeline).resolve())
+    if vae is not None:
+        kwargs["vae"] = _load_or_explain(AutoencoderKL, resolve_model(vae), **{_DTYPE_KW: torch_dtype})
+    pipe = _load_or_explain(DiffusionPipeline, source, **kwargs)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _load_or_explain(cls, source: ModelSource, **kwargs):
+    try:
+        return cls.from_pretrained(source.location(), **kwargs)
+    except OSError as err:
+        if source.kind == "hub":
+            raise OSError(
+                f"could not load {source.name!r} from the model hub ({err.__class__.__name__}: {err}). "
+                "Without network access, download it elsewhere and pass its local folder instead."
+            ) from err
+        raise

@@ -1,0 +1,128 @@
+"""Stochastic reverse-diffusion steps that also return the log-density of the step taken.
+
+A step rule is the one place where the sampling math lives. The sampler uses it to draw ``x_{t-1}``
+while a pipeline runs; the methods use the *same* function to recompute ``log p(x_{t-1} | x_t)`` under
+another denoiser. Every rule takes per-row timesteps, so K timesteps can go through one batched call.
+
+Log-probabilities follow the DDPO convention: a diagonal Gaussian log density, averaged over all
+non-batch elements, computed in fp32. A step with zero noise has no density: ``stochastic`` is False
+and its log-prob is 0 (leave it out of losses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+LOG_PROB_REDUCTION = "mean"
+
+
+class StepResult(NamedTuple):
+    prev_sample: torch.Tensor  # x_{t-1}, in the dtype of ``sample``
+    log_prob: torch.Tensor  # [N] fp32, mean over non-batch elements
+    mean: torch.Tensor  # [N, ...] fp32
+    std: torch.Tensor  # [N] fp32
+    stochastic: torch.Tensor  # [N] bool: std > 0
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over non-batch elements of log N(x; mean, std^2); rows with std == 0 get 0 and mask False."""
+    stochastic = std > 0
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))
+    view = (-1,) + (1,) * (x.ndim - 1)
+    s = safe_std.view(view)
+    elementwise = -((x.float() - mean) ** 2) / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
+    log_prob = elementwise.flatten(1).mean(dim=1)
+    return torch.where(stochastic, log_prob, torch.zeros_like(log_prob)), stochastic
+
+
+def _per_row(t: torch.Tensor | int, n: int, device) -> torch.Tensor:
+    t = torch.as_tensor(t, device=device)
+    return t.expand(n) if t.ndim == 0 else t
+
+
+@dataclass(frozen=True)
+class DDIMStep:
+    """Stochastic DDIM step (Song et al.); ``eta`` 0 = deterministic DDIM, 1 = DDPM ancestral sampling.
+
+    Works on a ``diffusers.DDIMScheduler`` (its ``alphas_cumprod``, ``final_alpha_cumprod`` and
+    ``num_inference_steps``) and matches ``DDIMScheduler.step`` exactly, noise draw included.
+    """
+
+    eta: float = 1.0
+    kind = "ddim"
+
+    def __post_init__(self):
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+    @staticmethod
+    def make_scheduler(config: dict):
+        from diffusers import DDIMScheduler
+
+        # DDIMScheduler.from_config silently defaults clip_sample / set_alpha_to_one to True when the
+        # source config (Euler, PNDM, ...) lacks them; SD and SDXL are trained with both False.
+        overrides = {k: config.get(k, False) for k in ("clip_sample", "set_alpha_to_one")}
+        return DDIMScheduler.from_config(config, **overrides)
+
+    def __call__(
+        self,
+        scheduler,
+        model_output: torch.Tensor,
+        timestep: torch.Tensor | int,
+        sample: torch.Tensor,
+        prev_sample: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> StepResult:
+        if scheduler.config.thresholding:
+            raise NotImplementedError("dynamic thresholding is not supported by the log-prob DDIM step")
+        n, device = sample.shape[0], sample.device
+        t = _per_row(timestep, n, device).long()
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=device)
+        alpha_t = alphas_cumprod[t]
+        alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)
+        view = (-1,) + (1,) * (sample.ndim - 1)
+        a_t, a_prev = alpha_t.view(view), alpha_prev.view(view)
+
+        x_t, out = sample.float(), model_output.float()
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            x0, eps = (x_t - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
+        elif prediction_type == "v_prediction":
+            x0, eps = a_t.sqrt() * x_t - (1 - a_t).sqrt() * out, a_t.sqrt() * out + (1 - a_t).sqrt() * x_t
+        elif prediction_type == "sample":
+            x0, eps = out, (x_t - a_t.sqrt() * out) / (1 - a_t).sqrt()
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+        if scheduler.config.clip_sample:
+            r = scheduler.config.clip_sample_range
+            x0 = x0.clamp(-r, r)
+
+        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        std = self.eta * variance.sqrt()
+        s = std.view(view)
+        mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps
+        if prev_sample is None:
+            prev = mean
+            if self.eta > 0:
+                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
+                prev = mean + s * noise
+            prev_sample = prev.to(sample.dtype)
+        # The density of the sample as stored (after the cast), so recomputation sees the same value.
+        log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std)
+        return StepResult(prev_sample, log_prob, mean, std, stochastic)
+
+
+STEP_RULES = {"ddim": DDIMStep}
+
+
+def make_step_rule(kind: str, **settings):
+    if kind not in STEP_RULES:
+        raise ValueError(f"unknown step rule {kind!r}; expected one of {', '.join(STEP_RULES)}")
+    return STEP_RULES[kind](**settings)

@@ -1,0 +1,245 @@
+"""Tiny random-weight pipelines of the real SD / SDXL architectures, built offline.
+
+Tests and examples cannot reach a model hub, so the package builds its own small models: the same
+classes and wiring as Stable Diffusion 1.x and SDXL (SDXL: two CLIP text encoders, ``text_time`` added
+conditioning), a real CLIP BPE tokenizer made from the vocabulary that ``open-clip-torch`` ships, and
+small widths so that a forward pass costs milliseconds on a CPU. Same seed, same weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_KINDS = ("sd", "sdxl")
+#: Bump when the tiny architectures change, so cached builds are rebuilt.
+TINY_VERSION = 1
+
+# SD 1.x / SDXL noise schedule (the real pipelines' scheduler configs).
+_SD_SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
+
+def clip_bpe_path() -> Path:
+    """The CLIP BPE merges file that open-clip-torch ships (the same merges as OpenAI CLIP)."""
+    import open_clip
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"open-clip-torch does not ship its BPE vocabulary at {path}")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The reversible byte -> printable-unicode table of GPT-2 / CLIP BPE.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` of the 49408-token CLIP tokenizer into ``out_dir``.
+
+    The vocabulary is derived exactly as CLIP derives it from its merges: 256 byte symbols, the same with
+    the end-of-word marker, one token per merge, then the start/end-of-text tokens (ids 49406, 49407).
+    """
+    with gzip.open(clip_bpe_path(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+
+
+def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A ``transformers.CLIPTokenizer`` equal to OpenAI CLIP's, built offline.
+
+    SD 1.x and SDXL's first tokenizer pad with ``<|endoftext|>``; SDXL's second pads with ``!`` (id 0).
+    """
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(tmp)
+        # from_pretrained reads vocab.json + merges.txt in every transformers version (4.x and 5.x).
+        return CLIPTokenizer.from_pretrained(tmp, pad_token=pad_token, model_max_length=77)
+
+
+def _text_encoder_config(hidden: int, layers: int, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    # Two resolution levels: latents are half the image side (the real VAE: one eighth).
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_tiny_sd(seed: int = 0):
+    """A tiny ``StableDiffusionPipeline`` (SD 1.x architecture) with random weights."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_encoder_config(hidden=32, layers=2, projection_dim=32))
+    scheduler = PNDMScheduler(**_SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline`` with random weights: two text encoders, ``text_time`` conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    hidden_1, hidden_2, projection_dim, time_embed_dim = 32, 32, 32, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        # SDXL: cross-attention sees both encoders' penultimate states concatenated; the pooled
+        # projection of encoder 2 and six micro-conditioning ids enter as "text_time" added embeddings.
+        cross_attention_dim=hidden_1 + hidden_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae()
+    vae.register_to_config(force_upcast=True)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_encoder_config(hidden_1, layers=2, projection_dim=projection_dim))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(hidden_2, layers=2, projection_dim=projection_dim))
+    scheduler = EulerDiscreteScheduler(**_SD_SCHEDULE, interpolation_type="linear", use_karras_sigmas=False)
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=build_clip_tokenizer(),
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def build_tiny(kind: str, seed: int = 0):
+    if kind == "sd":
+        return build_tiny_sd(seed)
+    if kind == "sdxl":
+        return build_tiny_sdxl(seed)
+    raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {', '.join(TINY_KINDS)}")
+
+
+def save_tiny(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny pipeline and write it as a diffusers folder (safetensors), atomically."""
+    out = Path(out_dir)
+    pipe = build_tiny(kind, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cache_dir() -> Path:
+    """Where built-in models are built once and kept: ``$DIFFALIGN_CACHE`` or ``~/.cache/diffalign``."""
+    root = os.environ.get("DIFFALIGN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffalign"
+    )
+    return Path(root)
+
+
+def cached_tiny(kind: str, seed: int = 0) -> Path:
+    """Path of the tiny ``kind`` pipeline folder, built on first use."""
+    path = cache_dir() / "tiny" / f"{kind}-seed{seed}-v{TINY_VERSION}"
+    if not (path / "model_index.json").exists():
+        save_tiny(kind, path, seed)
+    return path

@@ -105,8 +105,10 @@ def load_pipeline(
     torch_dtype = parse_dtype(dtype)
     kwargs = {_DTYPE_KW: torch_dtype, "variant": variant, "trust_remote_code": trust_remote_code}
     if custom_pipeline is not None:
-        if not Path(custom_pipeline).is_dir():
+        if not (Path(custom_pipeline) / "pipeline.py").is_file():
             raise FileNotFoundError(f"custom pipeline {custom_pipeline!r} must be a local folder with a pipeline.py")
+        if not trust_remote_code:
+            raise ValueError(f"custom pipeline {custom_pipeline!r} runs its own code: pass trust_remote_code=True to allow it")
         kwargs["custom_pipeline"] = str(Path(custom_pipeline).resolve())
     if vae is not None:
         kwargs["vae"] = _load_or_explain(AutoencoderKL, resolve_model(vae), **{_DTYPE_KW: torch_dtype})

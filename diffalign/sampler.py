@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor  # noqa: F401  (re-exported for step rules' users)
 from safetensors.torch import load_file, save_file
 
 from diffalign.steps import LOG_PROB_REDUCTION, DDIMStep, make_step_rule
@@ -332,6 +331,11 @@ def predict(denoiser, family: Family, x, t, cond, uncond, guidance_scale: float,
     return guided
 
 
+def _tile(tensors: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Each [B, ...] tensor repeated k times along dim 0 (step-major, matching the stacked latents)."""
+    return {n: v.repeat(k, *([1] * (v.ndim - 1))) for n, v in tensors.items()}
+
+
 def recompute_log_probs(
     denoiser,
     trajectory: Trajectory,
@@ -363,8 +367,7 @@ def recompute_log_probs(
         x_t = trajectory.latents[:, chunk].transpose(0, 1).reshape(k * b, *trajectory.latents.shape[2:])
         x_prev = trajectory.latents[:, chunk + 1].transpose(0, 1).reshape(k * b, *trajectory.latents.shape[2:])
         t = trajectory.timesteps[chunk].repeat_interleave(b).to(device)
-        rep = lambda d: {n: v.repeat(k, *([1] * (v.ndim - 1))) for n, v in d.items()}  # noqa: E731
-        model_output = predict(denoiser, family, x_t.to(device, dtype), t, rep(cond), rep(uncond),
+        model_output = predict(denoiser, family, x_t.to(device, dtype), t, _tile(cond, k), _tile(uncond, k),
                                trajectory.guidance_scale, trajectory.guidance_rescale)
         result = rule(scheduler, model_output, t, x_t.to(device, dtype), prev_sample=x_prev.to(device, dtype))
         out.append(result.log_prob.view(k, b).transpose(0, 1))

@@ -30,6 +30,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny-sd": lambda: tiny.cached_tiny("sd"),
     "tiny-sdxl": lambda: tiny.cached_tiny("sdxl"),
+    "tiny-animatediff": lambda: tiny.cached_tiny("animatediff"),
+    "tiny-wan": lambda: tiny.cached_tiny("wan"),
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

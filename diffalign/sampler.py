@@ -12,6 +12,7 @@ called; each is one small :class:`Family` entry (video families add theirs the s
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffalign.steps import LOG_PROB_REDUCTION, DDIMStep, make_step_rule
+from diffalign.steps import LOG_PROB_REDUCTION, DDIMStep, FlowSDEStep, make_step_rule
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -29,15 +30,43 @@ from diffalign.steps import LOG_PROB_REDUCTION, DDIMStep, make_step_rule
 class Family:
     """How one pipeline family exposes its conditioning and calls its denoiser.
 
-    ``captured`` maps pipeline callback tensor names to the names stored in the trajectory; under CFG
-    those callback tensors are ``[negative; positive]`` along dim 0.
+    ``capture(callback_tensors, batch_size, do_cfg) -> (cond, uncond)`` turns the tensors the pipeline hands
+    to ``callback_on_step_end`` at step 0 into per-sample conditioning ``[B, ...]``; ``call(denoiser, x, t,
+    cond)`` runs the denoiser on latents ``x`` at per-row timesteps ``t``; ``make_step_rule(eta)`` is the
+    family's sampling rule (``eta``: DDIM's eta, or the noise level of the flow-matching SDE).
     """
 
     name: str
     pipeline_classes: tuple[str, ...]
     denoiser_attr: str
-    captured: dict[str, str]
+    callback_inputs: tuple[str, ...]
+    capture: Callable[[dict, int, bool], tuple[dict, dict]]
     call: Callable[..., torch.Tensor]
+    make_step_rule: Callable[[float], object] = DDIMStep
+
+
+def _split_negative_positive(names: dict[str, str]):
+    """Capture for pipelines whose callback tensors are ``[negative; positive]`` along dim 0 under CFG."""
+
+    def capture(tensors, b, do_cfg):
+        cond = {name: tensors[key][-b:] for key, name in names.items()}
+        uncond = {name: tensors[key][:b] for key, name in names.items()} if do_cfg else {}
+        return cond, uncond
+
+    return capture
+
+
+def _capture_per_frame(tensors, b, do_cfg):
+    # AnimateDiff repeats each prompt's embedding once per frame ([neg; pos] then repeat_interleave(F)).
+    embeds = tensors["prompt_embeds"]
+    frames = embeds.shape[0] // (2 * b if do_cfg else b)
+    return _split_negative_positive({"prompt_embeds": "encoder_hidden_states"})({"prompt_embeds": embeds[::frames]}, b, do_cfg)
+
+
+def _capture_separate_negative(tensors, b, do_cfg):
+    # Wan keeps positive and negative embeddings apart and runs two forward passes.
+    cond = {"encoder_hidden_states": tensors["prompt_embeds"]}
+    return cond, ({"encoder_hidden_states": tensors["negative_prompt_embeds"]} if do_cfg else {})
 
 
 def _call_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -46,15 +75,31 @@ def _call_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
                 added_cond_kwargs=added or None, return_dict=False)[0]
 
 
+def _call_motion_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    # x: [N, C, F, H, W]; the motion UNet takes one text embedding per frame.
+    embeds = cond["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
+    return unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def _call_wan(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                       return_dict=False)[0]
+
+
 FAMILIES: dict[str, Family] = {
-    "sd": Family("sd", ("StableDiffusionPipeline",), "unet", {"prompt_embeds": "encoder_hidden_states"}, _call_unet),
+    "sd": Family("sd", ("StableDiffusionPipeline",), "unet", ("prompt_embeds",),
+                 _split_negative_positive({"prompt_embeds": "encoder_hidden_states"}), _call_unet),
     "sdxl": Family(
-        "sdxl",
-        ("StableDiffusionXLPipeline",),
-        "unet",
-        {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"},
+        "sdxl", ("StableDiffusionXLPipeline",), "unet", ("prompt_embeds", "add_text_embeds", "add_time_ids"),
+        _split_negative_positive(
+            {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+        ),
         _call_unet,
     ),
+    "animatediff": Family("animatediff", ("AnimateDiffPipeline",), "unet", ("prompt_embeds",),
+                          _capture_per_frame, _call_motion_unet),
+    "wan": Family("wan", ("WanPipeline",), "transformer", ("prompt_embeds", "negative_prompt_embeds"),
+                  _capture_separate_negative, _call_wan, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta)),
 }
 
 
@@ -182,7 +227,7 @@ class Trajectory:
 
 @dataclass
 class SampleOutput:
-    images: torch.Tensor  # [B, 3, H, W] float in [0, 1]
+    images: torch.Tensor | None  # [B, 3, H, W] (videos: [B, F, 3, H, W]) float in [0, 1]; None if not decoded
     trajectory: Trajectory
 
     def pil_images(self):
@@ -200,7 +245,10 @@ class _RecordingMixin:
     step_rule = None
     records: list
 
+    generator = None
+
     def step(self, model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
+        generator = generator if generator is not None else self.generator
         result = self.step_rule(self, model_output, timestep, sample, generator=generator)
         self.records.append((sample, result.prev_sample, result.log_prob, bool(result.stochastic[0])))
         return (result.prev_sample,) if not return_dict else _StepOutput(result.prev_sample)
@@ -241,28 +289,34 @@ def sample(
 ) -> SampleOutput:
     """Sample one trajectory per prompt with ``pipe`` (a stock diffusers pipeline).
 
-    Per-sample ``seeds`` (one per prompt) make each image reproducible whatever the batch; ``eta``
-    sets the DDIM step's noise (``step_rule`` replaces the DDIM rule, e.g. for flow-matching models).
+    Per-sample ``seeds`` (one per prompt) make each sample reproducible whatever the batch. ``eta`` is the
+    noise of the family's step rule (DDIM's eta; the flow-matching SDE's noise level); ``step_rule``
+    replaces the rule altogether. Extra keyword arguments go to the pipeline (e.g. ``num_frames``).
     """
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts must not be empty")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    step_rule = step_rule or DDIMStep(eta=eta)
+    family = family_of(pipe)
+    step_rule = step_rule or family.make_step_rule(eta)
     if seeds is not None:
         if len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-    family = family_of(pipe)
+    if guidance_rescale > 0:
+        if "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"{type(pipe).__name__} does not support guidance_rescale")
+        pipeline_kwargs["guidance_rescale"] = guidance_rescale
     original = pipe.scheduler
     recorder = recording_scheduler(step_rule, dict(original.config))
+    recorder.generator = generator  # for pipelines that do not pass their generator to scheduler.step
     captured: dict[str, torch.Tensor] = {}
-    wanted = [name for name in family.captured if name in pipe._callback_tensor_inputs]
 
     def capture(_pipe, i, _t, callback_kwargs):
         if i == 0:
-            captured.update({k: callback_kwargs[k].detach() for k in wanted})
+            captured.update({k: v.detach() for k, v in callback_kwargs.items() if v is not None})
+            captured["do_cfg"] = bool(_pipe.do_classifier_free_guidance)
         return callback_kwargs
 
     pipe.scheduler = recorder
@@ -272,46 +326,38 @@ def sample(
             negative_prompt=negative_prompt,
             num_inference_steps=num_steps,
             guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
             generator=generator,
             latents=latents,
             height=height,
             width=width,
             output_type="pt" if decode else "latent",
             callback_on_step_end=capture,
-            callback_on_step_end_tensor_inputs=wanted,
+            callback_on_step_end_tensor_inputs=list(family.callback_inputs),
             **pipeline_kwargs,
         )
     finally:
         pipe.scheduler = original
 
     records = recorder.records
-    b = len(prompts)
-    do_cfg = guidance_scale > 1 and captured[wanted[0]].shape[0] == 2 * b
-    cond, uncond = {}, {}
-    for pipe_name, name in family.captured.items():
-        if pipe_name in captured:
-            value = captured[pipe_name]
-            cond[name] = value[b:] if do_cfg else value
-            if do_cfg:
-                uncond[name] = value[:b]
+    cond, uncond = family.capture(captured, len(prompts), captured["do_cfg"])
     trajectory = Trajectory(
         latents=torch.stack([records[0][0]] + [r[1] for r in records], dim=1),
         log_probs=torch.stack([r[2] for r in records], dim=1),
-        timesteps=torch.stack([torch.as_tensor(t) for t in recorder.timesteps[: len(records)]]).long().cpu(),
+        timesteps=torch.stack([torch.as_tensor(t) for t in recorder.timesteps[: len(records)]]).cpu(),
         stochastic=torch.tensor([r[3] for r in records]),
         cond=cond,
         uncond=uncond,
         prompts=prompts,
         family=family.name,
-        step_rule={"kind": step_rule.kind, **{k: v for k, v in vars(step_rule).items()}},
+        step_rule={"kind": step_rule.kind, **vars(step_rule)},
         scheduler_config=dict(original.config),
         guidance_scale=float(guidance_scale),
         guidance_rescale=float(guidance_rescale),
         model=model_name or getattr(pipe, "name_or_path", "") or "",
     )
-    images = out.images if decode else None
-    return SampleOutput(images=images.float().clamp(0, 1) if images is not None else None, trajectory=trajectory)
+    # images [B, 3, H, W] (pipeline output .images) or videos [B, F, 3, H, W] (.frames)
+    media = out[0].float().clamp(0, 1) if decode else None
+    return SampleOutput(images=media, trajectory=trajectory)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("sd", "sdxl")
+TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")
 #: Bump when the tiny architectures change, so cached builds are rebuilt.
 TINY_VERSION = 1
 
@@ -204,12 +204,83 @@ def build_tiny_sdxl(seed: int = 0):
     )
 
 
+def build_tiny_animatediff(seed: int = 0):
+    """A tiny ``AnimateDiffPipeline``: an SD 1.x UNet plus a ``MotionAdapter``, DDIM as AnimateDiff ships it."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    base = build_tiny_sd(seed)
+    torch.manual_seed(seed + 10)
+    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace")
+    return AnimateDiffPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                               motion_adapter=adapter, scheduler=scheduler)
+
+
+# A small word-level vocabulary for the tiny Wan tokenizer (the real one is UMT5's 256k SentencePiece model,
+# which cannot be downloaded here): T5's special ids, then words, then single characters as a fallback.
+_TINY_T5_WORDS = (
+    "a an the of on in and with to at is are photo video cat dog red green blue yellow white black purple "
+    "orange circle square triangle star moving left right up down small large big two three one background "
+    "shape animal person car tree sky water sun moon house"
+).split()
+
+
+def build_tiny_t5_tokenizer():
+    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, appends ``</s>``), built offline."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", -1.0) for w in _TINY_T5_WORDS]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+    pieces += [(f"▁{c}", -4.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tok = Tokenizer(Unigram(pieces, unk_id=2))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+
+
+def build_tiny_wan(seed: int = 0):
+    """A tiny ``WanPipeline`` (Wan 2.1 text-to-video architecture: UMT5 encoder, causal 3D VAE, flow matching)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = build_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
+                                               eos_token_id=1, decoder_start_token_id=0))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+
+
+_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "animatediff": build_tiny_animatediff, "wan": build_tiny_wan}
+
+
 def build_tiny(kind: str, seed: int = 0):
-    if kind == "sd":
-        return build_tiny_sd(seed)
-    if kind == "sdxl":
-        return build_tiny_sdxl(seed)
-    raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {', '.join(TINY_KINDS)}")
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {', '.join(TINY_KINDS)}")
+    return _BUILDERS[kind](seed)
 
 
 def save_tiny(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:

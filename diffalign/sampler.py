@@ -121,9 +121,10 @@ class Trajectory:
 
     latents      [B, T+1, *latent_shape]  x_T ... x_0 as the pipeline held them
     log_probs    [B, T] fp32              log p(x_{t-1} | x_t) of the step rule (mean over elements)
-    timesteps    [T] long                 the timestep of each step
+    timesteps    [T]                      the timestep of each step (long for DDPM-family, float for flows)
     stochastic   [T] bool                 steps with noise (only these have a density)
     cond/uncond  name -> [B, ...]         denoiser conditioning (uncond empty without CFG)
+    latent_steps [L] long or None         after :meth:`keep_steps`, which of the T+1 latents ``latents`` holds
     """
 
     latents: torch.Tensor
@@ -140,6 +141,7 @@ class Trajectory:
     guidance_rescale: float = 0.0
     model: str = ""
     extra: dict = field(default_factory=dict)
+    latent_steps: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -151,6 +153,40 @@ class Trajectory:
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def latent_positions(self, indices: torch.Tensor) -> torch.Tensor:
+        """Where latents ``x`` at trajectory positions ``indices`` (0 = x_T) sit in ``self.latents``."""
+        if self.latent_steps is None:
+            return indices
+        lookup = torch.full((self.num_steps + 1,), -1, dtype=torch.long)
+        lookup[self.latent_steps] = torch.arange(len(self.latent_steps))
+        positions = lookup[indices]
+        if (positions < 0).any():
+            missing = sorted(set(indices[positions < 0].tolist()))
+            raise ValueError(f"this trajectory no longer stores the latents of positions {missing} (see keep_steps)")
+        return positions
+
+    def keep_steps(self, steps: Sequence[int] | torch.Tensor, dtype: torch.dtype | None = None) -> Trajectory:
+        """A smaller record that can recompute only ``steps``: it keeps ``x_t`` and ``x_{t-1}`` of those steps
+        (and every log-prob), with latents and conditioning optionally stored in ``dtype`` (e.g. bfloat16).
+
+        With a lower-precision ``dtype`` the stored latents are rounded, so recomputed log-probs differ from
+        ``log_probs`` (computed on the unrounded values): about 1e-3 at mid steps but up to ~0.4 at the last,
+        low-noise steps on tiny SDXL, where bf16 rounding is large against the step's std. Recompute the old
+        policy's log-probs from the compact record when exact ratios matter.
+        """
+        steps = torch.as_tensor(steps, dtype=torch.long)
+        if len(steps) == 0 or steps.min() < 0 or steps.max() >= self.num_steps:
+            raise ValueError(f"steps must be a non-empty subset of 0..{self.num_steps - 1}, got {steps.tolist()}")
+        needed = torch.unique(torch.cat([steps, steps + 1]))
+        cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)  # noqa: E731
+        return replace(self, latents=cast(self.latents[:, self.latent_positions(needed)]), latent_steps=needed,
+                       cond={k: cast(v) for k, v in self.cond.items()}, uncond={k: cast(v) for k, v in self.uncond.items()})
+
+    def nbytes(self) -> int:
+        """Bytes held by the record's tensors (latents, log-probs, conditioning)."""
+        tensors = [self.latents, self.log_probs, *self.cond.values(), *self.uncond.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def select(self, index: Sequence[int] | torch.Tensor) -> Trajectory:
         """The sub-record of the samples at ``index``."""
@@ -165,7 +201,9 @@ class Trajectory:
         """Join records of the same sampling settings along the sample axis."""
         first = parts[0]
         for other in parts[1:]:
-            if not torch.equal(other.timesteps, first.timesteps) or other.step_rule != first.step_rule:
+            same_kept = (other.latent_steps is None) == (first.latent_steps is None) and (
+                first.latent_steps is None or torch.equal(other.latent_steps, first.latent_steps))
+            if not torch.equal(other.timesteps, first.timesteps) or other.step_rule != first.step_rule or not same_kept:
                 raise ValueError("can only join trajectories sampled with the same steps and step rule")
         join = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}  # noqa: E731
         return replace(first, latents=torch.cat([p.latents for p in parts]),
@@ -201,6 +239,8 @@ class Trajectory:
     def save(self, path) -> None:
         tensors = {"latents": self.latents, "log_probs": self.log_probs, "timesteps": self.timesteps,
                    "stochastic": self.stochastic.to(torch.uint8)}
+        if self.latent_steps is not None:
+            tensors["latent_steps"] = self.latent_steps
         tensors |= {f"cond.{k}": v for k, v in self.cond.items()}
         tensors |= {f"uncond.{k}": v for k, v in self.uncond.items()}
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=self.metadata())
@@ -222,6 +262,7 @@ class Trajectory:
             prompts=json.loads(meta["prompts"]), family=meta["family"], step_rule=json.loads(meta["step_rule"]),
             scheduler_config=json.loads(meta["scheduler_config"]), guidance_scale=float(meta["guidance_scale"]),
             guidance_rescale=float(meta["guidance_rescale"]), model=meta["model"], extra=json.loads(meta["extra"]),
+            latent_steps=t.get("latent_steps"),
         )
 
 
@@ -410,8 +451,9 @@ def recompute_log_probs(
     out = []
     for chunk in steps.split(chunk_size):
         k = len(chunk)
-        x_t = trajectory.latents[:, chunk].transpose(0, 1).reshape(k * b, *trajectory.latents.shape[2:])
-        x_prev = trajectory.latents[:, chunk + 1].transpose(0, 1).reshape(k * b, *trajectory.latents.shape[2:])
+        shape = trajectory.latents.shape[2:]
+        x_t = trajectory.latents[:, trajectory.latent_positions(chunk)].transpose(0, 1).reshape(k * b, *shape)
+        x_prev = trajectory.latents[:, trajectory.latent_positions(chunk + 1)].transpose(0, 1).reshape(k * b, *shape)
         t = trajectory.timesteps[chunk].repeat_interleave(b).to(device)
         model_output = predict(denoiser, family, x_t.to(device, dtype), t, _tile(cond, k), _tile(uncond, k),
                                trajectory.guidance_scale, trajectory.guidance_rescale)

@@ -183,3 +183,24 @@ def test_bad_arguments(tiny_sdxl):
         DDIMStep(eta=-0.1)
     with pytest.raises(ValueError, match="one seed per prompt"):
         sample(tiny_sdxl, ["x", "y"], seeds=[1], num_steps=2)
+
+
+def test_keep_steps_stores_less_and_recomputes_the_kept_steps(sdxl_run, tiny_sdxl, tmp_path):
+    traj = sdxl_run.trajectory
+    compact = traj.keep_steps([1, 4])
+    assert compact.latents.shape[1] == 4 and compact.latent_steps.tolist() == [1, 2, 4, 5]
+    assert compact.nbytes() < traj.nbytes()
+    with torch.no_grad():
+        lp = recompute_log_probs(tiny_sdxl.unet, compact, steps=[4, 1], chunk_size=2)
+    assert torch.allclose(lp, traj.log_probs[:, [4, 1]], atol=1e-5)
+    with pytest.raises(ValueError, match=r"no longer stores the latents of positions \[0\]"):
+        recompute_log_probs(tiny_sdxl.unet, compact, steps=[0])
+    compact.save(tmp_path / "c.safetensors")
+    assert torch.equal(Trajectory.load(tmp_path / "c.safetensors").latent_steps, compact.latent_steps)
+
+    half = traj.keep_steps([2], dtype=torch.bfloat16)
+    assert half.latents.dtype == torch.bfloat16 and half.cond["encoder_hidden_states"].dtype == torch.bfloat16
+    assert half.nbytes() < compact.nbytes()
+    with torch.no_grad():  # rounded latents: close to (~1e-3 at a mid step), not equal to, the stored log-probs
+        lp_half = recompute_log_probs(tiny_sdxl.unet, half, steps=[2])
+    assert torch.allclose(lp_half, traj.log_probs[:, [2]], atol=5e-3)

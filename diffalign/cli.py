@@ -16,7 +16,12 @@ import tempfile
 from pathlib import Path
 
 #: Modules that contribute subcommands (each has ``add_parser(subparsers)``).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "diffalign.gallery.cli",
+    "diffalign.toy.cli",
+    "diffalign.train",
+    "diffalign.pairs",
+]
 
 log = logging.getLogger("diffalign")
 
@@ -44,9 +49,13 @@ def default_device() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")  # pipelines; diffalign.tiny builds them
+
+
 def _add_tiny(sub):
-    p = sub.add_parser("tiny", help="write a tiny random-weight diffusers pipeline (offline)")
-    p.add_argument("kind", choices=["sd", "sdxl"])
+    p = sub.add_parser("tiny", help="write a tiny random-weight diffusers pipeline or scorer model (offline)")
+    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic) write a folder for --scorer KIND:model=FOLDER.
+    p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic"])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_tiny)
@@ -56,6 +65,12 @@ def _run_tiny(args):
     from diffalign.tiny import save_tiny
 
     ensure_writable_dir(Path(args.out_dir).parent if Path(args.out_dir).parent != Path("") else ".")
+    if args.kind not in TINY_KINDS:
+        from diffalign.scorers.tiny_models import save_tiny_scorer
+
+        path = save_tiny_scorer(args.kind, args.out_dir, seed=args.seed)
+        print(f"wrote tiny {args.kind} scorer model (seed {args.seed}) to {path}; use --scorer {args.kind}:model={path}")
+        return
     path = save_tiny(args.kind, args.out_dir, seed=args.seed)
     print(f"wrote tiny {args.kind} pipeline (seed {args.seed}) to {path}")
 
@@ -76,6 +91,7 @@ def _add_sample(sub):
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames per video")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variant", default=None)
@@ -96,12 +112,13 @@ def _run_sample(args):
     from diffalign.prompts import read_prompts
     from diffalign.sampler import Trajectory, sample
     from diffalign.scorers import check_scorer_names, make_scorer
+    from diffalign.video import save_video
 
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise UsageError("no prompts given")
     for name, value, low in (("--steps", args.steps, 1), ("--num-images", args.num_images, 1),
-                             ("--batch-size", args.batch_size, 1)):
+                             ("--batch-size", args.batch_size, 1), ("--num-frames", args.num_frames or 1, 1)):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if args.eta < 0:
@@ -116,18 +133,22 @@ def _run_sample(args):
                          device=args.device or default_device())
     pipe.set_progress_bar_config(disable=True)
     scorers = [make_scorer(name) for name in args.scorer]
+    video_kwargs = {"num_frames": args.num_frames} if args.num_frames else {}
     trajectories, rows = [], []
     for start in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
         batch = jobs[start : start + args.batch_size]
         result = sample(pipe, [p for p, _ in batch], seeds=[s for _, s in batch], num_steps=args.steps,
                         guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
                         negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                        model_name=args.model)
+                        model_name=args.model, **video_kwargs)
         scores = {s.name: s.score(result.images, [p for p, _ in batch]).tolist() for s in scorers}
-        for j, ((prompt, seed), image) in enumerate(zip(batch, to_pil(result.images), strict=True)):
+        for j, (prompt, seed) in enumerate(batch):
             index = start + j
-            file = f"{index:05d}.png"
-            image.save(out / file)
+            if result.images.ndim == 5:  # a video [F, 3, H, W]
+                file = save_video(result.images[j], out / f"{index:05d}")[0].name
+            else:
+                file = f"{index:05d}.png"
+                to_pil(result.images[j : j + 1])[0].save(out / file)
             rows.append({"index": index, "prompt": prompt, "seed": seed, "file": file,
                          "scores": {name: values[j] for name, values in scores.items()}})
         if args.save_trajectories:
@@ -145,7 +166,9 @@ def _run_sample(args):
 # ----------------------------------------------------------------------------------------------------
 def _add_score(sub):
     p = sub.add_parser("score", help="score a folder of images")
-    p.add_argument("--scorer", action="append", required=True, help="scorer name (repeatable)")
+    p.add_argument("--scorer", action="append", required=True,
+                   help="scorer name or spec (repeatable): NAME[:KEY=VALUE,...], e.g. pickscore:model=FOLDER, "
+                        "hpsv2:version=v2.1, or a weighted sum 10*pickscore+2*hpsv2")
     p.add_argument("--images", required=True, help="folder of images (PNG/JPEG/WebP)")
     p.add_argument("--prompts", default=None,
                    help="prompt file with one prompt per image in file-name order (default: the folder's samples.jsonl)")

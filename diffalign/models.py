@@ -32,7 +32,14 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny-sdxl": lambda: tiny.cached_tiny("sdxl"),
     "tiny-animatediff": lambda: tiny.cached_tiny("animatediff"),
     "tiny-wan": lambda: tiny.cached_tiny("wan"),
+    "toy-sdxl": lambda: _toy_sdxl_path(),
 }
+
+
+def _toy_sdxl_path() -> Path:
+    from diffalign.toy import toy_sdxl_path
+
+    return toy_sdxl_path()
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

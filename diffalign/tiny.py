@@ -19,7 +19,7 @@ import torch
 
 TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")
 #: Bump when the tiny architectures change, so cached builds are rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 # SD 1.x / SDXL noise schedule (the real pipelines' scheduler configs).
 _SD_SCHEDULE = dict(
@@ -283,14 +283,22 @@ def build_tiny(kind: str, seed: int = 0):
     return _BUILDERS[kind](seed)
 
 
-def save_tiny(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build a tiny pipeline and write it as a diffusers folder (safetensors), atomically."""
+def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
+    """Write ``pipe`` as a diffusers folder (safetensors), atomically: a crash leaves the old folder or none.
+
+    CLIP tokenizers are written as ``vocab.json`` + ``merges.txt``, as the real SD/SDXL repositories ship them:
+    every transformers version loads those (transformers 4's slow ``CLIPTokenizer`` needs them; 5 writes only
+    a ``tokenizer.json`` that 4 cannot use), and they are half the size.
+    """
     out = Path(out_dir)
-    pipe = build_tiny(kind, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, component in pipe.components.items():
+            if type(component).__name__.startswith("CLIPTokenizer"):
+                (tmp / name / "tokenizer.json").unlink(missing_ok=True)
+                write_clip_tokenizer_files(tmp / name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -298,6 +306,11 @@ def save_tiny(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def save_tiny(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a tiny pipeline and write it as a diffusers folder."""
+    return save_pipeline(build_tiny(kind, seed), out_dir)
 
 
 def cache_dir() -> Path:

@@ -51,6 +51,9 @@ def test_same_seed_same_weights_and_round_trip(kind, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
+    # tokenizers as the real repositories ship them, loadable by transformers 4 and 5
+    assert (a / "tokenizer" / "vocab.json").is_file() and (a / "tokenizer" / "merges.txt").is_file()
+    assert not (a / "tokenizer" / "tokenizer.json").exists()
     pipe = DiffusionPipeline.from_pretrained(a)
     pipe.set_progress_bar_config(disable=True)
     expected = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"

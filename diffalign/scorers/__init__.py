@@ -1,16 +1,31 @@
 """Scorers: one interface (:class:`Scorer`), one registry by name (:func:`make_scorer`).
 
-Importing this package registers the built-in scorers.
+Importing this package registers the built-in scorers. Wherever a scorer name is accepted, so is a spec:
+``NAME[:KEY=VALUE,...]`` (``pickscore:model=/models/pickscore``, ``hpsv2:version=v2.1,dtype=float16``) or a
+weighted sum of such terms (``10*pickscore + 2*hpsv2 + 0.05*aesthetic``).
 """
 
-from diffalign.scorers import simple  # noqa: F401  (registers the weight-free scorers)
+# Importing a scorer module registers its scorers: weight-free (simple), toy-sdxl rewards (toy) and the
+# model-based ones (aesthetic, clipscore, hpsv2, imagereward, pickscore).
+from diffalign.scorers import aesthetic, clipscore, hpsv2, imagereward, pickscore, simple, toy  # noqa: F401
 from diffalign.scorers.base import (
     SCORERS,
+    CombinedScorer,
     Scorer,
     available_scorers,
     check_scorer_names,
     make_scorer,
+    parse_scorer_spec,
     register_scorer,
 )
 
-__all__ = ["SCORERS", "Scorer", "available_scorers", "check_scorer_names", "make_scorer", "register_scorer"]
+__all__ = [
+    "SCORERS",
+    "CombinedScorer",
+    "Scorer",
+    "available_scorers",
+    "check_scorer_names",
+    "make_scorer",
+    "parse_scorer_spec",
+    "register_scorer",
+]

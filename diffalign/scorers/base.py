@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -21,6 +23,9 @@ class Scorer:
 
     ``higher_is_better`` is the direction of the raw score. ``differentiable`` scorers keep the autograd
     graph from tensor inputs to the score, so they can serve as a reward gradient.
+
+    Videos ``[B, F, 3, H, W]`` are scored frame by frame and averaged per video: over all frames
+    (``video_frames=None``) or over ``video_frames`` evenly spaced ones (first and last included).
     """
 
     name: str = ""
@@ -28,13 +33,18 @@ class Scorer:
     differentiable: bool = False
     needs_prompts: bool = False
     batch_size: int = 16
+    video_frames: int | None = None
 
     def _score(self, images: ImageBatch, prompts: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
 
     def score(self, images: ImageBatch | Image.Image, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
-        if isinstance(images, Image.Image) or (isinstance(images, torch.Tensor) and images.ndim == 3):
+        if isinstance(images, Image.Image):
+            images = [images]
+        elif isinstance(images, torch.Tensor) and images.ndim == 3:
             images = to_tensor(images)
+        elif isinstance(images, torch.Tensor) and images.ndim == 5:
+            return self._score_video(images, prompts)
         n = len(images)
         if n == 0:
             raise ValueError(f"scorer {self.name!r}: no images to score")
@@ -58,11 +68,70 @@ class Scorer:
 
     __call__ = score
 
+    def _score_video(self, videos: torch.Tensor, prompts: Sequence[str] | str | None) -> torch.Tensor:
+        b, f = videos.shape[:2]
+        index = video_frame_indices(f, self.video_frames).to(videos.device)
+        frames = videos[:, index].flatten(0, 1)
+        k = len(index)
+        if isinstance(prompts, str):
+            prompts = [prompts] * b
+        if prompts is not None:
+            prompts = list(prompts)
+            if len(prompts) != b:
+                raise ValueError(f"scorer {self.name!r}: got {b} videos but {len(prompts)} prompts")
+            prompts = [p for p in prompts for _ in range(k)]
+        return self.score(frames, prompts).view(b, k).mean(dim=1)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def video_frame_indices(num_frames: int, k: int | None) -> torch.Tensor:
+    """All frame indices (``k`` None or 0, or ``k >= num_frames``), else ``k`` evenly spaced ones."""
+    if k is None or k <= 0 or k >= num_frames:
+        return torch.arange(num_frames)
+    return torch.linspace(0, num_frames - 1, k).round().long()
+
+
+class CombinedScorer(Scorer):
+    """A weighted sum of scorers, e.g. PRDP's ``10*pickscore + 2*hpsv2 + 0.05*aesthetic``.
+
+    Each part preprocesses and batches on its own; the sum is differentiable when every part is.
+    """
+
+    def __init__(self, parts: Sequence[tuple[float, Scorer]]):
+        if not parts:
+            raise ValueError("a combined scorer needs at least one part")
+        self.parts = list(parts)
+        self.name = " + ".join(f"{w:g}*{s.name}" for w, s in self.parts)
+        self.differentiable = all(s.differentiable for _, s in self.parts)
+        self.needs_prompts = any(s.needs_prompts for _, s in self.parts)
+
+    @property
+    def video_frames(self):
+        return self.parts[0][1].video_frames
+
+    @video_frames.setter
+    def video_frames(self, value):
+        for _, scorer in self.parts:
+            scorer.video_frames = value
+
+    def score(self, images, prompts=None) -> torch.Tensor:
+        total = None
+        for weight, scorer in self.parts:
+            value = weight * scorer.score(images, prompts)
+            total = value if total is None else total + value.to(total.device)
+        return total
+
+    __call__ = score
+
+    def __repr__(self) -> str:
+        return f"CombinedScorer({self.name!r})"
+
+
 SCORERS: dict[str, Callable[..., Scorer]] = {}
+#: Settings every scorer accepts (set on the built scorer, not passed to its constructor).
+COMMON_SETTINGS = ("batch_size", "video_frames")
 
 
 def register_scorer(name: str):
@@ -81,19 +150,133 @@ def available_scorers() -> list[str]:
     return sorted(SCORERS)
 
 
-def make_scorer(name: str, **settings) -> Scorer:
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(available_scorers())}")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_TERM = re.compile(rf"^\s*(?:(?P<weight>{_NUMBER})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$", re.S)
+
+
+def _parse_value(text: str):
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_settings(text: str | None, spec: str) -> dict:
+    settings = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"scorer spec {spec!r}: setting {item.strip()!r} is not KEY=VALUE")
+        settings[key.strip()] = _parse_value(value)
+    return settings
+
+
+def parse_scorer_spec(spec: str) -> list[tuple[float | None, str, dict]]:
+    """``"10*pickscore:model=/m,dtype=float16 + 2*hpsv2:version=v2.1"`` -> ``[(weight, name, settings), ...]``.
+
+    A term is ``[WEIGHT*]NAME[:KEY=VALUE,...]``; terms are joined by ``+``. A ``+`` inside a setting value
+    (the aesthetic head is ``sac+logos+ava1-l14-linearMSE.pth``) stays in the value, because what follows
+    it is not a registered scorer name.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty scorer spec {spec!r}; known scorers: {', '.join(available_scorers())}")
+    pieces: list[str] = []
+    for piece in spec.split("+"):
+        match = _TERM.match(piece)
+        starts_term = match is not None and (match["name"] in SCORERS or match["weight"] is not None)
+        if pieces and ":" in pieces[-1] and not starts_term:
+            pieces[-1] += "+" + piece
+        else:
+            pieces.append(piece)
+    terms = []
+    for piece in pieces:
+        match = _TERM.match(piece)
+        if match is None:
+            raise ValueError(
+                f"cannot read scorer spec {spec!r} at {piece.strip()!r}: expected [WEIGHT*]NAME[:KEY=VALUE,...] "
+                f"joined by '+'; known scorers: {', '.join(available_scorers())}"
+            )
+        name = match["name"]
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(available_scorers())}")
+        weight = None if match["weight"] is None else float(match["weight"])
+        terms.append((weight, name, _parse_settings(match["settings"], spec)))
+    return terms
+
+
+def _check_settings(name: str, settings: dict) -> None:
+    factory = SCORERS[name]
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [p for p in params if p != "self"] + list(COMMON_SETTINGS)
+    unknown = [k for k in settings if k not in accepted]
+    if unknown:
+        raise ValueError(f"scorer {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(accepted)}")
+
+
+def _build_one(name: str, settings: dict) -> Scorer:
+    _check_settings(name, settings)
+    common = {k: settings.pop(k) for k in COMMON_SETTINGS if k in settings}
     scorer = SCORERS[name](**settings)
-    scorer.name = scorer.name or name
+    for key, value in common.items():
+        setattr(scorer, key, value)
     return scorer
 
 
+def make_scorer(spec: str, **settings) -> Scorer:
+    """Build a scorer from a name or spec: ``"pickscore"``, ``"hpsv2:version=v2.1,model=/path"``,
+    ``"10*pickscore+2*hpsv2+0.05*aesthetic"``. Keyword ``settings`` go to a single scorer (they override the
+    spec's); for a combined spec only the common settings (``batch_size``, ``video_frames``) are allowed.
+    """
+    terms = parse_scorer_spec(spec)
+    if len(terms) == 1 and terms[0][0] is None:
+        _, name, spec_settings = terms[0]
+        scorer = _build_one(name, {**spec_settings, **settings})
+        scorer.name = spec.strip() if spec.strip() != name else (scorer.name or name)
+        return scorer
+    extra = [k for k in settings if k not in COMMON_SETTINGS]
+    if extra:
+        raise ValueError(f"combined scorer {spec!r}: set {', '.join(extra)} per part in the spec (NAME:KEY=VALUE)")
+    parts = []
+    for weight, name, part_settings in terms:
+        scorer = _build_one(name, {**part_settings, **settings})
+        scorer.name = name + (":" + ",".join(f"{k}={v}" for k, v in part_settings.items()) if part_settings else "")
+        parts.append((1.0 if weight is None else weight, scorer))
+    combined = CombinedScorer(parts)
+    combined.name = spec.strip()
+    return combined
+
+
 def check_scorer_names(names: Sequence[str]) -> None:
-    """Validate scorer names up front (before any model loads)."""
-    for name in names:
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(available_scorers())}")
+    """Validate scorer names/specs up front (before any model loads): names, setting keys, availability."""
+    for spec in names:
+        for _, name, settings in parse_scorer_spec(spec):
+            _check_settings(name, settings)
+            check_available = getattr(SCORERS[name], "check_available", None)
+            if check_available is not None:
+                check_available()
 
 
-__all__ = ["Scorer", "SCORERS", "register_scorer", "available_scorers", "make_scorer", "check_scorer_names", "to_tensor"]
+__all__ = [
+    "Scorer",
+    "SCORERS",
+    "CombinedScorer",
+    "register_scorer",
+    "available_scorers",
+    "make_scorer",
+    "check_scorer_names",
+    "parse_scorer_spec",
+    "video_frame_indices",
+    "to_tensor",
+]

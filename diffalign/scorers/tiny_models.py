@@ -1,0 +1,128 @@
+"""Tiny random-weight scorer models of the real architecture families, built offline.
+
+Each folder loads with the same code as the published weights (``make_scorer("KIND:model=FOLDER")``):
+
+* ``pickscore`` / ``clipscore``: a transformers ``CLIPModel`` folder with ``CLIPImageProcessor`` and
+  ``CLIPTokenizer`` files (PickScore's ViT-H uses GELU, OpenAI CLIP quick-GELU);
+* ``hpsv2``: an open_clip ViT config (``open_clip_config.json``, open_clip's ``local-dir`` format) and the
+  weights saved the way HPSv2 ships them: fp16 under ``"state_dict"`` in ``HPS_v2_compressed.pt`` and
+  ``HPS_v2.1_compressed.pt`` (read back with ``weights_only=True``);
+* ``aesthetic``: a CLIP ViT-L/14-style model (quick-GELU, patch 14) plus a random
+  ``sac+logos+ava1-l14-linearMSE.pth`` head of the published layer layout.
+
+All take 224 x 224 inputs like the real models (the preprocessing is the thing under test), with small
+widths so a forward pass costs milliseconds. Same seed, same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_SCORER_KINDS = ("pickscore", "clipscore", "hpsv2", "aesthetic")
+#: Bump when the tiny architectures change, so cached builds are rebuilt.
+TINY_SCORER_VERSION = 1
+
+TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 16, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+def build_tiny_clip(seed: int = 0, hidden_act: str = "gelu"):
+    """A tiny transformers ``CLIPModel`` (224 px, patch 14, 49408-token vocabulary, 77 positions)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=hidden_act)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=49407, **common),
+        vision_config=dict(image_size=224, patch_size=14, **common),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()
+
+
+def write_clip_processor(out_dir: str | os.PathLike) -> None:
+    """The CLIP image processor (short side 224 bicubic, crop 224, CLIP mean/std) and tokenizer files."""
+    from transformers import CLIPImageProcessor
+
+    from diffalign.scorers.clip_preprocess import CLIP_MEAN, CLIP_STD
+    from diffalign.tiny import build_clip_tokenizer
+
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
+        do_center_crop=True, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    ).save_pretrained(out_dir)
+    build_clip_tokenizer().save_pretrained(out_dir)
+
+
+def build_tiny_open_clip(seed: int = 0, config_dir: str | os.PathLike | None = None):
+    """A tiny open_clip ``CLIP`` of :data:`TINY_OPEN_CLIP_CONFIG` (written to ``config_dir`` if given)."""
+    from diffalign.scorers.hpsv2 import OPEN_CLIP_CONFIG, create_open_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(config_dir or tmp)
+        (folder / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_CONFIG}, indent=2))
+        torch.manual_seed(seed)
+        return create_open_clip(f"local-dir:{folder}")[0].eval()
+
+
+def _write(kind: str, out: Path, seed: int) -> None:
+    if kind in ("pickscore", "clipscore"):
+        build_tiny_clip(seed, hidden_act="gelu" if kind == "pickscore" else "quick_gelu").save_pretrained(out)
+        write_clip_processor(out)
+    elif kind == "hpsv2":
+        from diffalign.scorers.hpsv2 import HPS_FILES
+
+        for i, filename in enumerate(HPS_FILES.values()):  # v2.0 and v2.1 differ, as the real ones do
+            model = build_tiny_open_clip(seed + i, config_dir=out)
+            state = {k: v.half() for k, v in model.state_dict().items()}
+            torch.save({"state_dict": state}, out / filename)
+    elif kind == "aesthetic":
+        from diffalign.scorers.aesthetic import AESTHETIC_HEAD_FILE, AestheticHead
+
+        clip = build_tiny_clip(seed, hidden_act="quick_gelu")
+        clip.save_pretrained(out)
+        torch.manual_seed(seed + 1)
+        torch.save(AestheticHead(embed_dim=clip.config.projection_dim).state_dict(), out / AESTHETIC_HEAD_FILE)
+    else:
+        raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
+
+
+def save_tiny_scorer(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny ``kind`` scorer model folder, atomically."""
+    if kind not in TINY_SCORER_KINDS:
+        raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write(kind, tmp, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cached_tiny_scorer(kind: str, seed: int = 0) -> Path:
+    """Path of the tiny ``kind`` scorer folder under :func:`diffalign.tiny.cache_dir`, built on first use."""
+    from diffalign.tiny import cache_dir
+
+    path = cache_dir() / "tiny-scorers" / f"{kind}-seed{seed}-v{TINY_SCORER_VERSION}"
+    if not path.is_dir() or not any(path.iterdir()):
+        save_tiny_scorer(kind, path, seed)
+    return path
+
+
+__all__ = ["TINY_SCORER_KINDS", "build_tiny_clip", "build_tiny_open_clip", "cached_tiny_scorer", "save_tiny_scorer"]

@@ -1,0 +1,114 @@
+"""Rewards for the toy world (``toy-sdxl``): weight-free, differentiable, and cheap enough for CPU alignment.
+
+They read colours through a *soft palette assignment*: each pixel is softly assigned to the toy world's
+nine colours (six object colours, three backgrounds) with ``softmax(-|pixel - colour|^2 / temperature)``,
+so every quantity below is a smooth function of the pixels and passes gradients.
+
+- ``toy_faithfulness`` (needs toy captions): how well an image shows what its caption names: the share
+  of the object-coloured mass that is the named colour, the share of the border that is the named
+  background, and how close the object area is to what the caption's count and size imply. Each term is
+  in [0, 1]; the score is their mean.
+- ``toy_saturation`` (prompt-free): mean chroma (max minus min channel) over pixels. Grey scores 0;
+  more and larger coloured objects score higher.
+- ``toy_target_color`` (prompt-free): the share of pixels softly assigned to one target colour (red by
+  default): a preference that can contradict the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffalign.images import to_tensor
+from diffalign.scorers.base import Scorer, register_scorer
+from diffalign.toy import data
+
+#: Mean object area in pixels (at 32x32) per size word, for one object and for several (these are smaller).
+_AREA = {("small", 1): 53.0, ("large", 1): 180.0, ("small", 2): 53.0, ("large", 2): 97.0}
+
+
+def soft_palette(images: torch.Tensor, temperature: float = 0.02) -> tuple[list[str], torch.Tensor]:
+    """Palette names and per-pixel soft assignments [B, K, H, W] (sum 1 over K) of images [B, 3, H, W]."""
+    names, colors = data.palette("all")
+    colors = colors.to(images.device, images.dtype)
+    distance = ((images.unsqueeze(1) - colors.view(1, -1, 3, 1, 1)) ** 2).sum(2)
+    return names, torch.softmax(-distance / temperature, dim=1)
+
+
+def _border(x: torch.Tensor) -> torch.Tensor:
+    """The outermost ring of pixels of [B, K, H, W] as [B, K, N]."""
+    return torch.cat([x[..., 0, :], x[..., -1, :], x[..., 1:-1, 0], x[..., 1:-1, -1]], dim=-1)
+
+
+@register_scorer("toy_faithfulness")
+class ToyFaithfulness(Scorer):
+    """Mean of colour, background and object-area agreement with a toy caption, each in [0, 1]."""
+
+    name = "toy_faithfulness"
+    differentiable = True
+    needs_prompts = True
+    batch_size = 256
+    TERMS = ("color", "background", "area")
+
+    def __init__(self, temperature: float = 0.02, terms: tuple[str, ...] | list[str] = TERMS):
+        unknown = set(terms) - set(self.TERMS)
+        if unknown or not terms:
+            raise ValueError(f"toy_faithfulness terms must be a non-empty subset of {self.TERMS}, got {tuple(terms)}")
+        self.temperature = temperature
+        self.terms = tuple(terms)
+
+    def terms_of(self, images, prompts) -> dict[str, torch.Tensor]:
+        """Each term [B] for images and their toy captions (a prompt that is not one raises ValueError)."""
+        scenes = [data.parse_caption(p) for p in prompts]
+        x = to_tensor(images).float().clamp(0, 1)
+        names, p = soft_palette(x, self.temperature)
+        n_objects = len(data.COLORS)
+        objects = p[:, :n_objects].flatten(2).sum(-1)  # [B, 6] soft pixel counts per object colour
+        index = torch.arange(len(scenes), device=x.device)
+        named = torch.tensor([names.index(s.color) for s in scenes], device=x.device)
+        # One pixel of slack: an image with no object colour at all scores ~0, not 0/0.
+        color = objects[index, named] / (objects.sum(1) + 1.0)
+        bg_named = torch.tensor([names.index(s.background) for s in scenes], device=x.device)
+        background = _border(p)[index, bg_named].mean(-1)
+        # Object area measured at 32x32; larger images are scaled to it.
+        scale = data.IMAGE_SIZE**2 / (x.shape[-1] * x.shape[-2])
+        area = objects.sum(1) * scale
+        expected = torch.tensor([s.count * _AREA[(s.size, min(s.count, 2))] for s in scenes], device=x.device)
+        area_term = torch.minimum(area + 1, expected) / torch.maximum(area + 1, expected)
+        return {"color": color, "background": background, "area": area_term}
+
+    def _score(self, images, prompts):
+        terms = self.terms_of(images, prompts)
+        return torch.stack([terms[t] for t in self.terms]).mean(0)
+
+
+@register_scorer("toy_saturation")
+class ToySaturation(Scorer):
+    """Mean chroma (max minus min RGB channel) in [0, 1]; prompt-free and differentiable."""
+
+    name = "toy_saturation"
+    differentiable = True
+    batch_size = 256
+
+    def _score(self, images, prompts):
+        x = to_tensor(images).float().clamp(0, 1)
+        return (x.amax(dim=1) - x.amin(dim=1)).flatten(1).mean(1)
+
+
+@register_scorer("toy_target_color")
+class ToyTargetColor(Scorer):
+    """Share of pixels softly assigned to ``color`` (a toy object colour, default red); prompt-free."""
+
+    name = "toy_target_color"
+    differentiable = True
+    batch_size = 256
+
+    def __init__(self, color: str = "red", temperature: float = 0.02):
+        if color not in data.COLORS:
+            raise ValueError(f"toy_target_color: unknown colour {color!r}; expected one of {', '.join(data.COLORS)}")
+        self.color = color
+        self.temperature = temperature
+
+    def _score(self, images, prompts):
+        x = to_tensor(images).float().clamp(0, 1)
+        names, p = soft_palette(x, self.temperature)
+        return p[:, names.index(self.color)].flatten(1).mean(1)

@@ -1,0 +1,20 @@
+"""The toy world: a procedural captioned dataset and ``toy-sdxl``, a tiny SDXL pretrained on it on a CPU.
+
+``toy-sdxl`` has the real SDXL pipeline architecture (VAE, ``text_time`` UNet, two CLIP text encoders,
+the real CLIP tokenizer) at small width, so alignment methods can be seen to work in CPU minutes.
+"""
+
+from pathlib import Path
+
+#: The shipped pretrained toy pipeline (diffusers format), made by ``diffalign toy pretrain``.
+TOY_SDXL_DIR = Path(__file__).parent / "weights" / "toy-sdxl"
+
+
+def toy_sdxl_path() -> Path:
+    """The folder of the shipped ``toy-sdxl`` pipeline; a clear error if this checkout lacks it."""
+    if not (TOY_SDXL_DIR / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the toy-sdxl weights are missing from {TOY_SDXL_DIR}; rebuild them with "
+            "'diffalign toy pretrain --out RUN' and copy RUN/pipeline there"
+        )
+    return TOY_SDXL_DIR

@@ -90,3 +90,9 @@ def test_score_rejects_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["score", "--scorer", "brightness", "--images", str(tmp_path)]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_cli_tiny_kinds_match_builders():
+    from diffalign import cli, tiny
+
+    assert cli.TINY_KINDS == tiny.TINY_KINDS

@@ -1,0 +1,156 @@
+"""Training-step benchmark: DPO vs MaPO, cache vs no cache, LoRA reference by disabled adapters vs a copy.
+
+Each variant runs the real trainer (``diffalign.train.train``) in its own subprocess on the same model,
+data and batch, so that peak memory (the process's peak resident set, minus the resident set just before
+the first training step, the peak being reset there through ``/proc/self/clear_refs``) is not mixed
+between variants. Step time is the median of the trainer's own
+``step_time_s`` (data + forward + backward + update) after ``--warmup`` steps.
+
+    python benchmarks/train_step.py                 # tiny-sdxl at 128 px, 4 pairs per step, CPU
+    python benchmarks/train_step.py --write-md      # also update BENCHMARKS.md
+
+On a GPU the same script measures CUDA peak memory instead (``torch.cuda.max_memory_allocated``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Training: DPO vs MaPO"
+
+# Runs inside the subprocess: train with the given overrides, report peak memory of the training part.
+_CHILD = r"""
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+import diffalign.train as T
+from diffalign.config import load_config
+
+overrides = json.loads(sys.argv[1])
+frozen_copy = overrides.pop(0) == "frozen_copy"
+mark = {}
+
+original_init = T.PairObjective.__init__
+def init(self, ctx, dataset):
+    if frozen_copy:  # the baseline: a second, frozen UNet instead of disabling the adapters
+        import copy
+        ref = copy.deepcopy(T.unwrap(ctx.unet)).requires_grad_(False).eval()
+        ref.disable_adapters()
+        ctx.ref_unet = ref
+    original_init(self, ctx, dataset)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
+        f.write("5")
+    mark["rss_before_mib"] = _rss_mib("VmRSS:")
+T.PairObjective.__init__ = init
+
+def _rss_mib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+cfg = load_config(sys.argv[3], overrides)
+out = T.train(cfg)
+peak = _rss_mib("VmHWM:")
+steps = [json.loads(l)["step_time_s"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+result = {"step_times": steps, "peak_rss_mib": peak, "rss_before_mib": mark["rss_before_mib"]}
+if torch.cuda.is_available():
+    result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+print("RESULT " + json.dumps(result))
+"""
+
+
+def run_variant(name: str, config: str, overrides: list[str], args, out_dir: Path, mode: str = "normal") -> dict:
+    overrides = [mode, f"train.output_dir={out_dir / name}", "eval.enabled=false", "log.progress_bar=false",
+                 "log.every_n_steps=1", "checkpoint.every_n_steps=0", "log.validation_every_n_steps=0",
+                 f"train.max_steps={args.steps + args.warmup}", f"train.batch_size={args.batch}",
+                 f"data.resolution={args.resolution}", "data.random_flip=false", f"model.name={args.model}",
+                 *overrides]
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(overrides), str(args.threads), config],
+                          capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"variant {name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][7:])
+    times = result["step_times"][args.warmup:]
+    result["step_s"] = statistics.median(times)
+    result["train_mem_mib"] = result.get("cuda_peak_mib", result["peak_rss_mib"] - result["rss_before_mib"])
+    print(f"{name:>22}: step {result['step_s'] * 1000:8.1f} ms   memory {result['train_mem_mib']:8.1f} MiB", flush=True)
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-sdxl")
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4, help="pairs per step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--write-md", action="store_true")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+
+    dpo, mapo = str(ROOT / "configs/tiny-sdxl-dpo.yaml"), str(ROOT / "configs/tiny-sdxl-mapo.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        out, cache = Path(tmp), f"data.cache_dir={Path(tmp) / 'cache'}"
+        r = {
+            "dpo": run_variant("dpo (lora)", dpo, [], args, out),
+            "mapo": run_variant("mapo (lora)", mapo, [], args, out),
+            "dpo_full": run_variant("dpo (full)", dpo, ["model.finetune=full"], args, out),
+            "mapo_full": run_variant("mapo (full)", mapo, ["model.finetune=full"], args, out),
+            "dpo_cache": run_variant("dpo (lora) + cache", dpo, ["data.cache=true", cache], args, out),
+            "dpo_copy": run_variant("dpo (lora) frozen copy", dpo, [], args, out, mode="frozen_copy"),
+        }
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), no GPU"
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    ratio = lambda a, b, k: r[a][k] / r[b][k]  # noqa: E731
+    lines = [
+        SECTION, "",
+        f"`python benchmarks/train_step.py {' '.join(args.argv)}`".replace(" `", "`"), "",
+        f"Machine: {machine}; {date}. Model `{args.model}` at {args.resolution} px, {args.batch} pairs per step, "
+        f"median of {args.steps} steps after {args.warmup} warm-up steps; memory = the process's peak resident set "
+        "while training (reset at the first step), and its growth over the resident set there. Each variant in its "
+        "own process.", "",
+        "| variant | step time (ms) | peak RSS in training (MiB) | growth over the start of training (MiB) |",
+        "|---|---|---|---|",
+    ]
+    for key, label in [("dpo", "DPO, LoRA"), ("mapo", "MaPO, LoRA"), ("dpo_full", "DPO, full fine-tune"),
+                       ("mapo_full", "MaPO, full fine-tune"), ("dpo_cache", "DPO, LoRA, cached text + latents"),
+                       ("dpo_copy", "DPO, LoRA, reference = frozen copy")]:
+        lines.append(f"| {label} | {r[key]['step_s'] * 1000:.1f} | {r[key]['peak_rss_mib']:.0f} | {r[key]['train_mem_mib']:.0f} |")
+    lines += [
+        "",
+        f"- MaPO / DPO step time: {ratio('mapo', 'dpo', 'step_s'):.2f} (LoRA), "
+        f"{ratio('mapo_full', 'dpo_full', 'step_s'):.2f} (full); memory: {ratio('mapo', 'dpo', 'train_mem_mib'):.2f} (LoRA), "
+        f"{ratio('mapo_full', 'dpo_full', 'train_mem_mib'):.2f} (full). (MaPO paper, SDXL on GPU: 0.855 time, 0.825 memory.)",
+        f"- Cache speed-up (uncached / cached step time): {ratio('dpo', 'dpo_cache', 'step_s'):.2f}x (aim >= 1.25x).",
+        f"- LoRA reference memory, frozen copy / disabled adapters (peak RSS, which holds the models): "
+        f"{ratio('dpo_copy', 'dpo', 'peak_rss_mib'):.2f}.",
+        "- Not measured here: the real-size SDXL UNet at 1024 px in bf16 with gradient checkpointing (step time, peak "
+        "memory, MFU) needs a GPU; this task had none.",
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.write_md:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from alignment import write_section
+
+        write_section(text, section=SECTION)
+
+
+if __name__ == "__main__":
+    main()

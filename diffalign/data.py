@@ -1,0 +1,427 @@
+"""Preference pairs for the offline methods (Diffusion-DPO, MaPO, SePPO's winners).
+
+Two on-disk formats, one in-memory layout:
+
+* **Pick-a-Pic v2** (a hub id through ``datasets``, local parquet/arrow files, or a ``save_to_disk``
+  folder): columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes) and ``label_0`` (1, 0, or 0.5
+  for a tie). Ties are dropped; the winner is ``jpg_0`` when ``label_0 == 1``.
+* **JSONL**: one object per line with ``prompt``, ``chosen`` and ``rejected`` image paths (relative to
+  the file). ``diffalign pairs`` writes this format (``pairs.jsonl`` in its output folder).
+
+Each item is a pair, winner first: ``pixels`` [2, 3, R, R] in [-1, 1], resized, cropped and flipped
+*jointly*, with SDXL micro-conditioning (original size, crop offsets). The schema, ties and file paths
+are checked when a dataset is opened (before any model loads); an image that cannot be decoded is
+returned as a bad item, counted and skipped by :class:`BadRowCounter`, which stops the run with a clear
+error once more than ``max_bad_fraction`` of the rows read are bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from diffalign.images import to_rgb
+
+log = logging.getLogger("diffalign.data")
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: the message names the file/row/column and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opening a dataset: schema checks only, no image decoding
+# ----------------------------------------------------------------------------------------------------
+def detect_format(source: str) -> str:
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return "jsonl"
+        if path.suffix in _TABLE_SUFFIXES:
+            return "pickapic"
+        raise DataError(f"data source {path}: expected a .jsonl, .parquet or .arrow file")
+    if path.is_dir():
+        if (path / "pairs.jsonl").is_file():
+            return "jsonl"
+        if any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
+            return "pickapic"
+        raise DataError(f"data source {path}: folder has no pairs.jsonl and no .parquet/.arrow files")
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return "pickapic"
+    raise DataError(f"data source {source!r} does not exist (expected a file, a folder, or a hub dataset id)")
+
+
+class PairSource:
+    """Rows of (caption, winner image, loser image), ties already dropped. Images load lazily."""
+
+    description: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def caption(self, i: int) -> str:
+        raise NotImplementedError
+
+    def images(self, i: int, draft_size: int | None = None) -> tuple[Decoded, Decoded]:
+        """(winner, loser) as RGB images with their original sizes; raises on undecodable data."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """Identifies the rows for cache keys."""
+        raise NotImplementedError
+
+
+class Decoded(NamedTuple):
+    image: Image.Image  # RGB, possibly decoded at a reduced scale (JPEG draft) when very large
+    original_size: tuple[int, int]  # (height, width) of the stored image
+
+
+def _decode(value, where: str, draft_size: int | None) -> Decoded:
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        if isinstance(value, dict):  # datasets' Image feature without decoding: {"bytes", "path"}
+            value = value.get("bytes") or (Path(value["path"]).read_bytes() if value.get("path") else None)
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise ValueError(f"{where}: expected encoded image bytes, got {type(value).__name__}")
+        image = Image.open(io.BytesIO(bytes(value)))
+    original = (image.height, image.width)
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))  # decode huge JPEGs at a reduced scale
+    image.load()
+    return Decoded(to_rgb(image), original)
+
+
+def _open_image_file(path: Path, draft_size: int | None) -> Decoded:
+    with Image.open(path) as image:
+        original = (image.height, image.width)
+        if draft_size and image.format == "JPEG":
+            image.draft("RGB", (draft_size, draft_size))
+        image.load()
+        return Decoded(to_rgb(image), original)
+
+
+class PickapicPairs(PairSource):
+    def __init__(self, table, description: str, max_pairs: int | None = None):
+        missing = [c for c in PICKAPIC_COLUMNS if c not in table.column_names]
+        if missing:
+            raise DataError(f"{description}: missing column(s) {', '.join(missing)}; Pick-a-Pic format needs "
+                            f"{', '.join(PICKAPIC_COLUMNS)} (has: {', '.join(table.column_names)})")
+        labels = table["label_0"]
+        labels = list(labels) if not isinstance(labels, list) else labels
+        keep = [i for i, v in enumerate(labels) if v is not None and float(v) in (0.0, 1.0)]
+        if not keep:
+            raise DataError(f"{description}: all {len(labels)} rows are ties or unlabeled (label_0 not 0 or 1); "
+                            "no preference pairs to train on")
+        if max_pairs is not None:
+            keep = keep[:max_pairs]
+        self.table, self.rows, self.description = table, keep, description
+        self.num_ties = len(labels) - len(keep) if max_pairs is None else None
+        self._winner_first = [float(labels[i]) == 1.0 for i in keep]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def caption(self, i):
+        caption = self.table[self.rows[i]]["caption"]
+        return caption if isinstance(caption, str) else ""
+
+    def images(self, i, draft_size=None):
+        row = self.table[self.rows[i]]
+        where = f"{self.description} row {self.rows[i]}"
+        first, second = _decode(row["jpg_0"], where + " jpg_0", draft_size), _decode(row["jpg_1"], where + " jpg_1", draft_size)
+        return (first, second) if self._winner_first[i] else (second, first)
+
+    def fingerprint(self):
+        fp = getattr(self.table, "_fingerprint", None) or self.description
+        return f"pickapic:{fp}:{len(self.rows)}"
+
+
+class JsonlPairs(PairSource):
+    def __init__(self, path: Path, max_pairs: int | None = None):
+        self.description = str(path)
+        root = path.parent
+        self.rows: list[tuple[str, Path, Path]] = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{where}: expected an object with prompt, chosen, rejected")
+                missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+                if missing:
+                    raise DataError(f"{where}: missing key(s) {', '.join(missing)}; expected prompt, chosen, rejected")
+                prompt = row["prompt"] if isinstance(row["prompt"], str) else None
+                if prompt is None and row["prompt"] is not None:
+                    raise DataError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+                paths = []
+                for key in ("chosen", "rejected"):
+                    if not isinstance(row[key], str):
+                        raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
+                    file = Path(row[key]) if os.path.isabs(row[key]) else root / row[key]
+                    if not file.is_file():
+                        raise DataError(f"{where}: {key} image {file} does not exist")
+                    paths.append(file)
+                self.rows.append((prompt or "", paths[0], paths[1]))
+                if max_pairs is not None and len(self.rows) >= max_pairs:
+                    break
+        if not self.rows:
+            raise DataError(f"{path}: no pairs")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def caption(self, i):
+        return self.rows[i][0]
+
+    def images(self, i, draft_size=None):
+        _, chosen, rejected = self.rows[i]
+        return _open_image_file(chosen, draft_size), _open_image_file(rejected, draft_size)
+
+    def fingerprint(self):
+        digest = hashlib.sha256()
+        for prompt, chosen, rejected in self.rows:
+            for file in (chosen, rejected):
+                stat = file.stat()
+                digest.update(f"{prompt}|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return f"jsonl:{digest.hexdigest()}"
+
+
+def open_pairs(source: str, format: str = "auto", split: str = "train", max_pairs: int | None = None) -> PairSource:
+    """Open a preference dataset and check its schema (no image decoding)."""
+    fmt = detect_format(source) if format == "auto" else format
+    path = Path(os.path.expanduser(source))
+    if fmt == "jsonl":
+        file = path / "pairs.jsonl" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(f"JSONL pairs file {file} does not exist")
+        return JsonlPairs(file, max_pairs)
+    if fmt != "pickapic":
+        raise DataError(f"unknown data format {fmt!r}; expected auto, pickapic or jsonl")
+    import datasets
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_info.json").is_file()):
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                if split not in table:
+                    raise DataError(f"{path}: no split {split!r} (has: {', '.join(table)})")
+                table = table[split]
+        elif path.exists():
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _TABLE_SUFFIXES)
+            kinds = {p.suffix for p in files}
+            if len(kinds) != 1:
+                raise DataError(f"{path}: mix of {', '.join(sorted(kinds))} files; expected only .parquet or only .arrow")
+            builder = "parquet" if kinds == {".parquet"} else "arrow"
+            try:
+                table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+            except Exception as err:  # pyarrow raises many types for a broken file
+                raise DataError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
+        else:
+            try:
+                table = datasets.load_dataset(source, split=split)
+            except Exception as err:
+                raise DataError(f"could not load dataset {source!r} split {split!r} from the hub "
+                                f"({type(err).__name__}: {err}); without network access, pass local parquet files") from None
+    return PickapicPairs(table, str(source), max_pairs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Joint preprocessing
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preprocessing:
+    resolution: int = 64
+    random_crop: bool = False
+    random_flip: bool = True
+    proportion_empty_prompts: float = 0.0
+    seed: int = 0
+
+    def key(self) -> str:
+        return f"r{self.resolution}-crop{'rand' if self.random_crop else 'center'}-flip{int(self.random_flip)}"
+
+
+def resize_crop(image: Image.Image, resolution: int, crop_fraction: tuple[float, float] | None,
+                original_size: tuple[int, int] | None = None):
+    """Resize the short side to ``resolution`` and crop a square: ``crop_fraction`` (top, left) in [0, 1]
+    of the free range, or None for the centre. Returns (image, (crop_top, crop_left)) in resized pixels.
+    ``original_size`` (h, w) is the stored size when ``image`` was decoded at a reduced scale: the crop
+    offsets are reported for the image as stored.
+
+    The crop box is cut from the original before resampling (PIL ``resize(box=...)``), so a very large or
+    very elongated image never makes a huge intermediate.
+    """
+    w, h = image.size
+    oh, ow = original_size or (h, w)
+    scale = resolution / min(ow, oh)  # stored pixels -> training pixels
+    rw, rh = max(resolution, round(ow * scale)), max(resolution, round(oh * scale))
+    ft, fl = crop_fraction if crop_fraction is not None else (0.5, 0.5)
+    top, left = int(round((rh - resolution) * ft)), int(round((rw - resolution) * fl))
+    scale *= ow / w  # the decoded image may be smaller than the stored one
+    box = (left / scale, top / scale, (left + resolution) / scale, (top + resolution) / scale)
+    box = (max(0.0, box[0]), max(0.0, box[1]), min(float(w), box[2]), min(float(h), box[3]))
+    return image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box), (top, left)
+
+
+def _to_model_range(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Items of a :class:`PairSource`, jointly preprocessed. Randomness comes from (seed, epoch, index)."""
+
+    def __init__(self, source: PairSource, prep: Preprocessing):
+        self.source, self.prep, self.epoch = source, prep, 0
+
+    def __len__(self):
+        return len(self.source)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"{self.prep.seed}/{self.epoch}/{index}")
+
+    def caption(self, index: int, rng: random.Random) -> str:
+        blank = self.prep.proportion_empty_prompts > 0 and rng.random() < self.prep.proportion_empty_prompts
+        return "" if blank else self.source.caption(index)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self.rng(index)
+        caption = self.caption(index, rng)
+        r = self.prep.resolution
+        crop = (rng.random(), rng.random()) if self.prep.random_crop else None
+        flip = self.prep.random_flip and rng.random() < 0.5
+        pixels, time_ids = [], []
+        try:
+            for image, original in self.source.images(index, draft_size=2 * r):
+                image, (top, left) = resize_crop(image, r, crop, original)
+                if flip:
+                    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                pixels.append(_to_model_range(image))
+                time_ids.append(torch.tensor([*original, top, left, r, r], dtype=torch.float32))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return {"bad": f"{self.source.description} pair {index}: {type(err).__name__}: {err}", "index": index}
+        return {"index": index, "caption": caption, "pixels": torch.stack(pixels), "time_ids": torch.stack(time_ids)}
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """Batch good items; bad ones are reported in ``bad`` (a list of messages) for counting."""
+    good = [it for it in items if "bad" not in it]
+    batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good)}
+    if good:
+        batch["index"] = torch.tensor([it["index"] for it in good])
+        batch["caption"] = [it["caption"] for it in good]
+        for key in good[0]:
+            if key not in ("index", "caption"):
+                batch[key] = torch.stack([it[key] for it in good])
+    return batch
+
+
+class BadRowCounter:
+    """Counts unreadable pairs; warns on each, and raises once the bad fraction exceeds the limit.
+
+    The fraction is checked over the rows read so far, once at least ``min_rows`` have been read (so
+    that one bad row in the first batch does not stop a large run).
+    """
+
+    def __init__(self, max_bad_fraction: float, min_rows: int = 20):
+        self.max_bad_fraction, self.min_rows = max_bad_fraction, min_rows
+        self.seen = self.bad = 0
+
+    def update(self, batch: dict) -> None:
+        self.seen += batch["size"] + len(batch["bad"])
+        for message in batch["bad"]:
+            self.bad += 1
+            log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
+        if self.bad and self.seen >= self.min_rows and self.bad / self.seen > self.max_bad_fraction:
+            raise DataError(f"{self.bad} of {self.seen} pairs read so far are unreadable "
+                            f"({self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
+                            f"last: {batch['bad'][-1] if batch['bad'] else 'see warnings above'}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cached text embeddings and VAE latents
+# ----------------------------------------------------------------------------------------------------
+def cache_key(model_id: str, source: PairSource, prep: Preprocessing, extra: str = "") -> str:
+    """Hash of everything the cached tensors depend on: model, rows and preprocessing."""
+    text = json.dumps({"model": model_id, "rows": source.fingerprint(), "prep": prep.key(), "extra": extra, "v": 1})
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """Pairs whose text conditioning and VAE latent distributions were computed once.
+
+    ``tensors`` holds, per row: ``latent_params`` [2, 2C, h, w] (the VAE posterior mean and log-variance
+    of winner and loser, sampled afresh at every step as the uncached path does), ``time_ids`` [2, 6]
+    and one entry per conditioning tensor (``cond.<name>`` [...]); ``empty`` holds the conditioning of
+    the empty prompt, swapped in with ``proportion_empty_prompts``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], prep: Preprocessing):
+        self.tensors, self.empty, self.prep, self.epoch = tensors, empty, prep, 0
+
+    def __len__(self):
+        return self.tensors["latent_params"].shape[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        rng = random.Random(f"{self.prep.seed}/{self.epoch}/{index}")
+        blank = self.prep.proportion_empty_prompts > 0 and rng.random() < self.prep.proportion_empty_prompts
+        item = {"index": index, "caption": "", "latent_params": self.tensors["latent_params"][index],
+                "time_ids": self.tensors["time_ids"][index]}
+        for name, value in self.tensors.items():
+            if name.startswith("cond."):
+                item[name] = self.empty[name] if blank else value[index]
+        return item
+
+    @staticmethod
+    def save(path: Path, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], metadata: dict) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        all_tensors = {**tensors, **{f"empty.{k}": v for k, v in empty.items()}}
+        save_file({k: v.contiguous() for k, v in all_tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, prep: Preprocessing) -> CachedPairs:
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(path))
+        empty = {k[6:]: v for k, v in loaded.items() if k.startswith("empty.")}
+        return cls({k: v for k, v in loaded.items() if not k.startswith("empty.")}, empty, prep)
+
+
+def default_cache_dir() -> Path:
+    from diffalign.tiny import cache_dir
+
+    return cache_dir() / "latents"

@@ -107,6 +107,7 @@ class LogConfig:
     project: str = "diffalign"
     validation_every_n_steps: int = 0  # 0: never during training
     validation_prompts: list[str] = field(default_factory=list)
+    validation_gallery: bool = False  # also run a small scored gallery (HTML page, eval.scorers) at validation steps
     progress_bar: bool = True
 
 
@@ -245,7 +246,7 @@ def validate(cfg: Config) -> None:
     """Value ranges and cross-field rules; only looks at strings and the file system (no model loads)."""
     from diffalign.methods import METHODS
     from diffalign.models import resolve_model
-    from diffalign.scorers import SCORERS
+    from diffalign.scorers import check_scorer_names
 
     try:
         resolve_model(cfg.model.name)
@@ -320,7 +321,10 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     if e.enabled:
         for i, name in enumerate(e.scorers):
-            _require(name in SCORERS, f"eval.scorers[{i}]", name, f"a registered scorer ({', '.join(sorted(SCORERS))})")
+            try:
+                check_scorer_names([name])
+            except (ValueError, NotImplementedError) as err:
+                raise ConfigError(f"eval.scorers[{i}]", name, f"a scorer name or spec ({err})") from None
         _require(len(e.seeds) >= 1, "eval.seeds", e.seeds, "at least one seed")
         _require(e.num_inference_steps >= 1, "eval.num_inference_steps", e.num_inference_steps, "an integer >= 1")
         _require(e.eta >= 0, "eval.eta", e.eta, "a number >= 0")

@@ -329,6 +329,18 @@ def generate_and_score(pipe, prompts: list[str], seeds: list[int], scorers, ev, 
     return {"jobs": jobs, "images": images, "scores": scores}
 
 
+def validation_gallery(pipe, cfg: Config, out_dir: Path, step: int) -> dict[str, float]:
+    """A small gallery of the current model (page, scores.csv, summary.json); returns the mean scores to log."""
+    from diffalign.gallery import run_gallery
+
+    ev, name = cfg.eval, f"step-{step}"
+    summary = run_gallery({name: pipe}, cfg.log.validation_prompts, ev.scorers, out_dir, images_per_prompt=len(ev.seeds),
+                          seed=ev.seeds[0], steps=ev.num_inference_steps, guidance=ev.guidance_scale, eta=ev.eta,
+                          height=ev.height, width=ev.width, batch_size=ev.batch_size, progress=False)
+    means = summary["stats"]["means"].get(name, {})
+    return {f"validation/{scorer}": value["mean"] for scorer, value in means.items()}
+
+
 def image_grid(rows: list[torch.Tensor], path: Path) -> None:
     """Save a grid: one row per tensor batch [N, 3, H, W]."""
     from diffalign.images import to_pil
@@ -678,6 +690,9 @@ def train(cfg: Config) -> Path:
             result_v = generate_and_score(pipe, cfg.log.validation_prompts, cfg.eval.seeds[:1], [], cfg.eval, None)
             (out / "validation").mkdir(exist_ok=True)
             image_grid([result_v["images"]], out / "validation" / f"step-{global_step:06d}.png")
+            if cfg.log.validation_gallery:
+                accelerator.log(validation_gallery(pipe, cfg, out / "validation" / f"gallery-step-{global_step:06d}",
+                                                   global_step), step=global_step)
             unet.train()
         step_start = time.perf_counter()  # logging, checkpoints and validation are not step time
     bar.close()

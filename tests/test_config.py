@@ -81,7 +81,7 @@ def test_switching_method_by_override():
         (_minimal(lora={"rank": 0}), "lora.rank", ">= 1"),
         (_minimal(lora={"target_modules": "to_q"}), None, None),  # a single string becomes a list
         (_minimal(log={"report_to": ["mlflow"]}), "log.report_to[0]", "'tensorboard' or 'wandb'"),
-        (_minimal(eval={"scorers": ["no_such_scorer"], "prompts": ["p"]}), "eval.scorers[0]", "registered scorer"),
+        (_minimal(eval={"scorers": ["no_such_scorer"], "prompts": ["p"]}), "eval.scorers[0]", "unknown scorer"),
         (_minimal(train={"resume": "/no/such/checkpoint"}), "train.resume", "'latest'"),
         (_minimal(optim={"optimizer": "sgd"}), "optim.optimizer", "'adamw'"),
         (_minimal(optim={"learning_rate": True}), "optim.learning_rate", "a number"),
@@ -121,3 +121,15 @@ def test_cli_rejects_bad_config_before_loading_a_model(tmp_path, capsys):
     code = main(["train", str(ROOT / "configs/tiny-sdxl-dpo.yaml"), "optim.lr=3"])
     assert code == 2
     assert "optim.lr" in capsys.readouterr().err
+
+
+def test_eval_scorers_accept_specs_and_reject_unknown_names():
+    from pathlib import Path
+
+    from diffalign.config import ConfigError, load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny-sdxl-dpo.yaml"
+    cfg = load_config(path, ["eval.scorers=[brightness, '2*brightness+jpeg_compressibility:quality=90']"])
+    assert cfg.eval.scorers[1] == "2*brightness+jpeg_compressibility:quality=90"
+    with pytest.raises(ConfigError, match=r"eval.scorers\[0\].*unknown scorer 'nope'"):
+        load_config(path, ["eval.scorers=[nope]"])

@@ -190,3 +190,14 @@ def test_short_toy_run_loss_falls_and_implicit_accuracy_rises(method, toy_pairs,
     # MaPO's first term keeps fitting the winners, so its ranking moves less in 40 steps (0.56 -> 0.59 here;
     # 0.55 -> 0.64 in the 100-step benchmark); DPO's moves from 0 (policy = reference) to most pairs.
     assert after["implicit_acc"] > before["implicit_acc"] + (0.3 if method == "dpo" else 0.0)
+
+
+def test_validation_gallery_runs_inside_training(tmp_path):
+    cfg = _config("tiny-sdxl-dpo.yaml", tmp_path, "train.max_steps=2", "log.validation_every_n_steps=2",
+                  "log.validation_gallery=true", "log.validation_prompts=[a red circle, a blue square]")
+    out = train(cfg)
+    gallery = out / "validation" / "gallery-step-000002"
+    summary = json.loads((gallery / "summary.json").read_text())
+    assert set(summary["stats"]["means"]) == {"step-2"}
+    assert "brightness" in summary["stats"]["means"]["step-2"]
+    assert (gallery / "index.html").is_file() and (gallery / "scores.csv").is_file()

@@ -112,16 +112,16 @@ def main() -> None:
         winners = make_winners(args.model, args.reward, toy_prompts("train", n=args.winner_prompts, seed=0),
                                args.candidates, base.eval.num_inference_steps, base.eval.guidance_scale,
                                Path(args.out) / "winners")
-    results_path = Path(args.out) / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else []
+    # One result file per run, so several processes may share --out.
     for name in args.methods:
         for seed in args.seeds:
-            if any(r["method"] == name and r["seed"] == seed for r in results):
+            result_file = Path(args.out) / f"{name}-seed{seed}" / "result.json"
+            if result_file.is_file():
                 continue
             row = run_one(name, seed, args, winners)
             print(json.dumps(row))
-            results.append(row)
-            results_path.write_text(json.dumps(results, indent=1))
+            result_file.write_text(json.dumps(row))
+    results = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
 
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")

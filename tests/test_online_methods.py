@@ -242,7 +242,7 @@ def test_micro_batch_and_step_chunked_gradients_equal_one_batch(online_ctx):
     out = split(batch)
     out.loss.backward()
     assert out.loss.item() == pytest.approx(loss_whole, rel=1e-5)
-    assert torch.allclose(_grads(unet), g_whole, rtol=1e-4, atol=1e-9)
+    assert torch.allclose(_grads(unet), g_whole, rtol=1e-4, atol=1e-5 * g_whole.abs().max().item())
     # two passes, 1 step per graph: d loss / d log π first, then one step at a time
     chunked = _objective(online_ctx, "prdp", micro_batch_prompts=1, steps_per_backward=1, beta=0.05, clip_epsilon=1.0)
     unet.zero_grad()

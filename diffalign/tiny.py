@@ -160,7 +160,7 @@ def build_tiny_sd(seed: int = 0):
 
 def build_tiny_sdxl(seed: int = 0):
     """A tiny ``StableDiffusionXLPipeline`` with random weights: two text encoders, ``text_time`` conditioning."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     hidden_1, hidden_2, projection_dim, time_embed_dim = 32, 32, 32, 8
@@ -191,6 +191,13 @@ def build_tiny_sdxl(seed: int = 0):
     text_encoder = CLIPTextModel(_text_encoder_config(hidden_1, layers=2, projection_dim=projection_dim))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(hidden_2, layers=2, projection_dim=projection_dim))
+    return assemble_sdxl(vae, unet, text_encoder, text_encoder_2)
+
+
+def assemble_sdxl(vae, unet, text_encoder, text_encoder_2):
+    """An SDXL pipeline around these models, with the real tokenizers and SDXL's Euler scheduler config."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
     scheduler = EulerDiscreteScheduler(**_SD_SCHEDULE, interpolation_type="linear", use_karras_sigmas=False)
     return StableDiffusionXLPipeline(
         vae=vae,
@@ -290,15 +297,24 @@ def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
     every transformers version loads those (transformers 4's slow ``CLIPTokenizer`` needs them; 5 writes only
     a ``tokenizer.json`` that 4 cannot use), and they are half the size.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, component in pipe.components.items():
             if type(component).__name__.startswith("CLIPTokenizer"):
                 (tmp / name / "tokenizer.json").unlink(missing_ok=True)
                 write_clip_tokenizer_files(tmp / name)
+
+    return write_folder_atomically(out_dir, write)
+
+
+def write_folder_atomically(out_dir: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder or none."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

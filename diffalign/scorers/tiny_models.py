@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -101,18 +100,9 @@ def save_tiny_scorer(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Pa
     """Write the tiny ``kind`` scorer model folder, atomically."""
     if kind not in TINY_SCORER_KINDS:
         raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _write(kind, tmp, seed)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    from diffalign.tiny import write_folder_atomically
+
+    return write_folder_atomically(out_dir, lambda tmp: _write(kind, tmp, seed))
 
 
 def cached_tiny_scorer(kind: str, seed: int = 0) -> Path:

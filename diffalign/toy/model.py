@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from diffalign.tiny import _SD_SCHEDULE, _text_encoder_config, build_clip_tokenizer
+from diffalign.tiny import _text_encoder_config, assemble_sdxl
 from diffalign.toy.data import IMAGE_SIZE
 
 #: Text encoder widths: kept small because each encoder holds a 49408-token embedding table.
@@ -83,8 +83,6 @@ def build_text_encoders(seed: int):
 
 def build_toy_pipeline(seed: int = 0, vae=None, unet=None):
     """A ``StableDiffusionXLPipeline`` of the toy architecture (random weights unless given)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
     text_encoder, text_encoder_2 = build_text_encoders(seed + 2)
     if vae is None:
         torch.manual_seed(seed)
@@ -92,17 +90,7 @@ def build_toy_pipeline(seed: int = 0, vae=None, unet=None):
     if unet is None:
         torch.manual_seed(seed + 1)
         unet = build_unet()
-    scheduler = EulerDiscreteScheduler(**_SD_SCHEDULE, interpolation_type="linear", use_karras_sigmas=False)
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=build_clip_tokenizer(),
-        tokenizer_2=build_clip_tokenizer(pad_token="!"),
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
+    return assemble_sdxl(vae, unet, text_encoder, text_encoder_2)
 
 
 def count_parameters(module) -> int:

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from diffalign.images import to_rgb
+from diffalign.jsonl import iter_jsonl
 
 log = logging.getLogger("diffalign.data")
 
@@ -159,34 +160,26 @@ class JsonlPairs(PairSource):
         self.description = str(path)
         root = path.parent
         self.rows: list[tuple[str, Path, Path]] = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object with prompt, chosen, rejected")
-                missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-                if missing:
-                    raise DataError(f"{where}: missing key(s) {', '.join(missing)}; expected prompt, chosen, rejected")
-                prompt = row["prompt"] if isinstance(row["prompt"], str) else None
-                if prompt is None and row["prompt"] is not None:
-                    raise DataError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
-                paths = []
-                for key in ("chosen", "rejected"):
-                    if not isinstance(row[key], str):
-                        raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
-                    file = Path(row[key]) if os.path.isabs(row[key]) else root / row[key]
-                    if not file.is_file():
-                        raise DataError(f"{where}: {key} image {file} does not exist")
-                    paths.append(file)
-                self.rows.append((prompt or "", paths[0], paths[1]))
-                if max_pairs is not None and len(self.rows) >= max_pairs:
-                    break
+        for where, row in iter_jsonl(path, DataError):
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object with prompt, chosen, rejected")
+            missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+            if missing:
+                raise DataError(f"{where}: missing key(s) {', '.join(missing)}; expected prompt, chosen, rejected")
+            prompt = row["prompt"] if isinstance(row["prompt"], str) else None
+            if prompt is None and row["prompt"] is not None:
+                raise DataError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
+            paths = []
+            for key in ("chosen", "rejected"):
+                if not isinstance(row[key], str):
+                    raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
+                file = Path(row[key]) if os.path.isabs(row[key]) else root / row[key]
+                if not file.is_file():
+                    raise DataError(f"{where}: {key} image {file} does not exist")
+                paths.append(file)
+            self.rows.append((prompt or "", paths[0], paths[1]))
+            if max_pairs is not None and len(self.rows) >= max_pairs:
+                break
         if not self.rows:
             raise DataError(f"{path}: no pairs")
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from diffalign.jsonl import iter_jsonl
 
 
 def read_prompts(path: str | Path, key: str = "prompt") -> list[str]:
@@ -11,21 +12,15 @@ def read_prompts(path: str | Path, key: str = "prompt") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{lineno}: expected an object with a string {key!r} field")
-                line = row[key]
-            prompts.append(line)
+    if path.suffix == ".jsonl":
+        prompts = []
+        for where, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise ValueError(f"{where}: expected an object with a string {key!r} field")
+            prompts.append(row[key])
+    else:
+        with path.open(encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
     return prompts

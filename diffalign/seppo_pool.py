@@ -18,7 +18,6 @@ part of a checkpoint: a resumed run starts a new pool from the initial model.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 
 from diffalign.data import DataError, Decoded, PairSource, open_pairs, resize_crop
+from diffalign.jsonl import iter_jsonl
 
 log = logging.getLogger("diffalign.seppo")
 
@@ -45,14 +45,7 @@ class ImagePrompts:
         self.description = str(path)
         root = path.parent
         self.rows: list[tuple[str, Path]] = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        for where, row in iter_jsonl(path, DataError):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(image_key), str):
                 raise DataError(f"{where}: expected an object with a string 'prompt' and an image path {image_key!r}")
             file = Path(row[image_key]) if os.path.isabs(row[image_key]) else root / row[image_key]
@@ -96,13 +89,8 @@ class PairWinners:
 
 
 def _first_row(path: Path) -> dict:
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:1: not valid JSON ({err.msg})") from None
-            return row if isinstance(row, dict) else {}
+    for _, row in iter_jsonl(path, DataError):
+        return row if isinstance(row, dict) else {}
     raise DataError(f"{path}: empty file")
 
 

@@ -357,6 +357,49 @@ class BadRowCounter:
                             f"last: {batch['bad'][-1] if batch['bad'] else 'see warnings above'}")
 
 
+class EpochBatches:
+    """Endless shuffled batches of a dataset, one epoch after another, with a resumable position.
+
+    Epoch ``e`` is shuffled by a generator seeded from ``(seed, e)`` and the dataset is told the epoch
+    (``set_epoch``, for its per-item randomness), so ``(epoch, batches taken)`` is all a checkpoint needs
+    for a resumed run to see exactly the batches an uninterrupted one would. Unreadable items are counted
+    by a :class:`BadRowCounter`; batches with no readable item are skipped.
+    """
+
+    def __init__(self, dataset, accelerator, *, batch_size: int, seed: int, num_workers: int = 0,
+                 max_bad_fraction: float = 0.0):
+        self.dataset, self.accelerator, self.seed = dataset, accelerator, seed
+        self.generator = torch.Generator()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=self.generator,
+                                             collate_fn=collate_pairs, num_workers=num_workers)
+        self.loader = accelerator.prepare(loader)
+        self.bad_rows = BadRowCounter(max_bad_fraction)
+        self.epoch = 0
+        self.taken = 0  # batches of the current epoch already yielded (or skipped as unreadable)
+
+    def __iter__(self):
+        while True:
+            self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+            loader = self.accelerator.skip_first_batches(self.loader, self.taken) if self.taken else self.loader
+            for batch in loader:
+                self.taken += 1
+                self.bad_rows.update(batch)
+                if batch["size"]:
+                    yield batch
+            self.epoch += 1
+            self.taken = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_in_epoch": self.taken, "bad_seen": self.bad_rows.seen,
+                "bad": self.bad_rows.bad}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.taken = state["epoch"], state["batches_in_epoch"]
+        self.bad_rows.seen, self.bad_rows.bad = state["bad_seen"], state["bad"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cached text embeddings and VAE latents
 # ----------------------------------------------------------------------------------------------------

@@ -222,19 +222,15 @@ class CheckpointPool:
 # ----------------------------------------------------------------------------------------------------
 class SePPOObjective:
     def __init__(self, ctx):
-        from diffalign.data import BadRowCounter, collate_pairs
+        from diffalign.data import EpochBatches
 
         self.ctx = ctx
         cfg, m = ctx.cfg, ctx.cfg.method
         self.m = m
         source = ctx.source if ctx.source is not None else open_winners(cfg.data)
         self.dataset = WinnersDataset(source, cfg.data.resolution, cfg.data.random_flip, cfg.train.seed)
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                             generator=generator, collate_fn=collate_pairs,
-                                             num_workers=cfg.data.num_workers)
-        self.loader = ctx.accelerator.prepare(loader)
-        self.bad_rows = BadRowCounter(cfg.data.max_bad_fraction)
+        self.batches_of = EpochBatches(self.dataset, ctx.accelerator, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                       num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
         self.pool = CheckpointPool(ctx.pipe, ctx.unet, ctx.ref_unet, cfg.model.finetune,
                                    Path(cfg.train.output_dir) / "seppo_pool", m.pool_size)
         self.rng = random.Random(cfg.train.seed + 7919 * ctx.accelerator.process_index)
@@ -243,11 +239,7 @@ class SePPOObjective:
                  len(source), source.description, m.reference, m.pool_interval, m.pool_size, m.flip)
 
     def batches(self):
-        while True:
-            for batch in self.loader:
-                self.bad_rows.update(batch)
-                if batch["size"]:
-                    yield batch
+        return iter(self.batches_of)
 
     def on_step_end(self, step: int) -> None:
         if step % self.m.pool_interval == 0:

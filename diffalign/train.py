@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import logging
 import shutil
@@ -142,50 +143,24 @@ class PairObjective:
     """Preference pairs ``[winners..., losers...]``; noise and timestep drawn once per pair and shared."""
 
     def __init__(self, ctx: TrainContext, dataset: torch.utils.data.Dataset):
+        from diffalign.data import EpochBatches
+
         self.ctx = ctx
-        self.dataset = dataset
         cfg = ctx.cfg
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True,
-                                             generator=generator, collate_fn=collate_pairs,
-                                             num_workers=cfg.data.num_workers, drop_last=False)
-        self.loader = ctx.accelerator.prepare(loader)
-        self.bad_rows = BadRowCounter(cfg.data.max_bad_fraction)
-        self.epoch = 0
-        self.batches_in_epoch = 0  # position for resume
-        self.skip_batches = 0
+        self.batches_of = EpochBatches(dataset, ctx.accelerator, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                       num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
 
     def batches(self):
-        accelerator = self.ctx.accelerator
-        while True:
-            self.dataset.set_epoch(self.epoch)
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(self.epoch)
-            loader = self.loader
-            if self.skip_batches:
-                loader = accelerator.skip_first_batches(self.loader, self.skip_batches)
-            else:
-                self.batches_in_epoch = 0
-            self.skip_batches = 0
-            for batch in loader:
-                self.batches_in_epoch += 1
-                self.bad_rows.update(batch)
-                if batch["size"]:
-                    yield batch
-            self.epoch += 1
-            self.batches_in_epoch = 0
+        return iter(self.batches_of)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "bad_seen": self.bad_rows.seen, "bad": self.bad_rows.bad}
+        return self.batches_of.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.skip_batches = state["epoch"], state["batches_in_epoch"]
-        self.batches_in_epoch = state["batches_in_epoch"]
-        self.bad_rows.seen, self.bad_rows.bad = state["bad_seen"], state["bad"]
+        self.batches_of.load_state_dict(state)
 
     def __call__(self, batch) -> LossOutput:
-        return pair_loss(self.ctx, batch)
+        return pair_loss(self.ctx, batch, noise_key=f"train/{self.ctx.cfg.train.seed}/{self.batches_of.epoch}")
 
 
 def encode_pairs(ctx: TrainContext, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -208,14 +183,30 @@ def encode_pairs(ctx: TrainContext, batch) -> tuple[torch.Tensor, dict[str, torc
     return latents, cond
 
 
-def pair_loss(ctx: TrainContext, batch) -> LossOutput:
-    """The method's loss on one batch of pairs; noise and timestep drawn once per pair and shared."""
+def pair_noise(indices: torch.Tensor, key: str, shape: tuple[int, ...], num_train_timesteps: int):
+    """Noise [N, *shape] (fp32) and timesteps [N] drawn from ``(key, dataset index)`` for each pair.
+
+    Keyed draws make a pair's noise independent of the batch it lands in: one process with batch 2b and
+    two with batch b draw the same, and a resumed run draws what an uninterrupted one would.
+    """
+    noise, timesteps = [], []
+    for index in indices.tolist():
+        digest = hashlib.sha256(f"{key}/{index}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        timesteps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=generator)))
+        noise.append(torch.randn(shape, generator=generator))
+    return torch.stack(noise), torch.tensor(timesteps, dtype=torch.long)
+
+
+def pair_loss(ctx: TrainContext, batch, noise_key: str) -> LossOutput:
+    """The method's loss on one batch of pairs; noise and timestep drawn once per pair (see
+    :func:`pair_noise`) and shared by its winner and loser."""
     latents, cond = encode_pairs(ctx, batch)
     b = latents.shape[0] // 2
     scheduler = ctx.noise_scheduler
-    # drawn by shape (not randn_like): the same draws whatever the latents' memory layout
-    noise = torch.randn(latents[:b].shape, device=latents.device, dtype=latents.dtype).repeat(2, 1, 1, 1)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=latents.device).repeat(2)
+    noise, timesteps = pair_noise(batch["index"], noise_key, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps)
+    noise = torch.cat([noise, noise]).to(latents.device, latents.dtype)
+    timesteps = torch.cat([timesteps, timesteps]).to(latents.device)
     model_losses = denoising_losses(ctx.unet, ctx.family, scheduler, latents, noise, timesteps, cond)
     ref_w = ref_l = None
     if ctx.spec.needs_reference:
@@ -237,13 +228,13 @@ def evaluate_pairs(ctx: TrainContext, dataset, *, max_pairs: int = 32, draws: in
     totals: dict[str, float] = {}
     count = 0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(draws):
+        torch.manual_seed(seed)  # the VAE posterior samples
+        for draw in range(draws):
             for start in range(0, len(items), batch_size):
                 batch = collate_pairs(items[start : start + batch_size])
                 if not batch["size"]:
                     continue
-                out = pair_loss(ctx, batch)
+                out = pair_loss(ctx, batch, noise_key=f"eval/{seed}/{draw}")
                 n = batch["size"]
                 for k, v in {"loss": out.loss, "implicit_acc": out.implicit_acc, "reward_margin": out.reward_margin}.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * n

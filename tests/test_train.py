@@ -55,7 +55,7 @@ def test_objective_learns_a_fixed_batch(method, tiny_sdxl_path):
     def step(train):
         torch.manual_seed(0)  # the same noise, timesteps and latents every time
         with torch.set_grad_enabled(train):
-            out = pair_loss(ctx, batch)
+            out = pair_loss(ctx, batch, noise_key="fixed")
         if train:
             optimizer.zero_grad()
             out.loss.backward()

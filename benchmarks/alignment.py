@@ -4,13 +4,16 @@ For every seed: AI-feedback pairs are generated once from the base model on the 
 (``diffalign.pairs.generate_pairs``: K images per prompt, best vs worst under the scorer), then each
 method trains from its config on those pairs, and the trainer's own before/after evaluation scores the
 base and the tuned model on the *held-out* prompts with the same seeds. Reported per method: the base and
-tuned held-out means, their difference with a 95 % t-interval over seeds, and CPU minutes.
+tuned held-out means, their difference with a 95 % t-interval over seeds, and CPU minutes. Pairs and
+finished runs (``result.json``) found in ``--out`` are reused, so seeds can be added to a benchmark later.
 
     python benchmarks/alignment.py                        # toy-sdxl, DPO + MaPO, 3 seeds
+    python benchmarks/alignment.py --configs toy-animatediff --methods mapo   # the toy video model
     python benchmarks/alignment.py --model tiny-sdxl --scorer brightness --quick   # mechanics only
     python benchmarks/alignment.py --write-md             # also update BENCHMARKS.md
 
-Later methods add an entry to METHOD_CONFIGS.
+Later methods (or models) add an entry to METHOD_CONFIGS. Videos are paired and scored like images: the
+image scorers average over a clip's frames.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-#: method name -> config file it trains from (data / output / seed / eval settings are overridden).
-METHOD_CONFIGS = {"dpo": "configs/toy-sdxl-dpo.yaml", "mapo": "configs/toy-sdxl-mapo.yaml"}
-SECTION = "## Alignment on toy-sdxl"
+#: config set (the model they were written for) -> method name -> config file it trains from
+#: (data / output / seed / eval prompts and seeds are overridden).
+METHOD_CONFIGS = {
+    "toy-sdxl": {"dpo": "configs/toy-sdxl-dpo.yaml", "mapo": "configs/toy-sdxl-mapo.yaml"},
+    "toy-animatediff": {"dpo": "configs/toy-animatediff-dpo.yaml", "mapo": "configs/toy-animatediff-mapo.yaml"},
+}
+SECTIONS = {"toy-sdxl": "## Alignment on toy-sdxl", "toy-animatediff": "## Alignment on toy-animatediff (video)"}
 
 # Two-sided 95 % Student-t quantiles by degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -47,6 +54,10 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def prompts_for(model: str, split: str, n: int, seed: int) -> list[str]:
+    if "animatediff" in model:  # toy video captions: one shape moving in a named direction
+        from diffalign.toy.video_data import video_prompts
+
+        return video_prompts(split, n=n, seed=seed)
     try:
         from diffalign.toy.data import toy_prompts
 
@@ -68,34 +79,40 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     out_root = Path(args.out)
-    results: dict = {"model": args.model, "scorer": args.scorer, "seeds": args.seeds, "methods": {}, "runs": []}
-    heldout = prompts_for(args.model, "heldout", args.heldout_prompts, seed=0)
+    configs = METHOD_CONFIGS[args.configs]
+    results: dict = {"model": args.model, "configs": args.configs, "scorer": args.scorer, "seeds": args.seeds,
+                     "num_frames": args.num_frames, "methods": {}, "runs": []}
+    heldout = prompts_for(args.configs, "heldout", args.heldout_prompts, seed=0)
+    frames = [f"eval.num_frames={args.num_frames}", f"data.num_frames={args.num_frames}"] if args.num_frames else []
     for seed in args.seeds:
         pair_dir = out_root / f"pairs-seed{seed}"
         t0 = time.process_time()
         if not (pair_dir / "pairs.jsonl").is_file():
             pipe = load_pipeline(args.model)
             pipe.set_progress_bar_config(disable=True)
-            train_prompts = prompts_for(args.model, "train", args.train_prompts, seed=seed)
+            train_prompts = prompts_for(args.configs, "train", args.train_prompts, seed=seed)
             info = generate_pairs(pipe, train_prompts, make_scorer(args.scorer), pair_dir,
                                   images_per_prompt=args.images_per_prompt, num_steps=args.steps,
                                   guidance_scale=args.guidance, seed=1000 * seed, model_name=args.model,
-                                  batch_size=16, progress=False)
+                                  batch_size=16, progress=False, num_frames=args.num_frames)
             print(f"seed {seed}: {info['pairs']} pairs ({info['ties']} ties), chosen {info['mean_chosen_score']:.4f} "
                   f"vs rejected {info['mean_rejected_score']:.4f}", flush=True)
         pairs_cpu = (time.process_time() - t0) / 60
         for method in args.methods:
             out = out_root / f"{method}-seed{seed}"
+            if (out / "result.json").is_file():  # finished earlier (e.g. before adding seeds): reuse it
+                results["runs"].append(json.loads((out / "result.json").read_text()))
+                continue
             overrides = [
                 f"model.name={args.model}", f"data.source={pair_dir}", f"train.output_dir={out}", f"train.seed={seed}",
                 f"eval.prompts={json.dumps(heldout)}", f"eval.seeds={json.dumps(args.eval_seeds)}",
                 f"eval.scorers=[{args.scorer}]", f"eval.num_inference_steps={args.steps}",
                 f"eval.guidance_scale={args.guidance}", "log.progress_bar=false", "checkpoint.every_n_steps=0",
-                "log.validation_every_n_steps=0", *args.override,
+                "log.validation_every_n_steps=0", *frames, *args.override,
             ]
             if args.max_steps:
                 overrides.append(f"train.max_steps={args.max_steps}")
-            cfg = load_config(ROOT / METHOD_CONFIGS[method], overrides)
+            cfg = load_config(ROOT / configs[method], overrides)
             t0 = time.process_time()
             train(cfg)
             cpu_min = (time.process_time() - t0) / 60
@@ -105,6 +122,7 @@ def run(args) -> dict:
                       "delta": row["delta"], "cpu_min": cpu_min, "pairs_cpu_min": pairs_cpu,
                       "train_pairs": scores.get("train_pairs")}
             results["runs"].append(record)
+            (out / "result.json").write_text(json.dumps(record))
             print(f"{method} seed {seed}: base {record['base']:.4f} -> tuned {record['tuned']:.4f} "
                   f"({record['delta']:+.4f}), {cpu_min:.1f} CPU min", flush=True)
     for method in args.methods:
@@ -113,32 +131,37 @@ def run(args) -> dict:
         results["methods"][method] = {
             "base": statistics.fmean(r["base"] for r in runs), "tuned": statistics.fmean(r["tuned"] for r in runs),
             "delta": delta, "delta_ci95": half, "seeds_improved": sum(r["delta"] > 0 for r in runs),
-            "n": len(runs), "cpu_min": statistics.fmean(r["cpu_min"] for r in runs)}
+            "n": len(runs), "cpu_min": statistics.fmean(r["cpu_min"] for r in runs),
+            "per_seed": [r["delta"] for r in runs]}
     return results
 
 
 def markdown(results: dict, args) -> str:
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), torch {torch.__version__}, no GPU"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    samples = "images" if not args.num_frames else f"clips of {args.num_frames} frames"
+    per_frame = "; the image reward averaged over frames" if args.num_frames else ""
     lines = [
-        SECTION, "",
+        SECTIONS[args.configs], "",
         f"`python benchmarks/alignment.py {' '.join(args.argv)}`".replace(" `", "`"), "",
         f"Machine: {machine}; {date}. Model `{results['model']}`, reward `{results['scorer']}` "
         f"(higher is better); AI-feedback pairs from the base model on {args.train_prompts} training prompts "
-        f"({args.images_per_prompt} images each, best vs worst); held-out: {args.heldout_prompts} prompts x "
+        f"({args.images_per_prompt} {samples} each, best vs worst, {args.steps} sampling steps{per_frame}); held-out: "
+        f"{args.heldout_prompts} prompts x "
         f"{len(args.eval_seeds)} seeds, same seeds for base and tuned. Mean over {len(args.seeds)} seeds with "
         "a 95 % t-interval.", "",
-        "| method | base | tuned | change (95 % CI) | seeds improved | CPU min / run |",
-        "|---|---|---|---|---|---|",
+        "| method | base | tuned | change (95 % CI) | per seed | seeds improved | CPU min / run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, m in results["methods"].items():
+        per_seed = ", ".join(f"{d:+.4f}" for d in m["per_seed"])
         lines.append(f"| {method} | {m['base']:.4f} | {m['tuned']:.4f} | {m['delta']:+.4f} ± {m['delta_ci95']:.4f} "
-                     f"| {m['seeds_improved']}/{m['n']} | {m['cpu_min']:.2f} |")
+                     f"| {per_seed} | {m['seeds_improved']}/{m['n']} | {m['cpu_min']:.2f} |")
     lines.append("")
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md", section: str = SECTION) -> None:
+def write_section(text: str, section: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     content = path.read_text(encoding="utf-8")
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(content):
@@ -152,9 +175,13 @@ def main(argv=None):
     import sys
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy-sdxl")
+    p.add_argument("--configs", default="toy-sdxl", choices=list(METHOD_CONFIGS),
+                   help="which config set the methods train from (see METHOD_CONFIGS)")
+    p.add_argument("--model", default=None, help="model id or folder (default: the --configs model)")
     p.add_argument("--scorer", default="toy_saturation")
-    p.add_argument("--methods", nargs="+", default=list(METHOD_CONFIGS), choices=list(METHOD_CONFIGS))
+    methods = sorted({m for c in METHOD_CONFIGS.values() for m in c})
+    p.add_argument("--methods", nargs="+", default=methods, choices=methods)
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (pairs, training, eval)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--train-prompts", type=int, default=64)
     p.add_argument("--images-per-prompt", type=int, default=4)
@@ -170,6 +197,7 @@ def main(argv=None):
     p.add_argument("--write-md", action="store_true")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.model = args.model or args.configs
     if args.quick:
         args.seeds, args.train_prompts, args.heldout_prompts, args.eval_seeds = args.seeds[:1], 8, 2, [100]
         args.steps, args.max_steps = 4, args.max_steps or 4
@@ -179,7 +207,7 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
     if args.write_md:
-        write_section(text)
+        write_section(text, SECTIONS[args.configs])
 
 
 if __name__ == "__main__":

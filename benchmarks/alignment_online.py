@@ -1,9 +1,11 @@
 """Do the online and self-play methods learn? PRDP, DDPO and SePPO (with ablations) on ``toy-sdxl``.
 
     python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] [--reward toy_saturation]
+    python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp   # the toy video model
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
-``configs/toy-sdxl-{prdp,ddpo,seppo}.yaml`` and is judged by the trainer's own before/after evaluation:
+``configs/{CONFIGS}-{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
+DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own before/after evaluation:
 the held-out toy prompts (never trained on), fixed seeds, the target reward's mean for the base model
 and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts. SePPO gets
 only winners: for each training prompt the base model samples ``--candidates`` images and the one the
@@ -25,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from alignment import interval  # the image benchmark's 95 % t-interval (this script's folder is on sys.path)
 
 METHODS = {
     "prdp": ("prdp", []),
@@ -79,19 +82,21 @@ def run_one(name: str, seed: int, args, winners: Path | None) -> dict:
         overrides += [f"data.source={winners}", *args.seppo_override]
     else:
         overrides += [f"method.reward={args.reward}", *args.online_override]
-    cfg = load_config(f"configs/toy-sdxl-{method}.yaml", overrides)
-    t0 = time.time()
+    cfg = load_config(f"configs/{args.configs}-{method}.yaml", overrides)
+    t0, cpu0 = time.time(), time.process_time()
     train(cfg)
     scores = json.loads((out / "eval" / "scores.json").read_text())["scorers"][args.reward]
     return {"method": name, "seed": seed, "base": scores["base_mean"], "tuned": scores["tuned_mean"],
-            "delta": scores["delta"], "minutes": (time.time() - t0) / 60}
+            "delta": scores["delta"], "minutes": (time.time() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["prdp", "ddpo", "seppo"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--model", default="toy-sdxl")
+    parser.add_argument("--configs", default="toy-sdxl", choices=["toy-sdxl", "toy-animatediff"],
+                        help="the config set: configs/CONFIGS-METHOD.yaml")
+    parser.add_argument("--model", default=None, help="model id or folder (default: the --configs model)")
     parser.add_argument("--reward", default="toy_saturation", help="a registered scorer name (the target)")
     parser.add_argument("--candidates", type=int, default=4, help="SePPO winners: best of this many per prompt")
     parser.add_argument("--winner-prompts", type=int, default=64)
@@ -101,14 +106,18 @@ def main() -> None:
     parser.add_argument("--online-override", nargs="*", default=[], help="... for PRDP and DDPO runs only")
     parser.add_argument("--seppo-override", nargs="*", default=[], help="... for SePPO runs only")
     args = parser.parse_args()
+    args.model = args.model or args.configs
     torch.set_num_threads(args.threads)
+    missing = [m for m in args.methods if not Path(f"configs/{args.configs}-{METHODS[m][0]}.yaml").is_file()]
+    if missing:
+        parser.error(f"no configs/{args.configs}-METHOD.yaml for {', '.join(missing)}")
 
     winners = None
     if any(METHODS[m][0] == "seppo" for m in args.methods):
         from diffalign.config import load_config
         from diffalign.toy.data import toy_prompts
 
-        base = load_config("configs/toy-sdxl-seppo.yaml", [f"model.name={args.model}"], check=False)
+        base = load_config(f"configs/{args.configs}-seppo.yaml", [f"model.name={args.model}"], check=False)
         winners = make_winners(args.model, args.reward, toy_prompts("train", n=args.winner_prompts, seed=0),
                                args.candidates, base.eval.num_inference_steps, base.eval.guidance_scale,
                                Path(args.out) / "winners")
@@ -125,18 +134,21 @@ def main() -> None:
 
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    print(f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | improved | min/run | machine, date |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | improved "
+          "| wall min/run | CPU min/run | machine, date |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.methods:
         rows = [r for r in results if r["method"] == name]
         if not rows:
             continue
         deltas = [r["delta"] for r in rows]
         std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
+        cpu = [r["cpu_minutes"] for r in rows if "cpu_minutes" in r]
         print(f"| {name} | {len(rows)} | {statistics.mean(r['base'] for r in rows):.4f} | "
               f"{statistics.mean(r['tuned'] for r in rows):.4f} | {statistics.mean(deltas):+.4f} ± {std:.4f} | "
+              f"± {interval(deltas)[1]:.4f} | {', '.join(f'{d:+.4f}' for d in deltas)} | "
               f"{sum(d > 0 for d in deltas)}/{len(rows)} | {statistics.mean(r['minutes'] for r in rows):.1f} | "
-              f"{machine}, {date} |")
+              f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | {machine}, {date} |")
 
 
 if __name__ == "__main__":

@@ -247,11 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffalign.checkpoints import CheckpointError
+    from diffalign.train import NonFiniteError, TrainingInterrupted
+
     try:
         args.func(args)
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as err:
+        print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as err:  # preempted: the conventional status of a SIGTERM'd process
+        print(f"diffalign {args.command}: stopped: {err}", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -12,6 +12,7 @@ range raises :class:`ConfigError` naming the key path, the value and what was ex
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ class ModelConfig:
     name: str = "tiny-sdxl"  # hub id, local diffusers folder, or built-in id (tiny-sdxl, toy-sdxl, ...)
     variant: str | None = None  # e.g. "fp16" weight files
     vae: str | None = None  # override the VAE (e.g. madebyollin/sdxl-vae-fp16-fix)
+    # AnimateDiff: a MotionAdapter (hub id or folder) added to an SD 1.x base `name` (AnimateDiffPipeline)
+    motion_adapter: str | None = None
     finetune: Literal["lora", "full"] = "lora"  # LoRA adapters on the UNet, or every UNet weight
     gradient_checkpointing: bool = False
 
@@ -70,6 +73,9 @@ class DataConfig:
     num_workers: int = 0
     cache: bool = False  # encode text + VAE latents once (keyed by model and preprocessing)
     cache_dir: str | None = None  # default: $DIFFALIGN_CACHE/latents
+    # Video models (AnimateDiff, Wan): frames per training video; null: eval.num_frames, else the pipeline's default
+    num_frames: int | None = None
+    frame_policy: Literal["resample", "reject"] = "resample"  # a video of another length: evenly resample, or skip it
 
 
 @dataclass
@@ -97,7 +103,12 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     resume: str | None = None  # "latest" or a checkpoint folder
+    max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row with a NaN/inf loss or gradient
     device: str | None = None  # None: accelerate's choice; "cpu" forces the CPU
+    # Flow-matching models (Wan): how the training sigma is drawn from the pipeline's (shifted) flow schedule
+    flow_timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    flow_logit_mean: float = 0.0  # logit_normal only
+    flow_logit_std: float = 1.0
 
 
 @dataclass
@@ -115,6 +126,7 @@ class LogConfig:
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: only the final output
     keep_last: int | None = None  # None: keep all
+    on_sigterm: bool = True  # SIGTERM (preemption) saves a checkpoint and stops with exit status 143
 
 
 @dataclass
@@ -131,6 +143,7 @@ class EvalConfig:
     eta: float = 1.0
     height: int | None = None
     width: int | None = None
+    num_frames: int | None = None  # video models; None: the pipeline's default
     batch_size: int = 8
     # The method's own loss / implicit accuracy on the first N training pairs at fixed noise draws,
     # before and after training (0: skip). Shows whether the objective was learned.
@@ -204,13 +217,18 @@ def _convert(value: Any, tp, path: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):  # no setting means anything at NaN or inf
+            return number
+        if number is not None:
+            raise ConfigError(path, value, "a finite number")
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -237,6 +255,20 @@ def build_dataclass(cls, values: Any, path: str):
 # ----------------------------------------------------------------------------------------------------
 # Range checks (types are already right here)
 # ----------------------------------------------------------------------------------------------------
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # e.g. a name too long for the file system
+        return False
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
 def _require(ok: bool, path: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(path, value, expected)
@@ -250,12 +282,17 @@ def validate(cfg: Config) -> None:
 
     try:
         resolve_model(cfg.model.name)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. a path name too long for the file system
         raise ConfigError("model.name", cfg.model.name, f"a model that exists ({err})") from None
+    if cfg.model.motion_adapter is not None:
+        try:
+            resolve_model(cfg.model.motion_adapter)
+        except (ValueError, OSError) as err:
+            raise ConfigError("model.motion_adapter", cfg.model.motion_adapter, f"a motion adapter that exists ({err})") from None
     if cfg.model.vae is not None:
         try:
             resolve_model(cfg.model.vae)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, OSError) as err:
             raise ConfigError("model.vae", cfg.model.vae, f"a VAE that exists ({err})") from None
     lo = cfg.lora
     _require(lo.rank >= 1, "lora.rank", lo.rank, "an integer >= 1")
@@ -272,6 +309,7 @@ def validate(cfg: Config) -> None:
     _require(d.max_pairs is None or d.max_pairs >= 1, "data.max_pairs", d.max_pairs, "null or an integer >= 1")
     _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+    _require(d.num_frames is None or d.num_frames >= 1, "data.num_frames", d.num_frames, "null or an integer >= 1")
     if d.cache:
         # A cache freezes preprocessing; random augmentation would be drawn once and reused forever.
         _require(not d.random_flip, "data.random_flip", d.random_flip, "false when data.cache is true")
@@ -295,7 +333,10 @@ def validate(cfg: Config) -> None:
     _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
     _require(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", t.gradient_accumulation_steps, "an integer >= 1")
-    _require(t.resume is None or t.resume == "latest" or Path(t.resume).is_dir(), "train.resume", t.resume,
+    _require(t.flow_logit_std > 0, "train.flow_logit_std", t.flow_logit_std, "a number > 0")
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1")
+    _require(0 <= t.seed < 2**32, "train.seed", t.seed, "an integer in [0, 2**32)")  # numpy's seed range
+    _require(t.resume is None or t.resume == "latest" or _is_dir(t.resume), "train.resume", t.resume,
              "null, 'latest', or an existing checkpoint folder")
 
     lg = cfg.log
@@ -328,11 +369,25 @@ def validate(cfg: Config) -> None:
         _require(len(e.seeds) >= 1, "eval.seeds", e.seeds, "at least one seed")
         _require(e.num_inference_steps >= 1, "eval.num_inference_steps", e.num_inference_steps, "an integer >= 1")
         _require(e.eta >= 0, "eval.eta", e.eta, "a number >= 0")
+        _require(e.guidance_scale >= 0, "eval.guidance_scale", e.guidance_scale, "a number >= 0")
+        for i, seed in enumerate(e.seeds):
+            _require(0 <= seed < 2**32, f"eval.seeds[{i}]", seed, "an integer in [0, 2**32)")
+        for key in ("height", "width"):
+            value = getattr(e, key)
+            _require(value is None or (value >= 8 and value % 8 == 0), f"eval.{key}", value, "null or a multiple of 8, >= 8")
+        _require(e.num_frames is None or e.num_frames >= 1, "eval.num_frames", e.num_frames, "null or an integer >= 1")
         _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
         _require(e.train_pairs >= 0, "eval.train_pairs", e.train_pairs, "an integer >= 0")
         _require(e.train_pair_draws >= 1, "eval.train_pair_draws", e.train_pair_draws, "an integer >= 1")
-        _require(e.prompts_file is None or Path(e.prompts_file).is_file(), "eval.prompts_file", e.prompts_file,
+        _require(e.prompts_file is None or _is_file(e.prompts_file), "eval.prompts_file", e.prompts_file,
                  "null or an existing prompt file")
+        if e.prompts_file is not None and not e.prompts:  # read now, not after the model has loaded
+            from diffalign.prompts import read_prompts
+
+            try:
+                read_prompts(e.prompts_file)
+            except ValueError as err:
+                raise ConfigError("eval.prompts_file", e.prompts_file, f"a readable prompt file ({err})") from None
         _require(bool(e.prompts or e.prompts_file or lg.validation_prompts), "eval.prompts", e.prompts,
                  "prompts (or eval.prompts_file, or log.validation_prompts) when eval.enabled is true")
 
@@ -349,6 +404,8 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set ``dotted.key=value`` pairs (values parsed as YAML) in the raw mapping."""
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError("<root>", raw, f"a mapping with sections {', '.join(SECTIONS)}")
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -384,9 +441,9 @@ def config_from_dict(raw: dict, *, check: bool = True) -> Config:
             continue
         cls = typing.get_type_hints(Config)[name]
         kwargs[name] = build_dataclass(cls, raw.get(name), name)
-    method_raw = dict(raw.get("method") or {})
     if not isinstance(raw.get("method") or {}, dict):
         raise ConfigError("method", raw.get("method"), "a mapping with a 'name' key")
+    method_raw = dict(raw.get("method") or {})
     name = method_raw.pop("name", None)
     if name not in METHODS:
         raise ConfigError("method.name", name, f"one of {', '.join(repr(m) for m in METHODS)}")
@@ -403,7 +460,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+    if raw is None:  # an empty file: every default (an empty-but-not-null root is an error below)
+        raw = {}
     return config_from_dict(apply_overrides(raw, list(overrides)), check=check)

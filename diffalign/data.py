@@ -6,7 +6,10 @@ Two on-disk formats, one in-memory layout:
   folder): columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded image bytes) and ``label_0`` (1, 0, or 0.5
   for a tie). Ties are dropped; the winner is ``jpg_0`` when ``label_0 == 1``.
 * **JSONL**: one object per line with ``prompt``, ``chosen`` and ``rejected`` image paths (relative to
-  the file). ``diffalign pairs`` writes this format (``pairs.jsonl`` in its output folder).
+  the file). ``diffalign pairs`` writes this format (``pairs.jsonl`` in its output folder). For video
+  models the two paths are videos: an animated GIF/WebP, an MP4 (with ``imageio[ffmpeg]``) or a
+  folder of frame images (sorted by name); each is resampled to ``num_frames`` evenly spaced frames
+  or, with ``frame_policy="reject"``, skipped and counted when its length differs.
 
 Each item is a pair, winner first: ``pixels`` [2, 3, R, R] in [-1, 1], resized, cropped and flipped
 *jointly*, with SDXL micro-conditioning (original size, crop offsets). The schema, ties and file paths
@@ -84,6 +87,11 @@ class PairSource:
         """(winner, loser) as RGB images with their original sizes; raises on undecodable data."""
         raise NotImplementedError
 
+    def videos(self, i: int) -> tuple[list[Image.Image], list[Image.Image]]:
+        """(winner, loser) as lists of RGB frames; raises on unreadable videos."""
+        raise NotImplementedError(f"{self.description}: video pairs are read from JSONL only (video files or "
+                                  "frame folders); this format holds images")
+
     def fingerprint(self) -> str:
         """Identifies the rows for cache keys."""
         raise NotImplementedError
@@ -119,6 +127,15 @@ def _open_image_file(path: Path, draft_size: int | None) -> Decoded:
         return Decoded(to_rgb(image), original)
 
 
+def _label(value, where: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label_0 must be a number (1 or 0, 0.5 for a tie), got {value!r}") from None
+
+
 class PickapicPairs(PairSource):
     def __init__(self, table, description: str, max_pairs: int | None = None):
         missing = [c for c in PICKAPIC_COLUMNS if c not in table.column_names]
@@ -127,7 +144,8 @@ class PickapicPairs(PairSource):
                             f"{', '.join(PICKAPIC_COLUMNS)} (has: {', '.join(table.column_names)})")
         labels = table["label_0"]
         labels = list(labels) if not isinstance(labels, list) else labels
-        keep = [i for i, v in enumerate(labels) if v is not None and float(v) in (0.0, 1.0)]
+        labels = [_label(v, f"{description} row {i}") for i, v in enumerate(labels)]
+        keep = [i for i, v in enumerate(labels) if v is not None and v in (0.0, 1.0)]
         if not keep:
             raise DataError(f"{description}: all {len(labels)} rows are ties or unlabeled (label_0 not 0 or 1); "
                             "no preference pairs to train on")
@@ -171,10 +189,14 @@ class JsonlPairs(PairSource):
                 raise DataError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
             paths = []
             for key in ("chosen", "rejected"):
-                if not isinstance(row[key], str):
+                if not isinstance(row[key], str) or not row[key]:
                     raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
                 file = Path(row[key]) if os.path.isabs(row[key]) else root / row[key]
-                if not file.is_file():
+                try:
+                    exists = file.is_file() or file.is_dir()  # a folder: a video's frames
+                except OSError as err:  # e.g. a name too long for the file system
+                    raise DataError(f"{where}: {key} image {row[key]!r} cannot be used ({err.strerror})") from None
+                if not exists:
                     raise DataError(f"{where}: {key} image {file} does not exist")
                 paths.append(file)
             self.rows.append((prompt or "", paths[0], paths[1]))
@@ -192,6 +214,10 @@ class JsonlPairs(PairSource):
     def images(self, i, draft_size=None):
         _, chosen, rejected = self.rows[i]
         return _open_image_file(chosen, draft_size), _open_image_file(rejected, draft_size)
+
+    def videos(self, i):
+        _, chosen, rejected = self.rows[i]
+        return read_video_frames(chosen), read_video_frames(rejected)
 
     def fingerprint(self):
         digest = hashlib.sha256()
@@ -218,7 +244,10 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_info.json").is_file()):
-            table = datasets.load_from_disk(str(path))
+            try:
+                table = datasets.load_from_disk(str(path))
+            except Exception as err:  # datasets raises many types for a broken save_to_disk folder
+                raise DataError(f"{path}: cannot read as a saved dataset ({type(err).__name__}: {err})") from None
             if isinstance(table, datasets.DatasetDict):
                 if split not in table:
                     raise DataError(f"{path}: no split {split!r} (has: {', '.join(table)})")
@@ -252,9 +281,57 @@ class Preprocessing:
     random_flip: bool = True
     proportion_empty_prompts: float = 0.0
     seed: int = 0
+    num_frames: int | None = None  # set for video models: items are clips of this many frames
+    frame_policy: str = "resample"  # a clip of another length: "resample" evenly, or "reject" (a counted bad row)
 
     def key(self) -> str:
-        return f"r{self.resolution}-crop{'rand' if self.random_crop else 'center'}-flip{int(self.random_flip)}"
+        key = f"r{self.resolution}-crop{'rand' if self.random_crop else 'center'}-flip{int(self.random_flip)}"
+        return key if self.num_frames is None else f"{key}-f{self.num_frames}-{self.frame_policy}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Videos: files or frame folders
+# ----------------------------------------------------------------------------------------------------
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PIL_VIDEO_SUFFIXES = (".gif", ".webp", ".png", ".apng")  # animated formats Pillow reads frame by frame
+
+
+def read_video_frames(path: Path) -> list[Image.Image]:
+    """The RGB frames of a video: a folder of frame images (sorted by name), an animated GIF/WebP/APNG
+    (Pillow), or another container such as MP4 through ``imageio`` (needs ``pip install imageio[ffmpeg]``)."""
+    from PIL import ImageSequence
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+        if not files:
+            raise ValueError(f"frame folder {path} has no {'/'.join(FRAME_SUFFIXES)} images")
+        return [_open_image_file(f, None).image for f in files]
+    if path.suffix.lower() in PIL_VIDEO_SUFFIXES:
+        with Image.open(path) as video:
+            return [to_rgb(frame.copy()) for frame in ImageSequence.Iterator(video)]
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise ValueError(f"{path}: reading {path.suffix} videos needs imageio with a video plugin "
+                         "(pip install imageio[ffmpeg]); GIF/WebP files and frame folders need nothing") from None
+    try:
+        return [Image.fromarray(np.asarray(frame)).convert("RGB") for frame in iio.imiter(path)]
+    except Exception as err:  # imageio raises plugin-specific types for a broken or unsupported file
+        raise ValueError(f"{path}: cannot read video ({type(err).__name__}: {err})") from None
+
+
+def fit_frames(frames: list, num_frames: int, policy: str, where: str) -> list:
+    """``frames`` as exactly ``num_frames``: evenly spaced indices (repeating frames when too few), or a
+    ValueError naming ``where`` under the ``reject`` policy."""
+    if len(frames) == num_frames:
+        return frames
+    if policy == "reject":
+        raise ValueError(f"{where} has {len(frames)} frames, expected {num_frames} (data.frame_policy=reject)")
+    if policy != "resample":
+        raise ValueError(f"unknown frame policy {policy!r}; expected resample or reject")
+    index = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
+    return [frames[i] for i in index]
 
 
 def resize_crop(image: Image.Image, resolution: int, crop_fraction: tuple[float, float] | None,
@@ -309,6 +386,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         r = self.prep.resolution
         crop = (rng.random(), rng.random()) if self.prep.random_crop else None
         flip = self.prep.random_flip and rng.random() < 0.5
+        if self.prep.num_frames is not None:
+            return self._video_item(index, caption, crop, flip)
         pixels, time_ids = [], []
         try:
             for image, original in self.source.images(index, draft_size=2 * r):
@@ -320,6 +399,22 @@ class PreferenceDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return {"bad": f"{self.source.description} pair {index}: {type(err).__name__}: {err}", "index": index}
         return {"index": index, "caption": caption, "pixels": torch.stack(pixels), "time_ids": torch.stack(time_ids)}
+
+    def _video_item(self, index: int, caption: str, crop, flip: bool) -> dict:
+        """A video pair: ``pixels`` [2, F, 3, R, R]; every frame of both clips gets the same crop and flip."""
+        r, where = self.prep.resolution, f"{self.source.description} pair {index}"
+        try:
+            clips = []
+            for name, frames in zip(("chosen", "rejected"), self.source.videos(index), strict=True):
+                frames = fit_frames(frames, self.prep.num_frames, self.prep.frame_policy, f"{name} video")
+                frames = [resize_crop(frame, r, crop)[0] for frame in frames]
+                if flip:
+                    frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
+                clips.append(torch.stack([_to_model_range(frame) for frame in frames]))
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+            return {"bad": f"{where}: {type(err).__name__}: {err}", "index": index}
+        time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(2, 1)  # unused by video models
+        return {"index": index, "caption": caption, "pixels": torch.stack(clips), "time_ids": time_ids}
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -345,16 +440,18 @@ class BadRowCounter:
     def __init__(self, max_bad_fraction: float, min_rows: int = 20):
         self.max_bad_fraction, self.min_rows = max_bad_fraction, min_rows
         self.seen = self.bad = 0
+        self.last: str | None = None  # the latest bad row's message (names the file and row)
 
     def update(self, batch: dict) -> None:
         self.seen += batch["size"] + len(batch["bad"])
         for message in batch["bad"]:
             self.bad += 1
+            self.last = message
             log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
         if self.bad and self.seen >= self.min_rows and self.bad / self.seen > self.max_bad_fraction:
             raise DataError(f"{self.bad} of {self.seen} pairs read so far are unreadable "
                             f"({self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
-                            f"last: {batch['bad'][-1] if batch['bad'] else 'see warnings above'}")
+                            f"last: {self.last or 'see warnings above'}")
 
 
 class EpochBatches:
@@ -393,11 +490,12 @@ class EpochBatches:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_in_epoch": self.taken, "bad_seen": self.bad_rows.seen,
-                "bad": self.bad_rows.bad}
+                "bad": self.bad_rows.bad, "bad_last": self.bad_rows.last}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.taken = state["epoch"], state["batches_in_epoch"]
         self.bad_rows.seen, self.bad_rows.bad = state["bad_seen"], state["bad"]
+        self.bad_rows.last = state.get("bad_last")
 
 
 # ----------------------------------------------------------------------------------------------------

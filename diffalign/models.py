@@ -33,6 +33,7 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny-animatediff": lambda: tiny.cached_tiny("animatediff"),
     "tiny-wan": lambda: tiny.cached_tiny("wan"),
     "toy-sdxl": lambda: _toy_sdxl_path(),
+    "toy-animatediff": lambda: _toy_animatediff_path(),
 }
 
 
@@ -40,6 +41,12 @@ def _toy_sdxl_path() -> Path:
     from diffalign.toy import toy_sdxl_path
 
     return toy_sdxl_path()
+
+
+def _toy_animatediff_path() -> Path:
+    from diffalign.toy import toy_animatediff_path
+
+    return toy_animatediff_path()
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -101,10 +108,13 @@ def load_pipeline(
     device: str | torch.device | None = None,
     custom_pipeline: str | None = None,
     trust_remote_code: bool = False,
+    motion_adapter: str | None = None,
 ):
     """Load any diffusers SD 1.x/2.x or SDXL pipeline by hub id, local path or built-in id.
 
     ``vae`` overrides the pipeline's VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix`` for fp16 SDXL).
+    ``motion_adapter`` (a ``MotionAdapter`` id or folder, e.g. ``guoyww/animatediff-motion-adapter-v1-5-2``)
+    turns an SD 1.x base into an ``AnimateDiffPipeline``.
     ``custom_pipeline`` must be a local folder the user names (never fetched code) and
     ``trust_remote_code`` stays off unless asked for.
     """
@@ -121,7 +131,13 @@ def load_pipeline(
         kwargs["custom_pipeline"] = str(Path(custom_pipeline).resolve())
     if vae is not None:
         kwargs["vae"] = _load_or_explain(AutoencoderKL, resolve_model(vae), **{_DTYPE_KW: torch_dtype})
-    pipe = _load_or_explain(DiffusionPipeline, source, **kwargs)
+    if motion_adapter is not None:
+        from diffusers import AnimateDiffPipeline, MotionAdapter
+
+        kwargs["motion_adapter"] = _load_or_explain(MotionAdapter, resolve_model(motion_adapter), **{_DTYPE_KW: torch_dtype})
+        pipe = _load_or_explain(AnimateDiffPipeline, source, **kwargs)
+    else:
+        pipe = _load_or_explain(DiffusionPipeline, source, **kwargs)
     if device is not None:
         pipe.to(device)
     return pipe

@@ -24,7 +24,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -52,6 +52,7 @@ class OnlineSettings:
     eta: float = 1.0  # DDIM noise; 1 = DDPM ancestral (the papers' choice), must be > 0
     height: int | None = None  # None: the model's default
     width: int | None = None
+    num_frames: int | None = None  # video models (AnimateDiff, Wan): frames per sample; None: the pipeline's default
     sample_batch_size: int = 8  # trajectories per sampling call
     train_timesteps: int | None = None  # None: all stored steps; N: a random subset of N steps per gradient step
     micro_batch_prompts: int = 1  # prompt groups per backward pass (gradients accumulate over the epoch's groups)
@@ -67,7 +68,9 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
     require(bool(cfg.prompts), "method.prompts", cfg.prompts, "a prompt file, a shipped set or a dataset")
     try:
         check_prompt_source(cfg.prompts)
-    except (FileNotFoundError, ValueError) as err:
+        if Path(cfg.prompts).is_file():
+            load_prompt_source(cfg.prompts, cfg.prompt_column)  # a local file: read it before any model loads
+    except (OSError, ValueError) as err:  # OSError: e.g. a path name too long for the file system
         require(False, "method.prompts", cfg.prompts, f"a prompt source that exists ({err})")
     try:
         check_scorer_names([cfg.reward])
@@ -83,6 +86,7 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
     require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
     require(cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_inference_steps,
             "method.train_timesteps", cfg.train_timesteps, f"null or an integer in [1, {cfg.num_inference_steps}]")
+    require(cfg.num_frames is None or cfg.num_frames >= 1, "method.num_frames", cfg.num_frames, "null or an integer >= 1")
     for key in ("height", "width"):
         value = getattr(cfg, key)
         require(value is None or (value >= 8 and value % 8 == 0), f"method.{key}", value, "null or a multiple of 8")
@@ -134,7 +138,10 @@ def _dataset_column(spec: str, column: str) -> list[str]:
 
     path = Path(spec)
     if path.is_file():
-        data = datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else datasets.Dataset.from_file(str(path))
+        try:
+            data = datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else datasets.Dataset.from_file(str(path))
+        except Exception as err:  # pyarrow raises many types for a broken file
+            raise ValueError(f"prompt dataset {path}: cannot read as {path.suffix[1:]} ({type(err).__name__}: {err})") from None
     else:
         try:
             data = datasets.load_dataset(spec, split="train")
@@ -217,9 +224,11 @@ def sample_epoch(pipe, prompts: list[str], settings: OnlineSettings, seeds: list
     """Sample ``len(prompts) × B`` trajectories (grouped by prompt) and score them.
 
     Returns ``(trajectory, rewards [n], groups [n], timings)`` with all samples, NaN rewards included.
+    Videos are scored by the reward's image scorers averaged over frames.
     """
     from diffalign.sampler import Trajectory, sample
 
+    frames = {"num_frames": settings.num_frames} if settings.num_frames is not None else {}
     jobs = [(p, g) for g, p in enumerate(prompts) for _ in range(settings.samples_per_prompt)]
     parts, images = [], []
     t0 = time.perf_counter()
@@ -227,7 +236,7 @@ def sample_epoch(pipe, prompts: list[str], settings: OnlineSettings, seeds: list
         chunk = jobs[start : start + settings.sample_batch_size]
         out = sample(pipe, [p for p, _ in chunk], seeds=seeds[start : start + len(chunk)],
                      num_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                     eta=settings.eta, height=settings.height, width=settings.width, model_name=model_name)
+                     eta=settings.eta, height=settings.height, width=settings.width, model_name=model_name, **frames)
         parts.append(_on_cpu(out.trajectory))  # an epoch's trajectories wait on the host, not the GPU
         images.append(out.images.cpu())
     t1 = time.perf_counter()
@@ -335,6 +344,8 @@ class OnlineObjective:
         self.prompts = load_prompt_source(self.settings.prompts, self.settings.prompt_column)
         self.reward = make_reward(self.settings.reward)
         self.epoch = 0
+        self.current: OnlineBatch | None = None  # the epoch being trained on, used ``self.used`` times so far
+        self.used = 0
         self.steps_rng = torch.Generator().manual_seed(ctx.cfg.train.seed)
         log.info("%s: %d prompts from %s; reward %s", self.settings.name, len(self.prompts), self.settings.prompts,
                  self.settings.reward)
@@ -376,20 +387,22 @@ class OnlineObjective:
         return batch
 
     def batches(self):
-        accumulation = self.ctx.cfg.train.gradient_accumulation_steps
-        empty = 0
+        """The current epoch's batch, ``gradient_steps_per_epoch x accumulation`` times, then a new epoch."""
+        repeats = self.settings.gradient_steps_per_epoch * self.ctx.cfg.train.gradient_accumulation_steps
         while True:
+            if self.current is None or self.used >= repeats:
+                self.current, self.used = self.next_epoch(), 0
+            self.used += 1
+            yield self.current
+
+    def next_epoch(self) -> OnlineBatch:
+        for _ in range(MAX_EMPTY_EPOCHS):
             batch = self.collect()
             self.epoch += 1
-            if batch is None:
-                empty += 1
-                if empty >= MAX_EMPTY_EPOCHS:
-                    raise RewardError(f"{empty} epochs in a row had no prompt group with distinct rewards: the "
-                                      f"reward ({self.settings.reward}) does not separate samples")
-                continue
-            empty = 0
-            for _ in range(self.settings.gradient_steps_per_epoch * accumulation):
-                yield batch
+            if batch is not None:
+                return batch
+        raise RewardError(f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: the "
+                          f"reward ({self.settings.reward}) does not separate samples")
 
     # -- one gradient step -----------------------------------------------------------------------------
     def __call__(self, batch: OnlineBatch):
@@ -456,11 +469,23 @@ class OnlineObjective:
 
         return out, [piece(cols, k == 0) for k, cols in enumerate(chunks)]
 
+    # -- checkpoints: the epoch counter, and the current epoch's samples so a resume finishes that epoch --
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        current = None
+        if self.current is not None:
+            current = {f.name: getattr(self.current, f.name) for f in fields(OnlineBatch)}
+            current["trajectory"] = {f.name: getattr(self.current.trajectory, f.name) for f in fields(self.current.trajectory)}
+        return {"epoch": self.epoch, "used": self.used, "steps_rng": self.steps_rng.get_state(), "current": current}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]
+        from diffalign.sampler import Trajectory
+
+        self.epoch, self.used = state["epoch"], state["used"]
+        self.steps_rng.set_state(state["steps_rng"])
+        current = state["current"]
+        if current is not None:
+            current = dict(current, trajectory=Trajectory(**current["trajectory"]))
+        self.current = None if current is None else OnlineBatch(**current)
 
 
 def build_online_objective(ctx) -> OnlineObjective:

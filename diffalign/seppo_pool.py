@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffalign.data import DataError, Decoded, PairSource, open_pairs, resize_crop
+from diffalign.data import (
+    DataError,
+    Decoded,
+    PairSource,
+    fit_frames,
+    open_pairs,
+    read_video_frames,
+    resize_crop,
+)
 from diffalign.jsonl import iter_jsonl
 
 log = logging.getLogger("diffalign.seppo")
@@ -46,10 +55,15 @@ class ImagePrompts:
         root = path.parent
         self.rows: list[tuple[str, Path]] = []
         for where, row in iter_jsonl(path, DataError):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(image_key), str):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(image_key), str) \
+                    or not row[image_key]:
                 raise DataError(f"{where}: expected an object with a string 'prompt' and an image path {image_key!r}")
             file = Path(row[image_key]) if os.path.isabs(row[image_key]) else root / row[image_key]
-            if not file.is_file():
+            try:
+                exists = file.is_file() or file.is_dir()  # a folder: a video's frames
+            except OSError as err:  # e.g. a name too long for the file system
+                raise DataError(f"{where}: image {row[image_key]!r} cannot be used ({err.strerror})") from None
+            if not exists:
                 raise DataError(f"{where}: image {file} does not exist")
             self.rows.append((row["prompt"], file))
         if not self.rows:
@@ -71,6 +85,9 @@ class ImagePrompts:
             image.load()
             return Decoded(to_rgb(image), original)
 
+    def winner_video(self, i: int) -> list[Image.Image]:
+        return read_video_frames(self.rows[i][1])
+
 
 class PairWinners:
     """The winning image of each pair of a preference set (ties already dropped)."""
@@ -86,6 +103,9 @@ class PairWinners:
 
     def winner(self, i: int, draft_size: int | None = None) -> Decoded:
         return self.pairs.images(i, draft_size)[0]
+
+    def winner_video(self, i: int) -> list[Image.Image]:
+        return self.pairs.videos(i)[0]
 
 
 def _first_row(path: Path) -> dict:
@@ -105,16 +125,37 @@ def open_winners(data_cfg):
 
 
 class WinnersDataset(torch.utils.data.Dataset):
-    """Winners resized/cropped/flipped to ``resolution`` in [-1, 1], with SDXL micro-conditioning."""
+    """Winners resized/cropped/flipped to ``resolution`` in [-1, 1], with SDXL micro-conditioning.
 
-    def __init__(self, source, resolution: int, random_flip: bool, seed: int):
+    With ``num_frames`` (video models) a winner is a clip ``pixels`` [F, 3, R, R], fitted to ``num_frames``
+    by ``frame_policy`` (see :func:`diffalign.data.fit_frames`).
+    """
+
+    def __init__(self, source, resolution: int, random_flip: bool, seed: int, num_frames: int | None = None,
+                 frame_policy: str = "resample"):
         self.source, self.resolution, self.random_flip, self.seed = source, resolution, random_flip, seed
+        self.num_frames, self.frame_policy = num_frames, frame_policy
 
     def __len__(self):
         return len(self.source)
 
+    def _video_item(self, index: int, rng: random.Random) -> dict:
+        r = self.resolution
+        try:
+            frames = fit_frames(self.source.winner_video(index), self.num_frames, self.frame_policy, "winner video")
+            frames = [resize_crop(frame, r, None)[0] for frame in frames]
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+            return {"bad": f"{self.source.description} item {index}: {type(err).__name__}: {err}", "index": index}
+        if self.random_flip and rng.random() < 0.5:
+            frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
+        pixels = torch.stack([torch.from_numpy(np.asarray(f, dtype=np.uint8).copy()).permute(2, 0, 1) for f in frames])
+        return {"index": index, "caption": self.source.caption(index), "pixels": pixels.float() / 127.5 - 1.0,
+                "time_ids": torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32)}  # unused by video models
+
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(f"{self.seed}/{index}")
+        if self.num_frames is not None:
+            return self._video_item(index, rng)
         try:
             image, original = self.source.winner(index, draft_size=2 * self.resolution)
             image, (top, left) = resize_crop(image, self.resolution, None, original)
@@ -139,13 +180,16 @@ class PoolEntry:
 
 
 class CheckpointPool:
-    """Earlier policies to draw SePPO's reference from. ``use(entry)`` makes ``pipe.unet`` that policy."""
+    """Earlier policies to draw SePPO's reference from. ``use(entry)`` makes the pipeline's denoiser
+    (``pipe.unet``, or ``pipe.transformer`` for Wan: ``denoiser_attr``) that policy."""
 
-    def __init__(self, pipe, unet, ref_unet, finetune: str, directory: Path, size: int | None):
+    def __init__(self, pipe, unet, ref_unet, finetune: str, directory: Path, size: int | None, accelerator=None,
+                 denoiser_attr: str = "unet"):
         from diffalign.train import unwrap
 
-        self.pipe, self.unet, self.ref_unet = pipe, unwrap(unet), ref_unet
+        self.pipe, self.unet, self.ref_unet, self.denoiser_attr = pipe, unwrap(unet), ref_unet, denoiser_attr
         self.finetune, self.directory, self.size = finetune, directory, size
+        self.accelerator = accelerator  # multi-process: the main process writes the files, every rank reads them
         self.entries = [PoolEntry(0)]
         self.loaded_step = 0  # which entry ref_unet holds (full fine-tune)
         if finetune != "lora":
@@ -159,10 +203,17 @@ class CheckpointPool:
     def _save(self, step: int, model) -> Path:
         from safetensors.torch import save_file
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step-{step}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+        if self._writes_files:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()  # the ranks' weights are the same: they all use the main's file
         return path
+
+    @property
+    def _writes_files(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
 
     def add(self, step: int) -> None:
         if self.finetune == "lora":
@@ -172,8 +223,28 @@ class CheckpointPool:
         self.entries.append(entry)
         if self.size is not None and len(self.entries) - 1 > self.size:
             dropped = self.entries.pop(1)  # the oldest saved policy; the initial model always stays
-            if dropped.path is not None:
+            if dropped.path is not None and self._writes_files:
                 dropped.path.unlink(missing_ok=True)
+
+    def state_dict(self) -> dict:
+        # full fine-tunes: the files themselves go into the checkpoint (hard links), see diffalign.checkpoints
+        return {"entries": [{"step": e.step, "lora": e.lora, "path": e.path} for e in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        entries = []
+        for saved in state["entries"]:
+            entry = PoolEntry(saved["step"], lora=saved["lora"])
+            if saved["path"] is not None:  # back into the pool's folder: the checkpoint may be rotated away
+                entry.path = self.directory / f"step-{entry.step}.safetensors"
+                if self._writes_files:  # the main process restores the files every rank reads
+                    self.directory.mkdir(parents=True, exist_ok=True)
+                    if not entry.path.exists() or not entry.path.samefile(saved["path"]):
+                        shutil.copy2(saved["path"], entry.path)
+            entries.append(entry)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        self.entries = entries
+        self.loaded_step = -1  # reload the reference copy from the restored entry when first used
 
     def choose(self, rule: str, rng: random.Random) -> PoolEntry:
         if rule == "uniform":
@@ -186,7 +257,7 @@ class CheckpointPool:
 
     @contextlib.contextmanager
     def use(self, entry: PoolEntry):
-        """Yield the denoiser of ``entry`` and make it ``pipe.unet`` meanwhile (no gradients)."""
+        """Yield the denoiser of ``entry`` and make it the pipeline's denoiser meanwhile (no gradients)."""
         with torch.no_grad():
             if self.finetune != "lora":
                 if self.loaded_step != entry.step:
@@ -194,11 +265,12 @@ class CheckpointPool:
 
                     self.ref_unet.load_state_dict(load_file(str(entry.path)))
                     self.loaded_step = entry.step
-                original, self.pipe.unet = self.pipe.unet, self.ref_unet
+                original = getattr(self.pipe, self.denoiser_attr)
+                setattr(self.pipe, self.denoiser_attr, self.ref_unet)
                 try:
                     yield self.ref_unet
                 finally:
-                    self.pipe.unet = original
+                    setattr(self.pipe, self.denoiser_attr, original)
             elif entry.lora is None:
                 self.unet.disable_adapters()
                 try:
@@ -227,19 +299,31 @@ class SePPOObjective:
         self.ctx = ctx
         cfg, m = ctx.cfg, ctx.cfg.method
         self.m = m
+        from diffalign.train import video_frames
+
         source = ctx.source if ctx.source is not None else open_winners(cfg.data)
-        self.dataset = WinnersDataset(source, cfg.data.resolution, cfg.data.random_flip, cfg.train.seed)
+        self.dataset = WinnersDataset(source, cfg.data.resolution, cfg.data.random_flip, cfg.train.seed,
+                                      video_frames(cfg, ctx.pipe, ctx.family), cfg.data.frame_policy)
         self.batches_of = EpochBatches(self.dataset, ctx.accelerator, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                        num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
         self.pool = CheckpointPool(ctx.pipe, ctx.unet, ctx.ref_unet, cfg.model.finetune,
-                                   Path(cfg.train.output_dir) / "seppo_pool", m.pool_size)
+                                   Path(cfg.train.output_dir) / "seppo_pool", m.pool_size, ctx.accelerator,
+                                   denoiser_attr=ctx.family.denoiser_attr)
         self.rng = random.Random(cfg.train.seed + 7919 * ctx.accelerator.process_index)
-        self.calls = 0
         log.info("seppo: %d winners from %s; reference %s, pool every %d steps (size %s), flip %s",
                  len(source), source.description, m.reference, m.pool_interval, m.pool_size, m.flip)
 
     def batches(self):
         return iter(self.batches_of)
+
+    def state_dict(self) -> dict:
+        return {"data": self.batches_of.state_dict(), "rng": self.rng.getstate(), "pool": self.pool.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches_of.load_state_dict(state["data"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.pool.load_state_dict(state["pool"])
 
     def on_step_end(self, step: int) -> None:
         if step % self.m.pool_interval == 0:
@@ -260,6 +344,7 @@ class SePPOObjective:
         entry = self.pool.choose(m.reference, self.rng)
         seeds = [self.rng.randrange(2**31) for _ in range(b)]
         r = ctx.cfg.data.resolution
+        frames = {"num_frames": self.dataset.num_frames} if self.dataset.num_frames is not None else {}
         num_t = scheduler.config.num_train_timesteps
         noise_w = torch.randn_like(latents_w)
         t_w = torch.randint(0, num_t, (b,), device=device)
@@ -267,7 +352,8 @@ class SePPOObjective:
             was_training = reference.training
             reference.eval()
             generated = sample(ctx.pipe, captions, seeds=seeds, num_steps=m.ref_num_inference_steps,
-                               guidance_scale=m.ref_guidance_scale, eta=m.ref_eta, height=r, width=r, decode=False)
+                               guidance_scale=m.ref_guidance_scale, eta=m.ref_eta, height=r, width=r, decode=False,
+                               **frames)
             reference.train(was_training)
             trajectory = generated.trajectory
             latents_r = trajectory.latents[:, -1].to(device, dtype)

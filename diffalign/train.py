@@ -25,9 +25,9 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ from diffalign.data import (
     default_cache_dir,
     open_pairs,
 )
+from diffalign.distributed import check_launch, configure_deepspeed, use_cpu
 from diffalign.methods import METHODS, LossOutput, MethodSpec, PairLosses
 
 log = logging.getLogger("diffalign.train")
@@ -98,6 +99,9 @@ class TrainContext:
             bare.enable_adapters()
 
 
+VIDEO_FAMILIES = ("animatediff", "wan")
+
+
 def encode_text(pipe, family, captions: list[str], device) -> dict[str, torch.Tensor]:
     """Denoiser text conditioning for ``captions`` (the pipeline's own ``encode_prompt``)."""
     with torch.no_grad():
@@ -105,26 +109,105 @@ def encode_text(pipe, family, captions: list[str], device) -> dict[str, torch.Te
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
             return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+        if family.name == "wan":
+            # 512 tokens as WanPipeline.__call__ (encode_prompt alone defaults to 226): the sampler's conditioning
+            embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False, max_sequence_length=512,
+                                           device=device)
+            return {"encoder_hidden_states": embeds}
+        # SD 1.x/2.x and AnimateDiff (one embedding per video; the motion UNet call repeats it per frame)
         embeds, _ = pipe.encode_prompt(captions, device, 1, False)
         return {"encoder_hidden_states": embeds}
 
 
 def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE posterior parameters (mean and log-variance) [N, 2C, h, w] of pixels in [-1, 1], in fp32."""
+    """VAE posterior parameters (mean and log-variance) of pixels in [-1, 1], in fp32.
+
+    Images [N, 3, H, W] give [N, 2C, h, w]. Videos [N, F, 3, H, W] give [N, 2C, f, h, w]: an image VAE
+    (AnimateDiff's) encodes frame by frame (f = F); a video VAE (Wan's causal 3D VAE) encodes the clip
+    (f = its temporally compressed length).
+    """
+    from diffusers import AutoencoderKL
+
     with torch.no_grad():
-        return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+        pixels = pixels.to(vae.device, vae.dtype)
+        if pixels.ndim == 4:
+            return vae.encode(pixels).latent_dist.parameters.float()
+        n, f = pixels.shape[:2]
+        if isinstance(vae, AutoencoderKL):
+            params = vae.encode(pixels.flatten(0, 1)).latent_dist.parameters.float()
+            return params.unflatten(0, (n, f)).transpose(1, 2)
+        return vae.encode(pixels.transpose(1, 2)).latent_dist.parameters.float()
 
 
-def sample_latents(vae, params: torch.Tensor) -> torch.Tensor:
+def sample_latents(vae, params: torch.Tensor, generator=None) -> torch.Tensor:
+    """A posterior sample in the denoiser's latent space, normalised the way the pipeline un-normalises it:
+    SD/SDXL ``(z - shift) * scaling_factor``; Wan ``(z - latents_mean) / latents_std`` per channel.
+    ``generator``: one ``torch.Generator`` per row (or one for all, or None for the global RNG)."""
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    latents = DiagonalGaussianDistribution(params).sample()
+    latents = DiagonalGaussianDistribution(params).sample(generator=generator)
+    if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+        view = (1, -1) + (1,) * (latents.ndim - 2)
+        mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(view)
+        std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(view)
+        return (latents - mean) / std
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
 
+@dataclass
+class FlowMatchingNoise:
+    """The training noise of a flow-matching model (Wan): ``x_t = (1 - σ) x0 + σ ε``, target ``ε - x0``.
+
+    It takes the same integer timestep draws as a DDPM scheduler (``0 <= index < num_train_timesteps``,
+    so DPO's keyed per-pair draws stay as they are) and maps them to a sigma of the pipeline's own flow
+    schedule (with its shift). ``timestep_sampling``: ``uniform`` takes the index as drawn (uniform over
+    the shifted schedule); ``logit_normal`` maps it through the inverse CDF so that ``u = index / N`` is
+    distributed as ``sigmoid(N(logit_mean, logit_std))`` (the SD3 training scripts' default).
+    """
+
+    scheduler: object  # FlowMatchEulerDiscreteScheduler with the pipeline's shift, full training table
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @classmethod
+    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                             logit_std: float = 1.0) -> FlowMatchingNoise:
+        from diffalign.steps import FlowSDEStep
+
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown flow timestep sampling {timestep_sampling!r}; expected uniform or logit_normal")
+        return cls(FlowSDEStep.make_scheduler(dict(config)), timestep_sampling, logit_mean, logit_std)
+
+    @property
+    def config(self):
+        return self.scheduler.config
+
+    def sigmas_and_timesteps(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws ``index``."""
+        n = self.config.num_train_timesteps
+        index = index.long().cpu()
+        if self.timestep_sampling == "logit_normal":
+            u = (index.double() + 0.5) / n
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+            index = (u * n).long().clamp(0, n - 1)
+        return self.scheduler.sigmas[index].float(), self.scheduler.timesteps[index].float()
+
+
 def denoising_losses(unet, family, scheduler, latents, noise, timesteps, cond) -> torch.Tensor:
-    """Per-sample ``mean over (C,H,W) of (pred - target)^2`` [N] in fp32."""
+    """Per-sample ``mean over (C, [F,] H, W) of (pred - target)^2`` [N] in fp32.
+
+    ``scheduler`` is a diffusers DDPM-family scheduler (epsilon or v-prediction) or a
+    :class:`FlowMatchingNoise` (velocity target ``noise - latents``).
+    """
+    if isinstance(scheduler, FlowMatchingNoise):
+        sigmas, model_t = scheduler.sigmas_and_timesteps(timesteps)
+        sigmas = sigmas.to(latents.device, latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        target = noise.float() - latents.float()
+        pred = family.call(unet, noisy, model_t.to(latents.device), cond)
+        return (pred.float() - target).pow(2).flatten(1).mean(dim=1)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
@@ -134,6 +217,34 @@ def denoising_losses(unet, family, scheduler, latents, noise, timesteps, cond) -
         raise NotImplementedError(f"training with prediction_type {scheduler.config.prediction_type!r} is not supported")
     pred = family.call(unet, noisy, timesteps, cond)
     return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def training_noise(pipe, cfg: Config):
+    """The noise process the denoising losses use: the pipeline's flow schedule, or DDPM from its config."""
+    from diffusers import DDPMScheduler
+
+    config = dict(pipe.scheduler.config)
+    # Wan ships FlowMatchEuler (tiny) or a UniPC config with flow sigmas (Wan-AI/Wan2.1-*-Diffusers).
+    if type(pipe.scheduler).__name__.startswith("FlowMatch") or config.get("use_flow_sigmas") \
+            or config.get("prediction_type") == "flow_prediction":
+        return FlowMatchingNoise.from_pipeline_config(config, cfg.train.flow_timestep_sampling,
+                                                      cfg.train.flow_logit_mean, cfg.train.flow_logit_std)
+    return DDPMScheduler.from_config(config)
+
+
+def video_frames(cfg: Config, pipe, family) -> int | None:
+    """Frames per training video: ``data.num_frames``, else ``eval.num_frames``, else the pipeline's default
+    ``num_frames``; None for image families."""
+    import inspect
+
+    if family.name not in VIDEO_FAMILIES:
+        return None
+    frames = cfg.data.num_frames or cfg.eval.num_frames
+    if frames is None:
+        frames = inspect.signature(type(pipe).__call__).parameters["num_frames"].default
+    if family.name == "wan" and (frames - 1) % 4:
+        raise ValueError(f"data.num_frames={frames}: Wan's VAE needs 4k+1 frames (e.g. 5, 9, 17, 81)")
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,8 +274,10 @@ class PairObjective:
         return pair_loss(self.ctx, batch, noise_key=f"train/{self.ctx.cfg.train.seed}/{self.batches_of.epoch}")
 
 
-def encode_pairs(ctx: TrainContext, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Latents [2B, ...] (winners then losers) and conditioning [2B, ...] for a batch of pairs."""
+def encode_pairs(ctx: TrainContext, batch, noise_key: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents [2B, ...] (winners then losers) and conditioning [2B, ...] for a batch of pairs. With
+    ``noise_key`` the VAE posterior samples are drawn from ``(noise_key, side, dataset index)`` (as
+    :func:`pair_noise`), not from the global RNG, which every process seeds alike."""
     vae, device = ctx.pipe.vae, ctx.device
     if "latent_params" in batch:  # cached
         params = batch["latent_params"]
@@ -175,12 +288,22 @@ def encode_pairs(ctx: TrainContext, batch) -> tuple[torch.Tensor, dict[str, torc
         params = torch.stack(params.chunk(2), dim=1)
         cond = encode_text(ctx.pipe, ctx.family, batch["caption"], device)
     params = torch.cat([params[:, 0], params[:, 1]]).to(device)
-    latents = sample_latents(vae, params).to(ctx.weight_dtype)
+    generators = None
+    if noise_key is not None:
+        generators = [keyed_generator(f"{noise_key}/posterior/{side}/{index}")
+                      for side in ("winner", "loser") for index in batch["index"].tolist()]
+    latents = sample_latents(vae, params, generators).to(ctx.weight_dtype)
     cond = {k: torch.cat([v, v]).to(device, ctx.weight_dtype) for k, v in cond.items()}
     if ctx.family.name == "sdxl":
         time_ids = batch["time_ids"]
         cond["time_ids"] = torch.cat([time_ids[:, 0], time_ids[:, 1]]).to(device, ctx.weight_dtype)
     return latents, cond
+
+
+def keyed_generator(key: str) -> torch.Generator:
+    """A CPU generator seeded from a hash of ``key``."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 def pair_noise(indices: torch.Tensor, key: str, shape: tuple[int, ...], num_train_timesteps: int):
@@ -191,8 +314,7 @@ def pair_noise(indices: torch.Tensor, key: str, shape: tuple[int, ...], num_trai
     """
     noise, timesteps = [], []
     for index in indices.tolist():
-        digest = hashlib.sha256(f"{key}/{index}".encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        generator = keyed_generator(f"{key}/{index}")
         timesteps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=generator)))
         noise.append(torch.randn(shape, generator=generator))
     return torch.stack(noise), torch.tensor(timesteps, dtype=torch.long)
@@ -201,8 +323,7 @@ def pair_noise(indices: torch.Tensor, key: str, shape: tuple[int, ...], num_trai
 def pair_loss(ctx: TrainContext, batch, noise_key: str) -> LossOutput:
     """The method's loss on one batch of pairs; noise and timestep drawn once per pair (see
     :func:`pair_noise`) and shared by its winner and loser."""
-    latents, cond = encode_pairs(ctx, batch)
-    b = latents.shape[0] // 2
+    latents, cond = encode_pairs(ctx, batch, noise_key)
     scheduler = ctx.noise_scheduler
     noise, timesteps = pair_noise(batch["index"], noise_key, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps)
     noise = torch.cat([noise, noise]).to(latents.device, latents.dtype)
@@ -295,26 +416,36 @@ def eval_prompts(cfg: Config) -> list[str]:
 
 
 def generate_and_score(pipe, prompts: list[str], seeds: list[int], scorers, ev, out_dir: Path | None) -> dict:
-    """Sample every (prompt, seed), save PNGs to ``out_dir`` (when given), and score them."""
-    from diffalign.sampler import sample
+    """Sample every (prompt, seed), save PNGs (videos: animated WebPs) to ``out_dir`` when given, and
+    score them (image scorers average over a video's frames)."""
+    from diffalign.sampler import family_of, sample
 
     jobs = [(p, s) for p in prompts for s in seeds]
+    frames = {}
+    if family_of(pipe).name in VIDEO_FAMILIES and getattr(ev, "num_frames", None):
+        frames = {"num_frames": ev.num_frames}
     images = []
     for start in range(0, len(jobs), ev.batch_size):
         chunk = jobs[start : start + ev.batch_size]
         result = sample(pipe, [p for p, _ in chunk], seeds=[s for _, s in chunk], num_steps=ev.num_inference_steps,
-                        guidance_scale=ev.guidance_scale, eta=ev.eta, height=ev.height, width=ev.width)
+                        guidance_scale=ev.guidance_scale, eta=ev.eta, height=ev.height, width=ev.width, **frames)
         images.append(result.images.cpu())
     images = torch.cat(images)
     scores = {s.name: s.score(images, [p for p, _ in jobs]).tolist() for s in scorers}
     if out_dir is not None:
         from diffalign.images import to_pil
+        from diffalign.video import save_video
 
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = []
-        for i, ((prompt, seed), image) in enumerate(zip(jobs, to_pil(images), strict=True)):
-            image.save(out_dir / f"{i:04d}.png")
-            rows.append({"file": f"{i:04d}.png", "prompt": prompt, "seed": seed,
+        media = images if images.ndim == 5 else to_pil(images)
+        for i, ((prompt, seed), item) in enumerate(zip(jobs, media, strict=True)):
+            if images.ndim == 5:
+                file = save_video(item, out_dir / f"{i:04d}", formats=("webp",))[0].name
+            else:
+                file = f"{i:04d}.png"
+                item.save(out_dir / file)
+            rows.append({"file": file, "prompt": prompt, "seed": seed,
                          "scores": {name: values[i] for name, values in scores.items()}})
         (out_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"jobs": jobs, "images": images, "scores": scores}
@@ -333,9 +464,10 @@ def validation_gallery(pipe, cfg: Config, out_dir: Path, step: int) -> dict[str,
 
 
 def image_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """Save a grid: one row per tensor batch [N, 3, H, W]."""
+    """Save a grid: one row per tensor batch [N, 3, H, W] (videos [N, F, 3, H, W]: each clip's frames side by side)."""
     from diffalign.images import to_pil
 
+    rows = [torch.cat(r.unbind(1), dim=3) if r.ndim == 5 else r for r in rows]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
     to_pil(grid.unsqueeze(0))[0].save(path)
 
@@ -343,33 +475,49 @@ def image_grid(rows: list[torch.Tensor], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------------
+def denoiser_attr(pipe) -> str:
+    """The pipeline attribute holding the trained denoiser: ``unet``, or ``transformer`` (Wan)."""
+    from diffalign.sampler import family_of
+
+    return family_of(pipe).denoiser_attr
+
+
 def save_lora(pipe, unet, out: Path) -> None:
-    """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors)."""
+    """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors), written
+    by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's ``transformer_lora_layers``)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     bare = unwrap(unet)
+    attr = denoiser_attr(pipe)
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(bare))
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    type(pipe).save_lora_weights(out, unet_lora_layers=layers, safe_serialization=True,
-                                 unet_lora_adapter_metadata=bare.peft_config["default"].to_dict())
+    type(pipe).save_lora_weights(out, safe_serialization=True, **{
+        f"{attr}_lora_layers": layers, f"{attr}_lora_adapter_metadata": bare.peft_config["default"].to_dict()})
 
 
 def save_full(pipe, unet, out: Path) -> None:
-    """A pipeline folder with the tuned UNet (``from_pretrained(out)``; the UNet alone is ``out/unet``)."""
-    trained = unwrap(unet)
-    original = pipe.unet
-    pipe.unet = trained
+    """A pipeline folder with the tuned denoiser (``from_pretrained(out)``; the denoiser alone is
+    ``out/unet`` or ``out/transformer``)."""
+    attr = denoiser_attr(pipe)
+    original = getattr(pipe, attr)
+    setattr(pipe, attr, unwrap(unet))
     try:
         pipe.save_pretrained(out, safe_serialization=True)
     finally:
-        pipe.unet = original
+        setattr(pipe, attr, original)
 
 
 def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float) -> None:
-    kind = "LoRA adapters" if cfg.model.finetune == "lora" else "A fully fine-tuned UNet"
-    load = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(THIS_FOLDER)"
-            if cfg.model.finetune == "lora" else "pipe = DiffusionPipeline.from_pretrained(THIS_FOLDER)")
+    kind = "LoRA adapters" if cfg.model.finetune == "lora" else "A fully fine-tuned denoiser"
+    if cfg.model.motion_adapter and cfg.model.finetune == "lora":
+        imports = "from diffusers import AnimateDiffPipeline, MotionAdapter"
+        load = (f"adapter = MotionAdapter.from_pretrained({cfg.model.motion_adapter!r})\n"
+                "pipe = AnimateDiffPipeline.from_pretrained(BASE, motion_adapter=adapter)\npipe.load_lora_weights(THIS_FOLDER)")
+    else:
+        imports = "from diffusers import DiffusionPipeline"
+        load = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(THIS_FOLDER)"
+                if cfg.model.finetune == "lora" else "pipe = DiffusionPipeline.from_pretrained(THIS_FOLDER)")
     lines = [
         "---",
         f"base_model: {cfg.model.name}",
@@ -382,7 +530,7 @@ def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | N
         f"for {cfg.train.max_steps} steps ({elapsed_s / 60:.1f} min).",
         "",
         "```python",
-        "from diffusers import DiffusionPipeline",
+        imports,
         load,
         "```",
         "",
@@ -410,75 +558,73 @@ def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | N
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (format and atomic writing: diffalign.checkpoints)
 # ----------------------------------------------------------------------------------------------------
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / "checkpoints"
 
 
-def find_checkpoint(cfg: Config) -> Path | None:
-    """The folder ``train.resume`` names: 'latest' is the highest-numbered complete checkpoint."""
-    if cfg.train.resume is None:
-        return None
-    if cfg.train.resume != "latest":
-        return Path(cfg.train.resume)
-    done = [p for p in checkpoint_root(cfg).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    if not done:
-        log.info("no checkpoint in %s: starting from scratch", checkpoint_root(cfg))
-        return None
-    return max(done, key=lambda p: int(p.name.split("-")[1]))
+def save_training_checkpoint(ctx: TrainContext, optimizer, lr_scheduler, objective, trainer_state: dict) -> Path:
+    """``checkpoints/checkpoint-<step>``: weights, optimizer, schedule, every process's RNG and objective state."""
+    from diffalign.checkpoints import rng_state, save_checkpoint
+
+    cfg = ctx.cfg
+    folder = checkpoint_root(cfg) / f"checkpoint-{trainer_state['global_step']}"
+    rank_state = {"rng": rng_state(), "objective": objective.state_dict() if hasattr(objective, "state_dict") else None}
+    export = (lambda path: save_lora(ctx.pipe, ctx.unet, path)) if cfg.model.finetune == "lora" else None
+    save_checkpoint(folder, accelerator=ctx.accelerator, model=unwrap(ctx.unet), optimizer=optimizer,
+                    lr_scheduler=lr_scheduler, trainer_state=trainer_state, rank_state=rank_state, export_lora=export,
+                    keep_last=cfg.checkpoint.keep_last)
+    log.info("saved %s", folder)
+    return folder
 
 
-def _register_checkpoint_hooks(accelerator, cfg: Config, pipe) -> None:
-    """Checkpoint the UNet as what it is: LoRA layers (diffusers format) or a UNet folder."""
-    from diffusers import UNet2DConditionModel
+def resume_training(ctx: TrainContext, optimizer, lr_scheduler, objective) -> dict:
+    """Restore the state ``train.resume`` names (exactly: weights, optimizer, schedule, RNG, data position,
+    objective); returns the saved trainer state (``{}`` when starting from scratch)."""
+    from diffalign.checkpoints import load_checkpoint, resolve_resume, set_rng_state
 
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                if cfg.model.finetune == "lora":
-                    save_lora(pipe, model, Path(output_dir))
-                else:
-                    unwrap(model).save_pretrained(Path(output_dir) / "unet", safe_serialization=True)
-        while weights:
-            weights.pop()
-
-    def load_hook(models, input_dir):
-        from peft.utils import set_peft_model_state_dict
-
-        while models:
-            model = unwrap(models.pop())
-            if cfg.model.finetune == "lora":
-                state, _ = type(pipe).lora_state_dict(input_dir)
-                state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-                from diffusers.utils import convert_unet_state_dict_to_peft
-
-                result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
-                if getattr(result, "unexpected_keys", None):
-                    raise ValueError(f"checkpoint {input_dir} has unexpected LoRA keys: {result.unexpected_keys[:5]}")
-            else:
-                loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
-                model.load_state_dict(loaded.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    folder = resolve_resume(ctx.cfg.train.resume, checkpoint_root(ctx.cfg))
+    if folder is None:
+        return {}
+    trainer_state, rank_state = load_checkpoint(folder, accelerator=ctx.accelerator, model=unwrap(ctx.unet),
+                                                optimizer=optimizer, lr_scheduler=lr_scheduler)
+    if rank_state.get("objective") is not None and hasattr(objective, "load_state_dict"):
+        objective.load_state_dict(rank_state["objective"])
+    set_rng_state(rank_state["rng"])
+    log.info("resumed from %s at step %d", folder, trainer_state["global_step"])
+    return trainer_state
 
 
-def save_checkpoint(accelerator, cfg: Config, step: int, objective) -> Path:
-    path = checkpoint_root(cfg) / f"checkpoint-{step}"
-    accelerator.save_state(str(path), safe_serialization=True)
-    if accelerator.is_main_process:
-        state = {"global_step": step}
-        if hasattr(objective, "state_dict"):
-            state["objective"] = objective.state_dict()
-        # Written last: its presence marks the checkpoint complete.
-        (path / "trainer_state.json").write_text(json.dumps(state))
-        if cfg.checkpoint.keep_last:
-            done = sorted((p for p in checkpoint_root(cfg).glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                          key=lambda p: int(p.name.split("-")[1]))
-            for old in done[: -cfg.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    return path
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN/inf loss or gradient."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM (e.g. preemption): a checkpoint was saved and the run stopped."""
+
+
+def all_processes(accelerator, flag: bool) -> bool:
+    """True only if ``flag`` holds on every process (one small all-reduce), so processes decide alike."""
+    count = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "sum")
+    return int(count.item()) == accelerator.num_processes
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+    """Yield a list that becomes non-empty when SIGTERM arrives (the handler only records it)."""
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,8 +652,7 @@ def make_optimizer(cfg: Config, params, lr: float):
 # ----------------------------------------------------------------------------------------------------
 def train(cfg: Config) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -532,21 +677,38 @@ def train(cfg: Config) -> Path:
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=cfg.log.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        cpu=cfg.train.device == "cpu",
+        cpu=use_cpu(cfg),
     )
+    check_launch(accelerator, cfg, spec)  # before any model loads
+    # Our checkpoints hold the optimizer state of one process: DeepSpeed ZeRO partitions it across processes.
+    can_checkpoint = accelerator.distributed_type != DistributedType.DEEPSPEED
+    if not can_checkpoint and (cfg.checkpoint.every_n_steps or cfg.train.resume):
+        raise NotImplementedError("checkpoints and resume under DeepSpeed are not supported yet (ZeRO partitions the "
+                                  "optimizer state across processes): set checkpoint.every_n_steps=0 and "
+                                  "train.resume=null, or use DDP (configs/accelerate/multi_gpu.yaml)")
+    configure_deepspeed(accelerator, cfg)
+    if not accelerator.is_main_process:  # one copy of the log, not one per process
+        logging.getLogger("diffalign").setLevel(logging.WARNING)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
         if source is not None:
             log.info("data: %d pairs from %s", len(source), source.description)
-    set_seed(cfg.train.seed)
 
     # 2. models
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
-    pipe = load_pipeline(cfg.model.name, dtype="float32", variant=cfg.model.variant, vae=cfg.model.vae)
+    with accelerator.main_process_first():  # a built-in tiny model is built once, by the main process
+        pipe = load_pipeline(cfg.model.name, dtype="float32", variant=cfg.model.variant, vae=cfg.model.vae,
+                             motion_adapter=cfg.model.motion_adapter)
     pipe.set_progress_bar_config(disable=True)
     family = family_of(pipe)
-    for component in ("vae", "text_encoder", "text_encoder_2"):
+    frames = video_frames(cfg, pipe, family)
+    if frames is not None:  # video pairs / winners: every clip read as `frames` frames
+        if cfg.data.cache:
+            raise NotImplementedError("data.cache is not supported for video models yet; set data.cache=false")
+        prep = replace(prep, num_frames=frames, frame_policy=cfg.data.frame_policy)
+        log.info("video model (%s): %d frames per clip, frame policy %s", family.name, frames, cfg.data.frame_policy)
+    for component in ("vae", "text_encoder", "text_encoder_2", "motion_adapter"):
         if getattr(pipe, component, None) is not None:
             getattr(pipe, component).requires_grad_(False)
     # The VAE stays fp32 (the SDXL VAE overflows in fp16); text encoders run in the compute dtype.
@@ -554,8 +716,12 @@ def train(cfg: Config) -> Path:
     for component in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, component, None) is not None:
             getattr(pipe, component).to(dtype=weight_dtype)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet = pipe.unet
+    noise_scheduler = training_noise(pipe, cfg)
+    unet = getattr(pipe, family.denoiser_attr)  # the UNet, or Wan's transformer: "unet" names the denoiser below
+    # Seeded after loading (building a built-in model on first use draws from the global RNG).
+    # Seed + process index: draws from the global RNG (SePPO's noise, dropout) differ across processes; LoRA
+    # initialisation needs no agreement (DDP copies the main process's weights), keyed draws ignore it.
+    set_seed(cfg.train.seed, device_specific=True)
     ref_unet = None
     if cfg.model.finetune == "lora":
         from diffusers.training_utils import cast_training_params
@@ -597,7 +763,6 @@ def train(cfg: Config) -> Path:
                                  num_warmup_steps=cfg.optim.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.train.max_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    _register_checkpoint_hooks(accelerator, cfg, pipe)
     ctx = TrainContext(cfg, spec, accelerator, pipe, family, unet, noise_scheduler, weight_dtype, ref_unet, source)
     if spec.kind == "pairs":
         dataset = build_cache(ctx, source, prep) if cfg.data.cache else PreferenceDataset(source, prep)
@@ -616,18 +781,11 @@ def train(cfg: Config) -> Path:
     if accelerator.is_main_process and cfg.log.report_to:
         accelerator.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
 
-    global_step = 0
-    checkpoint = find_checkpoint(cfg)
-    if checkpoint is not None:
-        if not (checkpoint / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} is incomplete or not a diffalign checkpoint "
-                                    "(no trainer_state.json)")
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        global_step = state["global_step"]
-        if "objective" in state and hasattr(objective, "load_state_dict"):
-            objective.load_state_dict(state["objective"])
-        log.info("resumed from %s at step %d", checkpoint, global_step)
+    resumed = resume_training(ctx, optimizer, lr_scheduler, objective)
+    global_step = resumed.get("global_step", 0)
+    skipped = resumed.get("nonfinite_skipped", 0)  # optimizer steps skipped for a NaN/inf loss or gradient
+    in_a_row = resumed.get("nonfinite_in_a_row", 0)
+    overflows = resumed.get("fp16_overflow_skipped", 0)  # fp16 loss-scale overflows (the scaler skips those)
 
     # 5. train
     total_batch = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * accelerator.num_processes
@@ -639,54 +797,102 @@ def train(cfg: Config) -> Path:
     last_metrics: dict[str, float] = {}
     metrics_file = out / "metrics.jsonl"
     batches = objective.batches()
+    max_norm = cfg.optim.max_grad_norm or float("inf")  # inf: measure the norm (to catch NaN/inf), clip nothing
+    window_ok = True  # every micro-batch of the current accumulation window had a finite loss
     step_start = time.perf_counter()
-    while global_step < cfg.train.max_steps:
-        batch = next(batches)
-        with accelerator.accumulate(unet):
-            result = objective(batch)
-            accelerator.backward(result.loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        values = {"loss": result.loss.detach(), "implicit_acc": result.implicit_acc, "reward_margin": result.reward_margin,
-                  **result.extra}
-        values = {k: accelerator.reduce(v.detach().float().reshape(()), "mean").item() for k, v in values.items()}
-        for k, v in values.items():
-            window.setdefault(k, []).append(v)
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        now = time.perf_counter()
-        window.setdefault("step_time_s", []).append(now - step_start)  # data + forward + backward + update
-        if hasattr(objective, "on_step_end"):
-            objective.on_step_end(global_step)
-        current_lr = lr_scheduler.get_last_lr()[0]
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['implicit_acc']:.2f}",
-                        margin=f"{values['reward_margin']:.3g}", lr=f"{current_lr:.2e}")
-        if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
-            last_metrics = {k: sum(v) / len(v) for k, v in window.items()} | {"lr": current_lr}
-            window = {}
-            accelerator.log(last_metrics, step=global_step)
-            if accelerator.is_main_process:
-                with metrics_file.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps({"step": global_step, **last_metrics}) + "\n")
-        if cfg.checkpoint.every_n_steps and global_step % cfg.checkpoint.every_n_steps == 0:
-            save_checkpoint(accelerator, cfg, global_step, objective)
-        if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0 \
-                and accelerator.is_main_process:
-            unet.eval()
-            result_v = generate_and_score(pipe, cfg.log.validation_prompts, cfg.eval.seeds[:1], [], cfg.eval, None)
-            (out / "validation").mkdir(exist_ok=True)
-            image_grid([result_v["images"]], out / "validation" / f"step-{global_step:06d}.png")
-            if cfg.log.validation_gallery:
-                accelerator.log(validation_gallery(pipe, cfg, out / "validation" / f"gallery-step-{global_step:06d}",
-                                                   global_step), step=global_step)
-            unet.train()
-        step_start = time.perf_counter()  # logging, checkpoints and validation are not step time
+    with sigterm_flag() as sigterm:
+        while global_step < cfg.train.max_steps:
+            batch = next(batches)
+            with accelerator.accumulate(unet):
+                result = objective(batch)
+                # every process must take the same branch: a backward on some processes only would hang DDP
+                if all_processes(accelerator, bool(torch.isfinite(result.loss.detach()).all())):
+                    accelerator.backward(result.loss)
+                else:
+                    window_ok = False
+                outcome = "ok"
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(params, max_norm) if window_ok else None
+                    grads_ok = window_ok and all_processes(accelerator, norm is None or bool(torch.isfinite(norm)))
+                    if grads_ok:
+                        optimizer.step()
+                        outcome = "ok"
+                    elif window_ok and accelerator.scaler is not None:
+                        optimizer.step()  # fp16: the loss scaler skips this update itself and lowers its scale
+                        outcome = "fp16_overflow"
+                    else:
+                        outcome = "nonfinite"
+                    window_ok = True
+                lr_scheduler.step()  # a skipped update still advances the schedule: it counts as a step
+                optimizer.zero_grad(set_to_none=True)
+            values = {"loss": result.loss.detach(), "implicit_acc": result.implicit_acc,
+                      "reward_margin": result.reward_margin, **result.extra}
+            values = {k: accelerator.reduce(v.detach().float().reshape(()), "mean").item() for k, v in values.items()}
+            for k, v in values.items():
+                if math.isfinite(v):
+                    window.setdefault(k, []).append(v)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if outcome == "fp16_overflow":  # expected while the loss scale settles: counted, never fatal
+                overflows += 1
+            elif outcome == "ok":
+                in_a_row = 0
+            else:
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                            global_step, in_a_row, skipped)
+                if in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"stopped at step {global_step}: {in_a_row} optimizer steps in a row had a NaN/inf loss or "
+                        f"gradient (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). The weights were never "
+                        "updated with them; try a lower optim.learning_rate, bf16 instead of fp16, optim.max_grad_norm, "
+                        "or check the data. Resume from the last checkpoint with --resume latest.")
+            now = time.perf_counter()
+            window.setdefault("step_time_s", []).append(now - step_start)  # data + forward + backward + update
+            if hasattr(objective, "on_step_end"):
+                objective.on_step_end(global_step)
+            current_lr = lr_scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['implicit_acc']:.2f}",
+                            margin=f"{values['reward_margin']:.3g}", lr=f"{current_lr:.2e}")
+            if global_step % cfg.log.every_n_steps == 0 or global_step == cfg.train.max_steps:
+                last_metrics = {k: sum(v) / len(v) for k, v in window.items()} | {
+                    "lr": current_lr, "nonfinite_skipped": skipped, "fp16_overflow_skipped": overflows}
+                window = {}
+                accelerator.log(last_metrics, step=global_step)
+                if accelerator.is_main_process:
+                    with metrics_file.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps({"step": global_step, **last_metrics}) + "\n")
+            trainer_state = {"global_step": global_step, "nonfinite_skipped": skipped, "nonfinite_in_a_row": in_a_row,
+                             "fp16_overflow_skipped": overflows}
+            stop = cfg.checkpoint.on_sigterm and not all_processes(accelerator, not sigterm)
+            if (stop and can_checkpoint) or (cfg.checkpoint.every_n_steps and global_step % cfg.checkpoint.every_n_steps == 0):
+                folder = save_training_checkpoint(ctx, optimizer, lr_scheduler, objective, trainer_state)
+            if stop:
+                bar.close()
+                saved = f"saved {folder}" if can_checkpoint else "no checkpoint (not supported under DeepSpeed)"
+                raise TrainingInterrupted(f"SIGTERM received: {saved} at step {global_step} of "
+                                          f"{cfg.train.max_steps}; continue with --resume latest")
+            if cfg.log.validation_every_n_steps and global_step % cfg.log.validation_every_n_steps == 0 \
+                    and accelerator.is_main_process:
+                with torch.random.fork_rng(devices=[]):  # validation must not shift the training draws
+                    unet.eval()
+                    result_v = generate_and_score(pipe, cfg.log.validation_prompts, cfg.eval.seeds[:1], [], cfg.eval, None)
+                    (out / "validation").mkdir(exist_ok=True)
+                    image_grid([result_v["images"]], out / "validation" / f"step-{global_step:06d}.png")
+                    if cfg.log.validation_gallery:
+                        accelerator.log(validation_gallery(pipe, cfg, out / "validation" / f"gallery-step-{global_step:06d}",
+                                                           global_step), step=global_step)
+                    unet.train()
+            step_start = time.perf_counter()  # logging, checkpoints and validation are not step time
     bar.close()
+    bad_rows = getattr(getattr(objective, "batches_of", None), "bad_rows", None)
+    if bad_rows is not None and bad_rows.bad:
+        log.warning("skipped %d unreadable of %d rows read (last: %s)", bad_rows.bad, bad_rows.seen, bad_rows.last)
+        last_metrics["skipped_rows"] = bad_rows.bad
+    if skipped or overflows:
+        log.warning("skipped %d updates for a non-finite loss or gradient and %d fp16 overflows", skipped, overflows)
 
     # 6. outputs
     accelerator.wait_for_everyone()

@@ -137,7 +137,7 @@ def test_cli_checkpoint_resume_and_cache(tmp_path, capsys):
               "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2"]
     assert main(["train", config, *common]) == 0
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
-    assert (tmp_path / "checkpoints" / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     # resume: picks checkpoint-2 and trains only step 3
     assert main(["train", config, *common[:-1], "train.max_steps=3", "--resume", "latest"]) == 0

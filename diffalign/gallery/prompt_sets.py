@@ -114,10 +114,14 @@ def read_table_prompts(path: Path, delimiter: str) -> list[str]:
     """A ``Prompt`` (or ``prompt``) column of a TSV/CSV file with a header row (PartiPrompts' layout)."""
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        column = next((c for c in ("Prompt", "prompt", "Prompts", "caption") if c in (reader.fieldnames or [])), None)
-        if column is None:
-            raise ValueError(f"{path}: expected a header row with a 'Prompt' column, got {reader.fieldnames}")
-        return [row[column].strip() for row in reader if (row[column] or "").strip()]
+        try:
+            column = next((c for c in ("Prompt", "prompt", "Prompts", "caption") if c in (reader.fieldnames or [])), None)
+            if column is None:
+                raise ValueError(f"{path}: expected a header row with a 'Prompt' column, got {reader.fieldnames}")
+            return [row[column].strip() for row in reader if (row[column] or "").strip()]
+        except (csv.Error, UnicodeDecodeError) as err:  # a malformed row, or bytes that are not UTF-8
+            kind = "TSV" if delimiter == "\t" else "CSV"
+            raise ValueError(f"{path}:{reader.line_num}: not a readable {kind} row ({err})") from None
 
 
 def read_json_prompts(path: Path) -> list[str]:
@@ -125,6 +129,8 @@ def read_json_prompts(path: Path) -> list[str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    except (UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a JSON list of prompts ({type(err).__name__}: {err})") from None
     if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
         raise ValueError(f"{path}: expected a JSON list of prompt strings")
     return [p.strip() for p in data if p.strip()]

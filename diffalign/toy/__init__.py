@@ -2,6 +2,8 @@
 
 ``toy-sdxl`` has the real SDXL pipeline architecture (VAE, ``text_time`` UNet, two CLIP text encoders,
 the real CLIP tokenizer) at small width, so alignment methods can be seen to work in CPU minutes.
+``toy-animatediff`` is its video sibling: a stock ``AnimateDiffPipeline`` (motion UNet trained on
+moving-shape clips, toy-sdxl's VAE and first text encoder).
 """
 
 from pathlib import Path
@@ -18,3 +20,17 @@ def toy_sdxl_path() -> Path:
             "'diffalign toy pretrain --out RUN' and copy RUN/pipeline there"
         )
     return TOY_SDXL_DIR
+
+
+#: The shipped pretrained toy video pipeline (diffusers format), made by ``diffalign toy pretrain-video``.
+TOY_ANIMATEDIFF_DIR = Path(__file__).parent / "weights" / "toy-animatediff"
+
+
+def toy_animatediff_path() -> Path:
+    """The folder of the shipped ``toy-animatediff`` pipeline; a clear error if this checkout lacks it."""
+    if not (TOY_ANIMATEDIFF_DIR / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"the toy-animatediff weights are missing from {TOY_ANIMATEDIFF_DIR}; rebuild them with "
+            "'diffalign toy pretrain-video --out RUN' and copy RUN/pipeline there"
+        )
+    return TOY_ANIMATEDIFF_DIR

@@ -278,16 +278,9 @@ def _log_accuracy(pipe, ema_unet, config: PretrainConfig, label: str) -> dict:
     return result
 
 
-def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, device: str = "cpu",
-             final_samples: bool = True) -> Path:
-    """Train toy-sdxl into ``out`` (resuming from ``out/checkpoint`` if present); returns the pipeline folder.
-
-    ``final_samples`` measures the finished model's caption accuracy and writes ``samples.png``.
-    """
-    import copy
-
-    config = config or PretrainConfig()
-    out = Path(out)
+def open_run(out: Path, config) -> tuple[Path, tuple[dict, dict] | None]:
+    """Create the run folder and its log; return ``(checkpoint folder, saved checkpoint or None)``, refusing a
+    checkpoint written with other settings (a resume must take the steps an uninterrupted run would)."""
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
     ckpt = out / "checkpoint"
@@ -298,6 +291,21 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, devic
             diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
             raise ValueError(f"{ckpt} was written with other settings (saved, now): {diff}; "
                              "use the same settings or a new --out folder")
+    return ckpt, resume
+
+
+def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, device: str = "cpu",
+             final_samples: bool = True) -> Path:
+    """Train toy-sdxl into ``out`` (resuming from ``out/checkpoint`` if present); returns the pipeline folder.
+
+    ``final_samples`` measures the finished model's caption accuracy and writes ``samples.png``.
+    """
+    import copy
+
+    config = config or PretrainConfig()
+    out = Path(out)
+    ckpt, resume = open_run(out, config)
+    if resume is not None:
         log.info(f"resuming from {ckpt}: stage {resume[0]['stage']} step {resume[0]['step']}")
     started = time.time()
 

@@ -34,8 +34,8 @@ from diffalign.toy.pretrain import (
     _load_optimizer,
     _lr_factor,
     _optimizer_tensors,
-    _setup_logging,
     load_checkpoint,
+    open_run,
     save_checkpoint,
 )
 from diffalign.toy.video_model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, build_video_pipeline
@@ -189,16 +189,8 @@ def pretrain_video(out: str | os.PathLike, config: VideoPretrainConfig | None = 
     """
     config = config or VideoPretrainConfig()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out)
-    ckpt = out / "checkpoint"
-    resume = load_checkpoint(ckpt)
+    ckpt, resume = open_run(out, config)
     if resume is not None:
-        saved = resume[0]["config"]
-        if saved != asdict(config):
-            diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
-            raise ValueError(f"{ckpt} was written with other settings (saved, now): {diff}; "
-                             "use the same settings or a new --out folder")
         log.info(f"resuming from {ckpt}: step {resume[0]['step']}")
     started = time.time()
 

@@ -45,7 +45,7 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------
 def split_tensors(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tensor], dict[str, Path]]:
     """``tree`` with every tensor (and :class:`~pathlib.Path`) replaced by a reference, the tensors by
-    reference key, and the files by reference key."""
+    reference key, and the files by the name they get in the checkpoint folder."""
     tensors: dict[str, torch.Tensor] = {}
     files: dict[str, Path] = {}
 
@@ -54,8 +54,9 @@ def split_tensors(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tenso
             tensors[path] = node.detach().to("cpu", copy=True).contiguous()
             return {"__tensor__": path}
         if isinstance(node, Path):  # a file to keep with the checkpoint (hard-linked when possible)
-            files[path] = node
-            return {"__file__": _file_name(path, node)}
+            name = "file" + path.replace("/", "-") + node.suffix
+            files[name] = node
+            return {"__file__": name}
         if isinstance(node, np.ndarray):
             tensors[path] = torch.from_numpy(node.copy())
             return {"__ndarray__": path}
@@ -72,10 +73,6 @@ def split_tensors(tree, prefix: str = "") -> tuple[object, dict[str, torch.Tenso
         raise TypeError(f"cannot store {type(node).__name__} at {path or '/'} in a checkpoint")
 
     return walk(tree, prefix), tensors, files
-
-
-def _file_name(key: str, source: Path) -> str:
-    return "file" + key.replace("/", "-") + source.suffix
 
 
 def join_tensors(tree, tensors: dict[str, torch.Tensor], folder: Path | None = None):
@@ -103,8 +100,8 @@ def write_tree(folder: Path, name: str, tree) -> None:
     skeleton, tensors, files = split_tensors(tree, prefix=name)
     if tensors:
         save_file(tensors, str(folder / f"{name}.safetensors"))
-    for key, source in files.items():
-        target = folder / _file_name(key, source)
+    for file_name, source in files.items():
+        target = folder / file_name
         try:
             os.link(source, target)
         except OSError:

@@ -118,7 +118,21 @@ def _decode(value, where: str, draft_size: int | None) -> Decoded:
     return Decoded(to_rgb(image), original)
 
 
-def _open_image_file(path: Path, draft_size: int | None) -> Decoded:
+def media_file(root: Path, value: str, where: str, label: str) -> Path:
+    """The image/video file (or frame folder) a row names, relative to ``root`` unless absolute; a
+    :class:`DataError` naming ``where`` and ``label`` when it cannot be used or does not exist."""
+    file = Path(value) if os.path.isabs(value) else root / value
+    try:
+        exists = file.is_file() or file.is_dir()  # a folder: a video's frames
+    except OSError as err:  # e.g. a name too long for the file system
+        raise DataError(f"{where}: {label} {value!r} cannot be used ({err.strerror})") from None
+    if not exists:
+        raise DataError(f"{where}: {label} {file} does not exist")
+    return file
+
+
+def open_image_file(path: Path, draft_size: int | None) -> Decoded:
+    """Decode an image file (huge JPEGs at a reduced scale when ``draft_size`` is given)."""
     with Image.open(path) as image:
         original = (image.height, image.width)
         if draft_size and image.format == "JPEG":
@@ -191,14 +205,7 @@ class JsonlPairs(PairSource):
             for key in ("chosen", "rejected"):
                 if not isinstance(row[key], str) or not row[key]:
                     raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
-                file = Path(row[key]) if os.path.isabs(row[key]) else root / row[key]
-                try:
-                    exists = file.is_file() or file.is_dir()  # a folder: a video's frames
-                except OSError as err:  # e.g. a name too long for the file system
-                    raise DataError(f"{where}: {key} image {row[key]!r} cannot be used ({err.strerror})") from None
-                if not exists:
-                    raise DataError(f"{where}: {key} image {file} does not exist")
-                paths.append(file)
+                paths.append(media_file(root, row[key], where, f"{key} image"))
             self.rows.append((prompt or "", paths[0], paths[1]))
             if max_pairs is not None and len(self.rows) >= max_pairs:
                 break
@@ -213,7 +220,7 @@ class JsonlPairs(PairSource):
 
     def images(self, i, draft_size=None):
         _, chosen, rejected = self.rows[i]
-        return _open_image_file(chosen, draft_size), _open_image_file(rejected, draft_size)
+        return open_image_file(chosen, draft_size), open_image_file(rejected, draft_size)
 
     def videos(self, i):
         _, chosen, rejected = self.rows[i]
@@ -306,7 +313,7 @@ def read_video_frames(path: Path) -> list[Image.Image]:
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
         if not files:
             raise ValueError(f"frame folder {path} has no {'/'.join(FRAME_SUFFIXES)} images")
-        return [_open_image_file(f, None).image for f in files]
+        return [open_image_file(f, None).image for f in files]
     if path.suffix.lower() in PIL_VIDEO_SUFFIXES:
         with Image.open(path) as video:
             return [to_rgb(frame.copy()) for frame in ImageSequence.Iterator(video)]

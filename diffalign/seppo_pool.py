@@ -34,6 +34,8 @@ from diffalign.data import (
     Decoded,
     PairSource,
     fit_frames,
+    media_file,
+    open_image_file,
     open_pairs,
     read_video_frames,
     resize_crop,
@@ -58,14 +60,7 @@ class ImagePrompts:
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(image_key), str) \
                     or not row[image_key]:
                 raise DataError(f"{where}: expected an object with a string 'prompt' and an image path {image_key!r}")
-            file = Path(row[image_key]) if os.path.isabs(row[image_key]) else root / row[image_key]
-            try:
-                exists = file.is_file() or file.is_dir()  # a folder: a video's frames
-            except OSError as err:  # e.g. a name too long for the file system
-                raise DataError(f"{where}: image {row[image_key]!r} cannot be used ({err.strerror})") from None
-            if not exists:
-                raise DataError(f"{where}: image {file} does not exist")
-            self.rows.append((row["prompt"], file))
+            self.rows.append((row["prompt"], media_file(root, row[image_key], where, "image")))
         if not self.rows:
             raise DataError(f"{path}: no images")
 
@@ -76,14 +71,7 @@ class ImagePrompts:
         return self.rows[i][0]
 
     def winner(self, i: int, draft_size: int | None = None) -> Decoded:
-        from diffalign.images import to_rgb
-
-        with Image.open(self.rows[i][1]) as image:
-            original = (image.height, image.width)
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))  # decode huge JPEGs at a reduced scale
-            image.load()
-            return Decoded(to_rgb(image), original)
+        return open_image_file(self.rows[i][1], draft_size)
 
     def winner_video(self, i: int) -> list[Image.Image]:
         return read_video_frames(self.rows[i][1])

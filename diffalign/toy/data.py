@@ -113,7 +113,12 @@ def toy_prompts(split: str = "train", n: int | None = None, seed: int = 0) -> li
     ``n`` up to the split's size gives distinct captions; a larger ``n`` repeats them (each caption
     used once per round), so any ``n`` works for a prompt set.
     """
-    captions = [s.caption() for s in scenes_of(split)]
+    return draw_captions([s.caption() for s in scenes_of(split)], n, seed)
+
+
+def draw_captions(captions: list[str], n: int | None, seed: int) -> list[str]:
+    """All ``captions`` (``n`` None), or ``n`` drawn for ``seed``: distinct up to ``len(captions)``, then
+    repeated round by round."""
     if n is None:
         return captions
     if n < 1:

@@ -345,14 +345,15 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, devic
     log.info(f"training finished ({elapsed / 60:.1f} min in this process)")
 
     pipe.unet = ema_unet
-    final = _write_pipeline(pipe, out, config)
+    final = write_pipeline(pipe, out, config)
     if final_samples:
         _log_accuracy(pipe, ema_unet, config, "final")
         _save_sample_grid(pipe, out / "samples.png")
     return final
 
 
-def _write_pipeline(pipe, out: Path, config: PretrainConfig) -> Path:
+def write_pipeline(pipe, out: Path, config) -> Path:
+    """The finished pipeline as ``out/pipeline`` and its settings as ``out/pretrain_config.json``."""
     final = save_pipeline(pipe.to("cpu"), out / "pipeline")
     (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
     log.info(f"wrote {final}")
@@ -377,7 +378,7 @@ def export_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
     pipe.unet.load_state_dict(tensors["ema_unet"])
     pipe.unet.eval()
     log.info(f"exporting {out / 'checkpoint'} (stage {state['stage']}, step {state['step']})")
-    final = _write_pipeline(pipe, out, config)
+    final = write_pipeline(pipe, out, config)
     _log_accuracy(pipe, pipe.unet, config, f"export of step {state['step']}")
     _save_sample_grid(pipe, out / "samples.png")
     return final

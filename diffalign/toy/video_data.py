@@ -80,16 +80,7 @@ def clips_of(split: str) -> list[Clip]:
 def video_prompts(split: str = "train", n: int | None = None, seed: int = 0) -> list[str]:
     """Captions of a split: all of them in a fixed order (``n`` None), or ``n`` drawn for ``seed``
     (distinct up to the split's size, then repeated round by round)."""
-    captions = [c.caption() for c in clips_of(split)]
-    if n is None:
-        return captions
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    rng = random.Random(seed)
-    out: list[str] = []
-    while len(out) < n:
-        out += rng.sample(captions, len(captions))
-    return out[:n]
+    return data.draw_captions([c.caption() for c in clips_of(split)], n, seed)
 
 
 _CAPTION = re.compile(r"^a (?P<size>\w+) (?P<color>\w+) (?P<shape>\w+) moving (?P<direction>\w+) "

@@ -14,12 +14,11 @@ import torch
 
 from diffalign.tiny import _SD_SCHEDULE
 from diffalign.toy.data import IMAGE_SIZE
+from diffalign.toy.model import LATENT_CHANNELS, VAE_DOWNSAMPLE  # toy-sdxl's VAE, reused
 
 #: UNet widths per resolution level (16x16, 8x8, 4x4); the motion modules use the same widths.
 UNET_CHANNELS = (32, 64, 64)
 MOTION_HEADS = 4
-LATENT_CHANNELS = 4
-VAE_DOWNSAMPLE = 2
 
 #: Sampling defaults for ``diffalign toy eval --model toy-animatediff`` and the sample grid.
 DEFAULT_NUM_STEPS = 20

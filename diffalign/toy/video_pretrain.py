@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffalign.tiny import save_pipeline
 from diffalign.toy import video_data
 from diffalign.toy.pretrain import (
     _batch_generator,
@@ -37,6 +36,7 @@ from diffalign.toy.pretrain import (
     load_checkpoint,
     open_run,
     save_checkpoint,
+    write_pipeline,
 )
 from diffalign.toy.video_model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, build_video_pipeline
 
@@ -233,11 +233,7 @@ def pretrain_video(out: str | os.PathLike, config: VideoPretrainConfig | None = 
 def write_video_pipeline(pipe, ema_unet, out: Path, config: VideoPretrainConfig) -> Path:
     from diffalign.toy.video_model import assemble_video_pipeline
 
-    ema_pipe = assemble_video_pipeline(ema_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer)
-    final = save_pipeline(ema_pipe.to("cpu"), out / "pipeline")
-    (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
-    log.info(f"wrote {final}")
-    return final
+    return write_pipeline(assemble_video_pipeline(ema_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer), out, config)
 
 
 def export_video_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:

@@ -2,6 +2,7 @@
 
     python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] [--reward toy_saturation]
     python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp   # the toy video model
+    python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
 ``configs/{CONFIGS}-{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
@@ -86,8 +87,15 @@ def run_one(name: str, seed: int, args, winners: Path | None) -> dict:
     t0, cpu0 = time.time(), time.process_time()
     train(cfg)
     scores = json.loads((out / "eval" / "scores.json").read_text())["scorers"][args.reward]
-    return {"method": name, "seed": seed, "base": scores["base_mean"], "tuned": scores["tuned_mean"],
+    device = (torch.cuda.get_device_name() if cfg.train.device != "cpu" and torch.cuda.is_available()
+              else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)")
+    return {"method": name, "seed": seed, "device": device, "base": scores["base_mean"], "tuned": scores["tuned_mean"],
             "delta": scores["delta"], "minutes": (time.time() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}
+
+
+def machine(rows: list[dict]) -> str:
+    """Where the runs ran (result files written before the device was recorded ran on the CPU)."""
+    return " / ".join(sorted({r.get("device", f"{platform.machine()} CPU") for r in rows}))
 
 
 def main() -> None:
@@ -132,7 +140,6 @@ def main() -> None:
             result_file.write_text(json.dumps(row))
     results = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
 
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     print(f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | improved "
           "| wall min/run | CPU min/run | machine, date |")
@@ -148,7 +155,7 @@ def main() -> None:
               f"{statistics.mean(r['tuned'] for r in rows):.4f} | {statistics.mean(deltas):+.4f} ± {std:.4f} | "
               f"± {interval(deltas)[1]:.4f} | {', '.join(f'{d:+.4f}' for d in deltas)} | "
               f"{sum(d > 0 for d in deltas)}/{len(rows)} | {statistics.mean(r['minutes'] for r in rows):.1f} | "
-              f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | {machine}, {date} |")
+              f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | {machine(rows)}, {date} |")
 
 
 if __name__ == "__main__":

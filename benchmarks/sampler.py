@@ -1,6 +1,8 @@
 """Sampler benchmark: trajectory recording vs the plain pipeline; batched vs one-step recompute.
 
     python benchmarks/sampler.py [--model tiny-sdxl] [--steps 20] [--batch 4] [--repeats 5]
+    python benchmarks/sampler.py --model runs/real-sdxl --dtype bf16 --batch 2   # on a GPU (benchmarks/real_size.py)
+    python benchmarks/sampler.py --model tiny-animatediff --num-frames 8           # video pipelines
 
 Prints a markdown table; figures are ratios measured in the same run (interleaved repeats, medians).
 """
@@ -21,9 +23,16 @@ from diffalign.sampler import recompute_log_probs, sample
 
 
 def timed(fn) -> float:
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def main():
@@ -33,9 +42,12 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16/bf16, float16/fp16")
+    parser.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames per clip")
     args = parser.parse_args()
 
-    pipe = load_pipeline(args.model, device=args.device)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    video = {} if args.num_frames is None else {"num_frames": args.num_frames}
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
     seeds = list(range(args.batch))
@@ -46,12 +58,12 @@ def main():
         pipe.scheduler = plain_scheduler
         try:
             pipe(prompts, num_inference_steps=args.steps, guidance_scale=5.0, eta=1.0, output_type="pt",
-                 generator=[torch.Generator().manual_seed(s) for s in seeds])
+                 generator=[torch.Generator().manual_seed(s) for s in seeds], **video)
         finally:
             pipe.scheduler = original
 
     def recorded():
-        return sample(pipe, prompts, seeds=seeds, num_steps=args.steps, guidance_scale=5.0, eta=1.0)
+        return sample(pipe, prompts, seeds=seeds, num_steps=args.steps, guidance_scale=5.0, eta=1.0, **video)
 
     plain(), recorded()  # warm-up
     plain_times, recorded_times = [], []
@@ -66,13 +78,22 @@ def main():
         def run(chunk=chunk):
             with torch.no_grad():
                 recompute_log_probs(pipe.unet, trajectory, chunk_size=chunk)
-        run()
-        recompute[chunk] = statistics.median(timed(run) for _ in range(args.repeats))
-    bytes_per_sample = (trajectory.latents.element_size() * trajectory.latents[0].numel()
-                        + sum(v[0].numel() * v.element_size() for v in (*trajectory.cond.values(), *trajectory.uncond.values())))
+        try:
+            run()
+            recompute[chunk] = statistics.median(timed(run) for _ in range(args.repeats))
+        except torch.OutOfMemoryError:  # a whole trajectory in one forward can exceed a GPU at real size
+            recompute[chunk] = float("nan")
+            torch.cuda.empty_cache()
+    kept = torch.linspace(0, args.steps - 1, 4).round().long().unique()
+    records = {"all steps": trajectory, f"{len(kept)} steps kept": trajectory.keep_steps(kept),
+               f"{len(kept)} steps kept, bf16": trajectory.keep_steps(kept, torch.bfloat16)}
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}"
-    print(f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}, CFG 5, eta 1 ({machine}, {date.today()})\n")
+    if str(args.device).startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name()}, {args.dtype}"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}"
+    frames = f", {args.num_frames} frames" if args.num_frames else ""
+    print(f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, CFG 5, eta 1 ({machine}, {date.today()})\n")
     print("| measurement | value |\n| --- | --- |")
     print(f"| plain pipeline (DDIM) | {t_plain:.3f} s |")
     print(f"| diffalign.sample with trajectory + log-probs | {t_rec:.3f} s |")
@@ -81,7 +102,9 @@ def main():
         print(f"| recompute all {args.steps} steps, chunk {chunk} | {seconds:.3f} s "
               f"({args.steps * args.batch / seconds:.0f} sample-steps/s) |")
     print(f"| **batched recompute speed-up** (chunk {args.steps} vs 1) | **{recompute[1] / recompute[args.steps]:.2f}x** |")
-    print(f"| stored trajectory per sample (latents + conditioning) | {bytes_per_sample / 1024:.1f} KiB |")
+    for label, record in records.items():
+        print(f"| stored trajectory per sample, {label} (latents, log-probs, conditioning) | "
+              f"{record.nbytes() / len(record) / 2**10:,.1f} KiB |")
 
 
 if __name__ == "__main__":

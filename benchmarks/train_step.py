@@ -8,6 +8,8 @@ between variants. Step time is the median of the trainer's own
 
     python benchmarks/train_step.py                 # tiny-sdxl at 128 px, 4 pairs per step, CPU
     python benchmarks/train_step.py --write-md      # also update BENCHMARKS.md
+    python benchmarks/train_step.py --model runs/real-sdxl --resolution 1024 --batch 1 --variants dpo mapo \
+        --override train.device=cuda train.mixed_precision=bf16 model.gradient_checkpointing=true   # GPU, real size
 
 On a GPU the same script measures CUDA peak memory instead (``torch.cuda.max_memory_allocated``).
 """
@@ -66,18 +68,32 @@ out = T.train(cfg)
 peak = _rss_mib("VmHWM:")
 steps = [json.loads(l)["step_time_s"] for l in (out / "metrics.jsonl").read_text().splitlines()]
 result = {"step_times": steps, "peak_rss_mib": peak, "rss_before_mib": mark["rss_before_mib"]}
-if torch.cuda.is_available():
+if torch.cuda.is_available() and cfg.train.device != "cpu":
     result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    result["device"] = torch.cuda.get_device_name()
 print("RESULT " + json.dumps(result))
 """
 
 
-def run_variant(name: str, config: str, overrides: list[str], args, out_dir: Path, mode: str = "normal") -> dict:
-    overrides = [mode, f"train.output_dir={out_dir / name}", "eval.enabled=false", "log.progress_bar=false",
+#: key -> (label, config method, overrides, subprocess mode); "{tmp}" is the benchmark's scratch folder.
+VARIANTS = {
+    "dpo": ("DPO, LoRA", "dpo", [], "normal"),
+    "mapo": ("MaPO, LoRA", "mapo", [], "normal"),
+    "dpo_full": ("DPO, full fine-tune", "dpo", ["model.finetune=full"], "normal"),
+    "mapo_full": ("MaPO, full fine-tune", "mapo", ["model.finetune=full"], "normal"),
+    "dpo_cache": ("DPO, LoRA, cached text + latents", "dpo", ["data.cache=true", "data.cache_dir={tmp}/cache"], "normal"),
+    "dpo_copy": ("DPO, LoRA, reference = frozen copy", "dpo", [], "frozen_copy"),
+}
+
+
+def run_variant(key: str, args, out_dir: Path) -> dict:
+    name, method, overrides, mode = VARIANTS[key]
+    config = str(ROOT / f"configs/tiny-sdxl-{method}.yaml")
+    overrides = [mode, f"train.output_dir={out_dir / key}", "eval.enabled=false", "log.progress_bar=false",
                  "log.every_n_steps=1", "checkpoint.every_n_steps=0", "log.validation_every_n_steps=0",
                  f"train.max_steps={args.steps + args.warmup}", f"train.batch_size={args.batch}",
                  f"data.resolution={args.resolution}", "data.random_flip=false", f"model.name={args.model}",
-                 *overrides]
+                 *args.override, *(o.replace("{tmp}", str(out_dir)) for o in overrides)]
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(overrides), str(args.threads), config],
                           capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -87,7 +103,7 @@ def run_variant(name: str, config: str, overrides: list[str], args, out_dir: Pat
     times = result["step_times"][args.warmup:]
     result["step_s"] = statistics.median(times)
     result["train_mem_mib"] = result.get("cuda_peak_mib", result["peak_rss_mib"] - result["rss_before_mib"])
-    print(f"{name:>22}: step {result['step_s'] * 1000:8.1f} ms   memory {result['train_mem_mib']:8.1f} MiB", flush=True)
+    print(f"{name:>34}: step {result['step_s'] * 1000:8.1f} ms   memory {result['train_mem_mib']:8.1f} MiB", flush=True)
     return result
 
 
@@ -99,50 +115,48 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--override", nargs="*", default=[], help="extra dotted.key=value for every variant")
     p.add_argument("--write-md", action="store_true")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
 
-    dpo, mapo = str(ROOT / "configs/tiny-sdxl-dpo.yaml"), str(ROOT / "configs/tiny-sdxl-mapo.yaml")
     with tempfile.TemporaryDirectory() as tmp:
-        out, cache = Path(tmp), f"data.cache_dir={Path(tmp) / 'cache'}"
-        r = {
-            "dpo": run_variant("dpo (lora)", dpo, [], args, out),
-            "mapo": run_variant("mapo (lora)", mapo, [], args, out),
-            "dpo_full": run_variant("dpo (full)", dpo, ["model.finetune=full"], args, out),
-            "mapo_full": run_variant("mapo (full)", mapo, ["model.finetune=full"], args, out),
-            "dpo_cache": run_variant("dpo (lora) + cache", dpo, ["data.cache=true", cache], args, out),
-            "dpo_copy": run_variant("dpo (lora) frozen copy", dpo, [], args, out, mode="frozen_copy"),
-        }
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), no GPU"
+        r = {key: run_variant(key, args, Path(tmp)) for key in args.variants}
+    gpu = next((r[k]["device"] for k in r if r[k].get("device")), None)
+    machine = gpu or f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), no GPU"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     ratio = lambda a, b, k: r[a][k] / r[b][k]  # noqa: E731
     lines = [
         SECTION, "",
         f"`python benchmarks/train_step.py {' '.join(args.argv)}`".replace(" `", "`"), "",
         f"Machine: {machine}; {date}. Model `{args.model}` at {args.resolution} px, {args.batch} pairs per step, "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps; memory = the process's peak resident set "
-        "while training (reset at the first step), and its growth over the resident set there. Each variant in its "
-        "own process.", "",
-        "| variant | step time (ms) | peak RSS in training (MiB) | growth over the start of training (MiB) |",
+        f"median of {args.steps} steps after {args.warmup} warm-up steps; "
+        + ("memory = peak CUDA memory allocated while training (reset at the first step). " if gpu else
+           "memory = the process's peak resident set while training (reset at the first step), and its growth over "
+           "the resident set there. ") + "Each variant in its own process.", "",
+        "| variant | step time (ms) | peak RSS in training (MiB) | " + ("peak GPU memory in training (MiB) |" if gpu else
+                                                                     "growth over the start of training (MiB) |"),
         "|---|---|---|---|",
     ]
-    for key, label in [("dpo", "DPO, LoRA"), ("mapo", "MaPO, LoRA"), ("dpo_full", "DPO, full fine-tune"),
-                       ("mapo_full", "MaPO, full fine-tune"), ("dpo_cache", "DPO, LoRA, cached text + latents"),
-                       ("dpo_copy", "DPO, LoRA, reference = frozen copy")]:
-        lines.append(f"| {label} | {r[key]['step_s'] * 1000:.1f} | {r[key]['peak_rss_mib']:.0f} | {r[key]['train_mem_mib']:.0f} |")
-    lines += [
-        "",
-        f"- MaPO / DPO step time: {ratio('mapo', 'dpo', 'step_s'):.2f} (LoRA), "
-        f"{ratio('mapo_full', 'dpo_full', 'step_s'):.2f} (full); memory: {ratio('mapo', 'dpo', 'train_mem_mib'):.2f} (LoRA), "
-        f"{ratio('mapo_full', 'dpo_full', 'train_mem_mib'):.2f} (full). (MaPO paper, SDXL on GPU: 0.855 time, 0.825 memory.)",
-        f"- Cache speed-up (uncached / cached step time): {ratio('dpo', 'dpo_cache', 'step_s'):.2f}x (aim >= 1.25x).",
-        f"- LoRA reference memory, frozen copy / disabled adapters (peak RSS, which holds the models): "
-        f"{ratio('dpo_copy', 'dpo', 'peak_rss_mib'):.2f}.",
-        "- Not measured here: the real-size SDXL UNet at 1024 px in bf16 with gradient checkpointing (step time, peak "
-        "memory, MFU) needs a GPU; this task had none.",
-        "",
-    ]
+    for key in r:
+        lines.append(f"| {VARIANTS[key][0]} | {r[key]['step_s'] * 1000:.1f} | {r[key]['peak_rss_mib']:.0f} "
+                     f"| {r[key]['train_mem_mib']:.0f} |")
+    lines.append("")
+    if {"mapo", "dpo"} <= r.keys():
+        lines.append(f"- MaPO / DPO, LoRA: step time {ratio('mapo', 'dpo', 'step_s'):.2f}, memory "
+                     f"{ratio('mapo', 'dpo', 'train_mem_mib'):.2f}. (MaPO paper, SDXL on GPU: 0.855 time, 0.825 memory.)")
+    if {"mapo_full", "dpo_full"} <= r.keys():
+        lines.append(f"- MaPO / DPO, full fine-tune: step time {ratio('mapo_full', 'dpo_full', 'step_s'):.2f}, memory "
+                     f"{ratio('mapo_full', 'dpo_full', 'train_mem_mib'):.2f}.")
+    if {"dpo", "dpo_cache"} <= r.keys():
+        lines.append(f"- Cache speed-up (uncached / cached step time): {ratio('dpo', 'dpo_cache', 'step_s'):.2f}x "
+                     "(aim >= 1.25x).")
+    if {"dpo", "dpo_copy"} <= r.keys():
+        memory = "train_mem_mib" if gpu else "peak_rss_mib"
+        lines.append(f"- LoRA reference memory, frozen copy / disabled adapters ({'peak GPU memory' if gpu else 'peak RSS, which holds the models'}): "
+                     f"{ratio('dpo_copy', 'dpo', memory):.2f}.")
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     if args.write_md:

@@ -289,3 +289,22 @@ def test_diffalign_sample_writes_animatediff_videos(tmp_path):
     assert main(["sample", "--model", "tiny-animatediff", "--prompt", "a cat", "--num-frames", "3", "--steps", "2",
                  "--height", "16", "--width", "16", "--out", str(out)]) == 0
     assert Image.open(out / "00000.webp").n_frames == 3
+
+
+def test_mp4_written_by_save_video_reads_back_as_a_training_clip(tmp_path):
+    # imageio[ffmpeg] is in the dev extra, so this runs wherever the tests do
+    from diffalign.data import read_video_frames
+    from diffalign.video import save_video
+
+    # 6 flat frames of grey 20*i; H.264 is lossy, so the index is read back from the mean, not exact pixels
+    frames = torch.stack([torch.full((3, 32, 48), 20 * i / 255) for i in range(6)])
+    written = save_video(frames, tmp_path / "clip", fps=8, formats=("mp4",))
+    assert written == [tmp_path / "clip.mp4"] and written[0].stat().st_size > 0
+    read = read_video_frames(written[0])
+    assert len(read) == 6 and read[0].size == (48, 32) and read[0].mode == "RGB"
+
+    _write_gif(tmp_path / "four.gif", 4)
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "clip.mp4", "rejected": "four.gif"}) + "\n")
+    item = PreferenceDataset(open_pairs(str(tmp_path)), Preprocessing(16, random_flip=False, num_frames=3))[0]
+    assert item["pixels"].shape == (2, 3, 3, 16, 16)
+    assert _frame_index(item["pixels"][0]) == [0, 2, 5]  # 6 frames -> 3 evenly spaced (0, 2.5 -> 2, 5)

@@ -354,7 +354,9 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, devic
 
 def write_pipeline(pipe, out: Path, config) -> Path:
     """The finished pipeline as ``out/pipeline`` and its settings as ``out/pretrain_config.json``."""
+    device = pipe.device
     final = save_pipeline(pipe.to("cpu"), out / "pipeline")
+    pipe.to(device)  # its modules are shared with the caller's pipeline, which goes on sampling on that device
     (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
     log.info(f"wrote {final}")
     return final

@@ -1,0 +1,33 @@
+"""The real-size random-weight architectures behind the GPU benchmarks match the public checkpoints' shapes."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def real_size():
+    spec = importlib.util.spec_from_file_location("real_size", ROOT / "benchmarks" / "real_size.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "animatediff"])
+def test_parameter_counts_match_the_public_checkpoints(real_size, kind):
+    pipe = real_size.BUILDERS[kind]("meta")  # shapes only: nothing is allocated
+    counts = real_size.parameter_counts(pipe, kind)
+    for name, expected in real_size.EXPECTED_PARAMETERS[kind].items():
+        if expected is not None:
+            assert counts[name] == expected
+    assert type(pipe).__name__ == {"sdxl": "StableDiffusionXLPipeline", "animatediff": "AnimateDiffPipeline"}[kind]
+
+
+def test_a_wrong_shape_is_named(real_size):
+    pipe = real_size.BUILDERS["sdxl"]("meta")
+    pipe.text_encoder_2.text_model.final_layer_norm.bias = None  # one parameter fewer
+    with pytest.raises(AssertionError, match="text_encoder_2"):
+        real_size.parameter_counts(pipe, "sdxl")

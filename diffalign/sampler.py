@@ -103,6 +103,10 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+#: Families whose samples are clips [B, F, 3, H, W] and whose pipelines take ``num_frames``.
+VIDEO_FAMILIES = ("animatediff", "wan")
+
+
 def family_of(pipe) -> Family:
     for cls in type(pipe).__mro__:
         for family in FAMILIES.values():

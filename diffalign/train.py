@@ -46,6 +46,7 @@ from diffalign.data import (
 )
 from diffalign.distributed import check_launch, configure_deepspeed, use_cpu
 from diffalign.methods import METHODS, LossOutput, MethodSpec, PairLosses
+from diffalign.sampler import VIDEO_FAMILIES
 
 log = logging.getLogger("diffalign.train")
 
@@ -97,9 +98,6 @@ class TrainContext:
             yield bare
         finally:
             bare.enable_adapters()
-
-
-VIDEO_FAMILIES = ("animatediff", "wan")
 
 
 def encode_text(pipe, family, captions: list[str], device) -> dict[str, torch.Tensor]:
@@ -415,15 +413,20 @@ def eval_prompts(cfg: Config) -> list[str]:
     return list(cfg.log.validation_prompts)
 
 
+def eval_frames(pipe, ev) -> int | None:
+    """``eval.num_frames`` for a video pipeline; None for images or when unset (the pipeline's default)."""
+    from diffalign.sampler import family_of
+
+    return ev.num_frames if family_of(pipe).name in VIDEO_FAMILIES and getattr(ev, "num_frames", None) else None
+
+
 def generate_and_score(pipe, prompts: list[str], seeds: list[int], scorers, ev, out_dir: Path | None) -> dict:
     """Sample every (prompt, seed), save PNGs (videos: animated WebPs) to ``out_dir`` when given, and
     score them (image scorers average over a video's frames)."""
-    from diffalign.sampler import family_of, sample
+    from diffalign.sampler import sample
 
     jobs = [(p, s) for p in prompts for s in seeds]
-    frames = {}
-    if family_of(pipe).name in VIDEO_FAMILIES and getattr(ev, "num_frames", None):
-        frames = {"num_frames": ev.num_frames}
+    frames = {} if eval_frames(pipe, ev) is None else {"num_frames": ev.num_frames}
     images = []
     for start in range(0, len(jobs), ev.batch_size):
         chunk = jobs[start : start + ev.batch_size]
@@ -458,7 +461,8 @@ def validation_gallery(pipe, cfg: Config, out_dir: Path, step: int) -> dict[str,
     ev, name = cfg.eval, f"step-{step}"
     summary = run_gallery({name: pipe}, cfg.log.validation_prompts, ev.scorers, out_dir, images_per_prompt=len(ev.seeds),
                           seed=ev.seeds[0], steps=ev.num_inference_steps, guidance=ev.guidance_scale, eta=ev.eta,
-                          height=ev.height, width=ev.width, batch_size=ev.batch_size, progress=False)
+                          height=ev.height, width=ev.width, num_frames=eval_frames(pipe, ev), batch_size=ev.batch_size,
+                          progress=False)
     means = summary["stats"]["means"].get(name, {})
     return {f"validation/{scorer}": value["mean"] for scorer, value in means.items()}
 

@@ -249,6 +249,7 @@ def test_hub_prompt_sets_fail_clearly_offline(monkeypatch):
     (["--model", "a=tiny-sdxl", "--model", "a=tiny-sd"], "given twice"),
     (["--model", "tuned=MISSING:lora"], "LoRA folder"),
     (["--model", "a=tiny-sdxl", "--images-per-prompt", "0"], "images_per_prompt must be >= 1"),
+    (["--model", "a=tiny-animatediff", "--num-frames", "0"], "num_frames must be >= 1"),
 ])
 def test_bad_input_fails_before_loading(tmp_path, capsys, args, message):
     empty = tmp_path / "empty.txt"
@@ -259,6 +260,18 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, args, message):
     assert main(["gallery", *args, "--out", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "media").exists()
+
+
+def test_num_frames_sets_the_clip_length_of_video_models_and_is_refused_for_image_models(tmp_path, tiny_sdxl_path):
+    from diffalign.tiny import cached_tiny
+
+    out = tmp_path / "out"
+    summary = run_gallery({"video": str(cached_tiny("animatediff")), "image": str(tiny_sdxl_path)}, PROMPTS[:1],
+                          ["brightness"], out, images_per_prompt=1, num_frames=3, **FAST)
+    assert summary["models"]["video"]["status"] == "done"
+    assert load_media(next((out / "media" / "video").glob("*.anim.webp"))).shape[0] == 3
+    assert summary["models"]["image"]["status"] == "failed"
+    assert "num_frames=3 is for video pipelines" in summary["models"]["image"]["error"]
 
 
 def test_video_items_are_saved_scored_and_shown(tmp_path):

@@ -269,6 +269,22 @@ def test_training_eval_writes_videos_and_scores(tmp_path):
     assert Image.open(out / "eval" / "base_vs_tuned.png").size == (16 * 5, 32)
 
 
+@pytest.mark.slow
+def test_validation_grid_and_gallery_show_clips_of_eval_num_frames(tmp_path):
+    from diffalign.gallery.run import load_media
+
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "configs/tiny-animatediff-dpo.yaml"), f"train.output_dir={out}",
+                 *fast_overrides("tiny-animatediff-dpo.yaml"), "eval.num_frames=3", "data.num_frames=2",
+                 "eval.num_inference_steps=2", "log.validation_every_n_steps=2", "log.validation_gallery=true",
+                 "log.validation_prompts=[a red circle]"]) == 0
+    grid = Image.open(out / "validation" / "step-000002.png")
+    clip = load_media(next((out / "validation" / "gallery-step-000002" / "media" / "step-2").glob("*.anim.webp")))
+    assert clip.shape[0] == 3 and grid.size == (3 * clip.shape[-1], clip.shape[-2])  # frames side by side
+    summary = json.loads((out / "validation" / "gallery-step-000002" / "summary.json").read_text())
+    assert summary["models"]["step-2"]["status"] == "done"
+
+
 def test_diffalign_pairs_writes_video_pairs_the_trainer_reads(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")

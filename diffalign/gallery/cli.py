@@ -30,6 +30,7 @@ def add_parser(sub):
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
@@ -50,7 +51,7 @@ def run(args):
     check_prompt_spec(args.prompts)
     parse_dtype(args.dtype)
     GallerySettings(args.images_per_prompt, args.seed, args.steps, args.guidance, args.guidance_rescale, args.eta,
-                    args.height, args.width, args.negative_prompt).check()
+                    args.height, args.width, args.negative_prompt, args.num_frames).check()
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
@@ -68,7 +69,8 @@ def run(args):
         summary = run_gallery(specs, prompts, args.scorer, out, images_per_prompt=args.images_per_prompt,
                               seed=args.seed, steps=args.steps, guidance=args.guidance,
                               guidance_rescale=args.guidance_rescale, eta=args.eta, height=args.height,
-                              width=args.width, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+                              width=args.width, negative_prompt=args.negative_prompt, num_frames=args.num_frames,
+                              batch_size=args.batch_size,
                               dtype=args.dtype, device=args.device, lora_base=args.lora_base)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished images are kept in {out}; rerun the same command to resume", file=sys.stderr)

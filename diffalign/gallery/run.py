@@ -136,6 +136,7 @@ class GallerySettings:
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
+    num_frames: int | None = None  # video pipelines: frames per clip (None: the pipeline's default)
 
     def seed_for(self, prompt_index: int, image_index: int) -> int:
         return self.seed + prompt_index * self.images_per_prompt + image_index
@@ -149,6 +150,8 @@ class GallerySettings:
         for name, value in (("height", self.height), ("width", self.width)):
             if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1 (or unset for the pipeline's default), got {self.num_frames}")
 
 
 @dataclass
@@ -264,6 +267,7 @@ def run_gallery(
     height: int | None = None,
     width: int | None = None,
     negative_prompt: str | None = None,
+    num_frames: int | None = None,
     batch_size: int = 4,
     dtype: str = "float32",
     device: str | None = None,
@@ -282,7 +286,7 @@ def run_gallery(
     from tqdm.auto import tqdm
 
     settings = GallerySettings(images_per_prompt, seed, steps, guidance, guidance_rescale, eta, height, width,
-                               negative_prompt)
+                               negative_prompt, num_frames)
     settings.check()
     prompts = list(prompts)
     if not prompts:
@@ -379,6 +383,14 @@ def _generate_model(spec, pipe, todo, prompts, settings, scorers, out, manifest,
         from diffalign.cli import default_device
 
         pipe = load_model(spec, dtype=dtype, device=device or default_device())
+    video = {}
+    if settings.num_frames is not None:
+        from diffalign.sampler import VIDEO_FAMILIES, family_of
+
+        if family_of(pipe).name not in VIDEO_FAMILIES:
+            raise ValueError(f"num_frames={settings.num_frames} is for video pipelines; {spec.name} is a "
+                             f"{type(pipe).__name__}")
+        video = {"num_frames": settings.num_frames}
     progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one gallery bar instead of one per batch
@@ -393,7 +405,7 @@ def _generate_model(spec, pipe, todo, prompts, settings, scorers, out, manifest,
                             num_steps=settings.steps, guidance_scale=settings.guidance,
                             guidance_rescale=settings.guidance_rescale, eta=settings.eta,
                             negative_prompt=settings.negative_prompt, height=settings.height,
-                            width=settings.width, model_name=spec.name)
+                            width=settings.width, model_name=spec.name, **video)
             media = quantized(result.images.cpu())
             files = [save_media(m, folder / item_key(p, k)) for m, (p, k) in zip(media, batch, strict=True)]
             scores = {s.name: score_media(s, media, batch_prompts) for s in scorers}

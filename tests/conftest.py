@@ -50,3 +50,12 @@ def tiny_sd(tiny_sd_path):
     pipe = load_pipeline(str(tiny_sd_path))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def one_thread():
+    """The toy models' ops are tiny: a second thread costs more than it gives (a lot on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -132,15 +132,6 @@ def test_toy_scorers_give_gradients(name):
 # ----------------------------------------------------------------------------------------------------
 # Pretraining script (a few steps) and the shipped model
 # ----------------------------------------------------------------------------------------------------
-@pytest.fixture
-def one_thread():
-    """The toy model's ops are tiny: a second thread costs more than it gives (a lot on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 def test_pretrain_runs_resumes_and_is_reproducible(tmp_path, one_thread):
     from safetensors.torch import load_file

@@ -20,14 +20,6 @@ MIN_BACKGROUND_MARGIN = 0.02
 MIN_COLOUR_MARGIN = 0.0
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Clips and captions
 # ----------------------------------------------------------------------------------------------------

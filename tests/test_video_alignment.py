@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffalign.config import load_config
 
@@ -32,14 +31,6 @@ def toy_video_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy-animatediff")
     build_video_pipeline(seed=0).save_pretrained(out)
     return str(out)
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def heldout_eval(cfg_path: Path, n: int = 2) -> str:

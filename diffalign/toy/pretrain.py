@@ -187,13 +187,35 @@ def train_vae(vae, images: torch.Tensor, config: PretrainConfig, ckpt: Path, dev
 
 
 @torch.no_grad()
-def _encode_images(vae, images: torch.Tensor, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(vae, images: torch.Tensor, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean/std of uint8 images [N, 3, H, W] (on the CPU, for drawing batches from)."""
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="encode latents", leave=False):
         posterior = vae.encode(images[i : i + batch_size].to(device).float() / 127.5 - 1).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
+
+
+def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor, snr_gamma: float):
+    """Epsilon-prediction MSE per sample, min-SNR weighted (Hang et al. 2023), averaged over the batch."""
+    per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return (torch.clamp(snr, max=snr_gamma) / snr * per_sample).mean()
+
+
+def update_with_ema(optimizer, model, ema_model, loss, step: int, lr: float, grad_clip: float, ema_decay: float):
+    """One clipped optimizer step at ``lr``, then the EMA copy follows (decay warms up over the first steps)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        for pe, pm in zip(ema_model.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - decay)
 
 
 def train_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, cond, config: PretrainConfig,
@@ -233,20 +255,9 @@ def train_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, cond, confi
         zt = noise_scheduler.add_noise(z0, noise, t)
         pred = unet(zt, t, encoder_hidden_states=e,
                     added_cond_kwargs={"text_embeds": p, "time_ids": time_ids.expand(b, -1)}).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        weight = torch.clamp(snr, max=config.snr_gamma) / snr  # min-SNR weighting (Hang et al. 2023)
-        loss = (weight * per_sample).mean()
-        for group in optimizer.param_groups:
-            group["lr"] = config.unet_lr * _lr_factor(step, config.unet_steps, config.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema_unet.parameters(), unet.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
+        loss = min_snr_loss(pred, noise, alphas_cumprod[t], config.snr_gamma)
+        update_with_ema(optimizer, unet, ema_unet, loss, step, config.unet_lr * _lr_factor(step, config.unet_steps,
+                        config.warmup_steps), config.grad_clip, config.ema_decay)
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}")
         done = step + 1
@@ -324,7 +335,7 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, devic
     pipe.vae.eval()
     vae_state = {k: v.clone() for k, v in pipe.vae.state_dict().items()}
 
-    latent_mean, latent_std = _encode_images(pipe.vae, images, device)
+    latent_mean, latent_std = encode_images(pipe.vae, images, device)
     # Unit-variance latents for the UNet, as SD's scaling_factor gives the real VAEs' latents.
     scaling_factor = float(1.0 / latent_mean.std())
     pipe.vae.register_to_config(scaling_factor=scaling_factor)
@@ -375,7 +386,7 @@ def export_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
     pipe.vae.load_state_dict(tensors["vae"])
     pipe.vae.eval()
     images, _ = data.make_dataset(config.num_images, seed=config.seed, split="train")
-    latent_mean, _ = _encode_images(pipe.vae, images, device)
+    latent_mean, _ = encode_images(pipe.vae, images, device)
     pipe.vae.register_to_config(scaling_factor=float(1.0 / latent_mean.std()))
     pipe.unet.load_state_dict(tensors["ema_unet"])
     pipe.unet.eval()

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffalign.toy import video_data
@@ -33,9 +32,12 @@ from diffalign.toy.pretrain import (
     _load_optimizer,
     _lr_factor,
     _optimizer_tensors,
+    encode_images,
     load_checkpoint,
+    min_snr_loss,
     open_run,
     save_checkpoint,
+    update_with_ema,
     write_pipeline,
 )
 from diffalign.toy.video_model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, build_video_pipeline
@@ -82,14 +84,9 @@ class VideoPretrainConfig:
 def _encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior mean/std of every frame: [N, C, F, h, w] each (the motion UNet's layout)."""
     n, f = clips.shape[:2]
-    frames = clips.flatten(0, 1)
-    means, stds = [], []
-    for i in tqdm(range(0, len(frames), batch_size), desc="encode latents", leave=False):
-        posterior = vae.encode(frames[i : i + batch_size].to(device).float() / 127.5 - 1).latent_dist
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
+    means, stds = encode_images(vae, clips.flatten(0, 1), device, batch_size)
     to_video = lambda x: x.view(n, f, *x.shape[1:]).transpose(1, 2).contiguous()  # noqa: E731
-    return to_video(torch.cat(means)), to_video(torch.cat(stds))
+    return to_video(means), to_video(stds)
 
 
 @torch.no_grad()
@@ -133,19 +130,9 @@ def train_motion_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, embe
         e = torch.where(keep, embeds[caption_ids[index].to(device)], empty)
         zt = noise_scheduler.add_noise(z0, noise, t)
         pred = unet(zt, t, encoder_hidden_states=e.repeat_interleave(frames, dim=0)).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
-        snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
-        loss = (torch.clamp(snr, max=config.snr_gamma) / snr * per_sample).mean()  # min-SNR (Hang et al. 2023)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(step, config.steps, config.warmup_steps)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            for pe, pm in zip(ema_unet.parameters(), unet.parameters(), strict=True):
-                pe.lerp_(pm, 1 - decay)
+        loss = min_snr_loss(pred, noise, alphas_cumprod[t], config.snr_gamma)
+        update_with_ema(optimizer, unet, ema_unet, loss, step, config.lr * _lr_factor(step, config.steps,
+                        config.warmup_steps), config.grad_clip, config.ema_decay)
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}")
         done = step + 1

@@ -8,41 +8,18 @@ from dataclasses import fields
 
 def add_parser(sub) -> None:
     from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
-    from diffalign.toy.pretrain import PretrainConfig
-    from diffalign.toy.video_pretrain import VideoPretrainConfig
+    from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
+    from diffalign.toy.video_pretrain import VideoPretrainConfig, export_video_checkpoint, pretrain_video
 
     toy = sub.add_parser("toy", help="the toy world: pretrain / evaluate toy-sdxl and toy-animatediff")
     commands = toy.add_subparsers(dest="toy_command", required=True)
 
-    p = commands.add_parser("pretrain", help="pretrain toy-sdxl from scratch (VAE, then UNet); resumable")
-    p.add_argument("--out", required=True, help="run folder: checkpoint/, pipeline/, train.log, samples.png")
-    defaults = PretrainConfig()
-    for f in fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
-                       default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(func=_run_pretrain)
-
-    v = commands.add_parser("pretrain-video", help="pretrain toy-animatediff's motion UNet from scratch; resumable")
-    v.add_argument("--out", required=True, help="run folder: checkpoint/, pipeline/, train.log, samples.png")
-    video_defaults = VideoPretrainConfig()
-    for f in fields(VideoPretrainConfig):
-        v.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(video_defaults, f.name)),
-                       default=getattr(video_defaults, f.name), help=f"(default {getattr(video_defaults, f.name)})")
-    v.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    v.set_defaults(func=_run_pretrain_video)
-
-    xv = commands.add_parser("export-video", help="write RUN/pipeline from a 'pretrain-video' run's latest checkpoint")
-    xv.add_argument("--out", required=True, help="the run folder of 'diffalign toy pretrain-video'")
-    xv.add_argument("--device", default=None)
-    xv.set_defaults(func=_run_export_video)
-
-    x = commands.add_parser("export", help="write RUN/pipeline from a pretraining run's latest checkpoint")
-    x.add_argument("--out", required=True, help="the run folder of 'diffalign toy pretrain'")
-    x.add_argument("--device", default=None)
-    x.set_defaults(func=_run_export)
+    _add_pretrain_commands(commands, "pretrain", "pretrain toy-sdxl from scratch (VAE, then UNet); resumable",
+                           PretrainConfig, pretrain, export_checkpoint, "toy pipeline")
+    _add_pretrain_commands(commands, "pretrain-video",
+                           "pretrain toy-animatediff's motion UNet from scratch; resumable",
+                           VideoPretrainConfig, pretrain_video, export_video_checkpoint, "toy video pipeline",
+                           export_name="export-video")
 
     e = commands.add_parser("eval", help="caption-attribute accuracy of a toy model's samples")
     e.add_argument("--model", default="toy-sdxl",
@@ -59,48 +36,43 @@ def add_parser(sub) -> None:
     e.set_defaults(func=_run_eval)
 
 
+def _add_pretrain_commands(commands, name: str, help: str, config_cls, pretrain, export, what: str,
+                           export_name: str = "export") -> None:
+    """``NAME`` (every field of ``config_cls`` as an option) and ``EXPORT_NAME`` (its latest checkpoint)."""
+    p = commands.add_parser(name, help=help)
+    p.add_argument("--out", required=True, help="run folder: checkpoint/, pipeline/, train.log, samples.png")
+    defaults = config_cls()
+    for f in fields(config_cls):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
+                       default=getattr(defaults, f.name), help=f"(default {getattr(defaults, f.name)})")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_run_pretrain, config_cls=config_cls, pretrain=pretrain, what=what)
+
+    x = commands.add_parser(export_name, help=f"write RUN/pipeline from a '{name}' run's latest checkpoint")
+    x.add_argument("--out", required=True, help=f"the run folder of 'diffalign toy {name}'")
+    x.add_argument("--device", default=None)
+    x.set_defaults(func=_run_export, export=export, what=what)
+
+
 def _run_pretrain(args) -> None:
     import torch
 
     from diffalign.cli import default_device, ensure_writable_dir
-    from diffalign.toy.pretrain import PretrainConfig, pretrain
 
-    config = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    config = args.config_cls(**{f.name: getattr(args, f.name) for f in fields(args.config_cls)})
     ensure_writable_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = pretrain(args.out, config, device=args.device or default_device())
-    print(f"wrote toy pipeline to {path}")
-
-
-def _run_pretrain_video(args) -> None:
-    import torch
-
-    from diffalign.cli import default_device, ensure_writable_dir
-    from diffalign.toy.video_pretrain import VideoPretrainConfig, pretrain_video
-
-    config = VideoPretrainConfig(**{f.name: getattr(args, f.name) for f in fields(VideoPretrainConfig)})
-    ensure_writable_dir(args.out)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = pretrain_video(args.out, config, device=args.device or default_device())
-    print(f"wrote toy video pipeline to {path}")
-
-
-def _run_export_video(args) -> None:
-    from diffalign.cli import default_device
-    from diffalign.toy.video_pretrain import export_video_checkpoint
-
-    path = export_video_checkpoint(args.out, device=args.device or default_device())
-    print(f"wrote toy video pipeline to {path}")
+    path = args.pretrain(args.out, config, device=args.device or default_device())
+    print(f"wrote {args.what} to {path}")
 
 
 def _run_export(args) -> None:
     from diffalign.cli import default_device
-    from diffalign.toy.pretrain import export_checkpoint
 
-    path = export_checkpoint(args.out, device=args.device or default_device())
-    print(f"wrote toy pipeline to {path}")
+    path = args.export(args.out, device=args.device or default_device())
+    print(f"wrote {args.what} to {path}")
 
 
 def _run_eval(args) -> None:

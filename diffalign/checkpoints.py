@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffalign.files import apply_umask
+
 log = logging.getLogger("diffalign.checkpoints")
 
 PARTIAL_SUFFIX = ".partial"
@@ -177,7 +179,6 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
     if resume == "latest":
         done = complete_checkpoints(root)
         if not done:
-            log.info("no complete checkpoint in %s: starting from scratch", root)
             return None
         return done[-1]
     path = Path(resume)
@@ -227,6 +228,7 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
             for rank, state in enumerate(rank_states):
                 write_tree(partial, f"rank-{rank}", state)
             (partial / COMPLETE_MARKER).write_text(json.dumps(trainer_state | {"num_processes": len(rank_states)}))
+            apply_umask(partial)
             _fsync_folder(partial)
             if folder.exists():  # re-saving a step (after a resume): replace the old folder
                 shutil.rmtree(folder)
@@ -259,10 +261,15 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def read_trainer_state(folder: Path) -> dict:
+    """The trainer counters a complete checkpoint holds (``global_step``, ``num_processes``, ...)."""
+    return _read(folder / COMPLETE_MARKER, lambda path: json.loads(path.read_text()))
+
+
 def load_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler) -> tuple[dict, dict]:
     """Restore the model, optimizer and schedule from ``folder``; return ``(trainer_state, rank_state)``
     (this process's RNG and objective state, to be applied by the caller)."""
-    trainer_state = _read(folder / COMPLETE_MARKER, lambda path: json.loads(path.read_text()))
+    trainer_state = read_trainer_state(folder)
     saved_processes = trainer_state.get("num_processes", 1)
     if saved_processes != accelerator.num_processes:
         raise CheckpointError(f"checkpoint {folder} was written by {saved_processes} processes; this run has "

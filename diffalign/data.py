@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffalign.files import apply_umask
 from diffalign.images import to_rgb
 from diffalign.jsonl import iter_jsonl
 
@@ -484,6 +485,10 @@ class EpochBatches:
     def __iter__(self):
         while True:
             self.generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+            # accelerate's loader tells the dataset *its own* pass count at the start of every pass, which
+            # restarts at 0 in a resumed process: set it to our epoch, or per-item draws (flips, crops, blank
+            # captions) after a resume would replay epoch 0's.
+            self.loader.set_epoch(self.epoch)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             loader = self.accelerator.skip_first_batches(self.loader, self.taken) if self.taken else self.loader
@@ -551,6 +556,7 @@ class CachedPairs(torch.utils.data.Dataset):
         all_tensors = {**tensors, **{f"empty.{k}": v for k, v in empty.items()}}
         save_file({k: v.contiguous() for k, v in all_tensors.items()}, str(tmp),
                   metadata={k: str(v) for k, v in metadata.items()})
+        apply_umask(tmp)
         os.replace(tmp, path)
 
     @classmethod

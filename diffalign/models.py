@@ -24,6 +24,9 @@ try:
 except ImportError:  # older diffusers
     _DTYPE_KW = "torch_dtype"
 
+#: The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads in a LoRA folder.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: Built-in model ids -> a function returning the local folder (built or located on first use).

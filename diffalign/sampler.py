@@ -18,8 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from diffalign.files import save_safetensors
 from diffalign.steps import LOG_PROB_REDUCTION, DDIMStep, FlowSDEStep, make_step_rule
 
 
@@ -247,7 +248,7 @@ class Trajectory:
             tensors["latent_steps"] = self.latent_steps
         tensors |= {f"cond.{k}": v for k, v in self.cond.items()}
         tensors |= {f"uncond.{k}": v for k, v in self.uncond.items()}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=self.metadata())
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=self.metadata())
 
     @classmethod
     def load(cls, path) -> Trajectory:

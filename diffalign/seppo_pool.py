@@ -40,6 +40,7 @@ from diffalign.data import (
     read_video_frames,
     resize_crop,
 )
+from diffalign.files import save_safetensors
 from diffalign.jsonl import iter_jsonl
 
 log = logging.getLogger("diffalign.seppo")
@@ -189,12 +190,10 @@ class CheckpointPool:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n}
 
     def _save(self, step: int, model) -> Path:
-        from safetensors.torch import save_file
-
         path = self.directory / f"step-{step}.safetensors"
         if self._writes_files:
             self.directory.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()  # the ranks' weights are the same: they all use the main's file
         return path

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from diffalign.files import apply_umask
+
 TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")
 #: Bump when the tiny architectures change, so cached builds are rebuilt.
 TINY_VERSION = 2
@@ -315,6 +317,7 @@ def write_folder_atomically(out_dir: str | os.PathLike, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
+        apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -45,7 +45,9 @@ from diffalign.data import (
     open_pairs,
 )
 from diffalign.distributed import check_launch, configure_deepspeed, use_cpu
+from diffalign.files import apply_umask
 from diffalign.methods import METHODS, LossOutput, MethodSpec, PairLosses
+from diffalign.models import LORA_WEIGHTS_FILE
 from diffalign.sampler import VIDEO_FAMILIES
 
 log = logging.getLogger("diffalign.train")
@@ -489,15 +491,60 @@ def denoiser_attr(pipe) -> str:
 def save_lora(pipe, unet, out: Path) -> None:
     """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors), written
     by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's ``transformer_lora_layers``)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     bare = unwrap(unet)
     attr = denoiser_attr(pipe)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(bare))
+    # PEFT's own key names (``lora_A`` / ``lora_B``), which every diffusers LoRA loader reads as they are.
+    # ``convert_state_dict_to_diffusers`` must not be applied: it renames attention keys to the old
+    # ``lora.down`` / ``lora.up`` form but leaves the others, and a loader then sees two formats and drops
+    # the attention half.
+    layers = get_peft_model_state_dict(bare)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     type(pipe).save_lora_weights(out, safe_serialization=True, **{
         f"{attr}_lora_layers": layers, f"{attr}_lora_adapter_metadata": bare.peft_config["default"].to_dict()})
+    apply_umask(out / LORA_WEIGHTS_FILE)
+
+
+def lora_config(denoiser: torch.nn.Module, settings):
+    """The ``LoraConfig`` for ``settings`` (a :class:`~diffalign.config.LoraConfig` section) on ``denoiser``.
+
+    AnimateDiff's motion modules call their ``proj_in`` / ``proj_out`` as ``proj_in(input=...)``, which a
+    PEFT LoRA layer (``forward(x)``) cannot take: those layers are left out (and said so), whatever the
+    target list, so "attention + projections" and all-linear target sets still run.
+    """
+    from peft import LoraConfig
+
+    unusable = [name for name, module in denoiser.named_modules()
+                if ".motion_modules." in f".{name}" and name.rsplit(".", 1)[-1] in ("proj_in", "proj_out")
+                and isinstance(module, torch.nn.Linear)]
+    excluded = [name for name in unusable if any(name == t or name.endswith("." + t) for t in settings.target_modules)]
+    if excluded:
+        log.warning("lora: leaving out %d motion-module proj_in/proj_out layers (diffusers calls them with a "
+                    "keyword PEFT's LoRA layer does not take)", len(excluded))
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      init_lora_weights="gaussian" if settings.init == "gaussian" else True,
+                      target_modules=list(settings.target_modules), exclude_modules=excluded or None)
+
+
+def reload_exported_lora(pipe, unet, out: Path) -> None:
+    """Replace the trained adapter by the exported file, loaded as a user loads it (the pipeline's stock
+    ``load_lora_weights``), and check that every trained tensor came back: the tuned evaluation then
+    samples exactly what the run hands over, and an export that a loader would partly drop (as
+    ``convert_state_dict_to_diffusers`` once made it) stops the run instead of passing unnoticed."""
+    from peft.utils import get_peft_model_state_dict
+
+    bare = unwrap(unet)
+    trained = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(bare).items()}
+    bare.delete_adapters("default")
+    pipe.load_lora_weights(out, adapter_name="default")
+    loaded = get_peft_model_state_dict(bare, adapter_name="default")
+    missing = sorted(set(trained) - set(loaded))
+    changed = [k for k in trained if k in loaded and not torch.equal(trained[k].to(loaded[k].dtype), loaded[k].cpu())]
+    if missing or changed or len(loaded) != len(trained):
+        raise RuntimeError(f"the exported LoRA {out / LORA_WEIGHTS_FILE} does not load back as trained with "
+                           f"load_lora_weights: {len(missing)} of {len(trained)} tensors missing, {len(changed)} "
+                           f"changed (first: {(missing or changed or ['?'])[0]})")
 
 
 def save_full(pipe, unet, out: Path) -> None:
@@ -510,6 +557,10 @@ def save_full(pipe, unet, out: Path) -> None:
         pipe.save_pretrained(out, safe_serialization=True)
     finally:
         setattr(pipe, attr, original)
+    for name in pipe.components:
+        if (out / name).is_dir():
+            apply_umask(out / name)
+    apply_umask(out / "model_index.json")
 
 
 def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float) -> None:
@@ -581,6 +632,40 @@ def save_training_checkpoint(ctx: TrainContext, optimizer, lr_scheduler, objecti
                     keep_last=cfg.checkpoint.keep_last)
     log.info("saved %s", folder)
     return folder
+
+
+def finished_output(out: Path) -> Path | None:
+    """The final weights a finished run wrote in ``out`` (they are written only at its very end)."""
+    for name in (LORA_WEIGHTS_FILE, "model_index.json"):
+        if (out / name).is_file():
+            return out / name
+    return None
+
+
+def check_resume(cfg: Config) -> None:
+    """What ``train.resume`` will do, said before anything loads.
+
+    A checkpoint to continue from: continue (also past a finished run's end when ``train.max_steps`` was
+    raised). ``latest`` with no checkpoint yet: start from scratch with a warning, so a requeued job
+    script may always pass ``--resume latest``. A finished run with nothing left to train: refused, so its
+    outputs are never retrained and overwritten by accident.
+    """
+    from diffalign.checkpoints import read_trainer_state, resolve_resume
+
+    out = Path(cfg.train.output_dir)
+    folder = resolve_resume(cfg.train.resume, checkpoint_root(cfg))
+    finished = finished_output(out)
+    step = read_trainer_state(folder)["global_step"] if folder is not None else None
+    if finished is not None and (step is None or step >= cfg.train.max_steps):
+        where = f"its last checkpoint {folder} is at step {step}" if step is not None else "it has no checkpoint"
+        raise ValueError(f"--resume {cfg.train.resume}: {out} holds a finished run ({finished.name}) and {where} "
+                         f"of train.max_steps={cfg.train.max_steps}: nothing to continue. Raise train.max_steps to "
+                         "train on from its last checkpoint, or set another train.output_dir to start over")
+    if folder is None:
+        never = (" (checkpoint.every_n_steps=0: this config saves a checkpoint only when stopped by SIGTERM)"
+                 if not cfg.checkpoint.every_n_steps else "")
+        log.warning("--resume %s: no complete checkpoint in %s yet, starting from scratch%s",
+                    cfg.train.resume, checkpoint_root(cfg), never)
 
 
 def resume_training(ctx: TrainContext, optimizer, lr_scheduler, objective) -> dict:
@@ -675,6 +760,8 @@ def train(cfg: Config) -> Path:
         source = open_winners(cfg.data)
     prep = Preprocessing(cfg.data.resolution, cfg.data.random_crop, cfg.data.random_flip,
                          cfg.data.proportion_empty_prompts, cfg.train.seed)
+    if cfg.train.resume:
+        check_resume(cfg)
 
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -729,13 +816,10 @@ def train(cfg: Config) -> Path:
     ref_unet = None
     if cfg.model.finetune == "lora":
         from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
 
         unet.requires_grad_(False)
         unet.to(dtype=weight_dtype)
-        unet.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                    init_lora_weights="gaussian" if cfg.lora.init == "gaussian" else True,
-                                    target_modules=cfg.lora.target_modules))
+        unet.add_adapter(lora_config(unet, cfg.lora))
         cast_training_params(unet, dtype=torch.float32)  # trainable LoRA weights stay fp32
     else:
         unet.requires_grad_(True)
@@ -911,6 +995,7 @@ def train(cfg: Config) -> Path:
         unet.eval()
         if cfg.model.finetune == "lora":
             save_lora(pipe, unet, out)
+            reload_exported_lora(pipe, unet, out)  # the tuned evaluation samples what a user loads
         else:
             save_full(pipe, unet, out)
         if before is not None:

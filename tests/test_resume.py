@@ -18,20 +18,25 @@ from diffalign.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_RUN = ROOT / "tests" / "helpers" / "fault_run.py"
 
-# Mid-epoch checkpoints on purpose: K=3 gradient steps per online epoch, SePPO's pool filled every 2 steps.
+# 8 steps cross an epoch boundary with every objective's per-item randomness on: the pair and winner sets
+# hold 24 rows (6 batches of 4) and draw a flip (the configs' data.random_flip) and a blank caption per item;
+# online epochs are K=3 gradient steps, so checkpoints fall mid-epoch; SePPO's pool is filled every 2 steps.
+# keep_last=2 rotates checkpoints in both the uninterrupted and the resumed run.
+BLANKS = "data.proportion_empty_prompts=0.25"
 METHOD_OVERRIDES = {
-    "dpo": [],
-    "mapo": [],
-    "seppo": ["method.pool_interval=2"],
+    "dpo": [BLANKS],
+    "mapo": [BLANKS],
+    "seppo": ["method.pool_interval=2", BLANKS],
     "prdp": ["method.gradient_steps_per_epoch=3"],
     "ddpo": ["method.gradient_steps_per_epoch=3"],
 }
+MAX_STEPS = 8
 
 
 def overrides(method: str, out: Path, *extra: str) -> list[str]:
-    return [f"train.output_dir={out}", "train.max_steps=6", "eval.enabled=false", "log.validation_every_n_steps=0",
-            "log.progress_bar=false", "log.every_n_steps=1", "checkpoint.every_n_steps=2", "checkpoint.keep_last=null",
-            *METHOD_OVERRIDES[method], *extra]
+    return [f"train.output_dir={out}", f"train.max_steps={MAX_STEPS}", "eval.enabled=false",
+            "log.validation_every_n_steps=0", "log.progress_bar=false", "log.every_n_steps=1",
+            "checkpoint.every_n_steps=2", "checkpoint.keep_last=2", *METHOD_OVERRIDES[method], *extra]
 
 
 def command(method: str, out: Path, *extra: str, runner=("-m", "diffalign")) -> list[str]:
@@ -68,7 +73,7 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """``uninterrupted(method)``: the final LoRA weights of an uninterrupted 6-step run (run once per method)."""
+    """``uninterrupted(method)``: the final LoRA weights of an uninterrupted 8-step run (run once per method)."""
     weights = {}
 
     def get(method):
@@ -86,7 +91,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
 def test_sigkill_then_resume_latest_reaches_the_same_weights(method, tmp_path, uninterrupted):
     """Killed with SIGKILL once checkpoint-2 is complete, resumed with --resume latest: bitwise the weights
-    of the uninterrupted run at step 6 (optimizer, schedule, RNG, data position, SePPO pool, online epoch)."""
+    of the uninterrupted run at step 8 (optimizer, schedule, RNG, data position and epoch, SePPO pool, online
+    epoch), across the epoch boundary after step 6 and the checkpoint rotation."""
 
     out = tmp_path / "killed"
     process = subprocess.Popen(command(method, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -117,7 +123,7 @@ def test_killed_during_a_save_leaves_the_previous_checkpoint_and_resumes_exactly
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(uninterrupted("dpo"), lora(out))
     assert not (checkpoints / "checkpoint-4.partial").exists()  # the next save of step 4 replaced it
-    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-6", "checkpoint-8"]  # keep_last=2
 
 
 @pytest.mark.slow
@@ -132,7 +138,7 @@ def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes_exactly(tmp_path, 
     assert process.returncode == 143, stderr[-3000:]
     assert "SIGTERM received: saved" in stderr and "--resume latest" in stderr
     saved = complete_checkpoints(out / "checkpoints")
-    assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < 6
+    assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < MAX_STEPS
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
     resumed = run([*command("mapo", out, "checkpoint.every_n_steps=0"), "--resume", "latest"])

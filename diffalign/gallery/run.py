@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
+from diffalign.files import apply_umask
 from diffalign.images import to_pil, to_tensor
-from diffalign.models import load_pipeline, parse_dtype, resolve_model
+from diffalign.models import LORA_WEIGHTS_FILE, load_pipeline, parse_dtype, resolve_model
 from diffalign.scorers import Scorer, check_scorer_names, make_scorer
 
 log = logging.getLogger("diffalign.gallery")
@@ -47,7 +48,6 @@ MANIFEST_FORMAT = "diffalign.gallery/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".webm")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def validate_models(specs: Sequence[ModelSpec], lora_base: str | None = None,
             raise FileNotFoundError(f"LoRA folder {folder} (model {spec.name!r}) does not exist")
         if not any(folder.glob("*.safetensors")):
             raise FileNotFoundError(f"LoRA folder {folder} (model {spec.name!r}) has no .safetensors weights "
-                                    f"(expected {LORA_FILE}, as save_lora_weights writes)")
+                                    f"(expected {LORA_WEIGHTS_FILE}, as save_lora_weights writes)")
         if base is None:
             raise ValueError(f"model {spec.name!r} is a LoRA but no base model is known: add a non-LoRA --model "
                              "before it or pass --lora-base ID_OR_PATH")
@@ -167,6 +167,7 @@ class Manifest:
         fd, tmp = tempfile.mkstemp(prefix=".manifest.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"format": MANIFEST_FORMAT, **asdict(self)}, f, indent=1)
+        apply_umask(tmp)
         os.replace(tmp, path)
 
     @classmethod

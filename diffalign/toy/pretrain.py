@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffalign.files import apply_umask
 from diffalign.tiny import save_pipeline
 from diffalign.toy import data
 from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, build_toy_pipeline, count_parameters
@@ -97,6 +98,7 @@ def save_checkpoint(folder: Path, state: dict, tensors: dict[str, dict[str, torc
     for stem, group in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    apply_umask(tmp)
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         os.replace(folder, old)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -106,3 +107,148 @@ def test_toy_geneval_reads_videos_frame_by_frame_and_their_motion():
     assert geneval(mixed, [clip.caption()]).item() == 0.0
     with pytest.raises(ValueError, match="video caption"):
         geneval(frames, [SCENES[0].caption()])
+
+
+# ----------------------------------------------------------------------------------------------------
+# diffalign toy eval: any model spec, both splits, several seeds, intervals, change against a base
+# ----------------------------------------------------------------------------------------------------
+def test_bootstrap_resamples_captions_not_images():
+    import numpy as np
+
+    from diffalign.toy.geneval import bootstrap_mean
+
+    flat = bootstrap_mean(np.full(6, 0.5), np.arange(6))
+    assert flat == {"mean": 0.5, "low": 0.5, "high": 0.5}
+    values = np.array([1.0] * 10 + [0.0] * 10)
+    by_image = bootstrap_mean(values, np.arange(20))
+    by_caption = bootstrap_mean(values, np.array([0] * 10 + [1] * 10))  # two captions, ten seeds each
+    assert by_image["mean"] == by_caption["mean"] == 0.5
+    assert by_caption["high"] - by_caption["low"] > by_image["high"] - by_image["low"]
+    assert by_image["low"] < 0.5 < by_image["high"]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    from diffalign import models
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(models, "load_pipeline", forbidden)
+
+
+@pytest.fixture
+def lora_run(tmp_path):
+    """A LoRA run folder as 'diffalign train' writes one (config.yaml, adapters by the trainer's save_lora),
+    with adapters that visibly change toy-sdxl."""
+    from peft import LoraConfig
+
+    from diffalign.config import load_config
+    from diffalign.models import load_pipeline
+    from diffalign.train import save_lora
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("configs/toy-sdxl-prdp.yaml", [f"train.output_dir={run}"])
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    pipe = load_pipeline("toy-sdxl")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    save_lora(pipe, pipe.unet, run)
+    return run
+
+
+def _eval(argv, tmp_path, capsys):
+    from diffalign.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["toy", "eval", *argv, "--steps", "2", "--threads", "1", "--out", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_toy_eval_of_a_model_against_itself_changes_nothing_and_seed_0_is_the_old_eval(tmp_path, capsys, one_thread):
+    from diffalign.models import load_pipeline
+    from diffalign.toy.evaluate import caption_accuracy
+
+    report, text = _eval(["--model", "toy-sdxl", "--base", "toy-sdxl", "--split", "both", "--num-prompts", "3",
+                          "--seeds", "0", "2"], tmp_path, capsys)
+    assert set(report["splits"]) == {"train", "heldout"} and report["models"] == {"base": "toy-sdxl", "model": "toy-sdxl"}
+    assert len(report["images"]) == 2 * 2 * 3
+    assert len({(r["split"], r["noise_seed"]) for r in report["images"]}) == 12
+    for entry in report["splits"].values():
+        assert entry["n"] == 6
+        for name, stat in entry["change"]["model"].items():
+            assert stat == {"mean": 0.0, "low": 0.0, "high": 0.0}, name
+        for stat in entry["accuracy"]["model"].values():
+            assert 0.0 <= stat["low"] <= stat["mean"] <= stat["high"] <= 1.0
+    assert "toy GenEval, heldout split: 6 images" in text and "change model" in text
+    # Seed 0 draws the captions and noise of the one-seed evaluation, read by the same reader.
+    pipe = load_pipeline("toy-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = data.toy_prompts("heldout", 3, seed=0)
+    old = caption_accuracy(pipe, prompts, seed=0, num_steps=2)["accuracy"]
+    rows = [r["model"] for r in report["images"] if r["split"] == "heldout" and r["seed"] == 0]
+    assert [r["caption"] for r in report["images"] if r["split"] == "heldout" and r["seed"] == 0] == prompts
+    for name, value in old.items():
+        named = [r[name] for r in rows if name in r]
+        assert (sum(named) / len(named) if named else float("nan")) == pytest.approx(value, nan_ok=True), name
+
+
+def test_toy_eval_loads_a_lora_run_onto_its_recorded_base_and_reports_the_paired_change(lora_run, tmp_path, capsys,
+                                                                                      one_thread):
+    from diffalign.models import load_model_spec, resolve_model_spec
+    from diffalign.sampler import sample
+
+    spec = resolve_model_spec(f"{lora_run}:lora")
+    assert spec.base == "toy-sdxl" and spec.lora == str(lora_run)
+    tuned, base = load_model_spec(spec), load_model_spec("toy-sdxl")
+    prompt = [data.toy_prompts("heldout")[0]]
+    a = sample(tuned, prompt, seeds=[0], num_steps=2, guidance_scale=3.0).images
+    b = sample(base, prompt, seeds=[0], num_steps=2, guidance_scale=3.0).images
+    assert (a - b).abs().max() > 0.05  # the adapters are on: same noise, another image
+
+    report, text = _eval(["--model", f"{lora_run}:lora", "--base", "toy-sdxl", "--num-prompts", "4", "--seeds", "0",
+                          "1"], tmp_path, capsys)
+    entry = report["splits"]["heldout"]
+    rows = [r for r in report["images"] if r["split"] == "heldout"]
+    for name, stat in entry["change"]["model"].items():
+        named = [r for r in rows if name in r["model"]]
+        expected = sum(r["model"][name] - r["base"][name] for r in named) / len(named)
+        assert stat["mean"] == pytest.approx(expected) and stat["low"] <= stat["mean"] <= stat["high"], name
+    assert f"model: {lora_run}:lora" in text
+
+
+def test_toy_eval_reads_video_models_with_motion(tmp_path, capsys, one_thread):
+    report, text = _eval(["--model", "toy-animatediff", "--num-prompts", "2", "--batch-size", "2"], tmp_path, capsys)
+    assert report["video"] is True
+    assert set(report["splits"]["heldout"]["accuracy"]["model"]) == {"color", "shape", "background", "size", "count",
+                                                                       "direction", "all"}
+    assert "2 clips" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "missing-run:lora"], "has no pytorch_lora_weights.safetensors"),
+    (["--model", "toy-sdxl", "--base", "tiny-nope"], "unknown model 'tiny-nope'"),
+    (["--seeds", "0", "0"], "seeds must be distinct"),
+    (["--num-prompts", "-1"], "--num-prompts must be >= 0"),
+    (["--steps", "0"], "num_steps and batch_size must be >= 1"),
+])
+def test_toy_eval_rejects_bad_input_before_loading(argv, message, capsys, no_model_loading):
+    from diffalign.cli import main
+
+    assert main(["toy", "eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_lora_run_without_its_config_names_what_is_missing(lora_run, capsys, no_model_loading):
+    from diffalign.cli import main
+
+    (lora_run / "config.yaml").unlink()
+    assert main(["toy", "eval", "--model", f"{lora_run}:lora"]) == 2
+    assert "config.yaml is missing, so the run's base model is unknown" in capsys.readouterr().err

@@ -74,29 +74,13 @@ def evaluate(results: list[dict], args) -> dict:
 
     specs = {"base": "toy-sdxl", **{Path(r["run"]).name: f"{r['run']}:lora" for r in results}}
     pipes = load_models(specs)
-    saturation = make_scorer("toy_saturation")
+    scorers = {"toy_saturation": make_scorer("toy_saturation")} if args.saturation else None
     out = {}
     for guidance in args.eval_guidance:
         settings = GenEvalSettings(splits=["heldout"], seeds=args.eval_seeds, num_prompts=args.eval_prompts,
                                    guidance_scale=guidance)
-        report = toy_geneval(pipes, settings, base="base")
-        entry = report["splits"]["heldout"]
-        entry["saturation"] = {label: _mean_saturation(pipes[label], report["images"], settings, saturation)
-                               for label in pipes} if args.saturation else {}
-        out[f"{guidance:g}"] = entry
+        out[f"{guidance:g}"] = toy_geneval(pipes, settings, base="base", scorers=scorers)["splits"]["heldout"]
     return out
-
-
-def _mean_saturation(pipe, images: list[dict], settings, scorer) -> float:
-    from diffalign.sampler import sample
-
-    captions, seeds = [r["caption"] for r in images], [r["noise_seed"] for r in images]
-    values = []
-    for start in range(0, len(captions), settings.batch_size):
-        values += scorer(sample(pipe, captions[start : start + settings.batch_size],
-                                seeds=seeds[start : start + settings.batch_size], num_steps=settings.num_steps,
-                                guidance_scale=settings.guidance_scale, eta=settings.eta).images).tolist()
-    return float(np.mean(values))
 
 
 def diagnose(args) -> list[dict]:
@@ -145,7 +129,7 @@ def table(results: list[dict], evaluation: dict) -> None:
         for r in results:
             label = Path(r["run"]).name
             change = entry["change"][label]
-            sat = entry["saturation"]
+            sat = {k: v["toy_saturation"] for k, v in entry["scores"].items()} if "scores" in entry else {}
             print(f"| {label} | {r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f} | "
                   f"{entry['accuracy'][label]['all']['mean']:.3f} | {change['all']['mean']:+.3f} "
                   f"[{change['all']['low']:+.3f}, {change['all']['high']:+.3f}] | "

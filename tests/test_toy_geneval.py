@@ -252,3 +252,22 @@ def test_a_lora_run_without_its_config_names_what_is_missing(lora_run, capsys, n
     (lora_run / "config.yaml").unlink()
     assert main(["toy", "eval", "--model", f"{lora_run}:lora"]) == 2
     assert "config.yaml is missing, so the run's base model is unknown" in capsys.readouterr().err
+
+
+def test_toy_geneval_scores_the_same_images_with_extra_scorers(one_thread):
+    from diffalign.models import load_pipeline
+    from diffalign.sampler import sample
+    from diffalign.toy.geneval import GenEvalSettings, toy_geneval
+
+    pipe = load_pipeline("toy-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    settings = GenEvalSettings(seeds=[1], num_prompts=2, num_steps=2)
+    report = toy_geneval({"toy": pipe}, settings, scorers={"toy_saturation": make_scorer("toy_saturation")},
+                         progress=False)
+    rows = report["images"]
+    images = sample(pipe, [r["caption"] for r in rows], seeds=[r["noise_seed"] for r in rows], num_steps=2,
+                    guidance_scale=settings.guidance_scale).images
+    expected = make_scorer("toy_saturation")(images).tolist()
+    assert [r["scores"]["toy"]["toy_saturation"] for r in rows] == pytest.approx(expected)
+    assert report["splits"]["heldout"]["scores"]["toy"]["toy_saturation"] == pytest.approx(sum(expected) / 2)
+    assert [r["noise_seed"] for r in rows] == [100_000, 100_001]

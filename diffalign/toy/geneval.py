@@ -66,20 +66,27 @@ def split_captions(split: str, num_prompts: int | None, seed: int, video: bool) 
 
 
 def sample_hits(pipe, captions: Sequence[str], noise_seeds: Sequence[int], settings: GenEvalSettings,
-                progress=None) -> list[dict[str, float]]:
-    """Sample one image (clip) per caption with its noise seed and read its attributes."""
+                progress=None, scorers: Mapping[str, object] | None = None) -> tuple[list[dict], dict]:
+    """Sample one image (clip) per caption with its noise seed and read its attributes.
+
+    Returns the per-image hits and ``{name: [score per image]}`` of the same images by ``scorers``
+    (``{name: Scorer}``, none by default) (e.g. ``toy_saturation``, to see whether a reward is being hacked).
+    """
     from diffalign.sampler import sample
 
     reader = ToyGenEval()
     rows: list[dict[str, float]] = []
+    scores: dict[str, list[float]] = {name: [] for name in scorers or {}}
     for start in range(0, len(captions), settings.batch_size):
         chunk = list(captions[start : start + settings.batch_size])
         images = sample(pipe, chunk, seeds=list(noise_seeds[start : start + len(chunk)]),
                         num_steps=settings.num_steps, guidance_scale=settings.guidance_scale, eta=settings.eta).images
         rows += reader.hits(images, chunk)
+        for name, scorer in (scorers or {}).items():
+            scores[name] += scorer(images, chunk).tolist()
         if progress is not None:
             progress.update(len(chunk))
-    return rows
+    return rows, scores
 
 
 def with_all(row: Mapping[str, float]) -> dict[str, float]:
@@ -115,12 +122,13 @@ def summarize_rows(rows: Sequence[Mapping[str, float]], captions: Sequence[str],
 
 
 def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: str | None = None,
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, scorers: Mapping[str, object] | None = None) -> dict:
     """Evaluate ``models`` (``{label: pipeline}``, all image or all video pipelines) on the same captions and noise.
 
     Returns ``{"settings", "video", "splits": {split: {"n", "captions", "accuracy": {label: {attribute:
     {mean, low, high}}}, "change": {label: {...}} (against ``base``, one of the labels), "chance"}}, "images":
-    [{split, seed, caption, noise_seed, label: hits, ...}]}``. ``progress`` None shows a bar on a terminal only.
+    [{split, seed, caption, noise_seed, label: hits, ...}]}``; with ``scorers`` (``{name: Scorer}``) also
+    ``"scores": {label: {name: mean}}`` per split, over the same images. ``progress`` None: a bar on a terminal only.
     """
     from tqdm.auto import tqdm
 
@@ -139,12 +147,15 @@ def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: s
     with bar:
         for (split, seed), captions in jobs.items():
             noise = [seed * SEED_STRIDE + i for i in range(len(captions))]
-            hits = {}
+            hits, scores = {}, {}
             for label, pipe in models.items():
                 bar.set_postfix_str(f"{label} {split} seed {seed}")
-                hits[label] = sample_hits(pipe, captions, noise, settings, progress=bar)
+                hits[label], scores[label] = sample_hits(pipe, captions, noise, settings, progress=bar,
+                                                         scorers=scorers)
             images += [{"split": split, "seed": seed, "caption": c, "noise_seed": n,
-                        **{label: with_all(hits[label][i]) for label in models}}
+                        **{label: with_all(hits[label][i]) for label in models},
+                        **({"scores": {label: {k: v[i] for k, v in scores[label].items()} for label in models}}
+                           if scorers else {})}
                        for i, (c, n) in enumerate(zip(captions, noise, strict=True))]
     chance = video_chance_levels() if video else chance_levels()
     report = {"settings": asdict(settings), "video": video, "base": base, "splits": {}, "images": images}
@@ -157,6 +168,9 @@ def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: s
             entry["change"] = {label: summarize_rows([r[label] for r in rows], captions, names,
                                                      base_rows=[r[base] for r in rows])
                                for label in models if label != base}
+        if scorers:
+            entry["scores"] = {label: {name: float(np.mean([r["scores"][label][name] for r in rows]))
+                                       for name in scorers} for label in models}
         report["splits"][split] = entry
     return report
 

@@ -156,3 +156,60 @@ def _load_or_explain(cls, source: ModelSource, **kwargs):
                 "Without network access, download it elsewhere and pass its local folder instead."
             ) from err
         raise
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer outputs: ``RUN:lora``
+# ----------------------------------------------------------------------------------------------------
+LORA_SUFFIX = ":lora"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to load: ``base`` (any ``--model`` value) with the LoRA folder ``lora`` on top, if any."""
+
+    base: str
+    lora: str | None = None
+    vae: str | None = None
+    motion_adapter: str | None = None
+    variant: str | None = None
+
+
+def resolve_model_spec(spec: str) -> ModelSpec:
+    """``--model`` values that may name a trainer's LoRA run: a built-in id, hub id or folder as
+    :func:`resolve_model` takes them, or ``RUN:lora`` (``RUN`` holding ``pytorch_lora_weights.safetensors``,
+    loaded onto the base model ``RUN/config.yaml`` records, as ``diffalign train`` writes it). Nothing loads."""
+    import yaml
+
+    if not (isinstance(spec, str) and spec.endswith(LORA_SUFFIX)):
+        resolve_model(spec)
+        return ModelSpec(spec)
+    run = Path(os.path.expanduser(spec.removesuffix(LORA_SUFFIX)))
+    if not (run / LORA_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{spec!r}: {run} has no {LORA_WEIGHTS} (expected the output folder of a LoRA "
+                                "run of 'diffalign train')")
+    config_path = run / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{spec!r}: {config_path} is missing, so the run's base model is unknown")
+    model = (yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}).get("model") or {}
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+        raise ValueError(f"{config_path}: expected a 'model: {{name: BASE}}' section naming the run's base model")
+    if model.get("finetune", "lora") != "lora":
+        raise ValueError(f"{spec!r}: {config_path} says model.finetune={model['finetune']!r}; a full fine-tune "
+                         f"is a pipeline folder: pass {str(run)!r} without {LORA_SUFFIX}")
+    resolve_model(model["name"])
+    return ModelSpec(model["name"], str(run), model.get("vae"), model.get("motion_adapter"), model.get("variant"))
+
+
+def load_model_spec(spec: str | ModelSpec, *, dtype: str | torch.dtype = "float32",
+                    device: str | torch.device | None = None):
+    """Load a :func:`resolve_model_spec` model: the base pipeline, then the run's LoRA through the stock
+    ``pipe.load_lora_weights``."""
+    if isinstance(spec, str):
+        spec = resolve_model_spec(spec)
+    pipe = load_pipeline(spec.base, dtype=dtype, variant=spec.variant, vae=spec.vae,
+                         motion_adapter=spec.motion_adapter, device=device)
+    if spec.lora is not None:
+        pipe.load_lora_weights(spec.lora)
+    return pipe

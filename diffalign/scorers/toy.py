@@ -12,6 +12,15 @@ so every quantity below is a smooth function of the pixels and passes gradients.
   more and larger coloured objects score higher.
 - ``toy_target_color`` (prompt-free): the share of pixels softly assigned to one target colour (red by
   default): a preference that can contradict the prompt.
+
+``toy_geneval`` (needs toy captions) is the toy world's GenEval: *not* differentiable, it reads each image
+with the fixed reader of ``diffalign toy eval`` (:mod:`diffalign.toy.evaluate`) and checks every attribute
+its caption names (colour, shape, count, size, background, and position for a single object). Its score is
+GenEval's: 1 when every named attribute is right, else 0 (``measure=all``, the default), or the fraction of
+named attributes that are right (``measure=fraction``), or one attribute alone (``measure=color``, ...).
+Videos (toy-animatediff captions, ``"... moving left ..."``) are read frame by frame plus the motion
+direction over the whole clip (:mod:`diffalign.toy.video_evaluate`); a frame attribute counts as the
+fraction of frames showing it, and ``all`` needs every frame and the motion right.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 from diffalign.images import to_tensor
 from diffalign.scorers.base import Scorer, register_scorer
 from diffalign.toy import data
+from diffalign.toy.evaluate import ATTRIBUTES, attribute_hits
+from diffalign.toy.video_evaluate import VIDEO_ATTRIBUTES, clip_hits
 
 #: Mean object area in pixels (at 32x32) per size word, for one object and for several (these are smaller).
 _AREA = {("small", 1): 53.0, ("large", 1): 180.0, ("small", 2): 53.0, ("large", 2): 97.0}
@@ -112,3 +123,56 @@ class ToyTargetColor(Scorer):
         x = to_tensor(images).float().clamp(0, 1)
         names, p = soft_palette(x, self.temperature)
         return p[:, names.index(self.color)].flatten(1).mean(1)
+
+
+@register_scorer("toy_geneval")
+class ToyGenEval(Scorer):
+    """GenEval on the toy world: are the caption's attributes in the image, read by ``diffalign toy eval``'s
+    reader? 1/0 per image (``measure=all``), the fraction right (``fraction``), or one attribute's hit."""
+
+    name = "toy_geneval"
+    differentiable = False
+    needs_prompts = True
+    batch_size = 256
+    MEASURES = ("all", "fraction", *ATTRIBUTES, "direction")
+
+    def __init__(self, measure: str = "all"):
+        if measure not in self.MEASURES:
+            raise ValueError(f"toy_geneval: unknown measure {measure!r}; expected one of {', '.join(self.MEASURES)}")
+        self.measure = measure
+
+    def hits(self, images, prompts) -> list[dict[str, float]]:
+        """Per image [B, 3, H, W] or clip [B, F, 3, H, W]: each named attribute's hit (1/0; for clips, the
+        fraction of frames, and the motion direction 1/0). A prompt that is not a toy caption raises ValueError."""
+        if isinstance(images, torch.Tensor) and images.ndim == 5:
+            return clip_hits(images.float(), list(prompts))
+        rows = attribute_hits(to_tensor(images).float(), list(prompts))
+        return [{name: float(hit) for name, hit in row.items()} for row in rows]
+
+    def _measure(self, rows: list[dict[str, float]], video: bool) -> torch.Tensor:
+        if self.measure == "all":
+            values = [float(all(v == 1.0 for v in row.values())) for row in rows]
+        elif self.measure == "fraction":
+            values = [sum(row.values()) / len(row) for row in rows]
+        else:
+            known = VIDEO_ATTRIBUTES if video else ATTRIBUTES
+            if self.measure not in known:
+                raise ValueError(f"toy_geneval: measure {self.measure!r} is not an attribute of toy "
+                                 f"{'videos' if video else 'images'} ({', '.join(known)})")
+            # Position is named for single objects only: a scene of several scores it as right.
+            values = [row.get(self.measure, 1.0) for row in rows]
+        return torch.tensor(values, dtype=torch.float32)
+
+    def _score(self, images, prompts):
+        return self._measure(self.hits(images, prompts), video=False)
+
+    def _score_video(self, videos, prompts):
+        # Motion needs every frame: the clip is read whole (``video_frames`` does not subsample it).
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(videos)
+        if prompts is None:
+            raise ValueError(f"scorer {self.name!r} needs one prompt per video")
+        prompts = list(prompts)
+        if len(prompts) != len(videos):
+            raise ValueError(f"scorer {self.name!r}: got {len(videos)} videos but {len(prompts)} prompts")
+        return self._measure(self.hits(videos, prompts), video=True)

@@ -1,9 +1,10 @@
-"""``diffalign toy pretrain`` and ``diffalign toy eval``."""
+"""``diffalign toy pretrain`` (and ``pretrain-video``, ``export``) and ``diffalign toy eval`` (the toy GenEval)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import fields
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -21,18 +22,27 @@ def add_parser(sub) -> None:
                            VideoPretrainConfig, pretrain_video, export_video_checkpoint, "toy video pipeline",
                            export_name="export-video")
 
-    e = commands.add_parser("eval", help="caption-attribute accuracy of a toy model's samples")
+    e = commands.add_parser("eval", help="toy GenEval: per-attribute caption accuracy of a toy model's samples, "
+                                         "with 95 %% intervals and the change against a base on the same noise")
     e.add_argument("--model", default="toy-sdxl",
-                   help="built-in id or diffusers folder (default toy-sdxl; an AnimateDiff model gets the video eval)")
-    e.add_argument("--split", default="heldout", choices=["train", "heldout"])
-    e.add_argument("--num-prompts", type=int, default=126)
-    e.add_argument("--seed", type=int, default=0)
+                   help="built-in id, diffusers folder, or RUN:lora (a 'diffalign train' LoRA run, loaded onto the "
+                        "base its config.yaml records); default toy-sdxl; an AnimateDiff model gets the video eval")
+    e.add_argument("--base", default=None, metavar="SPEC",
+                   help="also evaluate this model (same forms as --model) on the same captions and noise, and "
+                        "report the change of --model against it")
+    e.add_argument("--split", default="heldout", choices=["train", "heldout", "both"])
+    e.add_argument("--num-prompts", type=int, default=126,
+                   help="captions per split and seed (default 126: every held-out caption; 0: every caption)")
+    e.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                   help="evaluation seeds: each draws its captions and gives image i the noise seed "
+                        "SEED*100000+i (default 0)")
     e.add_argument("--steps", type=int, default=DEFAULT_NUM_STEPS)
     e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     e.add_argument("--eta", type=float, default=1.0)
+    e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default=None)
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    e.add_argument("--out", default=None, help="write the result as JSON here")
+    e.add_argument("--out", default=None, help="write the report (and every image's hits) as JSON here")
     e.set_defaults(func=_run_eval)
 
 
@@ -77,44 +87,29 @@ def _run_export(args) -> None:
 
 def _run_eval(args) -> None:
     from diffalign.cli import UsageError, default_device
-    from diffalign.models import load_pipeline, resolve_model
-    from diffalign.toy.data import toy_prompts
-    from diffalign.toy.evaluate import caption_accuracy
+    from diffalign.models import resolve_model_spec
+    from diffalign.toy.geneval import GenEvalSettings, format_report, load_models, toy_geneval
 
-    if args.num_prompts < 1:
-        raise UsageError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-    resolve_model(args.model)
+    if args.num_prompts < 0:
+        raise UsageError(f"--num-prompts must be >= 0 (0: every caption), got {args.num_prompts}")
+    if args.eta < 0:
+        raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    settings = GenEvalSettings(splits=["train", "heldout"] if args.split == "both" else [args.split],
+                               seeds=list(args.seeds), num_prompts=args.num_prompts or None, num_steps=args.steps,
+                               guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size)
+    specs = {"model": args.model} if args.base is None else {"base": args.base, "model": args.model}
+    for spec in specs.values():
+        resolve_model_spec(spec)  # a bad --model / --base fails here, before anything loads
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, device=args.device or default_device())
-    pipe.set_progress_bar_config(disable=True)
-    if type(pipe).__name__ == "AnimateDiffPipeline":
-        return _run_video_eval(args, pipe)
-    prompts = toy_prompts(args.split, args.num_prompts, seed=args.seed)
-    result = caption_accuracy(pipe, prompts, seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance,
-                              eta=args.eta)
-    print(f"caption-attribute accuracy of {args.model} on {result['n']} {args.split} prompts "
-          f"({args.steps} steps, guidance {args.guidance}):")
-    for name, value in result["accuracy"].items():
-        print(f"  {name:<11} {value:6.3f}   (chance {result['chance'][name]:.3f})")
+    pipes = load_models(specs, device=args.device or default_device())
+    report = toy_geneval(pipes, settings, base="base" if args.base is not None else None)
+    print(format_report(report, specs))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, "split": args.split, **result}, f, indent=2)
-
-
-def _run_video_eval(args, pipe) -> None:
-    from diffalign.toy.video_data import video_prompts
-    from diffalign.toy.video_evaluate import video_caption_accuracy
-
-    prompts = video_prompts(args.split, args.num_prompts, seed=args.seed)
-    result = video_caption_accuracy(pipe, prompts, seed=args.seed, num_steps=args.steps,
-                                    guidance_scale=args.guidance, eta=args.eta)
-    print(f"per-frame caption accuracy and motion accuracy of {args.model} on {result['n']} {args.split} "
-          f"video prompts ({args.steps} steps, guidance {args.guidance}):")
-    for name, value in result["accuracy"].items():
-        print(f"  {name:<11} {value:6.3f}   (chance {result['chance'][name]:.3f})")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, "split": args.split, **result}, f, indent=2)
+            json.dump({"models": specs, **report}, f, indent=1)
+        print(f"wrote {args.out}")

@@ -18,6 +18,7 @@ from diffalign.toy import video_data
 from diffalign.toy.evaluate import FOREGROUND_DISTANCE, read_attributes
 
 FRAME_ATTRIBUTES = ("color", "shape", "background", "size", "count")
+VIDEO_ATTRIBUTES = (*FRAME_ATTRIBUTES, "direction")
 #: Less centroid travel than this (pixels over the whole clip) reads as no motion.
 MIN_TRAVEL = 3.0
 
@@ -70,7 +71,7 @@ def video_chance_levels() -> dict[str, float]:
 
 
 def summarize_clips(rows: list[dict[str, float]]) -> dict[str, float]:
-    accuracy = {name: float(np.mean([r[name] for r in rows])) for name in (*FRAME_ATTRIBUTES, "direction")}
+    accuracy = {name: float(np.mean([r[name] for r in rows])) for name in VIDEO_ATTRIBUTES}
     # A clip counts as right when every frame shows every attribute and the motion is right.
     accuracy["all"] = float(np.mean([all(v == 1.0 for v in r.values()) for r in rows]))
     return accuracy

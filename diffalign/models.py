@@ -162,7 +162,6 @@ def _load_or_explain(cls, source: ModelSource, **kwargs):
 # Trainer outputs: ``RUN:lora``
 # ----------------------------------------------------------------------------------------------------
 LORA_SUFFIX = ":lora"
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -186,8 +185,8 @@ def resolve_model_spec(spec: str) -> ModelSpec:
         resolve_model(spec)
         return ModelSpec(spec)
     run = Path(os.path.expanduser(spec.removesuffix(LORA_SUFFIX)))
-    if not (run / LORA_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{spec!r}: {run} has no {LORA_WEIGHTS} (expected the output folder of a LoRA "
+    if not (run / LORA_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{spec!r}: {run} has no {LORA_WEIGHTS_FILE} (expected the output folder of a LoRA "
                                 "run of 'diffalign train')")
     config_path = run / "config.yaml"
     if not config_path.is_file():

@@ -86,7 +86,7 @@ def test_server_accepts_plain_multipart_pngs(tmp_path):
         files.append(("images", (f"{i}.png", (tmp_path / f"{i}.png").read_bytes(), "image/png")))
     with ScorerServer(make_scorer("brightness")) as server:
         answer = requests.post(server.url + "/score", files=files, timeout=2).json()
-    expected = make_scorer("brightness").score(((images * 255).round() / 255)).tolist()
+    expected = make_scorer("brightness").score((images * 255).round() / 255).tolist()
     assert answer["scores"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -6,8 +6,18 @@ weighted sum of such terms (``10*pickscore + 2*hpsv2 + 0.05*aesthetic``).
 """
 
 # Importing a scorer module registers its scorers: weight-free (simple), toy-sdxl rewards (toy) and the
-# model-based ones (aesthetic, clipscore, hpsv2, imagereward, pickscore) and the served ones (remote).
-from diffalign.scorers import aesthetic, clipscore, hpsv2, imagereward, pickscore, remote, simple, toy  # noqa: F401
+# model-based ones (aesthetic, clipscore, hpsv2, imagereward, pickscore) and the served ones (remote, vlm_judge).
+from diffalign.scorers import (  # noqa: F401
+    aesthetic,
+    clipscore,
+    hpsv2,
+    imagereward,
+    pickscore,
+    remote,
+    simple,
+    toy,
+    vlm_judge,
+)
 from diffalign.scorers.base import (
     SCORERS,
     CombinedScorer,

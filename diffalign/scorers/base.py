@@ -197,8 +197,8 @@ def available_scorers() -> list[str]:
     return sorted(SCORERS)
 
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_TERM = re.compile(rf"^\s*(?:(?P<weight>{_NUMBER})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$", re.S)
+NUMBER_PATTERN = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_TERM = re.compile(rf"^\s*(?:(?P<weight>{NUMBER_PATTERN})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$", re.S)
 
 
 def _parse_value(text: str):

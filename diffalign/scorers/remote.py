@@ -76,6 +76,9 @@ class HTTPScorer(Scorer):
         self.session = make_session(retries, backoff, max_backoff)
         self.bad_batches: Counter[str] = Counter()  # why batches scored NaN: timeout, not_json, wrong_count, ...
 
+    def auth_headers(self) -> dict:
+        return auth_headers(self.token)
+
     @property
     def give_up_after_s(self) -> float:
         return worst_case_s(self.retries, self.backoff, self.max_backoff, *self.timeouts)
@@ -83,7 +86,7 @@ class HTTPScorer(Scorer):
     def request(self, method: str, path: str, **kwargs) -> requests.Response | None:
         """The server's answer; None after a timeout on every try; ServiceError when it cannot be reached."""
         url = self.url + path
-        headers = {**kwargs.pop("headers", {}), **auth_headers(self.token)}
+        headers = {**kwargs.pop("headers", {}), **self.auth_headers()}
         try:
             return self.session.request(method, url, headers=headers, timeout=self.timeouts, **kwargs)
         except requests.exceptions.ReadTimeout:

@@ -21,6 +21,7 @@ from diffalign.scorers import (  # noqa: F401
 from diffalign.scorers.base import (
     SCORERS,
     CombinedScorer,
+    NormalizedScorer,
     Scorer,
     available_scorers,
     check_scorer_names,
@@ -32,6 +33,7 @@ from diffalign.scorers.base import (
 __all__ = [
     "SCORERS",
     "CombinedScorer",
+    "NormalizedScorer",
     "Scorer",
     "available_scorers",
     "check_scorer_names",

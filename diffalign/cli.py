@@ -54,8 +54,8 @@ TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")  # pipelines; diffalign.tiny b
 
 def _add_tiny(sub):
     p = sub.add_parser("tiny", help="write a tiny random-weight diffusers pipeline or scorer model (offline)")
-    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic) write a folder for --scorer KIND:model=FOLDER.
-    p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic"])
+    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic, hpsv3) write a folder for --scorer KIND:model=FOLDER.
+    p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic", "hpsv3"])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_tiny)

@@ -118,7 +118,7 @@ def main() -> None:
     print(f"### Async scoring - {args.model}, {args.prompts}x{args.per_prompt} samples, {args.steps} steps, "
           f"{args.size} px, calls of {args.chunk}; reward `{args.reward_spec or 'ViT-S-width PickScore'}` "
           f"served on loopback ({machine}, {date})\n")
-    print("| scoring | epoch (s, best of %d) | of which waiting for scores (s) | vs synchronous |" % args.repeats)
+    print(f"| scoring | epoch (s, best of {args.repeats}) | of which waiting for scores (s) | vs synchronous |")
     print("|---|---|---|---|")
     print(f"| synchronous | {sync_s:.3f} | {parts[False]['scoring_s']:.3f} | 1.00 |")
     print(f"| asynchronous | {async_s:.3f} | {parts[True]['scoring_s']:.3f} | {async_s / sync_s:.2f} |")

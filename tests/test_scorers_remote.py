@@ -159,3 +159,36 @@ def test_cli_serve_scorer_rejects_bad_input_with_status_2():
         make_scorer("remote:127.0.0.1:8000")
     with pytest.raises(ValueError, match="encoding='jpeg'"):
         make_scorer("remote:http://127.0.0.1:1,encoding=jpeg")
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: PRDP trains from a reward served by another process
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_prdp_trains_from_a_reward_served_by_another_process(tmp_path, tiny_sdxl_path, capsys):
+    import json
+
+    from diffalign.cli import main
+
+    server, url = _start_cli_server("brightness")
+    try:
+        out = tmp_path / "prdp-remote"
+        code = main(["train", str(ROOT / "configs" / "tiny-sdxl-prdp.yaml"), f"train.output_dir={out}",
+                     "train.max_steps=2", "method.gradient_steps_per_epoch=1", "method.num_prompts=1",
+                     "method.samples_per_prompt=3", "method.sample_batch_size=2", "method.num_inference_steps=4",
+                     "method.train_timesteps=2", "method.async_scoring=true", f"method.reward=remote:{url},{FAST}",
+                     "eval.enabled=false", "log.every_n_steps=1", f"model.name={tiny_sdxl_path}"])
+        health = requests.get(url + "/health", timeout=2).json()
+    finally:
+        server.kill()
+        server.wait()
+    assert code == 0 and (out / "pytorch_lora_weights.safetensors").is_file()
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(0 < m["reward_mean"] < 1 for m in metrics)  # brightness, scored remotely
+    assert health["images"] == 2 * 3 and health["requests"] == 2 * 2  # 2 epochs x (2 + 1) samples in 2 calls
+    # the server is gone now: the next run stops with the URL named, exit status 1, no traceback
+    assert main(["train", str(ROOT / "configs" / "tiny-sdxl-prdp.yaml"), f"train.output_dir={tmp_path / 'down'}",
+                 "train.max_steps=1", "method.num_prompts=1", "method.samples_per_prompt=2",
+                 "method.num_inference_steps=2", f"method.reward=remote:{url},{FAST}", "eval.enabled=false",
+                 f"model.name={tiny_sdxl_path}"]) == 1
+    assert f"cannot reach {url}/health" in capsys.readouterr().err

@@ -189,6 +189,7 @@ def test_prdp_trains_from_a_reward_served_by_another_process(tmp_path, tiny_sdxl
     # the server is gone now: the next run stops with the URL named, exit status 1, no traceback
     assert main(["train", str(ROOT / "configs" / "tiny-sdxl-prdp.yaml"), f"train.output_dir={tmp_path / 'down'}",
                  "train.max_steps=1", "method.num_prompts=1", "method.samples_per_prompt=2",
-                 "method.num_inference_steps=2", f"method.reward=remote:{url},{FAST}", "eval.enabled=false",
+                 "method.num_inference_steps=2", "method.train_timesteps=1", f"method.reward=remote:{url},{FAST}",
+                 "eval.enabled=false",
                  f"model.name={tiny_sdxl_path}"]) == 1
     assert f"cannot reach {url}/health" in capsys.readouterr().err

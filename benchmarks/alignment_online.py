@@ -78,7 +78,8 @@ def run_one(name: str, seed: int, args, winners: Path | None) -> dict:
     method, extra = METHODS[name]
     out = Path(args.out) / f"{name}-seed{seed}"
     overrides = [f"train.output_dir={out}", f"train.seed={seed}", f"model.name={args.model}",
-                 f"eval.scorers=[{args.reward}]", "log.progress_bar=false", *extra, *args.override]
+                 f"eval.scorers=[{','.join([args.reward, *args.eval_scorers])}]", "log.progress_bar=false", *extra,
+                 *args.override]
     if method == "seppo":
         overrides += [f"data.source={winners}", *args.seppo_override]
     else:
@@ -106,6 +107,8 @@ def main() -> None:
                         help="the config set: configs/CONFIGS-METHOD.yaml")
     parser.add_argument("--model", default=None, help="model id or folder (default: the --configs model)")
     parser.add_argument("--reward", default="toy_saturation", help="a registered scorer name (the target)")
+    parser.add_argument("--eval-scorers", nargs="*", default=[],
+                        help="evaluation-only scorers reported beside the target (eval.scorers; never trained on)")
     parser.add_argument("--candidates", type=int, default=4, help="SePPO winners: best of this many per prompt")
     parser.add_argument("--winner-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)

@@ -54,8 +54,8 @@ TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")  # pipelines; diffalign.tiny b
 
 def _add_tiny(sub):
     p = sub.add_parser("tiny", help="write a tiny random-weight diffusers pipeline or scorer model (offline)")
-    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic) write a folder for --scorer KIND:model=FOLDER.
-    p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic"])
+    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic, hpsv3) write a folder for --scorer KIND:model=FOLDER.
+    p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic", "hpsv3"])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_tiny)
@@ -231,6 +231,46 @@ def _run_score(args):
 
 
 # ----------------------------------------------------------------------------------------------------
+def _add_serve_scorer(sub):
+    p = sub.add_parser("serve-scorer", help="serve a scorer spec over HTTP for `remote:URL` rewards")
+    p.add_argument("spec", help="scorer name or spec, e.g. pickscore:model=FOLDER or 10*pickscore+2*hpsv2")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="larger request bodies are refused (413)")
+    p.add_argument("--token-env", default=None,
+                   help="require the token held in this environment variable (clients set the same one; "
+                        "remote:URL reads DIFFALIGN_SCORER_TOKEN unless told token_env=VAR)")
+    p.set_defaults(func=_run_serve_scorer)
+
+
+def _run_serve_scorer(args):
+    from diffalign.scorers import check_scorer_names, make_scorer
+    from diffalign.scorers.server import ScorerServer
+
+    check_scorer_names([args.spec])
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_request_mb <= 0:
+        raise UsageError(f"--max-request-mb must be > 0, got {args.max_request_mb}")
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise UsageError(f"--token-env {args.token_env}: that environment variable is not set or empty")
+    try:
+        server = ScorerServer(make_scorer(args.spec), host=args.host, port=args.port, token=token,
+                              max_request_mb=args.max_request_mb)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    # One line a launcher can wait for; the port is the real one when --port 0 picked a free one.
+    print(f"serving {args.spec} on {server.url} (POST /score, GET /health)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with human preference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -238,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tiny(sub)
     _add_sample(sub)
     _add_score(sub)
+    _add_serve_scorer(sub)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
     return parser
@@ -248,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from diffalign.checkpoints import CheckpointError
+    from diffalign.online import RewardError
+    from diffalign.scorers.transport import ServiceError
     from diffalign.train import NonFiniteError, TrainingInterrupted
 
     try:
@@ -255,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteError) as err:
+    except (CheckpointError, NonFiniteError, RewardError, ServiceError) as err:
         print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
         return 1
     except TrainingInterrupted as err:  # preempted: the conventional status of a SIGTERM'd process

@@ -59,6 +59,7 @@ class OnlineSettings:
     recompute_chunk_size: int = 1  # timesteps batched into one UNet forward when recomputing log-probs
     steps_per_backward: int | None = None  # None: a micro-batch's steps in one graph; N: exact, N steps per graph
     max_bad_reward_fraction: float = 0.25  # stop when more of an epoch's rewards are NaN/inf
+    async_scoring: bool = False  # score each sampling call's images in the background while the next is sampled
 
 
 def validate_online_settings(cfg: OnlineSettings, require) -> None:
@@ -227,10 +228,12 @@ def sample_epoch(pipe, prompts: list[str], settings: OnlineSettings, seeds: list
     Videos are scored by the reward's image scorers averaged over frames.
     """
     from diffalign.sampler import Trajectory, sample
+    from diffalign.scorers.async_scoring import ScoringQueue
 
     frames = {"num_frames": settings.num_frames} if settings.num_frames is not None else {}
     jobs = [(p, g) for g, p in enumerate(prompts) for _ in range(settings.samples_per_prompt)]
     parts, images = [], []
+    scoring = ScoringQueue(reward) if settings.async_scoring else None
     t0 = time.perf_counter()
     for start in range(0, len(jobs), settings.sample_batch_size):
         chunk = jobs[start : start + settings.sample_batch_size]
@@ -239,9 +242,12 @@ def sample_epoch(pipe, prompts: list[str], settings: OnlineSettings, seeds: list
                      eta=settings.eta, height=settings.height, width=settings.width, model_name=model_name, **frames)
         parts.append(_on_cpu(out.trajectory))  # an epoch's trajectories wait on the host, not the GPU
         images.append(out.images.cpu())
+        if scoring is not None:
+            scoring.submit(images[-1], [p for p, _ in chunk])
     t1 = time.perf_counter()
     trajectory = Trajectory.cat(parts)
-    rewards = reward(torch.cat(images), trajectory.prompts)
+    # async: scoring_s is only the wait for the batches still being scored when sampling ended
+    rewards = scoring.gather() if scoring is not None else reward(torch.cat(images), trajectory.prompts)
     t2 = time.perf_counter()
     groups = torch.tensor([g for _, g in jobs])
     return trajectory, rewards, groups, {"sampling_s": t1 - t0, "scoring_s": t2 - t1}

@@ -241,8 +241,8 @@ def test_spec_parsing_keeps_plus_inside_a_path_and_rejects_bad_specs():
     assert parse_scorer_spec("brightness") == [(None, "brightness", {})]
     with pytest.raises(ValueError, match="unknown scorer 'pickscor'.*known scorers: .*aesthetic.*hpsv2.*pickscore"):
         check_scorer_names(["10*pickscor+2*hpsv2"])
-    with pytest.raises(ValueError, match="unknown scorer 'hpsv3'"):
-        make_scorer("pickscore+hpsv3")
+    with pytest.raises(ValueError, match="unknown scorer 'hpsv9'"):  # hpsv3 is registered now
+        make_scorer("pickscore+hpsv9")
     with pytest.raises(ValueError, match="has no setting 'modle'.*model"):
         check_scorer_names(["pickscore:modle=/x"])
     with pytest.raises(ValueError, match="KEY=VALUE"):

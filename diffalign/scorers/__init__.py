@@ -6,11 +6,22 @@ weighted sum of such terms (``10*pickscore + 2*hpsv2 + 0.05*aesthetic``).
 """
 
 # Importing a scorer module registers its scorers: weight-free (simple), toy-sdxl rewards (toy) and the
-# model-based ones (aesthetic, clipscore, hpsv2, imagereward, pickscore).
-from diffalign.scorers import aesthetic, clipscore, hpsv2, imagereward, pickscore, simple, toy  # noqa: F401
+# model-based ones (aesthetic, clipscore, hpsv2, hpsv3, imagereward, pickscore) and the served ones (remote, vlm_judge).
+from diffalign.scorers import (  # noqa: F401
+    aesthetic,
+    clipscore,
+    hpsv2,
+    imagereward,
+    pickscore,
+    remote,
+    simple,
+    toy,
+    vlm_judge,
+)
 from diffalign.scorers.base import (
     SCORERS,
     CombinedScorer,
+    NormalizedScorer,
     Scorer,
     available_scorers,
     check_scorer_names,
@@ -22,6 +33,7 @@ from diffalign.scorers.base import (
 __all__ = [
     "SCORERS",
     "CombinedScorer",
+    "NormalizedScorer",
     "Scorer",
     "available_scorers",
     "check_scorer_names",

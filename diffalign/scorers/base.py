@@ -129,9 +129,56 @@ class CombinedScorer(Scorer):
         return f"CombinedScorer({self.name!r})"
 
 
+NORMALIZATIONS = ("none", "zscore")
+
+
+class NormalizedScorer(Scorer):
+    """A scorer's scores standardised by running statistics: ``(s - mean) / std`` over every finite score
+    seen so far, this batch included (``normalize=zscore``). Puts the terms of a weighted sum on one scale
+    whatever their units (PickScore ~22, HPSv2 ~0.27), so the weights say how much each term counts.
+
+    The statistics are constants for autograd (a differentiable scorer stays differentiable), live in
+    this object (one per process; a resumed run starts them afresh) and are meant for training rewards;
+    an evaluation reward should stay raw so runs can be compared.
+    """
+
+    def __init__(self, scorer: Scorer, eps: float = 1e-6):
+        self.inner, self.eps = scorer, eps
+        self.name = scorer.name
+        self.higher_is_better, self.differentiable = scorer.higher_is_better, scorer.differentiable
+        self.needs_prompts = scorer.needs_prompts
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # Welford's running mean and sum of squared deviations
+
+    # The inner scorer batches and samples video frames; these settings are its own.
+    batch_size = property(lambda self: self.inner.batch_size, lambda self, v: setattr(self.inner, "batch_size", v))
+    video_frames = property(lambda self: self.inner.video_frames, lambda self, v: setattr(self.inner, "video_frames", v))
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def update(self, values: torch.Tensor) -> None:
+        for value in values[torch.isfinite(values)].double().tolist():
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+
+    def score(self, images, prompts=None) -> torch.Tensor:
+        scores = self.inner.score(images, prompts)
+        self.update(scores.detach().float().cpu())
+        return (scores - self.mean) / max(self.std, self.eps)
+
+    __call__ = score
+
+    def __repr__(self) -> str:
+        return f"NormalizedScorer({self.inner!r}, count={self.count})"
+
+
 SCORERS: dict[str, Callable[..., Scorer]] = {}
-#: Settings every scorer accepts (set on the built scorer, not passed to its constructor).
-COMMON_SETTINGS = ("batch_size", "video_frames")
+#: Settings every scorer accepts (set on the built scorer, not passed to its constructor; ``normalize``
+#: wraps it in a :class:`NormalizedScorer`).
+COMMON_SETTINGS = ("batch_size", "video_frames", "normalize")
 
 
 def register_scorer(name: str):
@@ -150,8 +197,8 @@ def available_scorers() -> list[str]:
     return sorted(SCORERS)
 
 
-_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_TERM = re.compile(rf"^\s*(?:(?P<weight>{_NUMBER})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$", re.S)
+NUMBER_PATTERN = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_TERM = re.compile(rf"^\s*(?:(?P<weight>{NUMBER_PATTERN})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$", re.S)
 
 
 def _parse_value(text: str):
@@ -169,15 +216,40 @@ def _parse_value(text: str):
     return text
 
 
-def _parse_settings(text: str | None, spec: str) -> dict:
+def _split_settings(text: str) -> list[str]:
+    """Split on commas outside double or single quotes (a judge's prompt may hold commas)."""
+    items, current, quote = [], "", None
+    for char in text:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == ",":
+            items.append(current)
+            current = ""
+            continue
+        current += char
+    if quote:
+        raise ValueError(f"unbalanced {quote} quote in scorer settings {text!r}")
+    return [*items, current]
+
+
+def _parse_settings(text: str | None, spec: str, positional: str | None = None) -> dict:
+    """``KEY=VALUE,...``; a quoted value keeps commas and is a string. With ``positional`` (e.g. ``url``
+    for ``remote:http://host:port``) a first item that is not ``KEY=VALUE`` is that setting's value."""
     settings = {}
-    for item in (text or "").split(","):
+    for i, item in enumerate(_split_settings(text or "")):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
+        if not (sep and key.strip().isidentifier()):
+            if i == 0 and positional is not None:
+                settings[positional] = item.strip()
+                continue
             raise ValueError(f"scorer spec {spec!r}: setting {item.strip()!r} is not KEY=VALUE")
-        settings[key.strip()] = _parse_value(value)
+        value = value.strip()
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
+        settings[key.strip()] = value[1:-1] if quoted else _parse_value(value)
     return settings
 
 
@@ -210,7 +282,8 @@ def parse_scorer_spec(spec: str) -> list[tuple[float | None, str, dict]]:
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(available_scorers())}")
         weight = None if match["weight"] is None else float(match["weight"])
-        terms.append((weight, name, _parse_settings(match["settings"], spec)))
+        positional = getattr(SCORERS[name], "positional_setting", None)
+        terms.append((weight, name, _parse_settings(match["settings"], spec, positional)))
     return terms
 
 
@@ -225,13 +298,21 @@ def _check_settings(name: str, settings: dict) -> None:
         raise ValueError(f"scorer {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(accepted)}")
 
 
+def _check_normalize(name: str, settings: dict) -> None:
+    value = settings.get("normalize", "none")
+    if value not in NORMALIZATIONS:
+        raise ValueError(f"scorer {name!r}: normalize={value!r}; expected one of {', '.join(NORMALIZATIONS)}")
+
+
 def _build_one(name: str, settings: dict) -> Scorer:
     _check_settings(name, settings)
+    _check_normalize(name, settings)
+    normalize = settings.pop("normalize", "none")
     common = {k: settings.pop(k) for k in COMMON_SETTINGS if k in settings}
     scorer = SCORERS[name](**settings)
     for key, value in common.items():
         setattr(scorer, key, value)
-    return scorer
+    return NormalizedScorer(scorer) if normalize == "zscore" else scorer
 
 
 def make_scorer(spec: str, **settings) -> Scorer:
@@ -263,6 +344,7 @@ def check_scorer_names(names: Sequence[str]) -> None:
     for spec in names:
         for _, name, settings in parse_scorer_spec(spec):
             _check_settings(name, settings)
+            _check_normalize(name, settings)
             check_available = getattr(SCORERS[name], "check_available", None)
             if check_available is not None:
                 check_available()
@@ -272,6 +354,8 @@ __all__ = [
     "Scorer",
     "SCORERS",
     "CombinedScorer",
+    "NormalizedScorer",
+    "NORMALIZATIONS",
     "register_scorer",
     "available_scorers",
     "make_scorer",

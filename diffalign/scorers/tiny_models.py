@@ -8,9 +8,13 @@ Each folder loads with the same code as the published weights (``make_scorer("KI
   weights saved the way HPSv2 ships them: fp16 under ``"state_dict"`` in ``HPS_v2_compressed.pt`` and
   ``HPS_v2.1_compressed.pt`` (read back with ``weights_only=True``);
 * ``aesthetic``: a CLIP ViT-L/14-style model (quick-GELU, patch 14) plus a random
-  ``sac+logos+ava1-l14-linearMSE.pth`` head of the published layer layout.
+  ``sac+logos+ava1-l14-linearMSE.pth`` head of the published layer layout;
+* ``hpsv3``: a Qwen2-VL (patch 14, merge 2, M-RoPE sections) with a byte-level Qwen2 tokenizer, the
+  Qwen2-VL chat template and image processor (the base-model files ``base=`` points at), and
+  ``HPSv3.safetensors`` laid out like the published one (pre-4.52 key names ``visual.*`` / ``model.*``,
+  the embedding resized to the tokenizer plus ``<|Reward|>``, the fp32 ``rm_head``).
 
-All take 224 x 224 inputs like the real models (the preprocessing is the thing under test), with small
+The CLIP ones take 224 x 224 inputs like the real models (HPSv3: 448 x 448, 256 x 28 x 28 pixels) (the preprocessing is the thing under test), with small
 widths so a forward pass costs milliseconds. Same seed, same weights.
 """
 
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-TINY_SCORER_KINDS = ("pickscore", "clipscore", "hpsv2", "aesthetic")
+TINY_SCORER_KINDS = ("pickscore", "clipscore", "hpsv2", "aesthetic", "hpsv3")
 #: Bump when the tiny architectures change, so cached builds are rebuilt.
 TINY_SCORER_VERSION = 1
 
@@ -74,6 +78,79 @@ def build_tiny_open_clip(seed: int = 0, config_dir: str | os.PathLike | None = N
         return create_open_clip(f"local-dir:{folder}")[0].eval()
 
 
+QWEN2_VL_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                           "<|image_pad|>", "<|video_pad|>")
+#: Qwen2-VL-7B-Instruct's chat template (system turn, image placeholders, generation prompt).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "
+    "'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}"
+    "\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in "
+    "message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>{% elif "
+    "content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_qwen2_vl_base(out: Path, seed: int):
+    """A tiny Qwen2-VL base-model folder (config, byte-level tokenizer, processor); returns its config."""
+    from transformers import (
+        Qwen2Tokenizer,
+        Qwen2VLConfig,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from diffalign.tiny import _bytes_to_unicode
+
+    byte_symbols = list(_bytes_to_unicode().values())
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(byte_symbols)}, ensure_ascii=False))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+        tokenizer = Qwen2Tokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), unk_token=None,
+                                   bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS[1:])})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
+                                            temporal_patch_size=2, merge_size=2)
+    Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                     chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(out)
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, tie_word_embeddings=False,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.save_pretrained(out)
+    return config, len(tokenizer)
+
+
+def write_tiny_hpsv3(out: Path, seed: int) -> None:
+    """The tiny base folder plus ``HPSv3.safetensors`` in the published (pre-4.52) key layout."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from diffalign.scorers.hpsv3 import HPSV3_FILE, reward_head
+
+    config, num_tokens = write_qwen2_vl_base(out, seed)
+    config.text_config.vocab_size = num_tokens + 1  # HPSv3 adds <|Reward|> and resizes the embedding
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    head = reward_head(config.text_config.hidden_size)
+    legacy = {}
+    for key, value in model.state_dict().items():  # transformers >= 4.52 names -> the released file's names
+        key = key.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+        legacy[key] = value.to(torch.bfloat16).contiguous()
+    legacy |= {f"rm_head.{k}": v.float().contiguous() for k, v in head.state_dict().items()}
+    save_file(legacy, str(out / HPSV3_FILE))
+
+
 def _write(kind: str, out: Path, seed: int) -> None:
     if kind in ("pickscore", "clipscore"):
         build_tiny_clip(seed, hidden_act="gelu" if kind == "pickscore" else "quick_gelu").save_pretrained(out)
@@ -92,6 +169,8 @@ def _write(kind: str, out: Path, seed: int) -> None:
         clip.save_pretrained(out)
         torch.manual_seed(seed + 1)
         torch.save(AestheticHead(embed_dim=clip.config.projection_dim).state_dict(), out / AESTHETIC_HEAD_FILE)
+    elif kind == "hpsv3":
+        write_tiny_hpsv3(out, seed)
     else:
         raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
 

@@ -49,7 +49,7 @@ def default_device() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")  # pipelines; diffalign.tiny builds them
+TINY_KINDS = ("sd", "sdxl", "animatediff", "wan", "sd3", "flux")  # pipelines; diffalign.tiny builds them
 
 
 def _add_tiny(sub):

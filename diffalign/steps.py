@@ -161,6 +161,14 @@ class _FlowStep:
         return sigmas[index], sigmas[index + 1], sigmas
 
 
+def _draw(mean: torch.Tensor, std: torch.Tensor, noisy: bool, generator, dtype: torch.dtype) -> torch.Tensor:
+    """``mean + std z`` (``std`` per row, fp32 noise), cast to the sample's dtype; just ``mean`` when not ``noisy``."""
+    if not noisy:
+        return mean.to(dtype)
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return (mean + std.view((-1,) + (1,) * (mean.ndim - 1)) * noise).to(dtype)
+
+
 def _check_reduction(reduction: str) -> None:
     if reduction not in LOG_PROB_REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(LOG_PROB_REDUCTIONS)}, got {reduction!r}")
@@ -209,11 +217,7 @@ class FlowSDEStep(_FlowStep):
         mean = x * (1 + st**2 / (2 * s) * d) + v * (1 + st**2 * (1 - s) / (2 * s)) * d
         std = std_t * (-dt).sqrt()
         if prev_sample is None:
-            prev = mean
-            if self.noise_level > 0:
-                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=torch.float32)
-                prev = mean + std.view(view) * noise
-            prev_sample = prev.to(sample.dtype)
+            prev_sample = _draw(mean, std, self.noise_level > 0, generator, sample.dtype)
         log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std, self.reduction)
         return StepResult(prev_sample, log_prob, mean, std, stochastic)
 
@@ -250,11 +254,7 @@ class FlowCPSStep(_FlowStep):
         x, v = sample.float(), model_output.float()
         mean = (1 - s_next) * (x - s * v) + (s_next**2 - st**2).sqrt() * (x + (1 - s) * v)
         if prev_sample is None:
-            prev = mean
-            if self.noise_level > 0:
-                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=torch.float32)
-                prev = mean + st * noise
-            prev_sample = prev.to(sample.dtype)
+            prev_sample = _draw(mean, std, self.noise_level > 0, generator, sample.dtype)
         if self.density == "gaussian":
             log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std, self.reduction)
         else:

@@ -2,13 +2,17 @@
 
     python benchmarks/real_size.py sdxl runs/real-sdxl [--dtype bf16] [--device cuda]
     python benchmarks/real_size.py animatediff runs/real-animatediff
+    python benchmarks/real_size.py sd3 runs/real-sd3        # SD3.5-medium
+    python benchmarks/real_size.py flux runs/real-flux      # FLUX.1-dev
     python benchmarks/real_size.py sdxl --count          # parameter counts only (meta device, instant)
 
 Writes a diffusers pipeline folder that every benchmark takes as ``--model FOLDER``. The shapes are those
 of the public checkpoints (``stabilityai/stable-diffusion-xl-base-1.0``; ``runwayml/stable-diffusion-v1-5``
-with ``guoyww/animatediff-motion-adapter-v1-5-2``), checked by parameter count: the numbers measure
-the architectures' cost (time, memory, bytes), never image quality. Tokenizers are the real CLIP BPE
-(``diffalign.tiny``); the schedulers are the ones those repositories ship.
+with ``guoyww/animatediff-motion-adapter-v1-5-2``; ``stabilityai/stable-diffusion-3.5-medium``;
+``black-forest-labs/FLUX.1-dev``), checked by parameter count: the numbers measure the architectures' cost
+(time, memory, bytes), never image quality. CLIP tokenizers are the real CLIP BPE (``diffalign.tiny``); the
+T5 tokenizer is the tiny word-level one (prompts are padded to the pipelines' fixed T5 lengths, so the cost
+is the same); the schedulers are the ones those repositories ship.
 """
 
 from __future__ import annotations
@@ -18,14 +22,28 @@ from pathlib import Path
 
 import torch
 
-from diffalign.tiny import _SD_SCHEDULE, assemble_sdxl, build_clip_tokenizer, save_pipeline
+from diffalign.tiny import (
+    _SD_SCHEDULE,
+    assemble_sdxl,
+    build_clip_tokenizer,
+    build_tiny_t5_tokenizer,
+    save_pipeline,
+)
 
 #: Parameter counts of the public checkpoints (the built modules must match them exactly). The motion
 #: adapter's count is not checked (None): its shape follows the v1-5-2 config, its count is not on record here.
+#: SD3.5-medium's transformer holds 2,243,171,520 parameters plus a 384x384x1536 sin-cos position table
+#: (226,492,416, a persistent buffer): 2,469,663,936 stored elements, the count its checkpoint reports
+#: (checked as "transformer stored"). T5-XXL encoder 4,762,310,656 and CLIP-G 694,659,840 as in SD3-medium;
+#: FLUX.1-dev's transformer 11,901,408,320 (its safetensors total).
 EXPECTED_PARAMETERS = {
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
     "animatediff": {"spatial unet": 859_520_964, "motion_adapter": None, "vae": 83_653_863,
                     "text_encoder": 123_060_480},
+    "sd3": {"transformer": 2_243_171_520, "transformer stored": 2_469_663_936, "vae": 83_819_683,
+            "text_encoder": 123_650_304, "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
+    "flux": {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+             "text_encoder_2": 4_762_310_656},
 }
 
 
@@ -38,13 +56,28 @@ def _clip_text(hidden: int, layers: int, heads: int, act: str, with_projection: 
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _vae(sample_size: int, scaling_factor: float, force_upcast: bool):
+def _vae(sample_size: int, scaling_factor: float, force_upcast: bool, latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                         layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=sample_size,
-                         scaling_factor=scaling_factor, force_upcast=force_upcast)
+                         layers_per_block=2, latent_channels=latent_channels, norm_num_groups=32,
+                         sample_size=sample_size, scaling_factor=scaling_factor, force_upcast=force_upcast, **config)
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    # SD3's and FLUX's 16-channel VAE: no quant convs, a shift as well as a scale.
+    return _vae(1024, scaling_factor, force_upcast=True, latent_channels=16, shift_factor=shift_factor,
+                use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _t5_xxl(vocab_size: int = 32128):
+    from transformers import T5Config, T5EncoderModel
+
+    # google/t5-v1_1-xxl's encoder, as SD3 and FLUX use it
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                   num_heads=64, feed_forward_proj="gated-gelu", is_gated_act=True,
+                                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
 
 def build_sdxl(device: str):
@@ -92,7 +125,49 @@ def build_animatediff(device: str):
                                motion_adapter=adapter, scheduler=scheduler)
 
 
-BUILDERS = {"sdxl": build_sdxl, "animatediff": build_animatediff}
+def build_sd3(device: str):
+    """Stable Diffusion 3.5 medium: MMDiT-X (13 dual-attention layers, RMS q/k norm), CLIP-L/G + T5-XXL."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+        )
+        vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+        text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=True)
+        text_encoder_2 = _clip_text(1280, 32, 20, "gelu", with_projection=True)
+        text_encoder_3 = _t5_xxl()
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"), text_encoder_3=text_encoder_3,
+        tokenizer_3=build_tiny_t5_tokenizer(),
+    )
+
+
+def build_flux(device: str):
+    """FLUX.1 [dev]: 19 double- and 38 single-stream blocks, guidance embedding, CLIP-L pooled + T5-XXL."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+        vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=False)
+        text_encoder_2 = _t5_xxl()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
+                        text_encoder_2=text_encoder_2, tokenizer_2=build_tiny_t5_tokenizer(), transformer=transformer)
+
+
+BUILDERS = {"sdxl": build_sdxl, "animatediff": build_animatediff, "sd3": build_sd3, "flux": build_flux}
 
 
 def parameter_counts(pipe, kind: str) -> dict[str, int]:
@@ -102,6 +177,8 @@ def parameter_counts(pipe, kind: str) -> dict[str, int]:
     counts = {name: count(getattr(pipe, name)) for name in EXPECTED_PARAMETERS[kind] if hasattr(pipe, name)}
     if kind == "animatediff":  # the UNetMotionModel holds the SD 1.5 UNet plus a copy of the motion modules
         counts["spatial unet"] = count(pipe.unet, skip="motion_modules")
+    if kind == "sd3":  # what the checkpoint stores: parameters and persistent buffers (the position table)
+        counts["transformer stored"] = sum(t.numel() for t in pipe.transformer.state_dict().values())
     expected = EXPECTED_PARAMETERS[kind]
     wrong = {k: (v, expected[k]) for k, v in counts.items() if expected[k] is not None and v != expected[k]}
     if wrong:

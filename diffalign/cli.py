@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from diffalign.tiny import TINY_KINDS
+
 #: Modules that contribute subcommands (each has ``add_parser(subparsers)``).
 COMMAND_MODULES: list[str] = [
     "diffalign.gallery.cli",
@@ -49,7 +51,6 @@ def default_device() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")  # pipelines; diffalign.tiny builds them
 
 
 def _add_tiny(sub):

@@ -35,6 +35,8 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny-sdxl": lambda: tiny.cached_tiny("sdxl"),
     "tiny-animatediff": lambda: tiny.cached_tiny("animatediff"),
     "tiny-wan": lambda: tiny.cached_tiny("wan"),
+    "tiny-sd3": lambda: tiny.cached_tiny("sd3"),
+    "tiny-flux": lambda: tiny.cached_tiny("flux"),
     "toy-sdxl": lambda: _toy_sdxl_path(),
     "toy-animatediff": lambda: _toy_animatediff_path(),
 }

@@ -5,8 +5,13 @@ while a pipeline runs; the methods use the *same* function to recompute ``log p(
 another denoiser. Every rule takes per-row timesteps, so K timesteps can go through one batched call.
 
 Log-probabilities follow the DDPO convention: a diagonal Gaussian log density, averaged over all
-non-batch elements, computed in fp32. A step with zero noise has no density: ``stochastic`` is False
-and its log-prob is 0 (leave it out of losses).
+non-batch elements, computed in fp32 whatever the model's dtype (the flow rules can sum instead:
+``reduction``). A step with zero noise has no density: ``stochastic`` is False and its log-prob is 0
+(leave it out of losses).
+
+Rules: ``ddim`` (SD, SDXL, AnimateDiff); for flow-matching models (Wan, SD3, FLUX) ``flow_sde``
+(Flow-GRPO's SDE, or DanceGRPO's with ``noise_schedule="constant"``), ``flow_cps`` (Flow-GRPO+'s
+coefficients-preserving step) and ``flow_euler`` (the deterministic ODE step).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 LOG_PROB_REDUCTION = "mean"
+#: How a rule turns per-element log-densities into one per sample (DDPO, Flow-GRPO, DanceGRPO: mean).
+LOG_PROB_REDUCTIONS = ("mean", "sum")
 
 
 class StepResult(NamedTuple):
@@ -29,14 +36,21 @@ class StepResult(NamedTuple):
     stochastic: torch.Tensor  # [N] bool: std > 0
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over non-batch elements of log N(x; mean, std^2); rows with std == 0 get 0 and mask False."""
+def _reduce(elementwise: torch.Tensor, reduction: str) -> torch.Tensor:
+    flat = elementwise.flatten(1)
+    return flat.mean(dim=1) if reduction == "mean" else flat.sum(dim=1)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      reduction: str = LOG_PROB_REDUCTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """log N(x; mean, std^2) in fp32, reduced (mean or sum) over non-batch elements; rows with std == 0 get 0
+    and mask False."""
     stochastic = std > 0
     safe_std = torch.where(stochastic, std, torch.ones_like(std))
     view = (-1,) + (1,) * (x.ndim - 1)
     s = safe_std.view(view)
     elementwise = -((x.float() - mean) ** 2) / (2 * s**2) - torch.log(s) - 0.5 * math.log(2 * math.pi)
-    log_prob = elementwise.flatten(1).mean(dim=1)
+    log_prob = _reduce(elementwise, reduction)
     return torch.where(stochastic, log_prob, torch.zeros_like(log_prob)), stochastic
 
 
@@ -119,29 +133,8 @@ class DDIMStep:
         return StepResult(prev_sample, log_prob, mean, std, stochastic)
 
 
-@dataclass(frozen=True)
-class FlowSDEStep:
-    """Euler-Maruyama step of the reverse SDE with a rectified flow's marginals (Flow-GRPO), for
-    flow-matching models (Wan, SD3, FLUX) predicting the velocity ``v``::
-
-        dt = sigma_next - sigma  (< 0)
-        mean = x (1 + std_t^2 / (2 sigma) dt) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
-        x'   = mean + std_t sqrt(-dt) z
-
-    ``noise_schedule="flow_grpo"``: ``std_t = noise_level * sqrt(sigma / (1 - sigma))`` (sigma = 1 in the
-    denominator replaced by the second sigma); ``"constant"``: ``std_t = noise_level`` (DanceGRPO).
-    ``noise_level`` 0 is the deterministic Euler step of ``FlowMatchEulerDiscreteScheduler``.
-    """
-
-    noise_level: float = 0.7
-    noise_schedule: str = "flow_grpo"
-    kind = "flow_sde"
-
-    def __post_init__(self):
-        if not self.noise_level >= 0:
-            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
-        if self.noise_schedule not in ("flow_grpo", "constant"):
-            raise ValueError(f"noise_schedule must be 'flow_grpo' or 'constant', got {self.noise_schedule!r}")
+class _FlowStep:
+    """What every flow-matching rule shares: the Euler flow scheduler and the sigma lookup per row."""
 
     @staticmethod
     def make_scheduler(config: dict):
@@ -151,16 +144,68 @@ class FlowSDEStep:
         shift = config.get("shift", config.get("flow_shift", 1.0))
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift)
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
-        n, device = sample.shape[0], sample.device
+    @staticmethod
+    def step_index(scheduler, timestep, n: int, device) -> torch.Tensor:
+        """Per-row index into ``scheduler.timesteps`` of ``timestep`` (one value, or one per row)."""
         t = _per_row(timestep, n, device).float()
         timesteps = scheduler.timesteps.to(device=device, dtype=torch.float32)
         match = timesteps[None, :] == t[:, None]
         if not match.any(dim=1).all():
             raise ValueError(f"timesteps {t.tolist()} are not among the scheduler's {timesteps.tolist()}")
-        index = match.int().argmax(dim=1)
+        return match.int().argmax(dim=1)
+
+    def sigmas_at(self, scheduler, timestep, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(sigma, sigma_next, all sigmas)`` in fp32 for per-row ``timestep``."""
+        index = self.step_index(scheduler, timestep, n, device)
         sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
-        sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        return sigmas[index], sigmas[index + 1], sigmas
+
+
+def _draw(mean: torch.Tensor, std: torch.Tensor, noisy: bool, generator, dtype: torch.dtype) -> torch.Tensor:
+    """``mean + std z`` (``std`` per row, fp32 noise), cast to the sample's dtype; just ``mean`` when not ``noisy``."""
+    if not noisy:
+        return mean.to(dtype)
+    noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return (mean + std.view((-1,) + (1,) * (mean.ndim - 1)) * noise).to(dtype)
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(LOG_PROB_REDUCTIONS)}, got {reduction!r}")
+
+
+@dataclass(frozen=True)
+class FlowSDEStep(_FlowStep):
+    """Euler-Maruyama step of the reverse SDE with a rectified flow's marginals, for flow-matching models
+    (Wan, SD3, FLUX) predicting the velocity ``v``::
+
+        dt = sigma_next - sigma  (< 0)
+        mean = x (1 + std_t^2 / (2 sigma) dt) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt
+        x'   = mean + std_t sqrt(-dt) z
+
+    ``noise_schedule="flow_grpo"`` is Flow-GRPO's rule: ``std_t = noise_level * sqrt(sigma / (1 - sigma))``,
+    with sigma = 1 in the denominator replaced by the second sigma. ``"constant"`` is DanceGRPO's:
+    ``std_t = noise_level`` (its ``mean = x + dt (v - eta^2/2 score)``, score ``-(x - (1 - sigma) x0) / sigma^2``,
+    is the same expression). ``noise_level`` 0 is the deterministic Euler step of
+    ``FlowMatchEulerDiscreteScheduler`` (bitwise in fp32; :class:`FlowEulerStep` also in lower precision).
+    ``reduction`` turns the per-element Gaussian log-density into one number per sample (both papers: mean).
+    """
+
+    noise_level: float = 0.7
+    noise_schedule: str = "flow_grpo"
+    reduction: str = LOG_PROB_REDUCTION
+    kind = "flow_sde"
+
+    def __post_init__(self):
+        if not self.noise_level >= 0:
+            raise ValueError(f"noise_level must be >= 0, got {self.noise_level}")
+        if self.noise_schedule not in ("flow_grpo", "constant"):
+            raise ValueError(f"noise_schedule must be 'flow_grpo' or 'constant', got {self.noise_schedule!r}")
+        _check_reduction(self.reduction)
+
+    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+        n, device = sample.shape[0], sample.device
+        sigma, sigma_next, sigmas = self.sigmas_at(scheduler, timestep, n, device)
         dt = sigma_next - sigma
         if self.noise_schedule == "flow_grpo":
             std_t = self.noise_level * (sigma / (1 - torch.where(sigma == 1, sigmas[1], sigma))).sqrt()
@@ -172,16 +217,79 @@ class FlowSDEStep:
         mean = x * (1 + st**2 / (2 * s) * d) + v * (1 + st**2 * (1 - s) / (2 * s)) * d
         std = std_t * (-dt).sqrt()
         if prev_sample is None:
-            prev = mean
-            if self.noise_level > 0:
-                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=torch.float32)
-                prev = mean + std.view(view) * noise
-            prev_sample = prev.to(sample.dtype)
-        log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std)
+            prev_sample = _draw(mean, std, self.noise_level > 0, generator, sample.dtype)
+        log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std, self.reduction)
         return StepResult(prev_sample, log_prob, mean, std, stochastic)
 
 
-STEP_RULES = {"ddim": DDIMStep, "flow_sde": FlowSDEStep}
+@dataclass(frozen=True)
+class FlowCPSStep(_FlowStep):
+    """Flow-GRPO+'s coefficients-preserving step (CPS): the next sample keeps the flow's marginal
+    coefficients, ``x' = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat + std z`` with
+    ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v`` and ``std = sigma_next sin(noise_level pi / 2)``.
+
+    The last step (``sigma_next`` = 0) has no noise and no density. ``density="gaussian"`` is the proper
+    log-density; ``"squared_error"`` is Flow-GRPO+'s ``-(x' - mean)^2`` without the Gaussian's scale and
+    constants (its ratios are not density ratios).
+    """
+
+    noise_level: float = 0.7
+    density: str = "gaussian"
+    reduction: str = LOG_PROB_REDUCTION
+    kind = "flow_cps"
+
+    def __post_init__(self):
+        if not 0 <= self.noise_level <= 1:
+            raise ValueError(f"noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got {self.noise_level}")
+        if self.density not in ("gaussian", "squared_error"):
+            raise ValueError(f"density must be 'gaussian' or 'squared_error', got {self.density!r}")
+        _check_reduction(self.reduction)
+
+    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+        n, device = sample.shape[0], sample.device
+        sigma, sigma_next, _ = self.sigmas_at(scheduler, timestep, n, device)
+        std = sigma_next * math.sin(self.noise_level * math.pi / 2)
+        view = (-1,) + (1,) * (sample.ndim - 1)
+        s, s_next, st = sigma.view(view), sigma_next.view(view), std.view(view)
+        x, v = sample.float(), model_output.float()
+        mean = (1 - s_next) * (x - s * v) + (s_next**2 - st**2).sqrt() * (x + (1 - s) * v)
+        if prev_sample is None:
+            prev_sample = _draw(mean, std, self.noise_level > 0, generator, sample.dtype)
+        if self.density == "gaussian":
+            log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std, self.reduction)
+        else:
+            stochastic = std > 0
+            log_prob = _reduce(-((prev_sample.float() - mean) ** 2), self.reduction)
+            log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
+        return StepResult(prev_sample, log_prob, mean, std, stochastic)
+
+
+@dataclass(frozen=True)
+class FlowEulerStep(_FlowStep):
+    """The deterministic Euler step of the probability-flow ODE, ``x' = x + (sigma_next - sigma) v``, computed
+    as ``FlowMatchEulerDiscreteScheduler.step`` computes it (sample upcast to fp32, the product in the model's
+    dtype, the result cast to it), so it reproduces the stock sampler bitwise in any dtype. No density:
+    every step is non-stochastic with log-prob 0."""
+
+    kind = "flow_euler"
+
+    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+        n, device = sample.shape[0], sample.device
+        index = self.step_index(scheduler, timestep, n, device)
+        mean = torch.empty(sample.shape, dtype=torch.float32, device=device)
+        # Row groups sharing a step, each with diffusers' own 0-dim ``dt`` (a bf16 model output times a 0-dim
+        # fp32 tensor stays bf16; a per-row fp32 ``dt`` would promote it and round differently).
+        for i in index.unique().tolist():
+            rows = index == i
+            dt = scheduler.sigmas[i + 1] - scheduler.sigmas[i]
+            mean[rows] = sample[rows].to(torch.float32) + dt * model_output[rows]
+        if prev_sample is None:
+            prev_sample = mean.to(model_output.dtype)
+        zeros = torch.zeros(n, device=device)
+        return StepResult(prev_sample, zeros, mean, zeros, torch.zeros(n, dtype=torch.bool, device=device))
+
+
+STEP_RULES = {"ddim": DDIMStep, "flow_sde": FlowSDEStep, "flow_cps": FlowCPSStep, "flow_euler": FlowEulerStep}
 
 
 def make_step_rule(kind: str, **settings):

@@ -1,9 +1,11 @@
-"""Tiny random-weight pipelines of the real SD / SDXL architectures, built offline.
+"""Tiny random-weight pipelines of the real SD / SDXL / AnimateDiff / Wan / SD3 / FLUX architectures, built offline.
 
 Tests and examples cannot reach a model hub, so the package builds its own small models: the same
-classes and wiring as Stable Diffusion 1.x and SDXL (SDXL: two CLIP text encoders, ``text_time`` added
-conditioning), a real CLIP BPE tokenizer made from the vocabulary that ``open-clip-torch`` ships, and
-small widths so that a forward pass costs milliseconds on a CPU. Same seed, same weights.
+classes and wiring as the real pipelines (SDXL: two CLIP text encoders, ``text_time`` added conditioning;
+SD3: CLIP-L + CLIP-G + T5 into an MMDiT; FLUX: CLIP-L pooled + T5, packed latents, guidance embedding), a
+real CLIP BPE tokenizer made from the vocabulary that ``open-clip-torch`` ships, a small T5-style Unigram
+tokenizer built in code, and small widths so that a forward pass costs milliseconds on a CPU. Same seed,
+same weights.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from diffalign.files import apply_umask
 
-TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")
+TINY_KINDS = ("sd", "sdxl", "animatediff", "wan", "sd3", "flux")
 #: Bump when the tiny architectures change, so cached builds are rebuilt.
 TINY_VERSION = 2
 
@@ -108,7 +110,7 @@ def _text_encoder_config(hidden: int, layers: int, projection_dim: int):
     )
 
 
-def _tiny_vae():
+def _tiny_vae(latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
     # Two resolution levels: latents are half the image side (the real VAE: one eighth).
@@ -119,9 +121,10 @@ def _tiny_vae():
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(16, 32),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=32,
+        **config,
     )
 
 
@@ -283,7 +286,81 @@ def build_tiny_wan(seed: int = 0):
                        transformer=transformer)
 
 
-_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "animatediff": build_tiny_animatediff, "wan": build_tiny_wan}
+def _tiny_t5_encoder(vocab_size: int, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 v1.1 (gated GELU), as SD3's and FLUX's T5-XXL encoders are.
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                   is_gated_act=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def build_tiny_sd3(seed: int = 0):
+    """A tiny ``StableDiffusion3Pipeline`` (SD3.5-medium architecture): an MMDiT with one dual-attention layer and
+    RMS-normed q/k, CLIP-L + CLIP-G (both with projection) + T5, a 16-channel VAE with SD3's scale and shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    clip_hidden, clip_projection, t5_dim = 32, 32, 64
+    tokenizer_3 = build_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    # The joint sequence is the CLIP states (L and G concatenated, zero-padded to T5's width) then T5's:
+    # joint_attention_dim = T5's d_model; the pooled projection is the two CLIP projections concatenated.
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_dim,
+                                        caption_projection_dim=32, pooled_projection_dim=2 * clip_projection,
+                                        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection))
+    torch.manual_seed(seed + 4)
+    text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), t5_dim)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux(seed: int = 0):
+    """A tiny ``FluxPipeline`` shaped like FLUX.1-dev: double- and single-stream blocks, the guidance embedding
+    (guidance-distilled: no CFG), CLIP-L pooled + T5 states, packed 2x2 latents of a 16-channel VAE, and the
+    dynamically shifted Euler scheduler FLUX.1-dev ships."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    clip_hidden, t5_dim = 32, 64
+    tokenizer_2 = build_tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    # in_channels = 4 x the VAE's 16 (latents are packed 2x2); the rope axes add up to the head dim.
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_dim,
+                                         pooled_projection_dim=clip_hidden, guidance_embeds=True,
+                                         axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    vae = _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_hidden))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), t5_dim)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "animatediff": build_tiny_animatediff, "wan": build_tiny_wan,
+             "sd3": build_tiny_sd3, "flux": build_tiny_flux}
 
 
 def build_tiny(kind: str, seed: int = 0):

@@ -16,14 +16,15 @@ def real_size():
     return module
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "animatediff"])
+@pytest.mark.parametrize("kind", ["sdxl", "animatediff", "sd3", "flux"])
 def test_parameter_counts_match_the_public_checkpoints(real_size, kind):
     pipe = real_size.BUILDERS[kind]("meta")  # shapes only: nothing is allocated
     counts = real_size.parameter_counts(pipe, kind)
     for name, expected in real_size.EXPECTED_PARAMETERS[kind].items():
         if expected is not None:
             assert counts[name] == expected
-    assert type(pipe).__name__ == {"sdxl": "StableDiffusionXLPipeline", "animatediff": "AnimateDiffPipeline"}[kind]
+    assert type(pipe).__name__ == {"sdxl": "StableDiffusionXLPipeline", "animatediff": "AnimateDiffPipeline",
+                                   "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[kind]
 
 
 def test_a_wrong_shape_is_named(real_size):
@@ -31,3 +32,10 @@ def test_a_wrong_shape_is_named(real_size):
     pipe.text_encoder_2.text_model.final_layer_norm.bias = None  # one parameter fewer
     with pytest.raises(AssertionError, match="text_encoder_2"):
         real_size.parameter_counts(pipe, "sdxl")
+
+
+def test_a_missing_position_table_is_named(real_size):
+    pipe = real_size.BUILDERS["sd3"]("meta")
+    del pipe.transformer.pos_embed._buffers["pos_embed"]  # parameters intact, the stored table gone
+    with pytest.raises(AssertionError, match="transformer stored"):
+        real_size.parameter_counts(pipe, "sd3")

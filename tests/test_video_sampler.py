@@ -76,7 +76,7 @@ def test_flow_sde_log_prob_matches_formula(tiny_wan):
     out = sample(tiny_wan, PROMPTS[:1], seeds=SEEDS[:1], num_steps=3, guidance_scale=1.0, eta=a, num_frames=5,
                  height=32, width=32, decode=False)
     traj = out.trajectory
-    assert traj.step_rule == {"kind": "flow_sde", "noise_level": a, "noise_schedule": "flow_grpo"}
+    assert traj.step_rule == {"kind": "flow_sde", "noise_level": a, "noise_schedule": "flow_grpo", "reduction": "mean"}
     scheduler = FlowSDEStep.make_scheduler(traj.scheduler_config)
     scheduler.set_timesteps(3)
     sigmas = scheduler.sigmas.tolist()

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 from dataclasses import fields
 
+import torch
+
+from diffalign.models import load_pipeline, resolve_model
+from diffalign.toy.data import toy_prompts
+from diffalign.toy.evaluate import caption_accuracy
+from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
+from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
+from diffalign.toy.video_data import video_prompts
+from diffalign.toy.video_evaluate import video_caption_accuracy
+from diffalign.toy.video_pretrain import VideoPretrainConfig, export_video_checkpoint, pretrain_video
+from diffalign.usage import UsageError, default_device, ensure_writable_dir
+
 
 def add_parser(sub) -> None:
-    from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
-    from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
-    from diffalign.toy.video_pretrain import VideoPretrainConfig, export_video_checkpoint, pretrain_video
-
     toy = sub.add_parser("toy", help="the toy world: pretrain / evaluate toy-sdxl and toy-animatediff")
     commands = toy.add_subparsers(dest="toy_command", required=True)
 
@@ -56,10 +64,6 @@ def _add_pretrain_commands(commands, name: str, help: str, config_cls, pretrain,
 
 
 def _run_pretrain(args) -> None:
-    import torch
-
-    from diffalign.cli import default_device, ensure_writable_dir
-
     config = args.config_cls(**{f.name: getattr(args, f.name) for f in fields(args.config_cls)})
     ensure_writable_dir(args.out)
     if args.threads:
@@ -69,24 +73,15 @@ def _run_pretrain(args) -> None:
 
 
 def _run_export(args) -> None:
-    from diffalign.cli import default_device
-
     path = args.export(args.out, device=args.device or default_device())
     print(f"wrote {args.what} to {path}")
 
 
 def _run_eval(args) -> None:
-    from diffalign.cli import UsageError, default_device
-    from diffalign.models import load_pipeline, resolve_model
-    from diffalign.toy.data import toy_prompts
-    from diffalign.toy.evaluate import caption_accuracy
-
     if args.num_prompts < 1:
         raise UsageError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     resolve_model(args.model)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device=args.device or default_device())
     pipe.set_progress_bar_config(disable=True)
@@ -105,9 +100,6 @@ def _run_eval(args) -> None:
 
 
 def _run_video_eval(args, pipe) -> None:
-    from diffalign.toy.video_data import video_prompts
-    from diffalign.toy.video_evaluate import video_caption_accuracy
-
     prompts = video_prompts(args.split, args.num_prompts, seed=args.seed)
     result = video_caption_accuracy(pipe, prompts, seed=args.seed, num_steps=args.steps,
                                     guidance_scale=args.guidance, eta=args.eta)

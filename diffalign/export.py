@@ -1,0 +1,89 @@
+"""The run's outputs stock diffusers loads: a LoRA folder or a pipeline folder, and its model card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffalign.config import Config
+from diffalign.families import family_of
+from diffalign.objectives.context import unwrap
+
+
+def denoiser_attr(pipe) -> str:
+    """The pipeline attribute holding the trained denoiser: ``unet``, or ``transformer`` (Wan)."""
+    return family_of(pipe).denoiser_attr
+
+
+def save_lora(pipe, unet, out: Path) -> None:
+    """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors), written
+    by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's ``transformer_lora_layers``)."""
+    from diffusers.utils import convert_state_dict_to_diffusers  # heavy: loaded when a LoRA is written
+    from peft.utils import get_peft_model_state_dict
+
+    bare = unwrap(unet)
+    attr = denoiser_attr(pipe)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(bare))
+    layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+    type(pipe).save_lora_weights(out, safe_serialization=True, **{
+        f"{attr}_lora_layers": layers, f"{attr}_lora_adapter_metadata": bare.peft_config["default"].to_dict()})
+
+
+def save_full(pipe, unet, out: Path) -> None:
+    """A pipeline folder with the tuned denoiser (``from_pretrained(out)``; the denoiser alone is
+    ``out/unet`` or ``out/transformer``)."""
+    attr = denoiser_attr(pipe)
+    original = getattr(pipe, attr)
+    setattr(pipe, attr, unwrap(unet))
+    try:
+        pipe.save_pretrained(out, safe_serialization=True)
+    finally:
+        setattr(pipe, attr, original)
+
+
+def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float) -> None:
+    kind = "LoRA adapters" if cfg.model.finetune == "lora" else "A fully fine-tuned denoiser"
+    if cfg.model.motion_adapter and cfg.model.finetune == "lora":
+        imports = "from diffusers import AnimateDiffPipeline, MotionAdapter"
+        load = (f"adapter = MotionAdapter.from_pretrained({cfg.model.motion_adapter!r})\n"
+                "pipe = AnimateDiffPipeline.from_pretrained(BASE, motion_adapter=adapter)\npipe.load_lora_weights(THIS_FOLDER)")
+    else:
+        imports = "from diffusers import DiffusionPipeline"
+        load = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(THIS_FOLDER)"
+                if cfg.model.finetune == "lora" else "pipe = DiffusionPipeline.from_pretrained(THIS_FOLDER)")
+    lines = [
+        "---",
+        f"base_model: {cfg.model.name}",
+        "library_name: diffusers",
+        "tags: [diffalign, " + cfg.method.name + ("" if cfg.model.finetune != "lora" else ", lora") + "]",
+        "---",
+        f"# {cfg.method.name.upper()} on {cfg.model.name}",
+        "",
+        f"{kind} trained with **{cfg.method.name}** by diffalign on `{cfg.data.source}` "
+        f"for {cfg.train.max_steps} steps ({elapsed_s / 60:.1f} min).",
+        "",
+        "```python",
+        imports,
+        load,
+        "```",
+        "",
+        "## Final training metrics (mean of the last logging window)",
+        "",
+        *[f"- {k}: {v:.6g}" for k, v in metrics.items()],
+        "",
+    ]
+    if evaluation:
+        lines += ["## Held-out evaluation (same prompts, same seeds)", "",
+                  "| scorer | base | tuned | change |", "|---|---|---|---|"]
+        for name, row in evaluation["scorers"].items():
+            lines.append(f"| {name} | {row['base_mean']:.5g} | {row['tuned_mean']:.5g} | {row['delta']:+.5g} |")
+        lines += ["", f"{len(evaluation['prompts'])} prompts x {len(evaluation['seeds'])} seeds; images in `eval/`.", ""]
+        pairs = evaluation.get("train_pairs") or {}
+        if pairs.get("before") and pairs.get("after"):
+            lines += ["## Method objective on training pairs (fixed noise draws)", "",
+                      "| | loss | implicit accuracy | reward margin |", "|---|---|---|---|"]
+            for when in ("before", "after"):
+                m = pairs[when]
+                lines.append(f"| {when} | {m['loss']:.5g} | {m['implicit_acc']:.3f} | {m['reward_margin']:.5g} |")
+            lines.append("")
+    lines += ["## Config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
+    (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from diffalign.families import FAMILIES, VIDEO_FAMILIES, Family, family_of  # noqa: F401  (re-exported)
+from diffalign.families import FAMILIES, Family, family_of
 from diffalign.images import to_pil
 from diffalign.steps import LOG_PROB_REDUCTION, make_step_rule
 

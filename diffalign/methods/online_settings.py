@@ -38,6 +38,11 @@ class OnlineSettings:
     steps_per_backward: int | None = None  # None: a micro-batch's steps in one graph; N: exact, N steps per graph
     max_bad_reward_fraction: float = 0.25  # stop when more of an epoch's rewards are NaN/inf
 
+    def sampling(self) -> SamplingSettings:
+        """How the method samples its epochs."""
+        return SamplingSettings(num_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, eta=self.eta,
+                                height=self.height, width=self.width, num_frames=self.num_frames)
+
 
 def validate_online_settings(cfg: OnlineSettings, require) -> None:
     """Range checks on the settings; no model loads (scorer names and the prompt source are checked too)."""
@@ -68,9 +73,3 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
         require(value is None or (value >= 8 and value % 8 == 0), f"method.{key}", value, "null or a multiple of 8")
     require(0 <= cfg.max_bad_reward_fraction < 1, "method.max_bad_reward_fraction", cfg.max_bad_reward_fraction,
             "a number in [0, 1)")
-
-
-def sampling_settings(cfg: OnlineSettings) -> SamplingSettings:
-    """How an online method samples its epochs."""
-    return SamplingSettings(num_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, eta=cfg.eta,
-                            height=cfg.height, width=cfg.width, num_frames=cfg.num_frames)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from diffalign.methods.base import LossOutput
-from diffalign.methods.online_settings import OnlineSettings, sampling_settings
+from diffalign.methods.online_settings import OnlineSettings
 from diffalign.objectives.context import unwrap
 from diffalign.prompt_sets import load_prompt_source
 from diffalign.sampler import Trajectory, recompute_log_probs
@@ -112,7 +112,7 @@ def sample_epoch(pipe, prompts: list[str], settings: OnlineSettings, seeds: list
     """
     jobs = [(p, g) for g, p in enumerate(prompts) for _ in range(settings.samples_per_prompt)]
     t0 = time.perf_counter()
-    out = sample_many(pipe, [p for p, _ in jobs], seeds[: len(jobs)], sampling_settings(settings),
+    out = sample_many(pipe, [p for p, _ in jobs], seeds[: len(jobs)], settings.sampling(),
                       batch_size=settings.sample_batch_size, trajectories=True, model_name=model_name)
     t1 = time.perf_counter()
     rewards = reward(out.images, out.trajectory.prompts)

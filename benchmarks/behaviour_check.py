@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The README main job, shortened to a few steps like the tiny configs.
 MAIN_JOB = "configs/toy-sdxl-dpo.yaml"
 SHORT = ["train.max_steps=3", "log.every_n_steps=1", "log.progress_bar=false", "checkpoint.every_n_steps=0",
-         "log.validation_every_n_steps=0", "eval.seeds=[0]", "eval.num_inference_steps=3", "eval.train_pairs=4",
-         "eval.train_pair_draws=1"]
+         "log.validation_every_n_steps=0", "eval.seeds=[0]", "eval.num_inference_steps=3",
+         "eval.train_pairs=4", "eval.train_pair_draws=1"]
 
 
 def configs() -> list[str]:
@@ -60,7 +60,8 @@ def run_one(config: str, out_dir: str) -> dict:
     scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
     return {"weights_sha256": digest.hexdigest(), "weights_max_abs": max_abs, "tensors": count,
             "final_loss": metrics[-1]["loss"], "losses": [m["loss"] for m in metrics],
-            "eval_means": {k: [v["base_mean"], v["tuned_mean"]] for k, v in scores.get("scorers", {}).items()},
+            "eval_means": {k: [v["base_mean"], v["tuned_mean"]]
+                           for k, v in scores.get("scorers", {}).items()},
             "train_pairs": scores.get("train_pairs"), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -69,8 +70,8 @@ def run_all(out: Path, only: list[str] | None) -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     for config in only or configs():
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run([sys.executable, __file__, "--one", config, "--run-dir", tmp], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=900)
+            proc = subprocess.run([sys.executable, __file__, "--one", config, "--run-dir", tmp], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=900)
             if proc.returncode:
                 results[config] = {"error": proc.stderr.strip().splitlines()[-1:]}
             else:
@@ -81,7 +82,8 @@ def run_all(out: Path, only: list[str] | None) -> None:
 
 def compare(before: Path, after: Path) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
-    print("| run | weights | max abs before / after | final loss before / after | losses, eval, train pairs |")
+    print("| run | weights | max abs before / after | final loss before / after "
+          "| losses, eval, train pairs |")
     print("|---|---|---|---|---|")
     differ = 0
     for config in sorted(set(a) | set(b)):

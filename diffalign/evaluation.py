@@ -75,7 +75,8 @@ def compare_before_after(out: Path, prompts: list[str], seeds: list[int], before
     (out / "eval" / "scores.json").write_text(json.dumps(evaluation, indent=1))
     image_grid([before["images"], after["images"]], out / "eval" / "base_vs_tuned.png")
     for name, row in evaluation["scorers"].items():
-        log.info("held-out %s: base %.5g -> tuned %.5g (%+.5g)", name, row["base_mean"], row["tuned_mean"], row["delta"])
+        log.info("held-out %s: base %.5g -> tuned %.5g (%+.5g)", name, row["base_mean"], row["tuned_mean"],
+                 row["delta"])
     return evaluation
 
 
@@ -91,16 +92,18 @@ def validate(pipe, cfg: Config, out: Path, step: int) -> dict[str, float]:
 
 
 def validation_gallery(pipe, cfg: Config, out_dir: Path, step: int) -> dict[str, float]:
-    """A small gallery of the current model (page, scores.csv, summary.json); returns the mean scores to log."""
+    """A small gallery of the current model (page, scores.csv, summary.json); returns its mean scores."""
     ev, name = cfg.eval, f"step-{step}"
-    summary = run_gallery({name: pipe}, cfg.log.validation_prompts, ev.scorers, out_dir, images_per_prompt=len(ev.seeds),
-                          seed=ev.seeds[0], sampling=eval_sampling(pipe, ev), batch_size=ev.batch_size, progress=False)
+    summary = run_gallery({name: pipe}, cfg.log.validation_prompts, ev.scorers, out_dir,
+                          images_per_prompt=len(ev.seeds), seed=ev.seeds[0], sampling=eval_sampling(pipe, ev),
+                          batch_size=ev.batch_size, progress=False)
     means = summary["stats"]["means"].get(name, {})
     return {f"validation/{scorer}": value["mean"] for scorer, value in means.items()}
 
 
 def image_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """Save a grid: one row per tensor batch [N, 3, H, W] (videos [N, F, 3, H, W]: each clip's frames side by side)."""
+    """Save a grid: one row per tensor batch [N, 3, H, W] (videos [N, F, 3, H, W]: a clip's frames side by
+    side)."""
     rows = [torch.cat(r.unbind(1), dim=3) if r.ndim == 5 else r for r in rows]
     grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
     to_pil(grid.unsqueeze(0))[0].save(path)

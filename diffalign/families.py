@@ -77,7 +77,8 @@ def _capture_per_frame(tensors, b, do_cfg):
     # AnimateDiff repeats each prompt's embedding once per frame ([neg; pos] then repeat_interleave(F)).
     embeds = tensors["prompt_embeds"]
     frames = embeds.shape[0] // (2 * b if do_cfg else b)
-    return _split_negative_positive({"prompt_embeds": "encoder_hidden_states"})({"prompt_embeds": embeds[::frames]}, b, do_cfg)
+    capture = _split_negative_positive({"prompt_embeds": "encoder_hidden_states"})
+    return capture({"prompt_embeds": embeds[::frames]}, b, do_cfg)
 
 
 def _capture_separate_negative(tensors, b, do_cfg):
@@ -106,8 +107,8 @@ def _encode_sdxl(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _encode_wan(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
     # 512 tokens as WanPipeline.__call__ (encode_prompt alone defaults to 226): the sampler's conditioning
-    embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False, max_sequence_length=512,
-                                   device=device)
+    embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
+                                   max_sequence_length=512, device=device)
     return {"encoder_hidden_states": embeds}
 
 
@@ -137,11 +138,13 @@ def _wan_frames(n: int) -> str | None:
 
 FAMILIES: dict[str, Family] = {
     "sd": Family("sd", ("StableDiffusionPipeline",), "unet", ("prompt_embeds",),
-                 _split_negative_positive({"prompt_embeds": "encoder_hidden_states"}), _call_unet, _encode_sd),
+                 _split_negative_positive({"prompt_embeds": "encoder_hidden_states"}), _call_unet,
+                 _encode_sd),
     "sdxl": Family(
         "sdxl", ("StableDiffusionXLPipeline",), "unet", ("prompt_embeds", "add_text_embeds", "add_time_ids"),
         _split_negative_positive(
-            {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
+            {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds",
+             "add_time_ids": "time_ids"}
         ),
         _call_unet, _encode_sdxl, micro_conditioning=("time_ids",),
     ),
@@ -150,7 +153,8 @@ FAMILIES: dict[str, Family] = {
     "wan": Family("wan", ("WanPipeline",), "transformer", ("prompt_embeds", "negative_prompt_embeds"),
                   _capture_separate_negative, _call_wan, _encode_wan,
                   make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
-                  make_training_noise=FlowMatchingNoise.from_pipeline_config, video=True, check_frames=_wan_frames),
+                  make_training_noise=FlowMatchingNoise.from_pipeline_config, video=True,
+                  check_frames=_wan_frames),
 }
 
 #: Families whose samples are clips [B, F, 3, H, W] and whose pipelines take ``num_frames``.
@@ -163,4 +167,5 @@ def family_of(pipe) -> Family:
             if cls.__name__ in family.pipeline_classes:
                 return family
     known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
-    raise NotImplementedError(f"the trajectory sampler does not support {type(pipe).__name__}; supported: {known}")
+    raise NotImplementedError(f"the trajectory sampler does not support {type(pipe).__name__}; "
+                              f"supported: {known}")

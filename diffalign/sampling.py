@@ -60,7 +60,8 @@ class SamplingSettings:
 
     def with_defaults(self, defaults: dict) -> SamplingSettings:
         """These settings with every unset field that ``defaults`` names filled from it."""
-        unset = {f.name: defaults[f.name] for f in fields(self) if getattr(self, f.name) is None and f.name in defaults}
+        unset = {f.name: defaults[f.name] for f in fields(self)
+                 if getattr(self, f.name) is None and f.name in defaults}
         return replace(self, **unset)
 
     def for_model_name(self, model_name: str, *, num_steps: int = FALLBACK_NUM_STEPS,
@@ -83,8 +84,9 @@ class SamplingSettings:
 
     def sample_kwargs(self) -> dict:
         """Keyword arguments for :func:`diffalign.sampler.sample`."""
+        guidance = self.guidance_scale if self.guidance_scale is not None else FALLBACK_GUIDANCE
         kwargs = {"num_steps": self.num_steps if self.num_steps is not None else FALLBACK_NUM_STEPS,
-                  "guidance_scale": self.guidance_scale if self.guidance_scale is not None else FALLBACK_GUIDANCE,
+                  "guidance_scale": guidance,
                   "guidance_rescale": self.guidance_rescale, "eta": self.eta, "height": self.height,
                   "width": self.width, "negative_prompt": self.negative_prompt}
         if self.num_frames is not None:
@@ -93,15 +95,17 @@ class SamplingSettings:
 
 
 def sample_batches(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, *,
-                   batch_size: int, decode: bool = True, model_name: str = "") -> Iterator[tuple[int, SampleOutput]]:
+                   batch_size: int, decode: bool = True,
+                   model_name: str = "") -> Iterator[tuple[int, SampleOutput]]:
     """``(start, output)`` for each batch of ``batch_size`` prompts; prompt ``i`` is drawn with ``seeds[i]``,
     so a sample does not depend on the batch it lands in. Images and trajectories come back on the CPU."""
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
     kwargs = settings.sample_kwargs()
     for start in range(0, len(prompts), batch_size):
-        out = sample(pipe, list(prompts[start : start + batch_size]), seeds=list(seeds[start : start + batch_size]),
-                     decode=decode, model_name=model_name, **kwargs)
+        stop = start + batch_size
+        out = sample(pipe, list(prompts[start:stop]), seeds=list(seeds[start:stop]), decode=decode,
+                     model_name=model_name, **kwargs)
         yield start, SampleOutput(None if out.images is None else out.images.cpu(), _on_cpu(out.trajectory))
 
 
@@ -116,7 +120,8 @@ def sample_many(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: Sa
         images.append(out.images)
         if trajectories:
             parts.append(out.trajectory)
-    return SampleOutput(torch.cat(images) if decode else None, Trajectory.cat(parts) if trajectories else None)
+    joined = Trajectory.cat(parts) if trajectories else None
+    return SampleOutput(torch.cat(images) if decode else None, joined)
 
 
 def _on_cpu(trajectory: Trajectory) -> Trajectory:

@@ -78,7 +78,8 @@ def train(cfg: Config) -> Path:
         prep = replace(prep, num_frames=frames, frame_policy=cfg.data.frame_policy)
     params = [p for p in unet.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"no trainable parameters: lora.target_modules {cfg.lora.target_modules} matched nothing")
+        raise ValueError(f"no trainable parameters: lora.target_modules {cfg.lora.target_modules} "
+                         "matched nothing")
 
     # 3. the base model's held-out evaluation, before any update
     scorers = [make_scorer(name) for name in cfg.eval.scorers] if cfg.eval.enabled else []
@@ -99,7 +100,8 @@ def train(cfg: Config) -> Path:
                                  num_warmup_steps=cfg.optim.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.train.max_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    ctx = TrainContext(cfg, spec, accelerator, pipe, family_of(pipe), unet, noise, weight_dtype, ref_unet, source, prep)
+    ctx = TrainContext(cfg, spec, accelerator, pipe, family_of(pipe), unet, noise, weight_dtype, ref_unet,
+                       source, prep)
     objective = OBJECTIVES[spec.kind](ctx)
     objective_before = evaluate_objective(objective, unet, "before")
     if accelerator.is_main_process and cfg.log.report_to:
@@ -114,7 +116,7 @@ def train(cfg: Config) -> Path:
     window: dict[str, list[float]] = {}
     last_metrics: dict[str, float] = {}
     batches = objective.batches()
-    max_norm = cfg.optim.max_grad_norm or float("inf")  # inf: measure the norm (to catch NaN/inf), clip nothing
+    max_norm = cfg.optim.max_grad_norm or float("inf")  # inf: measure the norm (NaN/inf), clip nothing
     window_ok = True  # every micro-batch of the current accumulation window had a finite loss
     step_start = time.perf_counter()
     with sigterm_flag() as sigterm:
@@ -134,14 +136,16 @@ def train(cfg: Config) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             values = {"loss": result.loss.detach(), "implicit_acc": result.implicit_acc,
                       "reward_margin": result.reward_margin, **result.extra}
-            values = {k: accelerator.reduce(v.detach().float().reshape(()), "mean").item() for k, v in values.items()}
+            values = {k: accelerator.reduce(v.detach().float().reshape(()), "mean").item()
+                      for k, v in values.items()}
             for k, v in values.items():
                 if math.isfinite(v):
                     window.setdefault(k, []).append(v)
             if not accelerator.sync_gradients:
                 continue
             step = counter.count(outcome, cfg.train.max_nonfinite_steps)
-            window.setdefault("step_time_s", []).append(time.perf_counter() - step_start)  # data + fwd + bwd + update
+            # data + forward + backward + update
+            window.setdefault("step_time_s", []).append(time.perf_counter() - step_start)
             if hasattr(objective, "on_step_end"):
                 objective.on_step_end(step)
             current_lr = lr_scheduler.get_last_lr()[0]
@@ -149,15 +153,18 @@ def train(cfg: Config) -> Path:
             bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['implicit_acc']:.2f}",
                             margin=f"{values['reward_margin']:.3g}", lr=f"{current_lr:.2e}")
             if step % cfg.log.every_n_steps == 0 or step == cfg.train.max_steps:
-                last_metrics = {k: sum(v) / len(v) for k, v in window.items()} | {"lr": current_lr, **counter.skips()}
+                last_metrics = {k: sum(v) / len(v) for k, v in window.items()}
+                last_metrics |= {"lr": current_lr, **counter.skips()}
                 window = {}
                 log_metrics(accelerator, out, step, last_metrics)
             stop = cfg.checkpoint.on_sigterm and not all_processes(accelerator, not sigterm)
-            if (stop and can_checkpoint) or (cfg.checkpoint.every_n_steps and step % cfg.checkpoint.every_n_steps == 0):
+            every = cfg.checkpoint.every_n_steps
+            if (stop and can_checkpoint) or (every and step % every == 0):
                 folder = save_training_checkpoint(ctx, optimizer, lr_scheduler, objective, counter.state())
             if stop:
                 bar.close()
-                saved = f"saved {folder}" if can_checkpoint else "no checkpoint (not supported under DeepSpeed)"
+                saved = f"saved {folder}" if can_checkpoint else \
+                    "no checkpoint (not supported under DeepSpeed)"
                 raise TrainingInterrupted(f"SIGTERM received: {saved} at step {step} of "
                                           f"{cfg.train.max_steps}; continue with --resume latest")
             if cfg.log.validation_every_n_steps and step % cfg.log.validation_every_n_steps == 0 \
@@ -183,7 +190,8 @@ def train(cfg: Config) -> Path:
             save_full(pipe, unet, out)
         evaluation = None
         if before is not None:
-            after = generate_and_score(pipe, prompts, cfg.eval.seeds, scorers, cfg.eval, out / "eval" / "tuned")
+            after = generate_and_score(pipe, prompts, cfg.eval.seeds, scorers, cfg.eval,
+                                       out / "eval" / "tuned")
             evaluation = compare_before_after(out, prompts, cfg.eval.seeds, before, after,
                                               {"before": objective_before, "after": objective_after})
         write_model_card(out, cfg, last_metrics, evaluation, time.time() - start_time)
@@ -217,9 +225,10 @@ def make_accelerator(cfg: Config, spec, out: Path) -> tuple[Accelerator, bool]:
     # Our checkpoints hold the optimizer state of one process: DeepSpeed ZeRO partitions it across processes.
     can_checkpoint = accelerator.distributed_type != DistributedType.DEEPSPEED
     if not can_checkpoint and (cfg.checkpoint.every_n_steps or cfg.train.resume):
-        raise NotImplementedError("checkpoints and resume under DeepSpeed are not supported yet (ZeRO partitions the "
-                                  "optimizer state across processes): set checkpoint.every_n_steps=0 and "
-                                  "train.resume=null, or use DDP (configs/accelerate/multi_gpu.yaml)")
+        raise NotImplementedError("checkpoints and resume under DeepSpeed are not supported yet (ZeRO "
+                                  "partitions the optimizer state across processes): set "
+                                  "checkpoint.every_n_steps=0 and train.resume=null, or use DDP "
+                                  "(configs/accelerate/multi_gpu.yaml)")
     configure_deepspeed(accelerator, cfg)
     if not accelerator.is_main_process:  # one copy of the log, not one per process
         logging.getLogger("diffalign").setLevel(logging.WARNING)
@@ -232,7 +241,8 @@ def load_models(cfg: Config, spec, accelerator):
     Everything but the denoiser is frozen; LoRA adapters are added (trainable weights in fp32), or the
     whole denoiser trains, with a frozen copy when the method needs a reference.
     """
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    weight_dtype = dtypes[cfg.train.mixed_precision]
     with accelerator.main_process_first():  # a built-in tiny model is built once, by the main process
         pipe = load_pipeline(cfg.model.name, dtype="float32", variant=cfg.model.variant, vae=cfg.model.vae,
                              motion_adapter=cfg.model.motion_adapter)
@@ -241,8 +251,10 @@ def load_models(cfg: Config, spec, accelerator):
     frames = video_frames(cfg, pipe, family)
     if frames is not None:
         if cfg.data.cache:
-            raise NotImplementedError("data.cache is not supported for video models yet; set data.cache=false")
-        log.info("video model (%s): %d frames per clip, frame policy %s", family.name, frames, cfg.data.frame_policy)
+            raise NotImplementedError("data.cache is not supported for video models yet; "
+                                      "set data.cache=false")
+        log.info("video model (%s): %d frames per clip, frame policy %s", family.name, frames,
+                 cfg.data.frame_policy)
     for component in ("vae", "text_encoder", "text_encoder_2", "motion_adapter"):
         if getattr(pipe, component, None) is not None:
             getattr(pipe, component).requires_grad_(False)
@@ -253,7 +265,7 @@ def load_models(cfg: Config, spec, accelerator):
             getattr(pipe, component).to(dtype=weight_dtype)
     noise = family.make_training_noise(pipe.scheduler.config, cfg.train.flow_timestep_sampling,
                                        cfg.train.flow_logit_mean, cfg.train.flow_logit_std)
-    unet = getattr(pipe, family.denoiser_attr)  # the UNet, or Wan's transformer: "unet" names the denoiser below
+    unet = getattr(pipe, family.denoiser_attr)  # the UNet or Wan's transformer: "unet" names the denoiser
     # Seeded after loading (building a built-in model on first use draws from the global RNG).
     # Seed + process index: draws from the global RNG (SePPO's noise, dropout) differ across processes; LoRA
     # initialisation needs no agreement (DDP copies the main process's weights), keyed draws ignore it.
@@ -313,7 +325,8 @@ def describe_step(cfg: Config, spec, num_processes: int) -> str:
     if spec.kind == "online":
         m = cfg.method
         return (f"each epoch samples {m.num_prompts} prompts x {m.samples_per_prompt} samples per process "
-                f"({num_processes} process(es)) and takes {m.gradient_steps_per_epoch} gradient steps on them, "
+                f"({num_processes} process(es)) and takes {m.gradient_steps_per_epoch} gradient steps on "
+                f"them, "
                 f"so {math.ceil(cfg.train.max_steps / m.gradient_steps_per_epoch)} epoch(s)")
     total = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * num_processes
     unit = "winning images" if spec.kind == "winners" else "pairs"
@@ -356,7 +369,8 @@ class StepCounter:
         return dict(vars(self))
 
     def skips(self) -> dict:
-        return {"nonfinite_skipped": self.nonfinite_skipped, "fp16_overflow_skipped": self.fp16_overflow_skipped}
+        return {"nonfinite_skipped": self.nonfinite_skipped,
+                "fp16_overflow_skipped": self.fp16_overflow_skipped}
 
     def count(self, outcome: str, max_in_a_row: int) -> int:
         """Count one optimizer step with ``outcome``; raise :class:`NonFiniteError` after ``max_in_a_row``
@@ -373,10 +387,11 @@ class StepCounter:
                         self.global_step, self.nonfinite_in_a_row, self.nonfinite_skipped)
             if self.nonfinite_in_a_row >= max_in_a_row:
                 raise NonFiniteError(
-                    f"stopped at step {self.global_step}: {self.nonfinite_in_a_row} optimizer steps in a row had a "
-                    f"NaN/inf loss or gradient (train.max_nonfinite_steps={max_in_a_row}). The weights were never "
-                    "updated with them; try a lower optim.learning_rate, bf16 instead of fp16, optim.max_grad_norm, "
-                    "or check the data. Resume from the last checkpoint with --resume latest.")
+                    f"stopped at step {self.global_step}: {self.nonfinite_in_a_row} optimizer steps in a row "
+                    f"had a NaN/inf loss or gradient (train.max_nonfinite_steps={max_in_a_row}). The weights "
+                    "were never updated with them; try a lower optim.learning_rate, bf16 instead of fp16, "
+                    "optim.max_grad_norm, or check the data. Resume from the last checkpoint with "
+                    "--resume latest.")
         return self.global_step
 
 
@@ -405,7 +420,8 @@ def report_skips(objective, counter: StepCounter) -> dict:
     metrics = {}
     bad_rows = getattr(getattr(objective, "batches_of", None), "bad_rows", None)
     if bad_rows is not None and bad_rows.bad:
-        log.warning("skipped %d unreadable of %d rows read (last: %s)", bad_rows.bad, bad_rows.seen, bad_rows.last)
+        log.warning("skipped %d unreadable of %d rows read (last: %s)", bad_rows.bad, bad_rows.seen,
+                    bad_rows.last)
         metrics["skipped_rows"] = bad_rows.bad
     if counter.nonfinite_skipped or counter.fp16_overflow_skipped:
         log.warning("skipped %d updates for a non-finite loss or gradient and %d fp16 overflows",

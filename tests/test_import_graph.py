@@ -22,7 +22,8 @@ FLOORS = {
     "diffalign.cli": 4, "diffalign.commands": 4, "diffalign.__main__": 4, "diffalign.gallery.cli": 4,
     "diffalign.toy.cli": 4,
     "diffalign.train": 3, "diffalign.evaluation": 3, "diffalign.export": 3, "diffalign.run_state": 3,
-    "diffalign.gallery": 3, "diffalign.pairs": 3, "diffalign.toy.pretrain": 3, "diffalign.toy.video_pretrain": 3,
+    "diffalign.gallery": 3, "diffalign.pairs": 3, "diffalign.toy.pretrain": 3,
+    "diffalign.toy.video_pretrain": 3,
     "diffalign.distributed": 3, "diffalign.config": 3,
     "diffalign.objectives": 2,
     "diffalign.methods": 1,
@@ -65,7 +66,8 @@ def read_imports() -> tuple[dict[str, set[str]], list[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
+                    parents = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parents + [base]).strip(".")
                 targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
                            for alias in node.names]
             else:
@@ -139,9 +141,11 @@ def test_the_checker_sees_cycles_and_upward_edges():
     """The graph reader itself: a planted cycle is found, a planted upward edge has the floors it needs."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert floor_of("diffalign.methods.dpo") < floor_of("diffalign.objectives.pairs") < floor_of("diffalign.train")
+    assert floor_of("diffalign.methods.dpo") < floor_of("diffalign.objectives.pairs") \
+        < floor_of("diffalign.train")
     assert floor_of("diffalign.prompt_sets") == 0 and floor_of("diffalign.gallery.cli") == 4
-    assert "diffalign.sampler" in EDGES["diffalign.train"] or any("diffalign.sampler" in EDGES[m] for m in EDGES)
+    assert "diffalign.objectives" in EDGES["diffalign.train"]  # the reader sees the real edges
+    assert "diffalign.families" in EDGES["diffalign.sampler"]
 
 
 @pytest.mark.parametrize("module", sorted(EDGES))

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sample_tiny_wan_without_sizes_uses_the_models_own(tmp_path):
-    """`diffalign sample --model tiny-wan` with no --height/--width/--num-frames used to crash in diffusers."""
+    """`diffalign sample --model tiny-wan` without --height/--width/--num-frames crashed in diffusers."""
     out = tmp_path / "x"
-    assert main(["sample", "--model", "tiny-wan", "--prompt", "a dog running", "--steps", "2", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert main(["sample", "--model", "tiny-wan", "--prompt", "a dog running", "--steps", "2",
+                 "--device", "cpu", "--out", str(out)]) == 0
     row = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     with Image.open(out / row["file"]) as video:
         frames = [frame.copy() for frame in ImageSequence.Iterator(video)]
@@ -51,8 +51,8 @@ def test_image_family_defaults_come_from_the_denoisers_sample_size(tiny_sdxl):
 
 def test_sample_toy_sdxl_defaults_to_its_own_steps_and_guidance(tmp_path):
     out = tmp_path / "s"
-    assert main(["sample", "--model", "toy-sdxl", "--prompt", "a red circle on a white background", "--device", "cpu",
-                 "--save-trajectories", "--out", str(out)]) == 0
+    assert main(["sample", "--model", "toy-sdxl", "--prompt", "a red circle on a white background",
+                 "--device", "cpu", "--save-trajectories", "--out", str(out)]) == 0
     trajectory = Trajectory.load(out / "trajectories.safetensors")
     assert trajectory.num_steps == 20 and trajectory.guidance_scale == 3.0
 

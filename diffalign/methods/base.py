@@ -57,10 +57,12 @@ class MethodSpec:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        needed = {"pairs": ("pair_loss",), "online": ("online_loss", "loss_weight"), "winners": ("winners_loss",)}
+        needed = {"pairs": ("pair_loss",), "online": ("online_loss", "loss_weight"),
+                  "winners": ("winners_loss",)}
         missing = [hook for hook in needed[self.kind] if getattr(self, hook) is None]
         if missing:
-            raise ValueError(f"method {self.name!r} (kind {self.kind}) needs the hook(s) {', '.join(missing)}")
+            raise ValueError(f"method {self.name!r} (kind {self.kind}) needs the hook(s) "
+                             f"{', '.join(missing)}")
 
 
 METHODS: dict[str, MethodSpec] = {}

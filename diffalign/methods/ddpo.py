@@ -74,7 +74,8 @@ def _validate(cfg: DDPOConfig, require) -> None:
 
 
 def _online_loss(cfg: DDPOConfig, part, logp: torch.Tensor) -> LossOutput:
-    return ddpo_loss(logp, part.logp_old, part.advantages, clip_range=cfg.clip_range, adv_clip_max=cfg.adv_clip_max)
+    return ddpo_loss(logp, part.logp_old, part.advantages, clip_range=cfg.clip_range,
+                     adv_clip_max=cfg.adv_clip_max)
 
 
 def _loss_weight(cfg: DDPOConfig, part) -> float:

@@ -49,8 +49,9 @@ class SePPOConfig:
 
     def reference_sampling(self, resolution: int, num_frames: int | None) -> SamplingSettings:
         """How the reference generates ``x_ref``: at the training resolution (and frame count)."""
-        return SamplingSettings(num_steps=self.ref_num_inference_steps, guidance_scale=self.ref_guidance_scale,
-                                eta=self.ref_eta, height=resolution, width=resolution, num_frames=num_frames)
+        return SamplingSettings(num_steps=self.ref_num_inference_steps,
+                                guidance_scale=self.ref_guidance_scale, eta=self.ref_eta, height=resolution,
+                                width=resolution, num_frames=num_frames)
 
 
 def flip_sign(model_w: torch.Tensor, ref_w: torch.Tensor, flip: str = "sign") -> torch.Tensor:

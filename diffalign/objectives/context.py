@@ -49,7 +49,8 @@ class TrainContext:
             yield self.ref_unet
             return
         if self.cfg.model.finetune != "lora":
-            raise RuntimeError("no reference model: full fine-tuning keeps a frozen copy only for methods that need one")
+            raise RuntimeError("no reference model: full fine-tuning keeps a frozen copy only for methods "
+                               "that need one")
         bare = unwrap(self.unet)
         bare.disable_adapters()
         try:

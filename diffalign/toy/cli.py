@@ -90,21 +90,20 @@ def _run_eval(args) -> None:
     prompts = toy_prompts(args.split, args.num_prompts, seed=args.seed)
     result = caption_accuracy(pipe, prompts, seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance,
                               eta=args.eta)
-    print(f"caption-attribute accuracy of {args.model} on {result['n']} {args.split} prompts "
-          f"({args.steps} steps, guidance {args.guidance}):")
-    for name, value in result["accuracy"].items():
-        print(f"  {name:<11} {value:6.3f}   (chance {result['chance'][name]:.3f})")
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"model": args.model, "split": args.split, **result}, f, indent=2)
+    _report(args, result, f"caption-attribute accuracy of {args.model} on {result['n']} {args.split} prompts")
 
 
 def _run_video_eval(args, pipe) -> None:
     prompts = video_prompts(args.split, args.num_prompts, seed=args.seed)
     result = video_caption_accuracy(pipe, prompts, seed=args.seed, num_steps=args.steps,
                                     guidance_scale=args.guidance, eta=args.eta)
-    print(f"per-frame caption accuracy and motion accuracy of {args.model} on {result['n']} {args.split} "
-          f"video prompts ({args.steps} steps, guidance {args.guidance}):")
+    _report(args, result, f"per-frame caption accuracy and motion accuracy of {args.model} on {result['n']} "
+                          f"{args.split} video prompts")
+
+
+def _report(args, result: dict, headline: str) -> None:
+    """Print the accuracies against chance and write them to ``--out`` as JSON."""
+    print(f"{headline} ({args.steps} steps, guidance {args.guidance}):")
     for name, value in result["accuracy"].items():
         print(f"  {name:<11} {value:6.3f}   (chance {result['chance'][name]:.3f})")
     if args.out:

@@ -74,6 +74,7 @@ def run(args) -> dict:
     from diffalign.config import load_config
     from diffalign.models import load_pipeline
     from diffalign.pairs import generate_pairs
+    from diffalign.sampling import SamplingSettings
     from diffalign.scorers import make_scorer
     from diffalign.train import train
 
@@ -92,9 +93,10 @@ def run(args) -> dict:
             pipe.set_progress_bar_config(disable=True)
             train_prompts = prompts_for(args.configs, "train", args.train_prompts, seed=seed)
             info = generate_pairs(pipe, train_prompts, make_scorer(args.scorer), pair_dir,
-                                  images_per_prompt=args.images_per_prompt, num_steps=args.steps,
-                                  guidance_scale=args.guidance, seed=1000 * seed, model_name=args.model,
-                                  batch_size=16, progress=False, num_frames=args.num_frames)
+                                  images_per_prompt=args.images_per_prompt, seed=1000 * seed,
+                                  sampling=SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance,
+                                                            num_frames=args.num_frames),
+                                  model_name=args.model, batch_size=16, progress=False)
             print(f"seed {seed}: {info['pairs']} pairs ({info['ties']} ties), chosen {info['mean_chosen_score']:.4f} "
                   f"vs rejected {info['mean_rejected_score']:.4f}", flush=True)
         pairs_cpu = (time.process_time() - t0) / 60

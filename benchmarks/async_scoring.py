@@ -78,8 +78,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from diffalign.methods.online_settings import OnlineSettings
     from diffalign.models import load_pipeline
-    from diffalign.online import OnlineSettings, make_reward, sample_epoch
+    from diffalign.objectives.online import make_reward, sample_epoch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:

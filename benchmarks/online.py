@@ -2,7 +2,7 @@
 
     python benchmarks/online.py [--model tiny-sdxl] [--threads 1] [--json out.json]
 
-1. One PRDP epoch through the real objective (diffalign.online.OnlineObjective) on a LoRA UNet: seconds
+1. One PRDP epoch through the real objective (diffalign.objectives.online.OnlineObjective) on a LoRA UNet: seconds
    spent sampling, scoring, recomputing the reference's log-probs, and in the K gradient steps.
 2. ``recompute_log_probs`` on the same trajectories with all T timesteps batched into one forward
    (chunk_size = T) vs one timestep at a time (chunk_size = 1), forward only and forward + backward.
@@ -65,9 +65,8 @@ def main() -> None:
     from diffalign.config import load_config
     from diffalign.methods import METHODS
     from diffalign.models import load_pipeline
-    from diffalign.online import OnlineObjective
+    from diffalign.objectives import OnlineObjective, TrainContext
     from diffalign.sampler import family_of, recompute_log_probs
-    from diffalign.train import TrainContext
 
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)

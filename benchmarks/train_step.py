@@ -34,27 +34,29 @@ SECTION = "## Training: DPO vs MaPO"
 _CHILD = r"""
 import json, sys, torch
 torch.set_num_threads(int(sys.argv[2]))
+import diffalign.objectives.pairs as P
 import diffalign.train as T
 from diffalign.config import load_config
+from diffalign.objectives import unwrap
 
 overrides = json.loads(sys.argv[1])
 frozen_copy = overrides.pop(0) == "frozen_copy"
 mark = {}
 
-original_init = T.PairObjective.__init__
-def init(self, ctx, dataset):
+original_init = P.PairObjective.__init__
+def init(self, ctx):
     if frozen_copy:  # the baseline: a second, frozen UNet instead of disabling the adapters
         import copy
-        ref = copy.deepcopy(T.unwrap(ctx.unet)).requires_grad_(False).eval()
+        ref = copy.deepcopy(unwrap(ctx.unet)).requires_grad_(False).eval()
         ref.disable_adapters()
         ctx.ref_unet = ref
-    original_init(self, ctx, dataset)
+    original_init(self, ctx)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak resident set (VmHWM) to the current one
         f.write("5")
     mark["rss_before_mib"] = _rss_mib("VmRSS:")
-T.PairObjective.__init__ = init
+P.PairObjective.__init__ = init
 
 def _rss_mib(key):
     with open("/proc/self/status") as f:

@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from diffalign.files import apply_umask
@@ -97,11 +98,9 @@ def join_tensors(tree, tensors: dict[str, torch.Tensor], folder: Path | None = N
 
 
 def write_tree(folder: Path, name: str, tree) -> None:
-    from safetensors.torch import save_file
-
     skeleton, tensors, files = split_tensors(tree, prefix=name)
     if tensors:
-        save_file(tensors, str(folder / f"{name}.safetensors"))
+        safetensors.torch.save_file(tensors, str(folder / f"{name}.safetensors"))
     for file_name, source in files.items():
         target = folder / file_name
         try:
@@ -122,9 +121,7 @@ def read_tree(folder: Path, name: str):
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    return safetensors.torch.load_file(str(path))
 
 
 def _read(path: Path, reader):
@@ -206,8 +203,6 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
     untouched) when the disk is full or the folder unwritable.
     """
     from accelerate.utils import gather_object
-    from safetensors.torch import save_file
-
     weights = trainable_state(model)
     bad = [name for name, value in weights.items() if not bool(torch.isfinite(value).all())]
     if bad:  # never write a checkpoint a resume would carry NaN from
@@ -220,7 +215,8 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
             if partial.exists():
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
-            save_file({k: v.to("cpu").contiguous() for k, v in weights.items()}, str(partial / "trainable.safetensors"))
+            safetensors.torch.save_file({k: v.to("cpu").contiguous() for k, v in weights.items()},
+                                        str(partial / "trainable.safetensors"))
             if export_lora is not None:
                 export_lora(partial / "lora")
             write_tree(partial, "optimizer", optimizer.state_dict())

@@ -1,53 +1,51 @@
-"""The ``diffalign`` command line. Each command validates all of its input before any model loads.
+"""The ``diffalign`` command line: the top floor. Each command validates all of its input before any model
+loads, and a user's mistake prints one line (exit status 2).
 
-Commands live next to the code they drive: a module adds a command with ``add_parser(subparsers)``
-that sets ``func`` on its parser, and is listed in ``COMMAND_MODULES``.
+The commands ``tiny``, ``sample``, ``score``, ``train`` and ``pairs`` are here; ``gallery`` and ``toy``
+live next to the code they drive (:mod:`diffalign.gallery.cli`, :mod:`diffalign.toy.cli`), each with an
+``add_parser(subparsers)`` that sets ``func`` on its parser. Library code never imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from diffalign.tiny import TINY_KINDS
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffalign.checkpoints import CheckpointError
+from diffalign.config import load_config
+from diffalign.gallery import cli as gallery_cli
+from diffalign.images import to_pil
+from diffalign.models import load_pipeline, parse_dtype, resolve_model
+from diffalign.objectives.online import RewardError
+from diffalign.pairs import generate_pairs
+from diffalign.prompts import read_prompts
+from diffalign.run_state import NonFiniteError, TrainingInterrupted
+from diffalign.sampler import Trajectory
+from diffalign.sampling import SamplingSettings, sample_batches
+from diffalign.scorers import check_scorer_names, make_scorer
+from diffalign.scorers.server import ScorerServer
+from diffalign.scorers.tiny_models import save_tiny_scorer
+from diffalign.scorers.transport import ServiceError
+from diffalign.tiny import TINY_KINDS, save_tiny
+from diffalign.toy import cli as toy_cli
+from diffalign.train import train
+from diffalign.usage import UsageError, default_device, ensure_writable_dir
+from diffalign.video import save_video
 
 #: Modules that contribute subcommands (each has ``add_parser(subparsers)``).
-COMMAND_MODULES: list[str] = [
-    "diffalign.gallery.cli",
-    "diffalign.toy.cli",
-    "diffalign.train",
-    "diffalign.pairs",
-]
+COMMAND_MODULES = (gallery_cli, toy_cli)
 
 log = logging.getLogger("diffalign")
 
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit status 2."""
-
-
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create ``path`` if needed and prove it is writable, or raise a UsageError naming it."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"output folder {path} is not writable: {err.strerror or err}") from None
-    return path
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+__all__ = ["UsageError", "build_parser", "default_device", "ensure_writable_dir", "main"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,12 +61,8 @@ def _add_tiny(sub):
 
 
 def _run_tiny(args):
-    from diffalign.tiny import save_tiny
-
     ensure_writable_dir(Path(args.out_dir).parent if Path(args.out_dir).parent != Path("") else ".")
     if args.kind not in TINY_KINDS:
-        from diffalign.scorers.tiny_models import save_tiny_scorer
-
         path = save_tiny_scorer(args.kind, args.out_dir, seed=args.seed)
         print(f"wrote tiny {args.kind} scorer model (seed {args.seed}) to {path}; use --scorer {args.kind}:model={path}")
         return
@@ -84,15 +78,15 @@ def _add_sample(sub):
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's own (toy-sdxl: 20), else 50")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 0 deterministic, 1 DDPM ancestral")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames per video")
+    p.add_argument("--height", type=int, default=None, help="default: the model's own size")
+    p.add_argument("--width", type=int, default=None, help="default: the model's own size")
+    p.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames per video (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variant", default=None)
@@ -105,25 +99,20 @@ def _add_sample(sub):
 
 
 def _run_sample(args):
-    import torch
-    from tqdm.auto import tqdm
-
-    from diffalign.images import to_pil
-    from diffalign.models import load_pipeline, parse_dtype, resolve_model
-    from diffalign.prompts import read_prompts
-    from diffalign.sampler import Trajectory, sample
-    from diffalign.scorers import check_scorer_names, make_scorer
-    from diffalign.video import save_video
-
     prompts = args.prompt if args.prompt else read_prompts(args.prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise UsageError("no prompts given")
-    for name, value, low in (("--steps", args.steps, 1), ("--num-images", args.num_images, 1),
+    for name, value, low in (("--steps", 1 if args.steps is None else args.steps, 1), ("--num-images", args.num_images, 1),
                              ("--batch-size", args.batch_size, 1), ("--num-frames", args.num_frames or 1, 1)):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    settings = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                                eta=args.eta, height=args.height, width=args.width, num_frames=args.num_frames,
+                                negative_prompt=args.negative_prompt)
+    for name, value, expected in settings.problems():
+        raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
     resolve_model(args.model)
     parse_dtype(args.dtype)
     check_scorer_names(args.scorer)
@@ -133,15 +122,13 @@ def _run_sample(args):
     pipe = load_pipeline(args.model, dtype=args.dtype, variant=args.variant, vae=args.vae,
                          device=args.device or default_device())
     pipe.set_progress_bar_config(disable=True)
+    settings = settings.for_model(pipe, args.model)  # unset sizes, steps, guidance: the model's own
     scorers = [make_scorer(name) for name in args.scorer]
-    video_kwargs = {"num_frames": args.num_frames} if args.num_frames else {}
     trajectories, rows = [], []
-    for start in tqdm(range(0, len(jobs), args.batch_size), desc="sampling", unit="batch"):
+    batches = sample_batches(pipe, [p for p, _ in jobs], [s for _, s in jobs], settings, batch_size=args.batch_size,
+                             model_name=args.model)
+    for start, result in tqdm(batches, total=-(-len(jobs) // args.batch_size), desc="sampling", unit="batch"):
         batch = jobs[start : start + args.batch_size]
-        result = sample(pipe, [p for p, _ in batch], seeds=[s for _, s in batch], num_steps=args.steps,
-                        guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, eta=args.eta,
-                        negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                        model_name=args.model, **video_kwargs)
         scores = {s.name: s.score(result.images, [p for p, _ in batch]).tolist() for s in scorers}
         for j, (prompt, seed) in enumerate(batch):
             index = start + j
@@ -182,12 +169,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def _run_score(args):
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from diffalign.prompts import read_prompts
-    from diffalign.scorers import check_scorer_names, make_scorer
-
     check_scorer_names(args.scorer)
     folder = Path(args.images)
     if not folder.is_dir():
@@ -245,9 +226,6 @@ def _add_serve_scorer(sub):
 
 
 def _run_serve_scorer(args):
-    from diffalign.scorers import check_scorer_names, make_scorer
-    from diffalign.scorers.server import ScorerServer
-
     check_scorer_names([args.spec])
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
@@ -269,6 +247,77 @@ def _run_serve_scorer(args):
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train with a YAML config (DPO, MaPO, ...)",
+                              description="Train with a YAML config; override any key with dotted.key=value.")
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=...)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> None:
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"train.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg.to_yaml())
+        return
+    out = train(cfg)
+    print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------------------------------
+def _add_pairs(subparsers) -> None:
+    p = subparsers.add_parser("pairs", help="generate AI-feedback preference pairs labelled by a scorer")
+    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or built-in id")
+    p.add_argument("--motion-adapter", default=None, help="AnimateDiff: a MotionAdapter id/folder added to an SD 1.x --model")
+    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    p.add_argument("--scorer", required=True, help="a registered scorer name")
+    p.add_argument("--out", required=True, help="output folder (pairs.jsonl + images/)")
+    p.add_argument("--images-per-prompt", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="default: the model's own (toy-sdxl: 20), else 20")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5")
+    p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (default: the pipeline's)")
+    p.add_argument("--min-margin", type=float, default=0.0, help="drop prompts whose best-worst score gap is <= this")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_run_pairs)
+
+
+def _run_pairs(args) -> None:
+    for name, value, low in (("--images-per-prompt", args.images_per_prompt, 2), ("--steps", 1 if args.steps is None else args.steps, 1),
+                             ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            raise UsageError(f"{name} must be >= {low}, got {value}")
+    if args.num_frames is not None and args.num_frames < 1:
+        raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
+    if args.eta < 0:
+        raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    prompts = read_prompts(args.prompts)
+    resolve_model(args.model)
+    parse_dtype(args.dtype)
+    check_scorer_names([args.scorer])
+    out = ensure_writable_dir(args.out)
+    scorer = make_scorer(args.scorer)
+    if args.motion_adapter is not None:
+        resolve_model(args.motion_adapter)
+    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device or default_device(),
+                         motion_adapter=args.motion_adapter)
+    pipe.set_progress_bar_config(disable=True)
+    sampling = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height,
+                                width=args.width, num_frames=args.num_frames)
+    info = generate_pairs(pipe, prompts, scorer, out, images_per_prompt=args.images_per_prompt, sampling=sampling,
+                          seed=args.seed, batch_size=args.batch_size, min_margin=args.min_margin, model_name=args.model)
+    print(f"wrote {info['pairs']} pairs ({info['ties']} ties dropped) to {out / 'pairs.jsonl'}; "
+          f"mean {args.scorer}: chosen {info['mean_chosen_score']:.4g}, rejected {info['mean_rejected_score']:.4g}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_score(sub)
     _add_serve_scorer(sub)
+    _add_train(sub)
+    _add_pairs(sub)
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_parser(sub)
+        module.add_parser(sub)
     return parser
 
 
@@ -289,11 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from diffalign.checkpoints import CheckpointError
-    from diffalign.online import RewardError
-    from diffalign.scorers.transport import ServiceError
-    from diffalign.train import NonFiniteError, TrainingInterrupted
-
     try:
         args.func(args)
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError) as err:

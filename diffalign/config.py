@@ -12,6 +12,7 @@ range raises :class:`ConfigError` naming the key path, the value and what was ex
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import types
 import typing
@@ -20,6 +21,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from diffalign.methods import METHODS
+from diffalign.models import resolve_model
+from diffalign.prompts import read_prompts
+from diffalign.sampling import SamplingSettings
+from diffalign.scorers import check_scorer_names
 
 
 class ConfigError(ValueError):
@@ -150,6 +157,11 @@ class EvalConfig:
     train_pairs: int = 32
     train_pair_draws: int = 4
 
+    def sampling(self) -> SamplingSettings:
+        """The evaluation's sampling settings (also the validation samples')."""
+        return SamplingSettings(num_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, eta=self.eta,
+                                height=self.height, width=self.width, num_frames=self.num_frames)
+
 
 @dataclass
 class Config:
@@ -276,10 +288,6 @@ def _require(ok: bool, path: str, value: Any, expected: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field rules; only looks at strings and the file system (no model loads)."""
-    from diffalign.methods import METHODS
-    from diffalign.models import resolve_model
-    from diffalign.scorers import check_scorer_names
-
     try:
         resolve_model(cfg.model.name)
     except (ValueError, OSError) as err:  # OSError: e.g. a path name too long for the file system
@@ -324,8 +332,6 @@ def validate(cfg: Config) -> None:
     _require(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps", o.lr_warmup_steps, "an integer >= 0")
     _require(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm, "null or a number > 0")
     if o.optimizer == "adamw8bit":
-        import importlib.util
-
         _require(importlib.util.find_spec("bitsandbytes") is not None, "optim.optimizer", o.optimizer,
                  "adamw or adafactor (adamw8bit needs `pip install bitsandbytes`)")
 
@@ -345,8 +351,6 @@ def validate(cfg: Config) -> None:
     if lg.validation_every_n_steps:
         _require(bool(lg.validation_prompts), "log.validation_prompts", lg.validation_prompts,
                  "at least one prompt when log.validation_every_n_steps > 0")
-    import importlib.util
-
     for i, tracker in enumerate(lg.report_to):
         _require(tracker in ("tensorboard", "wandb"), f"log.report_to[{i}]", tracker, "'tensorboard' or 'wandb'")
         module = "tensorboard" if tracker == "tensorboard" else "wandb"
@@ -382,8 +386,6 @@ def validate(cfg: Config) -> None:
         _require(e.prompts_file is None or _is_file(e.prompts_file), "eval.prompts_file", e.prompts_file,
                  "null or an existing prompt file")
         if e.prompts_file is not None and not e.prompts:  # read now, not after the model has loaded
-            from diffalign.prompts import read_prompts
-
             try:
                 read_prompts(e.prompts_file)
             except ValueError as err:
@@ -428,8 +430,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def config_from_dict(raw: dict, *, check: bool = True) -> Config:
-    from diffalign.methods import METHODS
-
     if not isinstance(raw, dict):
         raise ConfigError("<root>", raw, f"a mapping with sections {', '.join(SECTIONS)}")
     for key in raw:

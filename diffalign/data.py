@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import random
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,17 +33,20 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
+from safetensors.torch import load_file, save_file
 
 from diffalign.files import apply_umask
 from diffalign.images import to_rgb
 from diffalign.jsonl import iter_jsonl
+from diffalign.models import HUB_ID
+from diffalign.tiny import cache_dir
 
 log = logging.getLogger("diffalign.data")
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TABLE_SUFFIXES = (".parquet", ".arrow")
+#: Files read as tables (Pick-a-Pic shards, prompt datasets).
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
 
 class DataError(ValueError):
@@ -59,7 +61,7 @@ def detect_format(source: str) -> str:
     if path.is_file():
         if path.suffix == ".jsonl":
             return "jsonl"
-        if path.suffix in _TABLE_SUFFIXES:
+        if path.suffix in TABLE_SUFFIXES:
             return "pickapic"
         raise DataError(f"data source {path}: expected a .jsonl, .parquet or .arrow file")
     if path.is_dir():
@@ -68,7 +70,7 @@ def detect_format(source: str) -> str:
         if any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
             return "pickapic"
         raise DataError(f"data source {path}: folder has no pairs.jsonl and no .parquet/.arrow files")
-    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
         return "pickapic"
     raise DataError(f"data source {source!r} does not exist (expected a file, a folder, or a hub dataset id)")
 
@@ -261,7 +263,7 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
                     raise DataError(f"{path}: no split {split!r} (has: {', '.join(table)})")
                 table = table[split]
         elif path.exists():
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _TABLE_SUFFIXES)
+            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES)
             kinds = {p.suffix for p in files}
             if len(kinds) != 1:
                 raise DataError(f"{path}: mix of {', '.join(sorted(kinds))} files; expected only .parquet or only .arrow")
@@ -307,8 +309,6 @@ PIL_VIDEO_SUFFIXES = (".gif", ".webp", ".png", ".apng")  # animated formats Pill
 def read_video_frames(path: Path) -> list[Image.Image]:
     """The RGB frames of a video: a folder of frame images (sorted by name), an animated GIF/WebP/APNG
     (Pillow), or another container such as MP4 through ``imageio`` (needs ``pip install imageio[ffmpeg]``)."""
-    from PIL import ImageSequence
-
     path = Path(path)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
@@ -369,6 +369,37 @@ def _to_model_range(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+#: What a broken image or video raises while it is decoded and preprocessed (a counted bad row).
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def preprocess_images(images, resolution: int, crop, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded images ``(image, original size)`` resized, cropped and flipped alike: ``pixels`` [K, 3, R, R]
+    in [-1, 1] and SDXL micro-conditioning ``time_ids`` [K, 6] (original size, crop offsets, target size)."""
+    r, pixels, time_ids = resolution, [], []
+    for image, original in images:
+        image, (top, left) = resize_crop(image, r, crop, original)
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels.append(_to_model_range(image))
+        time_ids.append(torch.tensor([*original, top, left, r, r], dtype=torch.float32))
+    return torch.stack(pixels), torch.stack(time_ids)
+
+
+def preprocess_clips(named_clips, prep: Preprocessing, crop, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips ``(name, frames)`` fitted to ``prep.num_frames`` and resized, cropped and flipped alike (every
+    frame of every clip): ``pixels`` [K, F, 3, R, R] and placeholder ``time_ids`` [K, 6]."""
+    r, clips = prep.resolution, []
+    for name, frames in named_clips:
+        frames = fit_frames(frames, prep.num_frames, prep.frame_policy, f"{name} video")
+        frames = [resize_crop(frame, r, crop)[0] for frame in frames]
+        if flip:
+            frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
+        clips.append(torch.stack([_to_model_range(frame) for frame in frames]))
+    time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(len(clips), 1)  # unused by video models
+    return torch.stack(clips), time_ids
+
+
 class PreferenceDataset(torch.utils.data.Dataset):
     """Items of a :class:`PairSource`, jointly preprocessed. Randomness comes from (seed, epoch, index)."""
 
@@ -396,33 +427,21 @@ class PreferenceDataset(torch.utils.data.Dataset):
         flip = self.prep.random_flip and rng.random() < 0.5
         if self.prep.num_frames is not None:
             return self._video_item(index, caption, crop, flip)
-        pixels, time_ids = [], []
         try:
-            for image, original in self.source.images(index, draft_size=2 * r):
-                image, (top, left) = resize_crop(image, r, crop, original)
-                if flip:
-                    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                pixels.append(_to_model_range(image))
-                time_ids.append(torch.tensor([*original, top, left, r, r], dtype=torch.float32))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            pixels, time_ids = preprocess_images(self.source.images(index, draft_size=2 * r), r, crop, flip)
+        except UNREADABLE as err:
             return {"bad": f"{self.source.description} pair {index}: {type(err).__name__}: {err}", "index": index}
-        return {"index": index, "caption": caption, "pixels": torch.stack(pixels), "time_ids": torch.stack(time_ids)}
+        return {"index": index, "caption": caption, "pixels": pixels, "time_ids": time_ids}
 
     def _video_item(self, index: int, caption: str, crop, flip: bool) -> dict:
         """A video pair: ``pixels`` [2, F, 3, R, R]; every frame of both clips gets the same crop and flip."""
-        r, where = self.prep.resolution, f"{self.source.description} pair {index}"
+        where = f"{self.source.description} pair {index}"
         try:
-            clips = []
-            for name, frames in zip(("chosen", "rejected"), self.source.videos(index), strict=True):
-                frames = fit_frames(frames, self.prep.num_frames, self.prep.frame_policy, f"{name} video")
-                frames = [resize_crop(frame, r, crop)[0] for frame in frames]
-                if flip:
-                    frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
-                clips.append(torch.stack([_to_model_range(frame) for frame in frames]))
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+            pixels, time_ids = preprocess_clips(zip(("chosen", "rejected"), self.source.videos(index), strict=True),
+                                                self.prep, crop, flip)
+        except UNREADABLE as err:
             return {"bad": f"{where}: {type(err).__name__}: {err}", "index": index}
-        time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(2, 1)  # unused by video models
-        return {"index": index, "caption": caption, "pixels": torch.stack(clips), "time_ids": time_ids}
+        return {"index": index, "caption": caption, "pixels": pixels, "time_ids": time_ids}
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -549,8 +568,6 @@ class CachedPairs(torch.utils.data.Dataset):
 
     @staticmethod
     def save(path: Path, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], metadata: dict) -> None:
-        from safetensors.torch import save_file
-
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         all_tensors = {**tensors, **{f"empty.{k}": v for k, v in empty.items()}}
@@ -561,14 +578,10 @@ class CachedPairs(torch.utils.data.Dataset):
 
     @classmethod
     def load(cls, path: Path, prep: Preprocessing) -> CachedPairs:
-        from safetensors.torch import load_file
-
         loaded = load_file(str(path))
         empty = {k[6:]: v for k, v in loaded.items() if k.startswith("empty.")}
         return cls({k: v for k, v in loaded.items() if not k.startswith("empty.")}, empty, prep)
 
 
 def default_cache_dir() -> Path:
-    from diffalign.tiny import cache_dir
-
     return cache_dir() / "latents"

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 ONLINE_KINDS = ("online",)
 
 
 def use_cpu(cfg) -> bool:
     """Whether to ask accelerate for the CPU: ``train.device=cpu``, or no device set and no accelerator."""
-    import torch
 
     if cfg.train.device == "cpu":
         return True

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from diffalign import tiny
+from diffalign.toy import TOY_GUIDANCE, TOY_NUM_STEPS, toy_animatediff_path, toy_sdxl_path
 
 # diffusers >= 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns).
 try:
@@ -27,7 +29,8 @@ except ImportError:  # older diffusers
 #: The file diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads in a LoRA folder.
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: What a hub id (``org/name``) looks like, for models and datasets alike.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 #: Built-in model ids -> a function returning the local folder (built or located on first use).
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
@@ -37,29 +40,34 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny-wan": lambda: tiny.cached_tiny("wan"),
     "tiny-sd3": lambda: tiny.cached_tiny("sd3"),
     "tiny-flux": lambda: tiny.cached_tiny("flux"),
-    "toy-sdxl": lambda: _toy_sdxl_path(),
-    "toy-animatediff": lambda: _toy_animatediff_path(),
+    "toy-sdxl": toy_sdxl_path,
+    "toy-animatediff": toy_animatediff_path,
 }
 
-
-def _toy_sdxl_path() -> Path:
-    from diffalign.toy import toy_sdxl_path
-
-    return toy_sdxl_path()
-
-
-def _toy_animatediff_path() -> Path:
-    from diffalign.toy import toy_animatediff_path
-
-    return toy_animatediff_path()
+#: A built-in model's own sampling defaults (:class:`diffalign.sampling.SamplingSettings` field names):
+#: the sizes the tiny models are built for, the steps and guidance the toy models were evaluated with.
+BUILTIN_SAMPLING_DEFAULTS: dict[str, dict] = {
+    "tiny-animatediff": {"num_frames": 4},
+    "tiny-wan": {"height": 32, "width": 32, "num_frames": 5},
+    "toy-sdxl": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
+    "toy-animatediff": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
+}
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def register_builtin_model(name: str, locate: Callable[[], Path]) -> None:
-    """Make ``name`` usable wherever a model id is (e.g. the shipped ``toy-sdxl``)."""
+def register_builtin_model(name: str, locate: Callable[[], Path], sampling_defaults: dict | None = None) -> None:
+    """Make ``name`` usable wherever a model id is (e.g. the shipped ``toy-sdxl``), with its own sampling
+    defaults (``{"num_steps": 20, "guidance_scale": 3.0}``) if it has any."""
     BUILTIN_MODELS[name] = locate
+    if sampling_defaults:
+        BUILTIN_SAMPLING_DEFAULTS[name] = dict(sampling_defaults)
+
+
+def builtin_sampling_defaults(model: str) -> dict:
+    """The sampling defaults of built-in model ``model`` ({} for any other model)."""
+    return dict(BUILTIN_SAMPLING_DEFAULTS.get(model, {}))
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ def resolve_model(model: str) -> ModelSource:
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model and os.sep != "/"
     if looks_like_path:
         raise FileNotFoundError(f"model path {model!r} does not exist")
-    if _HUB_ID.match(model):
+    if HUB_ID.match(model):
         return ModelSource(model, "hub")
     raise ValueError(
         f"unknown model {model!r}: not a built-in id ({', '.join(sorted(BUILTIN_MODELS))}), "
@@ -181,8 +189,6 @@ def resolve_model_spec(spec: str) -> ModelSpec:
     """``--model`` values that may name a trainer's LoRA run: a built-in id, hub id or folder as
     :func:`resolve_model` takes them, or ``RUN:lora`` (``RUN`` holding ``pytorch_lora_weights.safetensors``,
     loaded onto the base model ``RUN/config.yaml`` records, as ``diffalign train`` writes it). Nothing loads."""
-    import yaml
-
     if not (isinstance(spec, str) and spec.endswith(LORA_SUFFIX)):
         resolve_model(spec)
         return ModelSpec(spec)

@@ -6,115 +6,25 @@ conditioning tensors the denoiser saw through ``callback_on_step_end``. The resu
 :class:`Trajectory`: everything needed to recompute any step later, under any denoiser of the same
 family, with :func:`recompute_log_probs`.
 
-Pipeline families differ only in which callback tensors hold the conditioning and how the denoiser is
-called; each is one small :class:`Family` entry (video families add theirs the same way).
+What differs between pipeline families (which callback tensors hold the conditioning, how the
+denoiser is called, the step rule) is one :class:`~diffalign.families.Family` entry.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
+from diffalign.families import FAMILIES, Family, family_of
 from diffalign.files import save_safetensors
-from diffalign.steps import LOG_PROB_REDUCTION, DDIMStep, FlowSDEStep, make_step_rule
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pipeline families
-# ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Family:
-    """How one pipeline family exposes its conditioning and calls its denoiser.
-
-    ``capture(callback_tensors, batch_size, do_cfg) -> (cond, uncond)`` turns the tensors the pipeline hands
-    to ``callback_on_step_end`` at step 0 into per-sample conditioning ``[B, ...]``; ``call(denoiser, x, t,
-    cond)`` runs the denoiser on latents ``x`` at per-row timesteps ``t``; ``make_step_rule(eta)`` is the
-    family's sampling rule (``eta``: DDIM's eta, or the noise level of the flow-matching SDE).
-    """
-
-    name: str
-    pipeline_classes: tuple[str, ...]
-    denoiser_attr: str
-    callback_inputs: tuple[str, ...]
-    capture: Callable[[dict, int, bool], tuple[dict, dict]]
-    call: Callable[..., torch.Tensor]
-    make_step_rule: Callable[[float], object] = DDIMStep
-
-
-def _split_negative_positive(names: dict[str, str]):
-    """Capture for pipelines whose callback tensors are ``[negative; positive]`` along dim 0 under CFG."""
-
-    def capture(tensors, b, do_cfg):
-        cond = {name: tensors[key][-b:] for key, name in names.items()}
-        uncond = {name: tensors[key][:b] for key, name in names.items()} if do_cfg else {}
-        return cond, uncond
-
-    return capture
-
-
-def _capture_per_frame(tensors, b, do_cfg):
-    # AnimateDiff repeats each prompt's embedding once per frame ([neg; pos] then repeat_interleave(F)).
-    embeds = tensors["prompt_embeds"]
-    frames = embeds.shape[0] // (2 * b if do_cfg else b)
-    return _split_negative_positive({"prompt_embeds": "encoder_hidden_states"})({"prompt_embeds": embeds[::frames]}, b, do_cfg)
-
-
-def _capture_separate_negative(tensors, b, do_cfg):
-    # Wan keeps positive and negative embeddings apart and runs two forward passes.
-    cond = {"encoder_hidden_states": tensors["prompt_embeds"]}
-    return cond, ({"encoder_hidden_states": tensors["negative_prompt_embeds"]} if do_cfg else {})
-
-
-def _call_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-    return unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                added_cond_kwargs=added or None, return_dict=False)[0]
-
-
-def _call_motion_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-    # x: [N, C, F, H, W]; the motion UNet takes one text embedding per frame.
-    embeds = cond["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
-    return unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
-
-
-def _call_wan(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
-                       return_dict=False)[0]
-
-
-FAMILIES: dict[str, Family] = {
-    "sd": Family("sd", ("StableDiffusionPipeline",), "unet", ("prompt_embeds",),
-                 _split_negative_positive({"prompt_embeds": "encoder_hidden_states"}), _call_unet),
-    "sdxl": Family(
-        "sdxl", ("StableDiffusionXLPipeline",), "unet", ("prompt_embeds", "add_text_embeds", "add_time_ids"),
-        _split_negative_positive(
-            {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds", "add_time_ids": "time_ids"}
-        ),
-        _call_unet,
-    ),
-    "animatediff": Family("animatediff", ("AnimateDiffPipeline",), "unet", ("prompt_embeds",),
-                          _capture_per_frame, _call_motion_unet),
-    "wan": Family("wan", ("WanPipeline",), "transformer", ("prompt_embeds", "negative_prompt_embeds"),
-                  _capture_separate_negative, _call_wan, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta)),
-}
-
-
-#: Families whose samples are clips [B, F, 3, H, W] and whose pipelines take ``num_frames``.
-VIDEO_FAMILIES = ("animatediff", "wan")
-
-
-def family_of(pipe) -> Family:
-    for cls in type(pipe).__mro__:
-        for family in FAMILIES.values():
-            if cls.__name__ in family.pipeline_classes:
-                return family
-    known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
-    raise NotImplementedError(f"the trajectory sampler does not support {type(pipe).__name__}; supported: {known}")
+from diffalign.images import to_pil
+from diffalign.steps import LOG_PROB_REDUCTION, make_step_rule
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,8 +162,6 @@ class Trajectory:
 
     @classmethod
     def load(cls, path) -> Trajectory:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != "diffalign.trajectory/1":
@@ -274,11 +182,9 @@ class Trajectory:
 @dataclass
 class SampleOutput:
     images: torch.Tensor | None  # [B, 3, H, W] (videos: [B, F, 3, H, W]) float in [0, 1]; None if not decoded
-    trajectory: Trajectory
+    trajectory: Trajectory | None  # None only from sample_many without trajectories
 
     def pil_images(self):
-        from diffalign.images import to_pil
-
         return to_pil(self.images)
 
 
@@ -354,6 +260,8 @@ def sample(
         if "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:
             raise ValueError(f"{type(pipe).__name__} does not support guidance_rescale")
         pipeline_kwargs["guidance_rescale"] = guidance_rescale
+    # unset sizes are left out, so the pipeline's own defaults apply (Wan's __call__ cannot take None)
+    pipeline_kwargs |= {k: v for k, v in (("height", height), ("width", width)) if v is not None}
     original = pipe.scheduler
     recorder = recording_scheduler(step_rule, dict(original.config))
     recorder.generator = generator  # for pipelines that do not pass their generator to scheduler.step
@@ -374,8 +282,6 @@ def sample(
             guidance_scale=guidance_scale,
             generator=generator,
             latents=latents,
-            height=height,
-            width=width,
             output_type="pt" if decode else "latent",
             callback_on_step_end=capture,
             callback_on_step_end_tensor_inputs=list(family.callback_inputs),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffalign.images import to_pil
@@ -30,7 +31,6 @@ def save_video(frames: torch.Tensor, stem: str | Path, fps: int = 8, formats: tu
         elif fmt == "mp4":
             try:
                 import imageio.v3 as iio
-                import numpy as np
 
                 iio.imwrite(path, np.stack([np.asarray(im) for im in images]), fps=fps, codec="libx264",
                             plugin="pyav" if _has_pyav() else None)

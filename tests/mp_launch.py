@@ -88,9 +88,7 @@ def install_write_guard(roots: list[Path]) -> None:
 
 
 def install_loss_trace() -> None:
-    from diffalign.online import OnlineObjective
-    from diffalign.seppo_pool import SePPOObjective
-    from diffalign.train import PairObjective
+    from diffalign.objectives import OnlineObjective, PairObjective, SePPOObjective
 
     for cls in (PairObjective, OnlineObjective, SePPOObjective):
         def traced(self, batch, _call=cls.__call__):

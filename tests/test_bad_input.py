@@ -515,7 +515,7 @@ def _broken_lines(good: dict, path_key: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("name", sorted(_broken_lines(_GOOD_ROW, "chosen")))
 def test_each_kind_of_broken_line_names_file_and_line(name, image_dir):
     from diffalign.config import DataConfig
-    from diffalign.seppo_pool import open_winners
+    from diffalign.winners import open_winners
 
     path = image_dir / f"broken-{name}.jsonl"
     path.write_bytes(json.dumps(_GOOD_ROW).encode() + b"\n\n" + _broken_lines(_GOOD_ROW, "chosen")[name] + b"\n")
@@ -660,8 +660,7 @@ _PROMPT_TEXT = st.one_of(
 @CHEAP
 @given(suffix=st.sampled_from([".txt", ".jsonl", ".csv", ".tsv", ".json"]), content=_PROMPT_TEXT)
 def test_generated_prompt_files(suffix, content, tmp_path):
-    from diffalign.gallery.prompt_sets import load_prompts
-    from diffalign.online import load_prompt_source
+    from diffalign.prompt_sets import load_prompt_source, load_prompts
 
     path = tmp_path / f"prompts{suffix}"
     path.write_bytes(content)
@@ -700,7 +699,7 @@ _FIXED_PROMPT_FILES = {
 
 @pytest.mark.parametrize("name", sorted(_FIXED_PROMPT_FILES))
 def test_each_kind_of_bad_prompt_file(name, tmp_path):
-    from diffalign.gallery.prompt_sets import load_prompts
+    from diffalign.prompt_sets import load_prompts
 
     suffix, content = _FIXED_PROMPT_FILES[name]
     path = tmp_path / f"prompts{suffix}"
@@ -743,7 +742,7 @@ _WINNER_BROKEN = st.one_of(
 @given(lines=_files_of(_WINNER_READABLE, _WINNER_BROKEN, 5))
 def test_generated_seppo_winner_files(lines, image_dir):
     from diffalign.config import DataConfig
-    from diffalign.seppo_pool import WinnersDataset, open_winners
+    from diffalign.winners import WinnersDataset, open_winners
 
     path = image_dir / "winners.jsonl"
     _write_lines(path, lines)

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-from diffalign import train
+from diffalign import export
 from diffalign.flow_matching import LORA_TARGET_MODULES
 from diffalign.tiny import cached_tiny
 
@@ -33,14 +33,14 @@ class _Records(logging.Handler):
 
 def _export_peft_keys(pipe, transformer, out):
     # What diffusers' train_dreambooth_lora_sd3.py / _flux.py write: PEFT key names as they are, through the
-    # pipeline's own save_lora_weights (train.save_lora differs only in converting the names first).
+    # pipeline's own save_lora_weights (export.save_lora writes the same PEFT names).
     type(pipe).save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(transformer),
                                  transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
                                  safe_serialization=True)
 
 
 def _export_with_save_lora(pipe, transformer, out):
-    train.save_lora(pipe, transformer, out)
+    export.save_lora(pipe, transformer, out)
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
@@ -52,7 +52,7 @@ def test_lora_with_the_families_targets_round_trips_through_stock_load_lora_weig
 def test_save_lora_round_trips_through_stock_load_lora_weights(kind, tmp_path, monkeypatch):
     # save_lora finds the denoiser through the sampler's family table; SD3/FLUX entries land with the
     # family-table restructure, until then the lookup is given the attribute those entries will hold.
-    monkeypatch.setattr(train, "denoiser_attr", lambda _pipe: "transformer")
+    monkeypatch.setattr(export, "denoiser_attr", lambda _pipe: "transformer")
     _check_round_trip(kind, _export_with_save_lora, tmp_path)
 
 

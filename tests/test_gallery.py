@@ -22,14 +22,15 @@ from PIL import Image
 
 from diffalign.cli import main
 from diffalign.gallery import load_prompts, run_gallery, select_prompts
-from diffalign.gallery.prompt_sets import known_prompt_sets, prompts_dir
 from diffalign.gallery.run import Manifest, load_media, save_media, score_media, write_results
 from diffalign.gallery.stats import compute_stats, mean_ci, student_t_quantile, wilson_interval, win_rate
+from diffalign.prompt_sets import known_prompt_sets, prompts_dir
 from diffalign.sampler import sample
+from diffalign.sampling import SamplingSettings
 from diffalign.scorers import make_scorer
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
-FAST = dict(steps=3, guidance=3.0, progress=False)
+FAST = dict(sampling=SamplingSettings(num_steps=3, guidance_scale=3.0), progress=False)
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -267,7 +268,8 @@ def test_num_frames_sets_the_clip_length_of_video_models_and_is_refused_for_imag
 
     out = tmp_path / "out"
     summary = run_gallery({"video": str(cached_tiny("animatediff")), "image": str(tiny_sdxl_path)}, PROMPTS[:1],
-                          ["brightness"], out, images_per_prompt=1, num_frames=3, **FAST)
+                          ["brightness"], out, images_per_prompt=1, progress=False,
+                          sampling=SamplingSettings(num_steps=3, guidance_scale=3.0, num_frames=3))
     assert summary["models"]["video"]["status"] == "done"
     assert load_media(next((out / "media" / "video").glob("*.anim.webp"))).shape[0] == 3
     assert summary["models"]["image"]["status"] == "failed"

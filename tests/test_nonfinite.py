@@ -54,7 +54,8 @@ def metrics(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["loss", "gradient"])
 def test_a_nonfinite_step_is_skipped_counted_and_the_run_goes_on(kind, tmp_path, monkeypatch):
-    from diffalign.train import PairObjective, train
+    from diffalign.objectives import PairObjective
+    from diffalign.train import train
 
     poison(monkeypatch, PairObjective, {2, 3}, kind)
     out = tmp_path / "run"
@@ -66,7 +67,8 @@ def test_a_nonfinite_step_is_skipped_counted_and_the_run_goes_on(kind, tmp_path,
 
 
 def test_with_accumulation_one_bad_micro_batch_skips_its_whole_step(tmp_path, monkeypatch):
-    from diffalign.train import PairObjective, train
+    from diffalign.objectives import PairObjective
+    from diffalign.train import train
 
     poison(monkeypatch, PairObjective, {3}, "loss")  # micro-batches 3 and 4 make step 2
     out = tmp_path / "run"
@@ -78,7 +80,9 @@ def test_with_accumulation_one_bad_micro_batch_skips_its_whole_step(tmp_path, mo
 
 
 def test_n_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
-    from diffalign.train import NonFiniteError, PairObjective, train
+    from diffalign.objectives import PairObjective
+    from diffalign.run_state import NonFiniteError
+    from diffalign.train import train
 
     poison(monkeypatch, PairObjective, {2, 3, 4}, "loss")
     out = tmp_path / "run"
@@ -91,7 +95,7 @@ def test_n_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path, 
 
 
 def test_an_online_method_skips_a_nonfinite_step_too(tmp_path, monkeypatch):
-    from diffalign.online import OnlineObjective
+    from diffalign.objectives import OnlineObjective
     from diffalign.train import train
 
     poison(monkeypatch, OnlineObjective, {2}, "loss")

@@ -11,14 +11,8 @@ import torch
 
 from diffalign.methods.ddpo import ddpo_loss, per_prompt_advantages
 from diffalign.methods.prdp import prdp_loss, reward_pairs
-from diffalign.online import (
-    OnlineBatch,
-    RewardError,
-    filter_rewards,
-    load_prompt_source,
-    make_reward,
-    micro_batches,
-)
+from diffalign.objectives.online import OnlineBatch, RewardError, filter_rewards, make_reward, micro_batches
+from diffalign.prompt_sets import load_prompt_source
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,8 +188,8 @@ def online_ctx(tiny_sdxl):
 
     from diffalign.config import load_config
     from diffalign.methods import METHODS
+    from diffalign.objectives import TrainContext
     from diffalign.sampler import family_of
-    from diffalign.train import TrainContext
 
     pipe = copy.copy(tiny_sdxl)
     unet = copy.deepcopy(tiny_sdxl.unet).requires_grad_(False)
@@ -213,7 +207,7 @@ def _objective(ctx, name, **overrides):
     import dataclasses
 
     from diffalign.methods import METHODS
-    from diffalign.online import OnlineObjective
+    from diffalign.objectives import OnlineObjective
 
     cfg = copy.copy(ctx.cfg)
     base = {k: getattr(ctx.cfg.method, k) for k in (f.name for f in dataclasses.fields(ctx.cfg.method))

@@ -21,9 +21,12 @@ from safetensors.torch import load_file
 
 from diffalign.config import LoraConfig as LoraSettings
 from diffalign.config import load_config
+from diffalign.evaluation import generate_and_score
+from diffalign.export import save_lora
+from diffalign.families import family_of
 from diffalign.models import BUILTIN_MODELS, LORA_WEIGHTS_FILE
-from diffalign.sampler import VIDEO_FAMILIES, family_of, sample
-from diffalign.train import lora_config, save_lora, train
+from diffalign.sampler import sample
+from diffalign.train import lora_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +82,7 @@ def assert_all_bound(messages: list[str]) -> None:
 
 
 def images(pipe, seed: int = 0) -> torch.Tensor:
-    frames = {"num_frames": 5} if family_of(pipe).name in VIDEO_FAMILIES else {}  # Wan takes 4k+1 frames
+    frames = {"num_frames": 5} if family_of(pipe).video else {}  # Wan takes 4k+1 frames
     return sample(pipe, ["a red circle on a blue background"], seeds=[seed], num_steps=2, guidance_scale=3.0,
                   height=32, width=32, **frames).images
 
@@ -149,8 +152,6 @@ def test_stock_loaded_run_samples_what_the_trainer_evaluated(family, tmp_path):
     """Train LoRA on attention + projections + MLP, load the run with stock diffusers, sample the first
     evaluation prompt with the evaluation's settings: the trainer's own ``eval/tuned`` sample, to 8-bit
     rounding; and the tuned model is not the base one."""
-    from diffalign.train import generate_and_score
-
     config, extra = E2E[family]
     out = tmp_path / "run"
     cfg = load_config(ROOT / "configs" / config, [

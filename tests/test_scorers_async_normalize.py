@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from diffalign.online import OnlineSettings, RewardError, make_reward, sample_epoch
+from diffalign.methods.online_settings import OnlineSettings
+from diffalign.objectives.online import RewardError, make_reward, sample_epoch
 from diffalign.scorers import NormalizedScorer, check_scorer_names, make_scorer
 from diffalign.scorers.async_scoring import ScoringQueue
 

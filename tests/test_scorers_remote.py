@@ -14,7 +14,7 @@ import requests
 import torch
 from helpers.services import ThreadServer, misbehaving_scorer_app
 
-from diffalign.online import RewardError, filter_rewards, make_reward
+from diffalign.objectives.online import RewardError, filter_rewards, make_reward
 from diffalign.scorers import make_scorer
 from diffalign.scorers.server import ScorerServer
 from diffalign.scorers.transport import TOKEN_HEADER, ServiceError

@@ -14,7 +14,8 @@ from PIL import Image
 
 from diffalign.data import DataError
 from diffalign.methods.seppo import flip_sign, seppo_loss
-from diffalign.seppo_pool import CheckpointPool, ImagePrompts, PairWinners, WinnersDataset, open_winners
+from diffalign.objectives.winners import CheckpointPool
+from diffalign.winners import ImagePrompts, PairWinners, WinnersDataset, open_winners
 
 
 def _nll(x: float) -> float:

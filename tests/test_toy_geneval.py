@@ -144,8 +144,8 @@ def lora_run(tmp_path):
     from peft import LoraConfig
 
     from diffalign.config import load_config
+    from diffalign.export import save_lora
     from diffalign.models import load_pipeline
-    from diffalign.train import save_lora
 
     run = tmp_path / "run"
     run.mkdir()

@@ -31,13 +31,13 @@ def test_objective_learns_a_fixed_batch(method, tiny_sdxl_path):
     accuracy rises (a sign error in a loss or in the pair layout fails this)."""
     import copy
 
-    from diffusers import DDPMScheduler
-
     from diffalign.data import PreferenceDataset, Preprocessing, collate_pairs, open_pairs
+    from diffalign.denoising import DDPMNoise
     from diffalign.methods import METHODS
     from diffalign.models import load_pipeline
+    from diffalign.objectives import TrainContext
+    from diffalign.objectives.pairs import pair_loss
     from diffalign.sampler import family_of
-    from diffalign.train import TrainContext, pair_loss
 
     cfg = load_config(ROOT / "configs" / f"tiny-sdxl-{method}.yaml", ["model.finetune=full"])
     pipe = load_pipeline(str(tiny_sdxl_path))
@@ -47,7 +47,7 @@ def test_objective_learns_a_fixed_batch(method, tiny_sdxl_path):
         device = torch.device("cpu")
 
     ctx = TrainContext(cfg, METHODS[method], _Device(), pipe, family_of(pipe), pipe.unet,
-                       DDPMScheduler.from_config(pipe.scheduler.config), torch.float32, ref_unet=ref)
+                       DDPMNoise.from_pipeline_config(pipe.scheduler.config), torch.float32, ref_unet=ref)
     data = PreferenceDataset(open_pairs(cfg.data.source, max_pairs=4), Preprocessing(32, random_flip=False))
     batch = collate_pairs([data[i] for i in range(4)])
     optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=1e-4)
@@ -163,6 +163,7 @@ def toy_pairs(tmp_path_factory):
     """AI-feedback pairs from the shipped toy-sdxl, labelled by a toy reward (the learning benchmark, small)."""
     from diffalign.models import load_pipeline
     from diffalign.pairs import generate_pairs
+    from diffalign.sampling import SamplingSettings
     from diffalign.scorers import make_scorer
     from diffalign.toy.data import toy_prompts
 
@@ -170,7 +171,8 @@ def toy_pairs(tmp_path_factory):
     pipe = load_pipeline("toy-sdxl")
     pipe.set_progress_bar_config(disable=True)
     generate_pairs(pipe, toy_prompts("train", n=16, seed=0), make_scorer("toy_saturation"), out,
-                   images_per_prompt=4, num_steps=10, guidance_scale=3.0, batch_size=16, progress=False)
+                   images_per_prompt=4, sampling=SamplingSettings(num_steps=10, guidance_scale=3.0),
+                   batch_size=16, progress=False)
     return out
 
 

@@ -70,6 +70,7 @@ def test_toy_animatediff_prdp_config_runs_end_to_end(tmp_path, toy_video_model, 
 def test_toy_animatediff_mapo_config_runs_end_to_end_on_generated_video_pairs(tmp_path, toy_video_model, one_thread):
     from diffalign.models import load_pipeline
     from diffalign.pairs import generate_pairs
+    from diffalign.sampling import SamplingSettings
     from diffalign.scorers import make_scorer
     from diffalign.toy.video_data import video_prompts
     from diffalign.train import train
@@ -77,7 +78,8 @@ def test_toy_animatediff_mapo_config_runs_end_to_end_on_generated_video_pairs(tm
     pipe = load_pipeline(toy_video_model)
     pipe.set_progress_bar_config(disable=True)
     info = generate_pairs(pipe, video_prompts("train", n=2, seed=0), make_scorer("toy_saturation"), tmp_path / "pairs",
-                          images_per_prompt=2, num_steps=2, guidance_scale=3.0, seed=0, num_frames=4, progress=False)
+                          images_per_prompt=2, seed=0, progress=False,
+                          sampling=SamplingSettings(num_steps=2, guidance_scale=3.0, num_frames=4))
     assert info["pairs"] >= 1
     path = ROOT / "configs" / "toy-animatediff-mapo.yaml"
     cfg = load_config(path, [

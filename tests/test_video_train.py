@@ -140,8 +140,8 @@ def tiny_wan(_offline_cache):
 
 
 def test_flow_matching_loss_is_velocity_regression_on_the_shifted_schedule(tiny_wan):
+    from diffalign.denoising import FlowMatchingNoise, denoising_losses
     from diffalign.sampler import FAMILIES
-    from diffalign.train import FlowMatchingNoise, denoising_losses
 
     noise_process = FlowMatchingNoise.from_pipeline_config(tiny_wan.scheduler.config)
     shift, n = tiny_wan.scheduler.config.shift, 1000
@@ -166,7 +166,7 @@ def test_flow_matching_loss_is_velocity_regression_on_the_shifted_schedule(tiny_
 
 
 def test_logit_normal_timestep_sampling_maps_uniform_draws_to_the_logit_normal(tiny_wan):
-    from diffalign.train import FlowMatchingNoise
+    from diffalign.denoising import FlowMatchingNoise
 
     uniform = FlowMatchingNoise.from_pipeline_config(tiny_wan.scheduler.config)
     logit = FlowMatchingNoise.from_pipeline_config(tiny_wan.scheduler.config, "logit_normal", 0.5, 0.8)
@@ -184,7 +184,7 @@ def test_logit_normal_timestep_sampling_maps_uniform_draws_to_the_logit_normal(t
 
 
 def test_video_latents_use_the_pipelines_normalisation(tiny_wan):
-    from diffalign.train import encode_images, sample_latents
+    from diffalign.denoising import encode_images, sample_latents
 
     pixels = torch.rand(1, 5, 3, 16, 16) * 2 - 1
     params = encode_images(tiny_wan.vae, pixels)

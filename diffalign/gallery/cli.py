@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import sys
 
+import diffusers
+import transformers
+
+from diffalign.gallery.run import parse_model_arg, run_gallery, validate_models
+from diffalign.models import parse_dtype
+from diffalign.prompt_sets import check_prompt_spec, load_prompts, select_prompts
+from diffalign.sampling import SamplingSettings
+from diffalign.scorers import check_scorer_names
+from diffalign.usage import UsageError, ensure_writable_dir
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -23,8 +33,8 @@ def add_parser(sub):
     p.add_argument("--scorer", action="append", default=[], help="scorer name (repeatable)")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="image k of prompt p gets seed SEED + p * K + k")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--steps", type=int, default=None, help="default: the baseline model's own (toy-sdxl: 20), else 30")
+    p.add_argument("--guidance", type=float, default=None, help="default: the baseline model's own (toy-sdxl: 3), else 5")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 0 deterministic, 1 DDPM ancestral")
     p.add_argument("--negative-prompt", default=None)
@@ -39,19 +49,17 @@ def add_parser(sub):
 
 
 def run(args):
-    from diffalign.cli import UsageError, ensure_writable_dir
-    from diffalign.gallery.prompt_sets import check_prompt_spec, load_prompts, select_prompts
-    from diffalign.gallery.run import GallerySettings, parse_model_arg, run_gallery, validate_models
-    from diffalign.models import parse_dtype
-    from diffalign.scorers import check_scorer_names
-
     # every check before any model loads
     specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base)
     check_scorer_names(args.scorer)
     check_prompt_spec(args.prompts)
     parse_dtype(args.dtype)
-    GallerySettings(args.images_per_prompt, args.seed, args.steps, args.guidance, args.guidance_rescale, args.eta,
-                    args.height, args.width, args.negative_prompt, args.num_frames).check()
+    sampling = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
+                                eta=args.eta, height=args.height, width=args.width, num_frames=args.num_frames,
+                                negative_prompt=args.negative_prompt)
+    if args.images_per_prompt < 1:
+        raise UsageError(f"images_per_prompt must be >= 1, got {args.images_per_prompt}")
+    sampling.check()
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
@@ -59,19 +67,13 @@ def run(args):
     except RuntimeError as err:  # a hub set offline
         raise UsageError(str(err)) from None
     out = ensure_writable_dir(args.out)
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.disable_progress_bar()  # the gallery shows one progress bar for all models
     transformers.utils.logging.disable_progress_bar()
     print(f"gallery: {len(specs)} models x {len(prompts)} prompts x {args.images_per_prompt} images -> {out}")
     try:
         summary = run_gallery(specs, prompts, args.scorer, out, images_per_prompt=args.images_per_prompt,
-                              seed=args.seed, steps=args.steps, guidance=args.guidance,
-                              guidance_rescale=args.guidance_rescale, eta=args.eta, height=args.height,
-                              width=args.width, negative_prompt=args.negative_prompt, num_frames=args.num_frames,
-                              batch_size=args.batch_size,
-                              dtype=args.dtype, device=args.device, lora_base=args.lora_base)
+                              seed=args.seed, sampling=sampling, batch_size=args.batch_size, dtype=args.dtype,
+                              device=args.device, lora_base=args.lora_base)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished images are kept in {out}; rerun the same command to resume", file=sys.stderr)
         raise SystemExit(130) from None

@@ -14,10 +14,16 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffalign.gallery.run import Manifest, media_kind
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+VIDEO_SUFFIXES = (".mp4", ".webm")
 
 
-def page_data(manifest: Manifest, rows: Sequence[dict], summary: dict, models: Sequence[str],
+def media_kind(file: str) -> str:
+    """How the page shows a file: ``video`` (a <video> element) or ``image`` (an <img>, animated or not)."""
+    return "video" if file.lower().endswith(VIDEO_SUFFIXES) else "image"
+
+
+def page_data(manifest, rows: Sequence[dict], summary: dict, models: Sequence[str],
               scorers: Sequence[str], plots: Sequence[str]) -> dict:
     cards = [{"index": i, "text": text, "cells": {}} for i, text in enumerate(manifest.prompts)]
     for r in rows:
@@ -35,7 +41,7 @@ def page_data(manifest: Manifest, rows: Sequence[dict], summary: dict, models: S
     }
 
 
-def write_page(out: Path, manifest: Manifest, rows, summary, models, scorers, plots) -> Path:
+def write_page(out: Path, manifest, rows, summary, models, scorers, plots) -> Path:
     data = page_data(manifest, rows, summary, models, scorers, plots)
     # "</" inside a <script> element would end it early
     blob = json.dumps(data, allow_nan=False, default=str).replace("</", "<\\/")

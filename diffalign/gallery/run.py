@@ -15,7 +15,8 @@ An interrupted run resumes from the manifest: finished images are neither regene
 From a training loop (the models may be pipeline objects, e.g. the policy with its LoRA adapters)::
 
     summary = run_gallery({"base": "tiny-sdxl", "step_500": pipe}, ["a cat", "a dog"], ["brightness"],
-                          out_dir=run_dir / "gallery" / "step_500", images_per_prompt=2, steps=20)
+                          out_dir=run_dir / "gallery" / "step_500", images_per_prompt=2,
+                          sampling=SamplingSettings(num_steps=20))
     log(summary["stats"]["means"]["step_500"]["brightness"]["mean"])
 
 A pipeline object is used as it is (its device, dtype, adapters and train/eval mode are the caller's)
@@ -36,17 +37,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageSequence
+from tqdm.auto import tqdm
 
+from diffalign.families import family_of
 from diffalign.files import apply_umask
+from diffalign.gallery.page import write_page as write_html
+from diffalign.gallery.plots import write_plots
+from diffalign.gallery.stats import compute_stats, format_tables
 from diffalign.images import to_pil, to_tensor
 from diffalign.models import LORA_WEIGHTS_FILE, load_pipeline, parse_dtype, resolve_model
+from diffalign.sampling import SamplingSettings, sample_batches
 from diffalign.scorers import Scorer, check_scorer_names, make_scorer
+from diffalign.usage import default_device
 
 log = logging.getLogger("diffalign.gallery")
 
 MANIFEST_FORMAT = "diffalign.gallery/1"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-VIDEO_SUFFIXES = (".mp4", ".webm")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -123,35 +130,26 @@ def load_model(spec: ModelSpec, *, dtype="float32", device=None):
 # ----------------------------------------------------------------------------------------------------
 # Settings and manifest
 # ----------------------------------------------------------------------------------------------------
+#: A gallery's steps and guidance when neither the call nor the baseline model says.
+GALLERY_NUM_STEPS = 30
+GALLERY_GUIDANCE = 5.0
+
+
 @dataclass
 class GallerySettings:
     """Everything that decides the images (a resumed run must use the same)."""
 
     images_per_prompt: int = 2
     seed: int = 0
-    steps: int = 30
-    guidance: float = 5.0
-    guidance_rescale: float = 0.0
-    eta: float = 1.0
-    height: int | None = None
-    width: int | None = None
-    negative_prompt: str | None = None
-    num_frames: int | None = None  # video pipelines: frames per clip (None: the pipeline's default)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def seed_for(self, prompt_index: int, image_index: int) -> int:
         return self.seed + prompt_index * self.images_per_prompt + image_index
 
     def check(self) -> None:
-        for name, value, low in (("images_per_prompt", self.images_per_prompt, 1), ("steps", self.steps, 1)):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
-        for name, value in (("height", self.height), ("width", self.width)):
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value}")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1 (or unset for the pipeline's default), got {self.num_frames}")
+        if self.images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be >= 1, got {self.images_per_prompt}")
+        self.sampling.check()
 
 
 @dataclass
@@ -204,11 +202,6 @@ def _open_manifest(out_dir: Path, settings: GallerySettings, prompts: list[str])
 # ----------------------------------------------------------------------------------------------------
 # Media
 # ----------------------------------------------------------------------------------------------------
-def media_kind(file: str) -> str:
-    """How the page shows a file: ``video`` (a <video> element) or ``image`` (an <img>, animated or not)."""
-    return "video" if file.lower().endswith(VIDEO_SUFFIXES) else "image"
-
-
 def save_media(sample: torch.Tensor, path_stem: Path, fps: int = 8) -> Path:
     """One image [3, H, W] as PNG or one video [F, 3, H, W] as animated WebP (plays inline in a browser).
 
@@ -233,8 +226,6 @@ def save_media(sample: torch.Tensor, path_stem: Path, fps: int = 8) -> Path:
 
 def load_media(path: Path) -> torch.Tensor:
     """[3, H, W] for an image, [F, 3, H, W] for an animation, floats in [0, 1]."""
-    from PIL import Image, ImageSequence
-
     with Image.open(path) as im:
         frames = [to_tensor(f.convert("RGB"))[0] for f in ImageSequence.Iterator(im)]
     return torch.stack(frames) if path.name.endswith(".anim.webp") else frames[0]
@@ -261,14 +252,7 @@ def run_gallery(
     *,
     images_per_prompt: int = 2,
     seed: int = 0,
-    steps: int = 30,
-    guidance: float = 5.0,
-    guidance_rescale: float = 0.0,
-    eta: float = 1.0,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    num_frames: int | None = None,
+    sampling: SamplingSettings | None = None,
     batch_size: int = 4,
     dtype: str = "float32",
     device: str | None = None,
@@ -282,13 +266,14 @@ def run_gallery(
     ``models``: ``{name: pipeline | "ID_OR_PATH" | "LORA_FOLDER:lora"}`` or a list of :class:`ModelSpec`.
     ``scorers``: names (see ``diffalign.scorers.available_scorers()``) or Scorer objects.
     A model that fails to load or sample is recorded as failed (shown on the page); the rest still run.
+    ``sampling``: unset fields take the baseline model's own defaults (a built-in model's, e.g.
+    ``toy-sdxl``'s 20 steps and guidance 3), else 30 steps and guidance 5; unset sizes the pipeline's.
     ``on_batch(model, keys)`` is called after each batch is saved. Returns the summary dict.
     """
-    from tqdm.auto import tqdm
-
-    settings = GallerySettings(images_per_prompt, seed, steps, guidance, guidance_rescale, eta, height, width,
-                               negative_prompt, num_frames)
-    settings.check()
+    sampling = sampling or SamplingSettings()
+    sampling.check()
+    if images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
     prompts = list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -307,6 +292,9 @@ def run_gallery(
     else:
         specs = list(models)
     specs = validate_models(specs, lora_base, preloaded=set(pipes))
+    baseline = next((s.base if s.lora else s.source for s in specs if s.name not in pipes), "")
+    settings = GallerySettings(images_per_prompt, seed, sampling.for_model_name(
+        baseline, num_steps=GALLERY_NUM_STEPS, guidance_scale=GALLERY_GUIDANCE))
     check_scorer_names([s for s in scorers if isinstance(s, str)])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -376,22 +364,13 @@ def _adopt_finished_files(out: Path, manifest: Manifest, specs, keys, settings: 
 
 def _generate_model(spec, pipe, todo, prompts, settings, scorers, out, manifest, batch_size, dtype, device,
                     bar, on_batch) -> int:
-    from diffalign.sampler import sample
-
     manifest.models[spec.name]["status"] = "running"
     owned = pipe is None
     if owned:
-        from diffalign.cli import default_device
-
         pipe = load_model(spec, dtype=dtype, device=device or default_device())
-    video = {}
-    if settings.num_frames is not None:
-        from diffalign.sampler import VIDEO_FAMILIES, family_of
-
-        if family_of(pipe).name not in VIDEO_FAMILIES:
-            raise ValueError(f"num_frames={settings.num_frames} is for video pipelines; {spec.name} is a "
-                             f"{type(pipe).__name__}")
-        video = {"num_frames": settings.num_frames}
+    frames = settings.sampling.num_frames
+    if frames is not None and not family_of(pipe).video:
+        raise ValueError(f"num_frames={frames} is for video pipelines; {spec.name} is a {type(pipe).__name__}")
     progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one gallery bar instead of one per batch
@@ -399,15 +378,12 @@ def _generate_model(spec, pipe, todo, prompts, settings, scorers, out, manifest,
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
     try:
-        for start in range(0, len(todo), batch_size):
+        batches = sample_batches(pipe, [prompts[p] for p, _ in todo], [settings.seed_for(p, k) for p, k in todo],
+                                 settings.sampling, batch_size=batch_size, model_name=spec.name)
+        for start, result in batches:
             batch = todo[start : start + batch_size]
             batch_prompts = [prompts[p] for p, _ in batch]
-            result = sample(pipe, batch_prompts, seeds=[settings.seed_for(p, k) for p, k in batch],
-                            num_steps=settings.steps, guidance_scale=settings.guidance,
-                            guidance_rescale=settings.guidance_rescale, eta=settings.eta,
-                            negative_prompt=settings.negative_prompt, height=settings.height,
-                            width=settings.width, model_name=spec.name, **video)
-            media = quantized(result.images.cpu())
+            media = quantized(result.images)
             files = [save_media(m, folder / item_key(p, k)) for m, (p, k) in zip(media, batch, strict=True)]
             scores = {s.name: score_media(s, media, batch_prompts) for s in scorers}
             for j, ((p, k), file) in enumerate(zip(batch, files, strict=True)):
@@ -457,8 +433,6 @@ def score_rows(manifest: Manifest, models: Sequence[str]) -> list[dict]:
 
 def write_results(out: Path, manifest: Manifest, models: Sequence[str], scorers: Sequence[str],
                   generated: dict[str, int] | None = None, *, write_page: bool = True) -> dict:
-    from diffalign.gallery.stats import compute_stats, format_tables
-
     rows = score_rows(manifest, models)
     with open(out / "scores.csv", "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
@@ -481,9 +455,6 @@ def write_results(out: Path, manifest: Manifest, models: Sequence[str], scorers:
     }
     plots = []
     if write_page:
-        from diffalign.gallery.page import write_page as write_html
-        from diffalign.gallery.plots import write_plots
-
         plots = write_plots(out, rows, stats, ok, scorers)
         summary["files"]["plots"] = plots
         write_html(out, manifest, rows, summary, models, scorers, plots)

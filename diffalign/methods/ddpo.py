@@ -6,7 +6,7 @@ Rewards are standardised within each prompt's group of samples into advantages `
 
     loss = mean over samples and steps of max(-A·ρ_t, -A·clip(ρ_t, 1 - c, 1 + c))
 
-It runs on the same online loop and records as PRDP (:mod:`diffalign.online`).
+It runs on the same online loop and records as PRDP (:mod:`diffalign.objectives.online`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from diffalign.methods import LossOutput, MethodSpec, register_method
-from diffalign.online import OnlineSettings, build_online_objective, validate_online_settings
+from diffalign.methods.base import LossOutput, MethodSpec, register_method
+from diffalign.methods.online_settings import OnlineSettings, validate_online_settings
 
 
 @dataclass
@@ -73,5 +73,19 @@ def _validate(cfg: DDPOConfig, require) -> None:
             "an integer >= 2 (advantages are standardised within each prompt's samples)")
 
 
+def _online_loss(cfg: DDPOConfig, part, logp: torch.Tensor) -> LossOutput:
+    return ddpo_loss(logp, part.logp_old, part.advantages, clip_range=cfg.clip_range,
+                     adv_clip_max=cfg.adv_clip_max)
+
+
+def _loss_weight(cfg: DDPOConfig, part) -> float:
+    """A micro-batch carries its share of the epoch's samples."""
+    return float(len(part.rewards))
+
+
+def _advantages(cfg: DDPOConfig, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    return per_prompt_advantages(rewards, groups)
+
+
 register_method(MethodSpec("ddpo", DDPOConfig, kind="online", needs_reference=False, validate=_validate,
-                             build_objective=build_online_objective))
+                           online_loss=_online_loss, loss_weight=_loss_weight, advantages=_advantages))

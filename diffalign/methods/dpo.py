@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from diffalign.methods import LossOutput, MethodSpec, PairLosses, register_method
+from diffalign.methods.base import LossOutput, MethodSpec, PairLosses, register_method
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from diffalign.methods import LossOutput, MethodSpec, PairLosses, register_method
+from diffalign.methods.base import LossOutput, MethodSpec, PairLosses, register_method
 
 
 @dataclass

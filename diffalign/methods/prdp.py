@@ -10,7 +10,7 @@ trajectories ``a``, ``b`` of the same prompt with rewards ``r(a) > r(b)``::
     loss   = mean over ordered pairs of max(l, l_clip)            proximal, like PPO's clipped objective
 
 The online loop (sampling with θ_old, scoring, storing ``log π_old`` and ``log π_ref``, K gradient
-steps) lives in :mod:`diffalign.online`; its settings are the fields of :class:`OnlineSettings`.
+steps) lives in :mod:`diffalign.objectives.online`; its settings are the fields of :class:`OnlineSettings`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from diffalign.methods import LossOutput, MethodSpec, register_method
-from diffalign.online import OnlineSettings, build_online_objective, validate_online_settings
+from diffalign.methods.base import LossOutput, MethodSpec, register_method
+from diffalign.methods.online_settings import OnlineSettings, validate_online_settings
 
 
 @dataclass
@@ -95,5 +95,15 @@ def _validate(cfg: PRDPConfig, require) -> None:
             "an integer >= 2 (PRDP compares trajectories of the same prompt)")
 
 
+def _online_loss(cfg: PRDPConfig, part, logp: torch.Tensor) -> LossOutput:
+    return prdp_loss(logp, part.logp_old, part.logp_ref, part.rewards, part.groups, beta=cfg.beta,
+                     clip_epsilon=cfg.clip_epsilon, log_ratio=cfg.log_ratio)
+
+
+def _loss_weight(cfg: PRDPConfig, part) -> float:
+    """A micro-batch carries its share of the epoch's reward pairs."""
+    return float(len(reward_pairs(part.rewards, part.groups)[0]))
+
+
 register_method(MethodSpec("prdp", PRDPConfig, kind="online", needs_reference=True, validate=_validate,
-                             build_objective=build_online_objective))
+                           online_loss=_online_loss, loss_weight=_loss_weight))

@@ -17,7 +17,8 @@ and a named setting. Each step, for a batch of winning images ``w`` with their p
    When the policy already fits the winner better than the reference does, ``x_ref`` is treated as a
    loser; otherwise it is treated as a second winner (sign) or ignored (indicator).
 
-The loop, the checkpoint pool and the winners' data live in :mod:`diffalign.seppo_pool`.
+The objective and the checkpoint pool live in :mod:`diffalign.objectives.winners`, the winners' data in
+:mod:`diffalign.winners`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from diffalign.methods import LossOutput, MethodSpec, register_method
+from diffalign.methods.base import LossOutput, MethodSpec, register_method
+from diffalign.sampling import SamplingSettings
 
 
 @dataclass
@@ -44,6 +46,12 @@ class SePPOConfig:
     ref_num_inference_steps: int = 20
     ref_guidance_scale: float = 5.0
     ref_eta: float = 1.0
+
+    def reference_sampling(self, resolution: int, num_frames: int | None) -> SamplingSettings:
+        """How the reference generates ``x_ref``: at the training resolution (and frame count)."""
+        return SamplingSettings(num_steps=self.ref_num_inference_steps,
+                                guidance_scale=self.ref_guidance_scale, eta=self.ref_eta, height=resolution,
+                                width=resolution, num_frames=num_frames)
 
 
 def flip_sign(model_w: torch.Tensor, ref_w: torch.Tensor, flip: str = "sign") -> torch.Tensor:
@@ -91,12 +99,10 @@ def _validate(cfg: SePPOConfig, require) -> None:
     require(cfg.ref_eta >= 0, "method.ref_eta", cfg.ref_eta, "a number >= 0")
 
 
-def _build_objective(ctx):
-    from diffalign.seppo_pool import SePPOObjective
-
-    return SePPOObjective(ctx)
+def _winners_loss(cfg: SePPOConfig, model_w, ref_w, model_r, ref_r) -> LossOutput:
+    return seppo_loss(model_w, ref_w, model_r, ref_r, beta=cfg.beta, flip=cfg.flip)
 
 
-# kind "winners": trains from the winning images of ``data.source`` (opened by diffalign.seppo_pool.open_winners)
+# kind "winners": trains from the winning images of ``data.source`` (opened by diffalign.winners.open_winners)
 register_method(MethodSpec("seppo", SePPOConfig, kind="winners", needs_reference=True, validate=_validate,
-                           build_objective=_build_objective))
+                           winners_loss=_winners_loss))

@@ -12,6 +12,8 @@ local file, a folder holding ``head_file``, or a URL (e.g. the GitHub raw link).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -58,7 +60,6 @@ class Aesthetic(Scorer):
         device: str | None = None,
         preprocess: str = "auto",
     ):
-        from pathlib import Path
 
         from transformers import CLIPModel
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffalign.images import to_pil, to_rgb
+from diffalign.images import pil_to_tensor, to_pil, to_rgb
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -152,7 +152,6 @@ def preprocess(
     if path == "pil" or (path == "auto" and not is_tensor):
         return preprocess_pil(to_pil(images) if is_tensor else list(images), size, mode, mean, std, crop_rounding)
     if not is_tensor:
-        from diffalign.images import pil_to_tensor
 
         sizes = {im.size for im in images}
         if len(sizes) > 1:

@@ -10,6 +10,8 @@ tokenizer and image settings, and the two preprocessing paths of :mod:`clip_prep
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from diffalign.models import parse_dtype
@@ -83,7 +85,6 @@ class HFCLIPScorer(Scorer):
 
 
 def _has_tokenizer(source: str) -> bool:
-    from pathlib import Path
 
     path = Path(source).expanduser()
     return path.is_dir() and ((path / "vocab.json").exists() or (path / "tokenizer.json").exists())

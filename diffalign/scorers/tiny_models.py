@@ -27,6 +27,13 @@ from pathlib import Path
 
 import torch
 
+from diffalign.files import save_safetensors
+from diffalign.scorers.aesthetic import AESTHETIC_HEAD_FILE, AestheticHead
+from diffalign.scorers.clip_preprocess import CLIP_MEAN, CLIP_STD
+from diffalign.scorers.hpsv2 import HPS_FILES, OPEN_CLIP_CONFIG, create_open_clip
+from diffalign.scorers.hpsv3 import HPSV3_FILE, reward_head
+from diffalign.tiny import _bytes_to_unicode, build_clip_tokenizer, cache_dir, write_folder_atomically
+
 TINY_SCORER_KINDS = ("pickscore", "clipscore", "hpsv2", "aesthetic", "hpsv3")
 #: Bump when the tiny architectures change, so cached builds are rebuilt.
 TINY_SCORER_VERSION = 1
@@ -57,8 +64,6 @@ def write_clip_processor(out_dir: str | os.PathLike) -> None:
     """The CLIP image processor (short side 224 bicubic, crop 224, CLIP mean/std) and tokenizer files."""
     from transformers import CLIPImageProcessor
 
-    from diffalign.scorers.clip_preprocess import CLIP_MEAN, CLIP_STD
-    from diffalign.tiny import build_clip_tokenizer
 
     CLIPImageProcessor(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
@@ -69,7 +74,6 @@ def write_clip_processor(out_dir: str | os.PathLike) -> None:
 
 def build_tiny_open_clip(seed: int = 0, config_dir: str | os.PathLike | None = None):
     """A tiny open_clip ``CLIP`` of :data:`TINY_OPEN_CLIP_CONFIG` (written to ``config_dir`` if given)."""
-    from diffalign.scorers.hpsv2 import OPEN_CLIP_CONFIG, create_open_clip
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(config_dir or tmp)
@@ -102,8 +106,6 @@ def write_qwen2_vl_base(out: Path, seed: int):
         Qwen2VLVideoProcessor,
     )
 
-    from diffalign.tiny import _bytes_to_unicode
-
     byte_symbols = list(_bytes_to_unicode().values())
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(byte_symbols)}, ensure_ascii=False))
@@ -133,10 +135,7 @@ def write_qwen2_vl_base(out: Path, seed: int):
 
 def write_tiny_hpsv3(out: Path, seed: int) -> None:
     """The tiny base folder plus ``HPSv3.safetensors`` in the published (pre-4.52) key layout."""
-    from safetensors.torch import save_file
     from transformers import Qwen2VLForConditionalGeneration
-
-    from diffalign.scorers.hpsv3 import HPSV3_FILE, reward_head
 
     config, num_tokens = write_qwen2_vl_base(out, seed)
     config.text_config.vocab_size = num_tokens + 1  # HPSv3 adds <|Reward|> and resizes the embedding
@@ -148,7 +147,7 @@ def write_tiny_hpsv3(out: Path, seed: int) -> None:
         key = key.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
         legacy[key] = value.to(torch.bfloat16).contiguous()
     legacy |= {f"rm_head.{k}": v.float().contiguous() for k, v in head.state_dict().items()}
-    save_file(legacy, str(out / HPSV3_FILE))
+    save_safetensors(legacy, out / HPSV3_FILE)
 
 
 def _write(kind: str, out: Path, seed: int) -> None:
@@ -156,14 +155,12 @@ def _write(kind: str, out: Path, seed: int) -> None:
         build_tiny_clip(seed, hidden_act="gelu" if kind == "pickscore" else "quick_gelu").save_pretrained(out)
         write_clip_processor(out)
     elif kind == "hpsv2":
-        from diffalign.scorers.hpsv2 import HPS_FILES
 
         for i, filename in enumerate(HPS_FILES.values()):  # v2.0 and v2.1 differ, as the real ones do
             model = build_tiny_open_clip(seed + i, config_dir=out)
             state = {k: v.half() for k, v in model.state_dict().items()}
             torch.save({"state_dict": state}, out / filename)
     elif kind == "aesthetic":
-        from diffalign.scorers.aesthetic import AESTHETIC_HEAD_FILE, AestheticHead
 
         clip = build_tiny_clip(seed, hidden_act="quick_gelu")
         clip.save_pretrained(out)
@@ -179,14 +176,12 @@ def save_tiny_scorer(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Pa
     """Write the tiny ``kind`` scorer model folder, atomically."""
     if kind not in TINY_SCORER_KINDS:
         raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
-    from diffalign.tiny import write_folder_atomically
 
     return write_folder_atomically(out_dir, lambda tmp: _write(kind, tmp, seed))
 
 
 def cached_tiny_scorer(kind: str, seed: int = 0) -> Path:
     """Path of the tiny ``kind`` scorer folder under :func:`diffalign.tiny.cache_dir`, built on first use."""
-    from diffalign.tiny import cache_dir
 
     path = cache_dir() / "tiny-scorers" / f"{kind}-seed{seed}-v{TINY_SCORER_VERSION}"
     if not path.is_dir() or not any(path.iterdir()):

@@ -8,6 +8,10 @@ moving-shape clips, toy-sdxl's VAE and first text encoder).
 
 from pathlib import Path
 
+#: How the toy pipelines sample unless told otherwise (what they were pretrained and evaluated with).
+TOY_NUM_STEPS = 20
+TOY_GUIDANCE = 3.0
+
 #: The shipped pretrained toy pipeline (diffusers format), made by ``diffalign toy pretrain``.
 TOY_SDXL_DIR = Path(__file__).parent / "weights" / "toy-sdxl"
 

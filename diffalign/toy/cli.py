@@ -6,12 +6,17 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
+from diffalign.models import resolve_model_spec
+from diffalign.toy.geneval import GenEvalSettings, format_report, load_models, toy_geneval
+from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
+from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
+from diffalign.toy.video_pretrain import VideoPretrainConfig, export_video_checkpoint, pretrain_video
+from diffalign.usage import UsageError, default_device, ensure_writable_dir
+
 
 def add_parser(sub) -> None:
-    from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
-    from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
-    from diffalign.toy.video_pretrain import VideoPretrainConfig, export_video_checkpoint, pretrain_video
-
     toy = sub.add_parser("toy", help="the toy world: pretrain / evaluate toy-sdxl and toy-animatediff")
     commands = toy.add_subparsers(dest="toy_command", required=True)
 
@@ -66,10 +71,6 @@ def _add_pretrain_commands(commands, name: str, help: str, config_cls, pretrain,
 
 
 def _run_pretrain(args) -> None:
-    import torch
-
-    from diffalign.cli import default_device, ensure_writable_dir
-
     config = args.config_cls(**{f.name: getattr(args, f.name) for f in fields(args.config_cls)})
     ensure_writable_dir(args.out)
     if args.threads:
@@ -79,16 +80,11 @@ def _run_pretrain(args) -> None:
 
 
 def _run_export(args) -> None:
-    from diffalign.cli import default_device
-
     path = args.export(args.out, device=args.device or default_device())
     print(f"wrote {args.what} to {path}")
 
 
 def _run_eval(args) -> None:
-    from diffalign.cli import UsageError, default_device
-    from diffalign.models import resolve_model_spec
-    from diffalign.toy.geneval import GenEvalSettings, format_report, load_models, toy_geneval
 
     if args.num_prompts < 0:
         raise UsageError(f"--num-prompts must be >= 0 (0: every caption), got {args.num_prompts}")
@@ -103,8 +99,6 @@ def _run_eval(args) -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     pipes = load_models(specs, device=args.device or default_device())
     report = toy_geneval(pipes, settings, base="base" if args.base is not None else None)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffalign.sampling import SamplingSettings, sample_batches
 from diffalign.toy import data
 
 #: Foreground = RGB distance (0..1 units) to the background colour above this.
@@ -123,17 +124,14 @@ def caption_accuracy(
     Returns ``{"accuracy": {attribute: fraction}, "chance": {...}, "n": len(prompts)}``; ``"all"`` is the
     fraction of images showing every named attribute.
     """
-    from diffalign.sampler import sample
-
     prompts = list(prompts)
     for p in prompts:
         data.parse_caption(p)  # reject non-toy prompts before sampling
+    settings = SamplingSettings(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta)
     rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        images = sample(pipe, chunk, seeds=[seed + start + i for i in range(len(chunk))], num_steps=num_steps,
-                        guidance_scale=guidance_scale, eta=eta).images
-        rows += attribute_hits(images, chunk)
+    for start, out in sample_batches(pipe, prompts, [seed + i for i in range(len(prompts))], settings,
+                                     batch_size=batch_size):
+        rows += attribute_hits(out.images, prompts[start : start + batch_size])
     return {"accuracy": summarize(rows), "chance": chance_levels(), "n": len(prompts)}
 
 

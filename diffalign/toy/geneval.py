@@ -18,7 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from diffalign.models import load_model_spec
+from diffalign.sampler import sample
 from diffalign.scorers.toy import ToyGenEval
 from diffalign.toy import data, video_data
 from diffalign.toy.evaluate import ATTRIBUTES, chance_levels
@@ -72,8 +75,6 @@ def sample_hits(pipe, captions: Sequence[str], noise_seeds: Sequence[int], setti
     Returns the per-image hits and ``{name: [score per image]}`` of the same images by ``scorers``
     (``{name: Scorer}``, none by default) (e.g. ``toy_saturation``, to see whether a reward is being hacked).
     """
-    from diffalign.sampler import sample
-
     reader = ToyGenEval()
     rows: list[dict[str, float]] = []
     scores: dict[str, list[float]] = {name: [] for name in scorers or {}}
@@ -130,8 +131,6 @@ def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: s
     [{split, seed, caption, noise_seed, label: hits, ...}]}``; with ``scorers`` (``{name: Scorer}``) also
     ``"scores": {label: {name: mean}}`` per split, over the same images. ``progress`` None: a bar on a terminal only.
     """
-    from tqdm.auto import tqdm
-
     video = {is_video_pipeline(pipe) for pipe in models.values()}
     if len(video) != 1:
         raise ValueError("the toy GenEval compares image models with image models and video with video: got both")
@@ -205,8 +204,6 @@ def _interval(stat: Mapping[str, float], signed: bool = False) -> str:
 
 def load_models(specs: Mapping[str, str], device=None) -> dict:
     """``{label: spec}`` -> ``{label: pipeline}`` (specs as :func:`diffalign.models.resolve_model_spec` takes)."""
-    from diffalign.models import load_model_spec
-
     pipes = {}
     for label, spec in specs.items():
         pipe = load_model_spec(spec, device=device)

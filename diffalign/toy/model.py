@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from diffalign.tiny import _text_encoder_config, assemble_sdxl
+from diffalign.toy import TOY_GUIDANCE, TOY_NUM_STEPS
 from diffalign.toy.data import IMAGE_SIZE
 
 #: Text encoder widths: kept small because each encoder holds a 49408-token embedding table.
@@ -24,8 +25,8 @@ VAE_DOWNSAMPLE = 2  # 32x32 images -> 16x16 latents
 UNET_CHANNELS = (32, 64, 64)
 
 #: Sampling defaults that follow the captions well (see ``diffalign toy eval``).
-DEFAULT_NUM_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_NUM_STEPS = TOY_NUM_STEPS
+DEFAULT_GUIDANCE = TOY_GUIDANCE
 
 
 def build_vae():

@@ -16,6 +16,7 @@ by dropping captions, so classifier-free guidance works.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -32,8 +33,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from diffalign.files import apply_umask
+from diffalign.images import to_pil
+from diffalign.sampler import sample
 from diffalign.tiny import save_pipeline
 from diffalign.toy import data
+from diffalign.toy.evaluate import caption_accuracy
 from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, build_toy_pipeline, count_parameters
 
 log = logging.getLogger("diffalign.toy")
@@ -278,8 +282,6 @@ def train_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, cond, confi
 
 
 def _log_accuracy(pipe, ema_unet, config: PretrainConfig, label: str) -> dict:
-    from diffalign.toy.evaluate import caption_accuracy
-
     live = pipe.unet
     pipe.unet = ema_unet
     try:
@@ -313,8 +315,6 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, devic
 
     ``final_samples`` measures the finished model's caption accuracy and writes ``samples.png``.
     """
-    import copy
-
     config = config or PretrainConfig()
     out = Path(out)
     ckpt, resume = open_run(out, config)
@@ -400,9 +400,6 @@ def export_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
 
 
 def _save_sample_grid(pipe, path: Path, rows: int = 4, cols: int = 8) -> None:
-    from diffalign.images import to_pil
-    from diffalign.sampler import sample
-
     prompts = data.toy_prompts("train", rows * cols, seed=2)
     images = sample(pipe, prompts, seeds=list(range(len(prompts))), num_steps=DEFAULT_NUM_STEPS,
                     guidance_scale=DEFAULT_GUIDANCE, eta=1.0).images

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from diffalign.toy import video_data
+from diffalign.sampling import SamplingSettings, sample_batches
+from diffalign.toy import data, video_data
 from diffalign.toy.evaluate import FOREGROUND_DISTANCE, read_attributes
 
 FRAME_ATTRIBUTES = ("color", "shape", "background", "size", "count")
@@ -61,8 +62,6 @@ def clip_hits(videos: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, fl
 
 
 def video_chance_levels() -> dict[str, float]:
-    from diffalign.toy import data
-
     levels = {name: 1.0 / len(video_data.VOCAB[name]) for name in ("color", "shape", "background", "size",
                                                                   "direction")}
     levels["count"] = 1.0 / len(data.COUNTS)
@@ -95,17 +94,14 @@ def video_caption_accuracy(
     Returns ``{"accuracy": {attribute: fraction}, "chance": {...}, "n": len(prompts)}``: frame attributes
     are averaged over frames and clips; ``"all"`` is the fraction of clips right in every frame and motion.
     """
-    from diffalign.sampler import sample
-
     prompts = list(prompts)
     for p in prompts:
         video_data.parse_video_caption(p)  # reject non-toy prompts before sampling
+    settings = SamplingSettings(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, num_frames=num_frames)
     rows = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        videos = sample(pipe, chunk, seeds=[seed + start + i for i in range(len(chunk))], num_steps=num_steps,
-                        guidance_scale=guidance_scale, eta=eta, num_frames=num_frames).images
-        rows += clip_hits(videos, chunk)
+    for start, out in sample_batches(pipe, prompts, [seed + i for i in range(len(prompts))], settings,
+                                     batch_size=batch_size):
+        rows += clip_hits(out.images, prompts[start : start + batch_size])
     return {"accuracy": summarize_clips(rows), "chance": video_chance_levels(), "n": len(prompts)}
 
 

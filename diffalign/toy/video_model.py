@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from diffalign.tiny import _SD_SCHEDULE
+from diffalign.toy import TOY_GUIDANCE, TOY_NUM_STEPS, toy_sdxl_path
 from diffalign.toy.data import IMAGE_SIZE
 from diffalign.toy.model import LATENT_CHANNELS, VAE_DOWNSAMPLE  # toy-sdxl's VAE, reused
 
@@ -21,8 +22,8 @@ UNET_CHANNELS = (32, 64, 64)
 MOTION_HEADS = 4
 
 #: Sampling defaults for ``diffalign toy eval --model toy-animatediff`` and the sample grid.
-DEFAULT_NUM_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
+DEFAULT_NUM_STEPS = TOY_NUM_STEPS
+DEFAULT_GUIDANCE = TOY_GUIDANCE
 
 
 def toy_sdxl_components():
@@ -30,7 +31,6 @@ def toy_sdxl_components():
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffalign.toy import toy_sdxl_path
 
     root = toy_sdxl_path()
     vae = AutoencoderKL.from_pretrained(root / "vae").eval().requires_grad_(False)

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from diffalign.images import to_pil
+from diffalign.sampler import sample
 from diffalign.toy import video_data
 from diffalign.toy.pretrain import (
     _batch_generator,
@@ -40,7 +42,13 @@ from diffalign.toy.pretrain import (
     update_with_ema,
     write_pipeline,
 )
-from diffalign.toy.video_model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS, build_video_pipeline
+from diffalign.toy.video_evaluate import video_caption_accuracy
+from diffalign.toy.video_model import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_NUM_STEPS,
+    assemble_video_pipeline,
+    build_video_pipeline,
+)
 
 log = logging.getLogger("diffalign.toy")
 
@@ -153,8 +161,6 @@ def train_motion_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, embe
 
 
 def _log_accuracy(pipe, ema_unet, config: VideoPretrainConfig, label: str) -> dict:
-    from diffalign.toy.video_evaluate import video_caption_accuracy
-
     live = pipe.unet
     pipe.unet = ema_unet
     try:
@@ -218,8 +224,6 @@ def pretrain_video(out: str | os.PathLike, config: VideoPretrainConfig | None = 
 
 
 def write_video_pipeline(pipe, ema_unet, out: Path, config: VideoPretrainConfig) -> Path:
-    from diffalign.toy.video_model import assemble_video_pipeline
-
     return write_pipeline(assemble_video_pipeline(ema_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer), out, config)
 
 
@@ -244,9 +248,6 @@ def export_video_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path
 
 def save_clip_grid(pipe, path: Path, rows: int = 8, num_frames: int = video_data.NUM_FRAMES) -> None:
     """One sampled clip per row (frames left to right) for ``rows`` training captions; captions in ``.txt``."""
-    from diffalign.images import to_pil
-    from diffalign.sampler import sample
-
     prompts = video_data.video_prompts("train", rows, seed=2)
     videos = sample(pipe, prompts, seeds=list(range(rows)), num_steps=DEFAULT_NUM_STEPS,
                     guidance_scale=DEFAULT_GUIDANCE, eta=1.0, num_frames=num_frames).images  # [R, F, 3, H, W]

@@ -27,7 +27,7 @@ def main() -> int:
 
 def install(fault: dict) -> None:
     import diffalign.checkpoints as checkpoints
-    import diffalign.train as train
+    import diffalign.objectives.pairs as pairs
 
     if "kill_during_save" in fault:
         original_write_tree = checkpoints.write_tree
@@ -40,7 +40,7 @@ def install(fault: dict) -> None:
         checkpoints.write_tree = write_tree
 
     if "nan_loss_calls" in fault:
-        original_call = train.PairObjective.__call__
+        original_call = pairs.PairObjective.__call__
         calls = [0]
 
         def call(self, batch):
@@ -50,7 +50,7 @@ def install(fault: dict) -> None:
                 out = out._replace(loss=out.loss * torch.tensor(float("nan")))
             return out
 
-        train.PairObjective.__call__ = call
+        pairs.PairObjective.__call__ = call
 
 
 if __name__ == "__main__":

@@ -26,14 +26,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffalign.data import TABLE_SUFFIXES
+from diffalign.models import HUB_ID
 from diffalign.prompts import read_prompts
+from diffalign.toy.data import toy_prompts
 
 
 def prompts_dir() -> Path:
     """``$DIFFALIGN_PROMPTS_DIR`` or the repository's ``gallery/prompts`` folder."""
     if os.environ.get("DIFFALIGN_PROMPTS_DIR"):
         return Path(os.environ["DIFFALIGN_PROMPTS_DIR"])
-    return Path(__file__).resolve().parents[2] / "gallery" / "prompts"
+    return Path(__file__).resolve().parents[1] / "gallery" / "prompts"
 
 
 #: Sets shipped as files in ``prompts_dir()``.
@@ -178,3 +181,56 @@ def select_prompts(prompts: list[str], max_prompts: int | None) -> list[str]:
         raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
     step = len(prompts) / max_prompts
     return [prompts[int(i * step)] for i in range(max_prompts)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt sources: a file, a shipped set, the toy world's splits, or a dataset column (online methods)
+# ----------------------------------------------------------------------------------------------------
+TOY_PROMPT_SETS = ("toy-train", "toy-heldout")
+
+
+def check_prompt_source(spec: str) -> None:
+    """Cheap check that ``spec`` can be a prompt source (no dataset is read)."""
+    path = Path(spec)
+    if spec in TOY_PROMPT_SETS or (path.is_file() and path.suffix in TABLE_SUFFIXES):
+        return
+    if not path.exists() and HUB_ID.match(spec) and "." not in Path(spec).suffix:
+        return  # a hub dataset id: loaded at run time
+    check_prompt_spec(spec)
+
+
+def load_prompt_source(spec: str, column: str = "prompt") -> list[str]:
+    """The prompts of ``spec``: a file, a shipped set, the toy world's splits, or a dataset column."""
+    check_prompt_source(spec)
+    if spec in TOY_PROMPT_SETS:
+        return toy_prompts(spec.removeprefix("toy-"))
+    path = Path(spec)
+    if (path.is_file() and path.suffix in TABLE_SUFFIXES) or (not path.exists() and spec not in known_prompt_sets()):
+        return _dataset_column(spec, column)
+    if path.suffix == ".jsonl" and column != "prompt":
+        return read_prompts(path, key=column)
+    return load_prompts(spec)
+
+
+def _dataset_column(spec: str, column: str) -> list[str]:
+    import datasets  # heavy: loaded only for dataset prompt sources
+
+    path = Path(spec)
+    if path.is_file():
+        try:
+            data = datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else datasets.Dataset.from_file(str(path))
+        except Exception as err:  # pyarrow raises many types for a broken file
+            raise ValueError(f"prompt dataset {path}: cannot read as {path.suffix[1:]} ({type(err).__name__}: {err})") from None
+    else:
+        try:
+            data = datasets.load_dataset(spec, split="train")
+        except Exception as err:
+            raise RuntimeError(f"could not load prompt dataset {spec!r} ({type(err).__name__}: {err}); "
+                               "without network access pass a local .txt/.jsonl/.parquet file") from err
+    if column not in data.column_names:
+        raise ValueError(f"prompt dataset {spec}: no column {column!r} (has: {', '.join(data.column_names)}); "
+                         "set method.prompt_column")
+    prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
+    if not prompts:
+        raise ValueError(f"prompt dataset {spec}: column {column!r} has no non-empty prompts")
+    return prompts

@@ -1,0 +1,159 @@
+"""Denoising primitives the objectives share: latents from pixels, the training noise processes and the
+per-sample denoising loss.
+
+A noise process turns clean latents, noise and integer timestep draws (``0 <= t < num_train_timesteps``)
+into ``(noisy latents, the denoiser's timestep, the regression target)``: :class:`DDPMNoise` (epsilon or
+v-prediction, SD/SDXL/AnimateDiff) and :class:`FlowMatchingNoise` (velocity, Wan). Each model family
+(:mod:`diffalign.families`) names its own, so the losses never branch on the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from diffalign.steps import FlowSDEStep
+
+
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """VAE posterior parameters (mean and log-variance) of pixels in [-1, 1], in fp32.
+
+    Images [N, 3, H, W] give [N, 2C, h, w]. Videos [N, F, 3, H, W] give [N, 2C, f, h, w]: an image VAE
+    (AnimateDiff's) encodes frame by frame (f = F); a video VAE (Wan's causal 3D VAE) encodes the clip
+    (f = its temporally compressed length).
+    """
+    from diffusers import AutoencoderKL
+
+    with torch.no_grad():
+        pixels = pixels.to(vae.device, vae.dtype)
+        if pixels.ndim == 4:
+            return vae.encode(pixels).latent_dist.parameters.float()
+        n, f = pixels.shape[:2]
+        if isinstance(vae, AutoencoderKL):
+            params = vae.encode(pixels.flatten(0, 1)).latent_dist.parameters.float()
+            return params.unflatten(0, (n, f)).transpose(1, 2)
+        return vae.encode(pixels.transpose(1, 2)).latent_dist.parameters.float()
+
+
+def sample_latents(vae, params: torch.Tensor, generator=None) -> torch.Tensor:
+    """A posterior sample in the denoiser's latent space, normalised the way the pipeline un-normalises it:
+    SD/SDXL ``(z - shift) * scaling_factor``; Wan ``(z - latents_mean) / latents_std`` per channel.
+    ``generator``: one ``torch.Generator`` per row (or one for all, or None for the global RNG)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(params).sample(generator=generator)
+    if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+        view = (1, -1) + (1,) * (latents.ndim - 2)
+        mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(view)
+        std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(view)
+        return (latents - mean) / std
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@dataclass
+class DDPMNoise:
+    """The training noise of a DDPM-family model: ``scheduler.add_noise``, target epsilon or velocity."""
+
+    scheduler: object  # diffusers DDPMScheduler from the pipeline's scheduler config
+
+    @classmethod
+    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                             logit_std: float = 1.0) -> DDPMNoise:
+        """(The flow settings do not apply to DDPM: timesteps are drawn uniformly.)"""
+        from diffusers import DDPMScheduler
+
+        return cls(DDPMScheduler.from_config(dict(config)))
+
+    @property
+    def config(self):
+        return self.scheduler.config
+
+    def corrupt(self, latents, noise, timesteps):
+        """``(noisy latents, the denoiser's timesteps, target)`` for integer draws ``timesteps`` [N]."""
+        scheduler = self.scheduler
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise NotImplementedError(f"training with prediction_type {scheduler.config.prediction_type!r} "
+                                      "is not supported")
+        return noisy, timesteps, target
+
+
+@dataclass
+class FlowMatchingNoise:
+    """The training noise of a flow-matching model (Wan): ``x_t = (1 - σ) x0 + σ ε``, target ``ε - x0``.
+
+    It takes the same integer timestep draws as a DDPM scheduler (``0 <= index < num_train_timesteps``,
+    so DPO's keyed per-pair draws stay as they are) and maps them to a sigma of the pipeline's own flow
+    schedule (with its shift). ``timestep_sampling``: ``uniform`` takes the index as drawn (uniform over
+    the shifted schedule); ``logit_normal`` maps it through the inverse CDF so that ``u = index / N`` is
+    distributed as ``sigmoid(N(logit_mean, logit_std))`` (the SD3 training scripts' default).
+    """
+
+    scheduler: object  # FlowMatchEulerDiscreteScheduler with the pipeline's shift, full training table
+    timestep_sampling: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    @classmethod
+    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                             logit_std: float = 1.0) -> FlowMatchingNoise:
+        if timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"unknown flow timestep sampling {timestep_sampling!r}; expected uniform or logit_normal")
+        return cls(FlowSDEStep.make_scheduler(dict(config)), timestep_sampling, logit_mean, logit_std)
+
+    @property
+    def config(self):
+        return self.scheduler.config
+
+    def sigmas_and_timesteps(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws ``index``."""
+        n = self.config.num_train_timesteps
+        index = index.long().cpu()
+        if self.timestep_sampling == "logit_normal":
+            u = (index.double() + 0.5) / n
+            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+            index = (u * n).long().clamp(0, n - 1)
+        return self.scheduler.sigmas[index].float(), self.scheduler.timesteps[index].float()
+
+    def corrupt(self, latents, noise, timesteps):
+        sigmas, model_t = self.sigmas_and_timesteps(timesteps)
+        sigmas = sigmas.to(latents.device, latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+        noisy = (1 - sigmas) * latents + sigmas * noise
+        return noisy, model_t.to(latents.device), noise.float() - latents.float()
+
+
+def denoising_losses(denoiser, family, noise_process, latents, noise, timesteps, cond) -> torch.Tensor:
+    """Per-sample ``mean over (C, [F,] H, W) of (pred - target)^2`` [N] in fp32.
+
+    ``noise_process`` is the family's :class:`DDPMNoise` or :class:`FlowMatchingNoise`.
+    """
+    noisy, model_t, target = noise_process.corrupt(latents, noise, timesteps)
+    pred = family.call(denoiser, noisy, model_t, cond)
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def keyed_generator(key: str) -> torch.Generator:
+    """A CPU generator seeded from a hash of ``key``."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def pair_noise(indices: torch.Tensor, key: str, shape: tuple[int, ...], num_train_timesteps: int):
+    """Noise [N, *shape] (fp32) and timesteps [N] drawn from ``(key, dataset index)`` for each pair.
+
+    Keyed draws make a pair's noise independent of the batch it lands in: one process with batch 2b and
+    two with batch b draw the same, and a resumed run draws what an uninterrupted one would.
+    """
+    noise, timesteps = [], []
+    for index in indices.tolist():
+        generator = keyed_generator(f"{key}/{index}")
+        timesteps.append(int(torch.randint(0, num_train_timesteps, (1,), generator=generator)))
+        noise.append(torch.randn(shape, generator=generator))
+    return torch.stack(noise), torch.tensor(timesteps, dtype=torch.long)

@@ -1,0 +1,171 @@
+"""Model families: everything that differs between SD 1.x/2.x, SDXL, AnimateDiff and Wan, one entry each.
+
+A :class:`Family` owns its pipeline's conditioning (what the sampler captures, how the trainer encodes
+prompts, SDXL's micro-conditioning), its frame and size rules and defaults, how its denoiser is called,
+its sampling step rule and its training noise (DDPM or flow matching). The sampler, the objectives and
+the trainer only ever ask the entry; adding a family is one entry here (and a tiny builder in
+:mod:`diffalign.tiny` for its tests). See the README's "Adding a model family".
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from diffalign.denoising import DDPMNoise, FlowMatchingNoise
+from diffalign.steps import DDIMStep, FlowSDEStep
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one pipeline family conditions, calls and trains its denoiser.
+
+    ``capture(callback_tensors, batch_size, do_cfg) -> (cond, uncond)`` turns the tensors the pipeline hands
+    to ``callback_on_step_end`` at step 0 into per-sample conditioning ``[B, ...]``; ``call(denoiser, x, t,
+    cond)`` runs the denoiser on latents ``x`` at per-row timesteps ``t``; ``encode_prompt(pipe, captions,
+    device)`` is the same conditioning for training captions; ``micro_conditioning`` names the per-item
+    batch tensors (``time_ids``) that join it; ``make_step_rule(eta)`` is the sampling rule (``eta``: DDIM's
+    eta, or the flow SDE's noise level); ``make_training_noise(scheduler_config, timestep_sampling,
+    logit_mean, logit_std)`` the noise process of the denoising losses; ``check_frames(n)`` says why ``n``
+    frames cannot be used (None when they can).
+    """
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    denoiser_attr: str
+    callback_inputs: tuple[str, ...]
+    capture: Callable[[dict, int, bool], tuple[dict, dict]]
+    call: Callable[..., torch.Tensor]
+    encode_prompt: Callable[..., dict[str, torch.Tensor]]
+    make_step_rule: Callable[[float], object] = DDIMStep
+    make_training_noise: Callable[..., object] = DDPMNoise.from_pipeline_config
+    micro_conditioning: tuple[str, ...] = ()
+    video: bool = False
+    check_frames: Callable[[int], str | None] = lambda n: None if n >= 1 else "at least 1 frame"
+
+    def default_size(self, pipe) -> dict[str, int]:
+        """The pipeline's own ``height``/``width`` (and ``num_frames`` for video): its ``__call__`` defaults,
+        else the denoiser's ``sample_size`` in pixels (what diffusers itself falls back to)."""
+        params = inspect.signature(type(pipe).__call__).parameters
+        sizes = {k: params[k].default for k in ("height", "width", "num_frames")
+                 if k in params and isinstance(params[k].default, int)}
+        sample_size = getattr(getattr(pipe, self.denoiser_attr).config, "sample_size", None)
+        if isinstance(sample_size, int) and hasattr(pipe, "vae_scale_factor"):
+            for key in ("height", "width"):
+                sizes.setdefault(key, sample_size * pipe.vae_scale_factor)
+        return sizes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning as the sampler captures it
+# ----------------------------------------------------------------------------------------------------
+def _split_negative_positive(names: dict[str, str]):
+    """Capture for pipelines whose callback tensors are ``[negative; positive]`` along dim 0 under CFG."""
+
+    def capture(tensors, b, do_cfg):
+        cond = {name: tensors[key][-b:] for key, name in names.items()}
+        uncond = {name: tensors[key][:b] for key, name in names.items()} if do_cfg else {}
+        return cond, uncond
+
+    return capture
+
+
+def _capture_per_frame(tensors, b, do_cfg):
+    # AnimateDiff repeats each prompt's embedding once per frame ([neg; pos] then repeat_interleave(F)).
+    embeds = tensors["prompt_embeds"]
+    frames = embeds.shape[0] // (2 * b if do_cfg else b)
+    capture = _split_negative_positive({"prompt_embeds": "encoder_hidden_states"})
+    return capture({"prompt_embeds": embeds[::frames]}, b, do_cfg)
+
+
+def _capture_separate_negative(tensors, b, do_cfg):
+    # Wan keeps positive and negative embeddings apart and runs two forward passes.
+    cond = {"encoder_hidden_states": tensors["prompt_embeds"]}
+    return cond, ({"encoder_hidden_states": tensors["negative_prompt_embeds"]} if do_cfg else {})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning for training captions (the pipeline's own encode_prompt)
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _encode_sd(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
+    # SD 1.x/2.x and AnimateDiff (one embedding per video; the motion UNet call repeats it per frame)
+    embeds, _ = pipe.encode_prompt(captions, device, 1, False)
+    return {"encoder_hidden_states": embeds}
+
+
+@torch.no_grad()
+def _encode_sdxl(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+
+
+@torch.no_grad()
+def _encode_wan(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
+    # 512 tokens as WanPipeline.__call__ (encode_prompt alone defaults to 226): the sampler's conditioning
+    embeds, _ = pipe.encode_prompt(prompt=captions, do_classifier_free_guidance=False,
+                                   max_sequence_length=512, device=device)
+    return {"encoder_hidden_states": embeds}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Denoiser calls
+# ----------------------------------------------------------------------------------------------------
+def _call_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    return unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                added_cond_kwargs=added or None, return_dict=False)[0]
+
+
+def _call_motion_unet(unet, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    # x: [N, C, F, H, W]; the motion UNet takes one text embedding per frame.
+    embeds = cond["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
+    return unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+
+def _call_wan(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                       return_dict=False)[0]
+
+
+def _wan_frames(n: int) -> str | None:
+    return None if n >= 1 and (n - 1) % 4 == 0 else "4k+1 frames for Wan's VAE (e.g. 5, 9, 17, 81)"
+
+
+FAMILIES: dict[str, Family] = {
+    "sd": Family("sd", ("StableDiffusionPipeline",), "unet", ("prompt_embeds",),
+                 _split_negative_positive({"prompt_embeds": "encoder_hidden_states"}), _call_unet,
+                 _encode_sd),
+    "sdxl": Family(
+        "sdxl", ("StableDiffusionXLPipeline",), "unet", ("prompt_embeds", "add_text_embeds", "add_time_ids"),
+        _split_negative_positive(
+            {"prompt_embeds": "encoder_hidden_states", "add_text_embeds": "text_embeds",
+             "add_time_ids": "time_ids"}
+        ),
+        _call_unet, _encode_sdxl, micro_conditioning=("time_ids",),
+    ),
+    "animatediff": Family("animatediff", ("AnimateDiffPipeline",), "unet", ("prompt_embeds",),
+                          _capture_per_frame, _call_motion_unet, _encode_sd, video=True),
+    "wan": Family("wan", ("WanPipeline",), "transformer", ("prompt_embeds", "negative_prompt_embeds"),
+                  _capture_separate_negative, _call_wan, _encode_wan,
+                  make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
+                  make_training_noise=FlowMatchingNoise.from_pipeline_config, video=True,
+                  check_frames=_wan_frames),
+}
+
+#: Families whose samples are clips [B, F, 3, H, W] and whose pipelines take ``num_frames``.
+VIDEO_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.video)
+
+
+def family_of(pipe) -> Family:
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.pipeline_classes:
+                return family
+    known = ", ".join(c for f in FAMILIES.values() for c in f.pipeline_classes)
+    raise NotImplementedError(f"the trajectory sampler does not support {type(pipe).__name__}; "
+                              f"supported: {known}")

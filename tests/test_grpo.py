@@ -219,3 +219,25 @@ def test_ema_follows_flow_grpo_decay_every_interval():
     again = make_ema(model.parameters(), max_decay=0.9)
     again.load_state_dict(ema.state_dict())
     assert torch.equal(again.shadow_params[0], ema.shadow_params[0])
+
+
+def test_dance_grpo_sde_is_the_constant_noise_flow_step():
+    """DanceGRPO's SDE (score form, REFERENCE §2) equals FlowSDEStep with noise_schedule "constant"."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffalign.steps import FlowSDEStep
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(8)
+    eta = 0.3
+    rule = FlowSDEStep(noise_level=eta, noise_schedule=flow_noise_schedule(GRPOConfig(sde="dance_grpo")))
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    for i in range(7):
+        s, s_next = scheduler.sigmas[i].item(), scheduler.sigmas[i + 1].item()
+        x0_hat = x - s * v
+        score = -(x - (1 - s) * x0_hat) / s**2
+        mean = x + (s_next - s) * (v - 0.5 * eta**2 * score)
+        out = rule(scheduler, v, scheduler.timesteps[i], x)
+        torch.testing.assert_close(out.mean, mean, rtol=1e-5, atol=1e-5)
+        assert out.std.tolist() == pytest.approx([eta * (s - s_next) ** 0.5] * 2, rel=1e-5)

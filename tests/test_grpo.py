@@ -13,7 +13,7 @@ from diffalign.methods.grpo import (
     ema_update,
     flow_grpo_ema_decay,
     flow_grpo_kl,
-    flow_noise_schedule,
+    flow_step_rule,
     fraction_steps,
     group_advantages,
     grpo_loss,
@@ -168,7 +168,9 @@ def test_train_step_indices_dispatch():
     assert train_step_indices(cfg, n, steps, window=window).tolist() == [[4, 5]] * 3
     with pytest.raises(ValueError, match="SDEWindow"):
         train_step_indices(cfg, n, steps)
-    assert flow_noise_schedule(GRPOConfig(sde="dance_grpo")) == "constant"
+    assert flow_step_rule(GRPOConfig(sde="dance_grpo"), 0.3).noise_schedule == "constant"
+    assert flow_step_rule(GRPOConfig(), 0.7).noise_schedule == "flow_grpo"
+    assert flow_step_rule(GRPOConfig(sde="cps"), 0.8).kind == "flow_cps"
 
 
 def test_validate_names_the_key():
@@ -225,12 +227,10 @@ def test_dance_grpo_sde_is_the_constant_noise_flow_step():
     """DanceGRPO's SDE (score form, REFERENCE §2) equals FlowSDEStep with noise_schedule "constant"."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from diffalign.steps import FlowSDEStep
-
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(8)
     eta = 0.3
-    rule = FlowSDEStep(noise_level=eta, noise_schedule=flow_noise_schedule(GRPOConfig(sde="dance_grpo")))
+    rule = flow_step_rule(GRPOConfig(sde="dance_grpo"), eta)
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
     for i in range(7):

@@ -34,8 +34,9 @@ import torch
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffalign.methods import LossOutput
+from diffalign.methods.base import LossOutput
 from diffalign.methods.ddpo import ddpo_loss
+from diffalign.steps import FlowCPSStep, FlowSDEStep
 
 
 @dataclass
@@ -55,7 +56,8 @@ class GRPOConfig:
     drop_last_step: bool = False  # DG --ignore_last: the last step is never trained (random selection)
     window_size: int = 2  # Fast: SDE steps per trajectory (FG+ default 2; *_fast_nocfg 3)
     window_range: tuple[int, int] = (0, 10)  # Fast: the window lies in steps [lo, hi) (FG+ (0, 10); nocfg (0, 5))
-    sde: Literal["flow_grpo", "dance_grpo"] = "flow_grpo"  # flow families' SDE noise (steps.FlowSDEStep)
+    # flow families' stochastic step: FG's SDE, DG's constant-noise SDE, or FG+'s CPS (diffalign.steps)
+    sde: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
     shared_group_noise: bool = False  # DG --init_same_noise: one initial noise per prompt group
     train_cfg: bool = True  # FG train.cfg: ρ is recomputed with the sampling CFG; False: conditional only
     ema: bool = False  # FG: EMA of the trained weights, for evaluation and saving only
@@ -71,7 +73,7 @@ def validate_grpo_settings(cfg: GRPOConfig, require, num_inference_steps: int) -
     require(cfg.beta >= 0, "method.beta", cfg.beta, "a number >= 0")
     require(cfg.timestep_selection in ("fraction", "random", "window"), "method.timestep_selection",
             cfg.timestep_selection, "one of fraction, random, window")
-    require(cfg.sde in ("flow_grpo", "dance_grpo"), "method.sde", cfg.sde, "flow_grpo or dance_grpo")
+    require(cfg.sde in ("flow_grpo", "dance_grpo", "cps"), "method.sde", cfg.sde, "flow_grpo, dance_grpo or cps")
     if cfg.timestep_selection in ("fraction", "random"):
         candidates = num_inference_steps - int(cfg.drop_last_step and cfg.timestep_selection == "random")
         require(0 < cfg.timestep_fraction <= 1 and int(candidates * cfg.timestep_fraction) >= 1,
@@ -217,9 +219,11 @@ def train_step_indices(cfg: GRPOConfig, num_samples: int, num_steps: int, *, win
     raise ValueError(f"unknown timestep_selection {cfg.timestep_selection!r}; expected fraction, random or window")
 
 
-def flow_noise_schedule(cfg: GRPOConfig) -> str:
-    """The ``FlowSDEStep.noise_schedule`` of ``cfg.sde``: DanceGRPO's SDE is the constant-noise one."""
-    return {"flow_grpo": "flow_grpo", "dance_grpo": "constant"}[cfg.sde]
+def flow_step_rule(cfg: GRPOConfig, noise_level: float):
+    """The flow families' sampling step of ``cfg.sde`` (DanceGRPO's SDE is the constant-noise one)."""
+    if cfg.sde == "cps":
+        return FlowCPSStep(noise_level=noise_level)
+    return FlowSDEStep(noise_level=noise_level, noise_schedule={"flow_grpo": "flow_grpo", "dance_grpo": "constant"}[cfg.sde])
 
 
 # ----------------------------------------------------------------------------------------------------

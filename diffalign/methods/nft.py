@@ -27,8 +27,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from diffalign.methods import LossOutput
-from diffalign.sampler import FAMILIES, Family
+from diffalign.families import FAMILIES, Family
+from diffalign.methods.base import LossOutput
 
 #: d(step) = 0 before ``flat`` steps, then min(rate · (step - flat), cap)
 OLD_DECAY_SCHEDULES: dict[str, tuple[int, float, float]] = {
@@ -67,8 +67,8 @@ def require_flow_family(family: Family | str, method: str = "DiffusionNFT") -> N
     """Refuse families that do not predict a flow's velocity (their steps are not the flow SDE/ODE)."""
     fam = FAMILIES[family] if isinstance(family, str) else family
     rule = fam.make_step_rule(0.0)
-    if rule.kind != "flow_sde":
-        flow = sorted(name for name, f in FAMILIES.items() if f.make_step_rule(0.0).kind == "flow_sde")
+    if not rule.kind.startswith("flow_"):
+        flow = sorted(name for name, f in FAMILIES.items() if f.make_step_rule(0.0).kind.startswith("flow_"))
         raise NotImplementedError(
             f"{method} applies to flow-matching (velocity-parameterised) families only ({', '.join(flow)}); "
             f"{fam.name!r} samples with {rule.kind} steps on a noise/v-prediction UNet, where x0 = x_t - t·v "

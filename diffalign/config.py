@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,7 +115,8 @@ class TrainingConfig:
 @dataclass
 class LogConfig:
     every_n_steps: int = 10
-    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (when installed)
+    # metrics.jsonl in the output folder is always written; tensorboard / wandb need their extra installed
+    report_to: list[str] = field(default_factory=list)
     project: str = "diffalign"
     validation_every_n_steps: int = 0  # 0: never during training
     validation_prompts: list[str] = field(default_factory=list)
@@ -353,7 +355,7 @@ def validate(cfg: Config) -> None:
         if tracker == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
             continue
         _require(importlib.util.find_spec(module) is not None, f"log.report_to[{i}]", tracker,
-                 f"an installed tracker (`pip install {module}`)")
+                 f"an installed tracker (pip install 'diffalign[{module}]')")
 
     c = cfg.checkpoint
     _require(c.every_n_steps >= 0, "checkpoint.every_n_steps", c.every_n_steps, "an integer >= 0")
@@ -465,4 +467,33 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     if raw is None:  # an empty file: every default (an empty-but-not-null root is an error below)
         raw = {}
+    resolve_config_paths(raw, path.parent)
     return config_from_dict(apply_overrides(raw, list(overrides)), check=check)
+
+
+#: Keys whose value may name a file or folder to read. Written in a YAML file, a relative one means
+#: relative to that file's folder; given as a command-line override, relative to the current folder.
+#: ``train.output_dir`` is not among them: runs are written where the command runs.
+INPUT_PATH_KEYS = (("model", "name"), ("model", "vae"), ("model", "motion_adapter"), ("data", "source"),
+                   ("eval", "prompts_file"), ("method", "prompts"), ("train", "resume"))
+
+
+def resolve_config_paths(raw: dict, folder: Path) -> None:
+    """Make the input paths of a config read from ``folder`` absolute, in place.
+
+    A value starting with ``./`` or ``../`` is always a path next to the config. Any other relative value
+    (``data/pairs`` could also be a hub id) is taken as such a path only when it exists there; otherwise it
+    is left as written (a hub id, a built-in model or prompt set, or a path relative to the current folder).
+    A ``:lora`` suffix (a LoRA run as the model) is kept.
+    """
+    if not isinstance(raw, dict):
+        return
+    for section, key in INPUT_PATH_KEYS:
+        node = raw.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        target, lora = (value.removesuffix(":lora"), ":lora") if value.endswith(":lora") else (value, "")
+        candidate = folder / target
+        if target.startswith(("./", "../")) or candidate.exists():
+            node[key] = os.path.normpath(os.path.abspath(candidate)) + lora

@@ -67,8 +67,10 @@ def detect_format(source: str) -> str:
         if any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
             return "pickapic"
         raise DataError(f"data source {path}: folder has no pairs.jsonl and no .parquet/.arrow files")
-    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    if _HUB_ID.match(source) and not source.startswith((".", "/", "~")) and not path.parent.is_dir():
         return "pickapic"
+    if path.parent.is_dir() and path.parent != Path("."):  # 'data/typo': a local path, not an 'org/name' hub id
+        raise DataError(f"data source {source!r} does not exist: folder {path.parent} has no {path.name!r}")
     raise DataError(f"data source {source!r} does not exist (expected a file, a folder, or a hub dataset id)")
 
 
@@ -274,7 +276,8 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
                 table = datasets.load_dataset(source, split=split)
             except Exception as err:
                 raise DataError(f"could not load dataset {source!r} split {split!r} from the hub "
-                                f"({type(err).__name__}: {err}); without network access, pass local parquet files") from None
+                                f"({type(err).__name__}: {err}); there is no local file or folder {source!r} either; "
+                                "without network access, pass local parquet files") from None
     return PickapicPairs(table, str(source), max_pairs)
 
 

@@ -44,7 +44,7 @@ from diffalign.data import (
 from diffalign.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIGS = {name: ROOT / "configs" / f"tiny-sdxl-{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")}
+BASE_CONFIGS = {name: ROOT / "configs" / "tiny-sdxl" / f"{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")}
 
 CHEAP = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -773,7 +773,7 @@ E2E = ["log.progress_bar=false", "log.validation_every_n_steps=0", "eval.enabled
 def _shapes_pairs_with_unreadable_images(tmp_path: Path, unreadable: int) -> tuple[Path, list[Path]]:
     """A copy of the shipped 24 shape pairs whose first ``unreadable`` winner images are not images."""
     data = tmp_path / "data"
-    shutil.copytree(ROOT / "configs" / "data" / "shapes-pairs", data)
+    shutil.copytree(ROOT / "data" / "shapes-pairs", data)
     rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines() if line.strip()]
     broken = [data / row["chosen"] for row in rows[:unreadable]]
     for file in broken:

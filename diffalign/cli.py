@@ -48,6 +48,26 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+MODEL_SPEC_HELP = ("a model spec: a built-in id (tiny-sdxl, toy-sdxl, ...), a hub id org/name, a local pipeline "
+                   "folder, or FOLDER:lora (a LoRA run on top of the base model its config.yaml records)")
+PROMPTS_HELP = ("a prompt file (.txt one per line, .jsonl field 'prompt', .json, .tsv) or a set: smoke, toy, "
+                "toy-train, toy-heldout, parti, ddpo-animals, hpdv2, drawbench, pickapic")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every command's parser: ``--help`` shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action.help = " "  # the formatter appends "(default: ...)" only to options with a help text
+        return action
+
+
 # ----------------------------------------------------------------------------------------------------
 TINY_KINDS = ("sd", "sdxl", "animatediff", "wan")  # pipelines; diffalign.tiny builds them
 
@@ -78,10 +98,10 @@ def _run_tiny(args):
 # ----------------------------------------------------------------------------------------------------
 def _add_sample(sub):
     p = sub.add_parser("sample", help="sample images (and trajectories) from a pipeline")
-    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or built-in id (tiny-sdxl, ...)")
+    p.add_argument("--model", required=True, help=MODEL_SPEC_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    src.add_argument("--prompts", help=PROMPTS_HELP)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -107,14 +127,14 @@ def _run_sample(args):
     import torch
     from tqdm.auto import tqdm
 
+    from diffalign.gallery.prompt_sets import load_prompts
     from diffalign.images import to_pil
-    from diffalign.models import load_pipeline, parse_dtype, resolve_model
-    from diffalign.prompts import read_prompts
+    from diffalign.models import check_num_frames, load_pipeline, parse_dtype, resolve_model
     from diffalign.sampler import Trajectory, sample
     from diffalign.scorers import check_scorer_names, make_scorer
     from diffalign.video import save_video
 
-    prompts = args.prompt if args.prompt else read_prompts(args.prompts)
+    prompts = args.prompt if args.prompt else load_prompts(args.prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise UsageError("no prompts given")
     for name, value, low in (("--steps", args.steps, 1), ("--num-images", args.num_images, 1),
@@ -123,13 +143,16 @@ def _run_sample(args):
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    resolve_model(args.model)
+    source = resolve_model(args.model)
+    check_num_frames(source, args.num_frames)
+    if args.vae is not None:
+        resolve_model(args.vae, component=True)
     parse_dtype(args.dtype)
-    check_scorer_names(args.scorer)
+    check_scorer_names(args.scorer, prompts)
     out = ensure_writable_dir(args.out)
 
     jobs = [(p, args.seed + i) for i, p in enumerate(q for q in prompts for _ in range(args.num_images))]
-    pipe = load_pipeline(args.model, dtype=args.dtype, variant=args.variant, vae=args.vae,
+    pipe = load_pipeline(source, dtype=args.dtype, variant=args.variant, vae=args.vae,
                          device=args.device or default_device())
     pipe.set_progress_bar_config(disable=True)
     scorers = [make_scorer(name) for name in args.scorer]
@@ -184,7 +207,7 @@ def _run_score(args):
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from diffalign.prompts import read_prompts
+    from diffalign.gallery.prompt_sets import load_prompts
     from diffalign.scorers import check_scorer_names, make_scorer
 
     check_scorer_names(args.scorer)
@@ -196,7 +219,7 @@ def _run_score(args):
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     prompts = None
     if args.prompts:
-        prompts = read_prompts(args.prompts)
+        prompts = load_prompts(args.prompts)
     elif (folder / "samples.jsonl").exists():
         by_file = {r["file"]: r["prompt"] for r in map(json.loads, (folder / "samples.jsonl").read_text().splitlines())}
         prompts = [by_file.get(f.name) for f in files]
@@ -204,6 +227,7 @@ def _run_score(args):
             prompts = None
     if prompts is not None and len(prompts) != len(files):
         raise UsageError(f"{len(files)} images in {folder} but {len(prompts)} prompts")
+    check_scorer_names(args.scorer, prompts)
     out_path = Path(args.out) if args.out else folder / "scores.jsonl"
     ensure_writable_dir(out_path.parent)
 
@@ -234,7 +258,7 @@ def _run_score(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with human preference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     _add_tiny(sub)
     _add_sample(sub)
     _add_score(sub)

@@ -107,9 +107,10 @@ def generate_pairs(
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pairs", help="generate AI-feedback preference pairs labelled by a scorer")
-    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or built-in id")
+    p.add_argument("--model", required=True, help="a model spec: built-in id, hub id, pipeline folder or FOLDER:lora")
     p.add_argument("--motion-adapter", default=None, help="AnimateDiff: a MotionAdapter id/folder added to an SD 1.x --model")
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    p.add_argument("--prompts", required=True, help="a prompt file (.txt, .jsonl, .json, .tsv) or a set name "
+                                                    "(smoke, toy, toy-train, parti, ddpo-animals, ...)")
     p.add_argument("--scorer", required=True, help="a registered scorer name")
     p.add_argument("--out", required=True, help="output folder (pairs.jsonl + images/)")
     p.add_argument("--images-per-prompt", type=int, default=2)
@@ -129,8 +130,8 @@ def add_parser(subparsers) -> None:
 
 def _run(args) -> None:
     from diffalign.cli import UsageError, default_device, ensure_writable_dir
-    from diffalign.models import load_pipeline, parse_dtype, resolve_model
-    from diffalign.prompts import read_prompts
+    from diffalign.gallery.prompt_sets import load_prompts
+    from diffalign.models import check_num_frames, load_pipeline, parse_dtype, resolve_model
     from diffalign.scorers import check_scorer_names, make_scorer
 
     for name, value, low in (("--images-per-prompt", args.images_per_prompt, 2), ("--steps", args.steps, 1),
@@ -141,15 +142,19 @@ def _run(args) -> None:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    prompts = read_prompts(args.prompts)
-    resolve_model(args.model)
+    try:
+        prompts = load_prompts(args.prompts)
+    except RuntimeError as err:  # a hub set offline
+        raise UsageError(str(err)) from None
+    source = resolve_model(args.model)
+    if args.motion_adapter is not None:
+        resolve_model(args.motion_adapter, component=True)
+    check_num_frames(source, args.num_frames, motion_adapter=args.motion_adapter)
     parse_dtype(args.dtype)
-    check_scorer_names([args.scorer])
+    check_scorer_names([args.scorer], prompts)
     out = ensure_writable_dir(args.out)
     scorer = make_scorer(args.scorer)
-    if args.motion_adapter is not None:
-        resolve_model(args.motion_adapter)
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device or default_device(),
+    pipe = load_pipeline(source, dtype=args.dtype, device=args.device or default_device(),
                          motion_adapter=args.motion_adapter)
     pipe.set_progress_bar_config(disable=True)
     info = generate_pairs(pipe, prompts, scorer, out, images_per_prompt=args.images_per_prompt, num_steps=args.steps,

@@ -12,13 +12,15 @@ def add_parser(sub):
         description="Every model gets the same initial noise per (prompt, image). Rerun the same command "
                     "to resume an interrupted gallery.",
     )
-    p.add_argument("--model", action="append", required=True, metavar="NAME=ID_OR_PATH[:lora]",
-                   help="a model to compare (repeatable; the first is the baseline). NAME=FOLDER:lora loads a "
-                        "diffusers LoRA folder on top of --lora-base, or else the first non-LoRA model")
-    p.add_argument("--lora-base", default=None, help="base model for the LoRA models (default: the first non-LoRA --model)")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=SPEC",
+                   help="a model to compare (repeatable; the first is the baseline). SPEC is a model spec: an id, "
+                        "a pipeline folder, or FOLDER:lora (a LoRA on top of --lora-base, else the base its run "
+                        "recorded, else the first non-LoRA model)")
+    p.add_argument("--lora-base", default=None, help="base model for the LoRA models (default: each run's "
+                                                     "recorded base, else the first non-LoRA --model)")
     p.add_argument("--prompts", required=True,
-                   help="a prompt file (.txt, .jsonl, .json, .tsv) or a set: smoke, parti, ddpo-animals, hpdv2, "
-                        "hpdv2-<style>, drawbench, pickapic")
+                   help="a prompt file (.txt, .jsonl, .json, .tsv) or a set: smoke, toy, toy-train, toy-heldout, "
+                        "parti, ddpo-animals, hpdv2, hpdv2-<style>, drawbench, pickapic")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts, evenly spaced")
     p.add_argument("--scorer", action="append", default=[], help="scorer name (repeatable)")
     p.add_argument("--images-per-prompt", type=int, default=2)
@@ -46,7 +48,7 @@ def run(args):
     from diffalign.scorers import check_scorer_names
 
     # every check before any model loads
-    specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base)
+    specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base, num_frames=args.num_frames)
     check_scorer_names(args.scorer)
     check_prompt_spec(args.prompts)
     parse_dtype(args.dtype)
@@ -58,6 +60,7 @@ def run(args):
         prompts = select_prompts(load_prompts(args.prompts), args.max_prompts)
     except RuntimeError as err:  # a hub set offline
         raise UsageError(str(err)) from None
+    check_scorer_names(args.scorer, prompts)  # e.g. toy_faithfulness scores toy captions only
     out = ensure_writable_dir(args.out)
     import diffusers
     import transformers

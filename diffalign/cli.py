@@ -54,17 +54,31 @@ PROMPTS_HELP = ("a prompt file (.txt one per line, .jsonl field 'prompt', .json,
                 "toy-train, toy-heldout, parti, ddpo-animals, hpdv2, drawbench, pickapic")
 
 
+def _worth_showing(default) -> bool:
+    return not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, when it has one worth showing (not None/False/[])."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.option_strings and _worth_showing(action.default) and "%(default)" not in help_text:
+            help_text += (" " if help_text else "") + "(default: %(default)s)"
+        return help_text
+
+
 class CommandParser(argparse.ArgumentParser):
     """Every command's parser: ``--help`` shows each option's default."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
-        if action.help is None and action.option_strings and action.default not in (None, argparse.SUPPRESS):
-            action.help = " "  # the formatter appends "(default: ...)" only to options with a help text
+        if action.help is None and action.option_strings and _worth_showing(action.default):
+            action.help = "(default: %(default)s)"  # argparse shows nothing for an option without help text
         return action
 
 
@@ -269,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own INFO lines only: third-party INFO (open_clip logs on the root logger) shows with --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffalign").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from diffalign.checkpoints import CheckpointError
     from diffalign.train import NonFiniteError, TrainingInterrupted

@@ -279,13 +279,20 @@ def _require(ok: bool, path: str, value: Any, expected: str) -> None:
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field rules; only looks at strings and the file system (no model loads)."""
     from diffalign.methods import METHODS
-    from diffalign.models import resolve_model
+    from diffalign.models import check_num_frames, resolve_model
     from diffalign.scorers import check_scorer_names
 
     try:
-        resolve_model(cfg.model.name)
+        source = resolve_model(cfg.model.name)
     except (ValueError, OSError) as err:  # OSError: e.g. a path name too long for the file system
         raise ConfigError("model.name", cfg.model.name, f"a model that exists ({err})") from None
+    for key, frames in (("data.num_frames", cfg.data.num_frames), ("eval.num_frames", cfg.eval.num_frames),
+                        ("method.num_frames", getattr(cfg.method, "num_frames", None))):
+        if isinstance(frames, int) and frames >= 1:
+            try:
+                check_num_frames(source, frames, key, cfg.model.motion_adapter)
+            except ValueError as err:
+                raise ConfigError(key, frames, f"null for an image model ({err})") from None
     if cfg.model.motion_adapter is not None:
         try:
             resolve_model(cfg.model.motion_adapter)

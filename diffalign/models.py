@@ -14,6 +14,7 @@ weights load; ``load_pipeline`` does the loading with the real diffusers code pa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -33,6 +34,14 @@ try:
     _DTYPE_KW = "dtype"
 except ImportError:  # older diffusers
     _DTYPE_KW = "torch_dtype"
+
+class _NoEmptyFloat32Warning(logging.Filter):
+    # diffusers warns on every `.to(dtype)` of a model whose list of modules to keep in float32 is empty.
+    def filter(self, record):
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32Warning())
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -77,6 +86,14 @@ BUILTIN_CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDif
 
 class ModelError(ValueError):
     """A model spec that cannot be used, or a model that cannot be loaded: one line naming it."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """A model spec naming a local path that does not exist, or a folder without the files it needs."""
+
+
+class ModelLoadError(ModelError, OSError):
+    """A model that resolved but could not be loaded (offline hub id, broken folder)."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,7 @@ def resolve_model(model: str, *, lora_base: str | None = None, component: bool =
         return ModelSource(str(path), "local")
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model and os.sep != "/"
     if looks_like_path or (path.parent != Path(".") and path.parent.is_dir()):
-        raise ModelError(f"model path {model!r} does not exist")
+        raise ModelNotFoundError(f"model path {model!r} does not exist")
     if _HUB_ID.match(model):
         return ModelSource(model, "hub")
     raise ModelError(
@@ -150,7 +167,7 @@ def _explain_not_a_pipeline(path: Path, component: bool) -> None:
         raise ModelError(f"model folder {path} is a LoRA folder: use {path}{LORA_SUFFIX}")
     config = path / "config.json"
     if not config.is_file():
-        raise ModelError(f"model folder {path} has no model_index.json: expected a diffusers pipeline folder")
+        raise ModelNotFoundError(f"model folder {path} has no model_index.json: expected a diffusers pipeline folder")
     if component:
         return
     try:
@@ -168,11 +185,11 @@ def _explain_not_a_pipeline(path: Path, component: bool) -> None:
 def _resolve_lora(folder_text: str, lora_base: str | None) -> ModelSource:
     folder = Path(os.path.expanduser(folder_text))
     if not folder.is_dir():
-        raise ModelError(f"LoRA folder {folder} does not exist")
+        raise ModelNotFoundError(f"LoRA folder {folder} does not exist")
     if (folder / "model_index.json").is_file():
         raise ModelError(f"{folder} is a full pipeline folder, not a LoRA folder: use {folder} without {LORA_SUFFIX}")
     if not any(folder.glob("*.safetensors")):
-        raise ModelError(f"LoRA folder {folder} has no .safetensors weights (expected {LORA_FILE}, as "
+        raise ModelNotFoundError(f"LoRA folder {folder} has no .safetensors weights (expected {LORA_FILE}, as "
                          "save_lora_weights writes)")
     motion_adapter = None
     if lora_base is None:
@@ -230,7 +247,7 @@ def check_num_frames(source: ModelSource, num_frames: int | None, what: str = "-
     if num_frames < 1:
         raise ModelError(f"{what} must be >= 1, got {num_frames}")
     if is_video_model(source, motion_adapter) is False:
-        raise ModelError(f"{what}={num_frames} is for video models; {source.spec} is an image model "
+        raise ModelError(f"{what}={num_frames} is for video pipelines; {source.spec} is an image model "
                          f"({pipeline_class_name(source)})")
 
 
@@ -288,7 +305,7 @@ def load_pipeline(
         try:
             pipe.load_lora_weights(source.lora)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ModelError(f"could not load LoRA folder {source.lora} onto {source.name}: "
+            raise ModelLoadError(f"could not load LoRA folder {source.lora} onto {source.name}: "
                              f"{_first_line(err)}") from None
         pipe.fuse_lora()
         pipe.unload_lora_weights()
@@ -315,10 +332,10 @@ def _load_or_explain(cls, source: ModelSource, **kwargs):
         return cls.from_pretrained(source.location(), **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
         if source.kind == "hub":
-            raise ModelError(
+            raise ModelLoadError(
                 f"could not load {source.name!r} from the model hub ({_first_line(err)}). "
                 "Without network access, download it elsewhere and pass its local folder instead."
             ) from None
-        raise ModelError(f"could not load {cls.__name__} from {source.location()}: {_first_line(err)}") from None
+        raise ModelLoadError(f"could not load {cls.__name__} from {source.location()}: {_first_line(err)}") from None
     finally:
         diffusers_logging.set_verbosity(level)

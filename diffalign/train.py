@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from diffalign.config import Config, load_config
 from diffalign.data import (
@@ -514,14 +515,21 @@ def save_full(pipe, unet, out: Path) -> None:
 
 def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float) -> None:
     kind = "LoRA adapters" if cfg.model.finetune == "lora" else "A fully fine-tuned denoiser"
+    from diffalign.models import BUILTIN_MODELS
+
+    # A built-in id is not a hub id: the card names the folder it lives in on this machine.
+    base = str(BUILTIN_MODELS[cfg.model.name]()) if cfg.model.name in BUILTIN_MODELS else cfg.model.name
+    here = str(out)
     if cfg.model.motion_adapter and cfg.model.finetune == "lora":
         imports = "from diffusers import AnimateDiffPipeline, MotionAdapter"
         load = (f"adapter = MotionAdapter.from_pretrained({cfg.model.motion_adapter!r})\n"
-                "pipe = AnimateDiffPipeline.from_pretrained(BASE, motion_adapter=adapter)\npipe.load_lora_weights(THIS_FOLDER)")
+                f"pipe = AnimateDiffPipeline.from_pretrained({base!r}, motion_adapter=adapter)\n"
+                f"pipe.load_lora_weights({here!r})")
     else:
         imports = "from diffusers import DiffusionPipeline"
-        load = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(THIS_FOLDER)"
-                if cfg.model.finetune == "lora" else "pipe = DiffusionPipeline.from_pretrained(THIS_FOLDER)")
+        load = (f"pipe = DiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights({here!r})"
+                if cfg.model.finetune == "lora" else f"pipe = DiffusionPipeline.from_pretrained({here!r})")
+    spec = f"{here}:lora" if cfg.model.finetune == "lora" else here
     lines = [
         "---",
         f"base_model: {cfg.model.name}",
@@ -537,6 +545,9 @@ def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | N
         imports,
         load,
         "```",
+        "",
+        f"With diffalign: `diffalign sample --model {spec} --prompt \"...\" --out samples` "
+        "(the same spec works for `gallery`, `pairs` and `toy eval`).",
         "",
         "## Final training metrics (mean of the last logging window)",
         "",
@@ -967,4 +978,5 @@ def _run(args) -> None:
         print(cfg.to_yaml())
         return
     out = train(cfg)
-    print(f"wrote {out}")
+    if PartialState().is_main_process:  # one line per run, not one per process
+        print(f"wrote {out}")

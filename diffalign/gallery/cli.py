@@ -48,12 +48,12 @@ def run(args):
     from diffalign.scorers import check_scorer_names
 
     # every check before any model loads
+    GallerySettings(args.images_per_prompt, args.seed, args.steps, args.guidance, args.guidance_rescale, args.eta,
+                    args.height, args.width, args.negative_prompt, args.num_frames).check()
     specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base, num_frames=args.num_frames)
     check_scorer_names(args.scorer)
     check_prompt_spec(args.prompts)
     parse_dtype(args.dtype)
-    GallerySettings(args.images_per_prompt, args.seed, args.steps, args.guidance, args.guidance_rescale, args.eta,
-                    args.height, args.width, args.negative_prompt, args.num_frames).check()
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:

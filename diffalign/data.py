@@ -94,6 +94,10 @@ class PairSource:
         raise NotImplementedError(f"{self.description}: video pairs are read from JSONL only (video files or "
                                   "frame folders); this format holds images")
 
+    def where(self, i: int) -> str:
+        """Where pair ``i`` is stored, as a user finds it: ``FILE row N`` (Pick-a-Pic) or ``FILE:LINE`` (JSONL)."""
+        return f"{self.description} pair {i}"
+
     def fingerprint(self) -> str:
         """Identifies the rows for cache keys."""
         raise NotImplementedError
@@ -153,7 +157,11 @@ def _label(value, where: str) -> float | None:
 
 
 class PickapicPairs(PairSource):
-    def __init__(self, table, description: str, max_pairs: int | None = None):
+    """``files``: ``[(file, rows)]`` in the order the table concatenates them (local parquet/arrow), so a
+    row is named by its file and its row there; without them rows are named by their table index."""
+
+    def __init__(self, table, description: str, max_pairs: int | None = None,
+                 files: list[tuple[str, int]] | None = None):
         missing = [c for c in PICKAPIC_COLUMNS if c not in table.column_names]
         if missing:
             raise DataError(f"{description}: missing column(s) {', '.join(missing)}; Pick-a-Pic format needs "
@@ -168,6 +176,7 @@ class PickapicPairs(PairSource):
         if max_pairs is not None:
             keep = keep[:max_pairs]
         self.table, self.rows, self.description = table, keep, description
+        self.files = files if files and sum(n for _, n in files) == len(labels) else None
         self.num_ties = len(labels) - len(keep) if max_pairs is None else None
         self._winner_first = [float(labels[i]) == 1.0 for i in keep]
 
@@ -178,9 +187,17 @@ class PickapicPairs(PairSource):
         caption = self.table[self.rows[i]]["caption"]
         return caption if isinstance(caption, str) else ""
 
+    def where(self, i):
+        row = self.rows[i]
+        for file, count in self.files or ():
+            if row < count:
+                return f"{file} row {row}"
+            row -= count
+        return f"{self.description} row {self.rows[i]}"
+
     def images(self, i, draft_size=None):
         row = self.table[self.rows[i]]
-        where = f"{self.description} row {self.rows[i]}"
+        where = self.where(i)
         first, second = _decode(row["jpg_0"], where + " jpg_0", draft_size), _decode(row["jpg_1"], where + " jpg_1", draft_size)
         return (first, second) if self._winner_first[i] else (second, first)
 
@@ -194,6 +211,7 @@ class JsonlPairs(PairSource):
         self.description = str(path)
         root = path.parent
         self.rows: list[tuple[str, Path, Path]] = []
+        self.lines: list[str] = []  # "FILE:LINE" of each pair
         for where, row in iter_jsonl(path, DataError):
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected an object with prompt, chosen, rejected")
@@ -209,6 +227,7 @@ class JsonlPairs(PairSource):
                     raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
                 paths.append(media_file(root, row[key], where, f"{key} image"))
             self.rows.append((prompt or "", paths[0], paths[1]))
+            self.lines.append(where)
             if max_pairs is not None and len(self.rows) >= max_pairs:
                 break
         if not self.rows:
@@ -219,6 +238,9 @@ class JsonlPairs(PairSource):
 
     def caption(self, i):
         return self.rows[i][0]
+
+    def where(self, i):
+        return self.lines[i]
 
     def images(self, i, draft_size=None):
         _, chosen, rejected = self.rows[i]
@@ -235,6 +257,17 @@ class JsonlPairs(PairSource):
                 stat = file.stat()
                 digest.update(f"{prompt}|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         return f"jsonl:{digest.hexdigest()}"
+
+
+def _table_rows(path: Path) -> int:
+    """Rows in one parquet or arrow file, from its metadata (nothing decoded)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    import datasets
+
+    return datasets.Dataset.from_file(str(path)).num_rows
 
 
 def open_pairs(source: str, format: str = "auto", split: str = "train", max_pairs: int | None = None) -> PairSource:
@@ -269,8 +302,10 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
             builder = "parquet" if kinds == {".parquet"} else "arrow"
             try:
                 table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+                counts = [(str(p), _table_rows(p)) for p in files]
             except Exception as err:  # pyarrow raises many types for a broken file
                 raise DataError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
+            return PickapicPairs(table, str(source), max_pairs, files=counts)
         else:
             try:
                 table = datasets.load_dataset(source, split=split)
@@ -407,12 +442,12 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 pixels.append(_to_model_range(image))
                 time_ids.append(torch.tensor([*original, top, left, r, r], dtype=torch.float32))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return {"bad": f"{self.source.description} pair {index}: {type(err).__name__}: {err}", "index": index}
+            return bad_item(self.source, index, err)
         return {"index": index, "caption": caption, "pixels": torch.stack(pixels), "time_ids": torch.stack(time_ids)}
 
     def _video_item(self, index: int, caption: str, crop, flip: bool) -> dict:
         """A video pair: ``pixels`` [2, F, 3, R, R]; every frame of both clips gets the same crop and flip."""
-        r, where = self.prep.resolution, f"{self.source.description} pair {index}"
+        r = self.prep.resolution
         try:
             clips = []
             for name, frames in zip(("chosen", "rejected"), self.source.videos(index), strict=True):
@@ -422,15 +457,24 @@ class PreferenceDataset(torch.utils.data.Dataset):
                     frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
                 clips.append(torch.stack([_to_model_range(frame) for frame in frames]))
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-            return {"bad": f"{where}: {type(err).__name__}: {err}", "index": index}
+            return bad_item(self.source, index, err)
         time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(2, 1)  # unused by video models
         return {"index": index, "caption": caption, "pixels": torch.stack(clips), "time_ids": time_ids}
 
 
+def bad_item(source: PairSource, index: int, err: Exception) -> dict:
+    """The item for an unreadable pair: a message naming where it is stored (file and row or line), and
+    that place as the key that counts it once however often it is read."""
+    where = source.where(index)
+    message = f"{where} (pair {index}): {type(err).__name__}: {err}"
+    return {"bad": message, "bad_row": where, "index": index}
+
+
 def collate_pairs(items: list[dict]) -> dict:
-    """Batch good items; bad ones are reported in ``bad`` (a list of messages) for counting."""
+    """Batch good items; bad ones are reported in ``bad`` (messages) and ``bad_rows`` (where each is stored)."""
     good = [it for it in items if "bad" not in it]
-    batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good)}
+    batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good),
+             "bad_rows": [it.get("bad_row", it["bad"]) for it in items if "bad" in it]}
     if good:
         batch["index"] = torch.tensor([it["index"] for it in good])
         batch["caption"] = [it["caption"] for it in good]
@@ -441,27 +485,47 @@ def collate_pairs(items: list[dict]) -> dict:
 
 
 class BadRowCounter:
-    """Counts unreadable pairs; warns on each, and raises once the bad fraction exceeds the limit.
+    """Counts unreadable pairs; warns once per distinct row, and raises once the bad fraction exceeds the limit.
 
-    The fraction is checked over the rows read so far, once at least ``min_rows`` have been read (so
-    that one bad row in the first batch does not stop a large run).
+    ``bad`` is the number of distinct unreadable rows, ``skips`` how many times they were skipped (once per
+    epoch each), ``seen`` how many rows were read. The fraction (skips over reads) is checked once at least
+    ``min_rows`` have been read (so that one bad row in the first batch does not stop a large run).
     """
 
     def __init__(self, max_bad_fraction: float, min_rows: int = 20):
         self.max_bad_fraction, self.min_rows = max_bad_fraction, min_rows
-        self.seen = self.bad = 0
+        self.seen = self.skips = 0
+        self.rows: set[str] = set()  # where each distinct unreadable row is stored
         self.last: str | None = None  # the latest bad row's message (names the file and row)
+
+    @property
+    def bad(self) -> int:
+        return len(self.rows)
 
     def update(self, batch: dict) -> None:
         self.seen += batch["size"] + len(batch["bad"])
-        for message in batch["bad"]:
-            self.bad += 1
+        for message, row in zip(batch["bad"], batch.get("bad_rows", batch["bad"]), strict=True):
+            self.skips += 1
             self.last = message
-            log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
-        if self.bad and self.seen >= self.min_rows and self.bad / self.seen > self.max_bad_fraction:
-            raise DataError(f"{self.bad} of {self.seen} pairs read so far are unreadable "
-                            f"({self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
+            if row not in self.rows:
+                self.rows.add(row)
+                log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
+        if self.skips and self.seen >= self.min_rows and self.skips / self.seen > self.max_bad_fraction:
+            raise DataError(f"{self.skips} of {self.seen} pairs read so far are unreadable "
+                            f"({self.skips / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
                             f"last: {self.last or 'see warnings above'}")
+
+    def summary(self) -> str:
+        return (f"skipped {self.bad} unreadable row{'s' if self.bad != 1 else ''} ({self.skips} skips in "
+                f"{self.seen} rows read; last: {self.last})")
+
+    def state_dict(self) -> dict:
+        return {"bad_seen": self.seen, "bad_skips": self.skips, "bad_rows": sorted(self.rows), "bad_last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.last = state["bad_seen"], state.get("bad_last")
+        self.rows = set(state.get("bad_rows", ()))
+        self.skips = state.get("bad_skips", state.get("bad", 0))
 
 
 class EpochBatches:
@@ -499,13 +563,11 @@ class EpochBatches:
             self.taken = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.taken, "bad_seen": self.bad_rows.seen,
-                "bad": self.bad_rows.bad, "bad_last": self.bad_rows.last}
+        return {"epoch": self.epoch, "batches_in_epoch": self.taken, **self.bad_rows.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.taken = state["epoch"], state["batches_in_epoch"]
-        self.bad_rows.seen, self.bad_rows.bad = state["bad_seen"], state["bad"]
-        self.bad_rows.last = state.get("bad_last")
+        self.bad_rows.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------

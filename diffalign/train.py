@@ -904,7 +904,7 @@ def train(cfg: Config) -> Path:
     bar.close()
     bad_rows = getattr(getattr(objective, "batches_of", None), "bad_rows", None)
     if bad_rows is not None and bad_rows.bad:
-        log.warning("skipped %d unreadable of %d rows read (last: %s)", bad_rows.bad, bad_rows.seen, bad_rows.last)
+        log.warning("%s", bad_rows.summary())
         last_metrics["skipped_rows"] = bad_rows.bad
     if skipped or overflows:
         log.warning("skipped %d updates for a non-finite loss or gradient and %d fp16 overflows", skipped, overflows)

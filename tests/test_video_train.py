@@ -234,7 +234,7 @@ def test_video_lora_loads_in_stock_diffusers_and_changes_the_output(kind, traine
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a red circle", num_frames=frames, height=16, width=16, num_inference_steps=2, output_type="latent")
     before = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
-    pipe.load_lora_weights(trained[f"tiny-{kind}-dpo.yaml"])
+    pipe.load_lora_weights(trained[f"tiny-{kind}/dpo.yaml"])
     after = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
     assert before.shape == after.shape and (before - after).abs().max() > 1e-4
 

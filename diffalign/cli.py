@@ -63,7 +63,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         help_text = action.help or ""
-        if action.option_strings and _worth_showing(action.default) and "%(default)" not in help_text:
+        if action.option_strings and _worth_showing(action.default) and "default" not in help_text.lower():
             help_text += (" " if help_text else "") + "(default: %(default)s)"
         return help_text
 

@@ -31,3 +31,10 @@ def test_a_wrong_shape_is_named(real_size):
     pipe.text_encoder_2.text_model.final_layer_norm.bias = None  # one parameter fewer
     with pytest.raises(AssertionError, match="text_encoder_2"):
         real_size.parameter_counts(pipe, "sdxl")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "animatediff"])
+def test_building_reports_progress_part_by_part(real_size, kind):
+    parts = []
+    real_size.BUILDERS[kind]("meta", parts.append)
+    assert len(parts) == real_size.STAGES[kind] and len(set(parts)) == len(parts)

@@ -147,8 +147,12 @@ def read_json_prompts(path: Path) -> list[str]:
     return [p.strip() for p in data if p.strip()]
 
 
+class PromptSetUnavailable(RuntimeError, ValueError):
+    """A hub prompt set that cannot be fetched (offline): the user's to fix, so a ValueError too."""
+
+
 def _offline_error(name: str, source: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
+    return PromptSetUnavailable(
         f"prompt set {name!r} is not shipped and could not be loaded from the hub ({source}): "
         f"{type(err).__name__}: {err}. Without network access, save the prompts elsewhere and pass "
         "--prompts FILE (.txt one per line, .jsonl, .json list, or .tsv with a 'Prompt' column)")

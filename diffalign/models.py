@@ -71,11 +71,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def register_builtin_model(name: str, locate: Callable[[], Path]) -> None:
-    """Make ``name`` usable wherever a model id is (e.g. the shipped ``toy-sdxl``)."""
-    BUILTIN_MODELS[name] = locate
-
-
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_SUFFIX = ":lora"
 #: Built-in ids whose pipeline class is known without building them (others: read from model_index.json).

@@ -275,11 +275,6 @@ class SampleOutput:
     images: torch.Tensor | None  # [B, 3, H, W] (videos: [B, F, 3, H, W]) float in [0, 1]; None if not decoded
     trajectory: Trajectory
 
-    def pil_images(self):
-        from diffalign.images import to_pil
-
-        return to_pil(self.images)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling

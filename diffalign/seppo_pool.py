@@ -356,7 +356,3 @@ class SePPOObjective:
         out.extra["reference_step"] = torch.tensor(float(entry.step))
         out.extra["pool_size"] = torch.tensor(float(len(self.pool.entries)))
         return out
-
-
-def build_seppo_objective(ctx) -> SePPOObjective:
-    return SePPOObjective(ctx)

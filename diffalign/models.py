@@ -94,12 +94,14 @@ class ModelLoadError(ModelError, OSError):
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from: ``kind`` is 'builtin', 'local' or 'hub'. A LoRA spec is its base model's
-    source with ``lora`` set to the LoRA folder (and the base's motion adapter, when the run recorded one)."""
+    source with ``lora`` set to the LoRA folder (and the base's motion adapter, when the run recorded one).
+    A run trained on top of another LoRA run has that run's folder in ``base_loras`` (merged first)."""
 
     name: str
     kind: str
     lora: str | None = None
     motion_adapter: str | None = None
+    base_loras: tuple[str, ...] = ()
 
     def location(self) -> str:
         return str(BUILTIN_MODELS[self.name]()) if self.kind == "builtin" else self.name
@@ -193,13 +195,15 @@ def _resolve_lora(folder_text: str, lora_base: str | None) -> ModelSource:
             raise ModelError(f"LoRA folder {folder}: no base model is known (no diffalign config.yaml records "
                              "one); name the base model (gallery: --lora-base ID_OR_PATH)")
         lora_base, motion_adapter = recorded
-    if lora_base.endswith(LORA_SUFFIX):
-        raise ModelError(f"LoRA folder {folder}: its base {lora_base!r} is itself a LoRA; fuse it first")
     try:
-        base = resolve_model(lora_base)
+        base = resolve_model(lora_base)  # a LoRA run itself when this run started from one
     except ModelError as err:
         raise ModelError(f"LoRA folder {folder}: its base model: {err}") from None
-    return ModelSource(base.name, base.kind, lora=str(folder), motion_adapter=motion_adapter)
+    earlier = (*base.base_loras, base.lora) if base.lora else ()
+    if str(folder) in earlier:
+        raise ModelError(f"LoRA folder {folder}: its recorded base leads back to itself")
+    adapter = motion_adapter or base.motion_adapter
+    return ModelSource(base.name, base.kind, lora=str(folder), motion_adapter=adapter, base_loras=earlier)
 
 
 def pipeline_class_name(source: ModelSource) -> str | None:
@@ -296,12 +300,13 @@ def load_pipeline(
         pipe = _load_or_explain(AnimateDiffPipeline, source, **kwargs)
     else:
         pipe = _load_or_explain(DiffusionPipeline, source, **kwargs)
-    if source.lora is not None:  # merged into the base weights: the pipeline is then a plain model
-        try:
-            pipe.load_lora_weights(source.lora)
+    for folder in (*source.base_loras, source.lora) if source.lora else ():
+        try:  # merged into the weights, one after the other: the pipeline is then a plain model
+            pipe.load_lora_weights(folder)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ModelLoadError(f"could not load LoRA folder {source.lora} onto {source.name}: "
-                             f"{_first_line(err)}") from None
+            raise ModelLoadError(
+                f"could not load LoRA folder {folder} onto {source.name}: {_first_line(err)}"
+            ) from None
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     if device is not None:

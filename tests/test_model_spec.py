@@ -69,6 +69,10 @@ def test_a_config_can_start_from_a_lora_run(lora_run, tmp_path):
                        "checkpoint.every_n_steps=0"])
     assert train(cfg) == tmp_path
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    # its own spec merges the run it started from, then its LoRA
+    chained = resolve_model(f"{tmp_path}:lora")
+    assert chained.base_loras == (str(lora_run),) and chained.lora == str(tmp_path)
+    assert type(load_pipeline(chained)).__name__ == "StableDiffusionXLPipeline"
 
 
 def test_the_model_card_loads_as_written(lora_run):

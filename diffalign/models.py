@@ -301,17 +301,26 @@ def load_pipeline(
     else:
         pipe = _load_or_explain(DiffusionPipeline, source, **kwargs)
     for folder in (*source.base_loras, source.lora) if source.lora else ():
-        try:  # merged into the weights, one after the other: the pipeline is then a plain model
-            pipe.load_lora_weights(folder)
-        except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ModelLoadError(
-                f"could not load LoRA folder {folder} onto {source.name}: {_first_line(err)}"
-            ) from None
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
+        _merge_lora(pipe, folder, source.name)
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def _merge_lora(pipe, folder: str, base: str) -> None:
+    """Load a LoRA folder and merge it into the weights (the pipeline is then a plain model)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "No LoRA keys associated to CLIPTextModel": UNet-only
+    try:
+        pipe.load_lora_weights(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load LoRA folder {folder} onto {base}: {_first_line(err)}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
 
 
 def _first_line(err: BaseException) -> str:

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffalign.config import SECTIONS, Config, ConfigError, load_config
+from diffalign.config import SECTIONS, Config, ConfigError, load_config, resolve_config_paths
 from diffalign.data import (
     BadRowCounter,
     DataError,
@@ -68,7 +68,10 @@ _TREES = st.recursive(_SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dic
 
 
 def _raw(method: str = "dpo") -> dict:
-    return yaml.safe_load(BASE_CONFIGS[method].read_text())
+    """A shipped config as a mapping, its relative paths made absolute (it is written elsewhere)."""
+    raw = yaml.safe_load(BASE_CONFIGS[method].read_text())
+    resolve_config_paths(raw, BASE_CONFIGS[method].parent)
+    return raw
 
 
 def _load(raw, tmp_path: Path, overrides=()):

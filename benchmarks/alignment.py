@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: config set (the model they were written for) -> method name -> config file it trains from
 #: (data / output / seed / eval prompts and seeds are overridden).
 METHOD_CONFIGS = {
-    "toy-sdxl": {"dpo": "configs/toy-sdxl-dpo.yaml", "mapo": "configs/toy-sdxl-mapo.yaml"},
-    "toy-animatediff": {"dpo": "configs/toy-animatediff-dpo.yaml", "mapo": "configs/toy-animatediff-mapo.yaml"},
+    "toy-sdxl": {"dpo": "configs/toy-sdxl/dpo.yaml", "mapo": "configs/toy-sdxl/mapo.yaml"},
+    "toy-animatediff": {"dpo": "configs/toy-animatediff/dpo.yaml", "mapo": "configs/toy-animatediff/mapo.yaml"},
 }
 SECTIONS = {"toy-sdxl": "## Alignment on toy-sdxl", "toy-animatediff": "## Alignment on toy-animatediff (video)"}
 

@@ -5,7 +5,7 @@
     python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
-``configs/{CONFIGS}-{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
+``configs/{CONFIGS}/{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
 DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own before/after evaluation:
 the held-out toy prompts (never trained on), fixed seeds, the target reward's mean for the base model
 and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts. SePPO gets
@@ -84,7 +84,7 @@ def run_one(name: str, seed: int, args, winners: Path | None) -> dict:
         overrides += [f"data.source={winners}", *args.seppo_override]
     else:
         overrides += [f"method.reward={args.reward}", *args.online_override]
-    cfg = load_config(f"configs/{args.configs}-{method}.yaml", overrides)
+    cfg = load_config(f"configs/{args.configs}/{method}.yaml", overrides)
     t0, cpu0 = time.time(), time.process_time()
     train(cfg)
     scores = json.loads((out / "eval" / "scores.json").read_text())["scorers"][args.reward]
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["prdp", "ddpo", "seppo"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--configs", default="toy-sdxl", choices=["toy-sdxl", "toy-animatediff"],
-                        help="the config set: configs/CONFIGS-METHOD.yaml")
+                        help="the config set: configs/CONFIGS/METHOD.yaml")
     parser.add_argument("--model", default=None, help="model id or folder (default: the --configs model)")
     parser.add_argument("--reward", default="toy_saturation", help="a registered scorer name (the target)")
     parser.add_argument("--eval-scorers", nargs="*", default=[],
@@ -119,16 +119,16 @@ def main() -> None:
     args = parser.parse_args()
     args.model = args.model or args.configs
     torch.set_num_threads(args.threads)
-    missing = [m for m in args.methods if not Path(f"configs/{args.configs}-{METHODS[m][0]}.yaml").is_file()]
+    missing = [m for m in args.methods if not Path(f"configs/{args.configs}/{METHODS[m][0]}.yaml").is_file()]
     if missing:
-        parser.error(f"no configs/{args.configs}-METHOD.yaml for {', '.join(missing)}")
+        parser.error(f"no configs/{args.configs}/METHOD.yaml for {', '.join(missing)}")
 
     winners = None
     if any(METHODS[m][0] == "seppo" for m in args.methods):
         from diffalign.config import load_config
         from diffalign.toy.data import toy_prompts
 
-        base = load_config(f"configs/{args.configs}-seppo.yaml", [f"model.name={args.model}"], check=False)
+        base = load_config(f"configs/{args.configs}/seppo.yaml", [f"model.name={args.model}"], check=False)
         winners = make_winners(args.model, args.reward, toy_prompts("train", n=args.winner_prompts, seed=0),
                                args.candidates, base.eval.num_inference_steps, base.eval.guidance_scale,
                                Path(args.out) / "winners")

@@ -74,11 +74,11 @@ def main() -> None:
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lora = [p for n, p in unet.named_parameters() if "lora_" in n]
-    cfg = load_config("configs/tiny-sdxl-prdp.yaml", [
+    cfg = load_config("configs/tiny-sdxl/prdp.yaml", [
         f"model.name={args.model}", f"method.num_prompts={args.prompts}", f"method.samples_per_prompt={args.per_prompt}",
         f"method.num_inference_steps={args.steps}", f"method.gradient_steps_per_epoch={args.inner}",
         "method.train_timesteps=null", f"method.reward={args.reward}", f"method.recompute_chunk_size={args.steps}",
-        "method.prompts=toy-train" if args.model.startswith("toy") else "method.prompts=configs/data/tiny-prompts.txt"])
+        "method.prompts=toy-train" if args.model.startswith("toy") else "method.prompts=data/tiny-prompts.txt"])
     ctx = TrainContext(cfg, METHODS["prdp"], Accelerator(cpu=True), pipe, family_of(pipe), unet, None, torch.float32)
     objective = OnlineObjective(ctx)
     optimizer = torch.optim.AdamW(lora, lr=1e-4)

@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from diffalign.tiny import (
     _SD_SCHEDULE,
@@ -80,7 +81,8 @@ def _t5_xxl(vocab_size: int = 32128):
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
 
-def build_sdxl(device: str):
+def build_sdxl(device: str, done=lambda name: None):
+    """``done(name)`` is called after each component is built (initialising 2.6 B weights on a CPU takes minutes)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):  # the models only: the scheduler keeps its tables on the CPU
@@ -92,13 +94,17 @@ def build_sdxl(device: str):
             transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
         )
+        done("unet")
         vae = _vae(1024, 0.13025, force_upcast=True)
+        done("vae")
         text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=False)
+        done("text_encoder")
         text_encoder_2 = _clip_text(1280, 32, 20, "gelu", with_projection=True)
+        done("text_encoder_2")
     return assemble_sdxl(vae, unet, text_encoder, text_encoder_2)
 
 
-def build_animatediff(device: str):
+def build_animatediff(device: str, done=lambda name: None):
     from diffusers import (
         AnimateDiffPipeline,
         DDIMScheduler,
@@ -114,18 +120,22 @@ def build_animatediff(device: str):
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
             block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
         )
+        done("unet")
         adapter = MotionAdapter(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
                                 motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32,
                                 use_motion_mid_block=True)
         motion_unet = UNetMotionModel.from_unet2d(unet, adapter)
+        done("motion_adapter")
         vae = _vae(512, 0.18215, force_upcast=True)
+        done("vae")
         text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=False)
+        done("text_encoder")
     scheduler = DDIMScheduler(**_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False)
     return AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=motion_unet,
                                motion_adapter=adapter, scheduler=scheduler)
 
 
-def build_sd3(device: str):
+def build_sd3(device: str, done=lambda name: None):
     """Stable Diffusion 3.5 medium: MMDiT-X (13 dual-attention layers, RMS q/k norm), CLIP-L/G + T5-XXL."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -135,10 +145,15 @@ def build_sd3(device: str):
             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
             pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
         )
+        done("transformer")
         vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
+        done("vae")
         text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=True)
+        done("text_encoder")
         text_encoder_2 = _clip_text(1280, 32, 20, "gelu", with_projection=True)
+        done("text_encoder_2")
         text_encoder_3 = _t5_xxl()
+        done("text_encoder_3")
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), text_encoder_2=text_encoder_2,
@@ -147,7 +162,7 @@ def build_sd3(device: str):
     )
 
 
-def build_flux(device: str):
+def build_flux(device: str, done=lambda name: None):
     """FLUX.1 [dev]: 19 double- and 38 single-stream blocks, guidance embedding, CLIP-L pooled + T5-XXL."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
@@ -157,9 +172,13 @@ def build_flux(device: str):
             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
             axes_dims_rope=(16, 56, 56),
         )
+        done("transformer")
         vae = _flow_vae(scaling_factor=0.3611, shift_factor=0.1159)
+        done("vae")
         text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=False)
+        done("text_encoder")
         text_encoder_2 = _t5_xxl()
+        done("text_encoder_2")
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
@@ -168,6 +187,8 @@ def build_flux(device: str):
 
 
 BUILDERS = {"sdxl": build_sdxl, "animatediff": build_animatediff, "sd3": build_sd3, "flux": build_flux}
+#: Components each builder reports, then casting and saving.
+STAGES = {"sdxl": 4, "animatediff": 4, "sd3": 5, "flux": 4}
 
 
 def parameter_counts(pipe, kind: str) -> dict[str, int]:
@@ -199,14 +220,26 @@ def main() -> None:
         parser.error("give an output folder, or --count")
 
     torch.manual_seed(0)
-    pipe = BUILDERS[args.kind]("meta" if args.count else args.device)
+    bar = tqdm(total=STAGES[args.kind] + (0 if args.count else 2), desc=f"real-size {args.kind}", unit="part",
+               disable=args.count)
+
+    def done(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update()
+
+    pipe = BUILDERS[args.kind]("meta" if args.count else args.device, done)
     counts = parameter_counts(pipe, args.kind)
-    print(", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in counts.items()))
     if args.count:
+        print(", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in counts.items()))
         return
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     pipe.to("cpu", dtype)
-    print(f"wrote {save_pipeline(pipe, Path(args.out))}")
+    done(f"cast to {args.dtype}")
+    folder = save_pipeline(pipe, Path(args.out))
+    done("saved")
+    bar.close()
+    print(", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in counts.items()))
+    print(f"wrote {folder}")
 
 
 if __name__ == "__main__":

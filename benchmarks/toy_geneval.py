@@ -4,7 +4,7 @@
     python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness "toy_geneval:measure=fraction" \\
         --seeds 0 1 2 3 4 --eval-guidance 1 3                      # the method x reward x seed grid
 
-Every run goes through the real trainer (``diffalign.train.train``) from ``configs/toy-sdxl-{METHOD}.yaml``
+Every run goes through the real trainer (``diffalign.train.train``) from ``configs/toy-sdxl/{METHOD}.yaml``
 with ``method.reward`` set to the cell's reward; it trains on the training captions only. Then every finished
 run and the base model are judged by the toy GenEval (:mod:`diffalign.toy.geneval`) on all 126 held-out
 captions (whose colour/shape/background triples the model never saw), on the same noise for every model, at
@@ -56,7 +56,7 @@ def run_one(method: str, reward: str, seed: int, args) -> dict:
     out = Path(args.out) / run_name(method, reward, seed, args.tag)
     overrides = [f"train.output_dir={out}", f"train.seed={seed}", f"method.reward={reward}",
                  "eval.scorers=[toy_geneval,toy_saturation]", "log.progress_bar=false", *args.online_override]
-    cfg = load_config(f"configs/toy-sdxl-{method}.yaml", overrides)
+    cfg = load_config(f"configs/toy-sdxl/{method}.yaml", overrides)
     t0, cpu0 = time.time(), time.process_time()
     train(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -93,7 +93,7 @@ def diagnose(args) -> list[dict]:
     from diffalign.scorers import make_scorer
     from diffalign.toy.data import toy_prompts
 
-    cfg = load_config("configs/toy-sdxl-prdp.yaml", args.online_override)
+    cfg = load_config("configs/toy-sdxl/prdp.yaml", args.online_override)
     m = cfg.method
     pipe = load_pipeline("toy-sdxl")
     pipe.set_progress_bar_config(disable=True)

@@ -90,7 +90,7 @@ VARIANTS = {
 
 def run_variant(key: str, args, out_dir: Path) -> dict:
     name, method, overrides, mode = VARIANTS[key]
-    config = str(ROOT / f"configs/tiny-sdxl-{method}.yaml")
+    config = str(ROOT / f"configs/tiny-sdxl/{method}.yaml")
     overrides = [mode, f"train.output_dir={out_dir / key}", "eval.enabled=false", "log.progress_bar=false",
                  "log.every_n_steps=1", "checkpoint.every_n_steps=0", "log.validation_every_n_steps=0",
                  f"train.max_steps={args.steps + args.warmup}", f"train.batch_size={args.batch}",

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -23,10 +24,10 @@ from diffalign.checkpoints import CheckpointError
 from diffalign.config import load_config
 from diffalign.gallery import cli as gallery_cli
 from diffalign.images import to_pil
-from diffalign.models import load_pipeline, parse_dtype, resolve_model
+from diffalign.models import check_num_frames, load_pipeline, parse_dtype, resolve_model
 from diffalign.objectives.online import RewardError
 from diffalign.pairs import generate_pairs
-from diffalign.prompts import read_prompts
+from diffalign.prompt_sets import load_prompts
 from diffalign.run_state import NonFiniteError, TrainingInterrupted
 from diffalign.sampler import Trajectory
 from diffalign.sampling import SamplingSettings, sample_batches
@@ -46,6 +47,40 @@ COMMAND_MODULES = (gallery_cli, toy_cli)
 log = logging.getLogger("diffalign")
 
 __all__ = ["UsageError", "build_parser", "default_device", "ensure_writable_dir", "main"]
+
+
+MODEL_SPEC_HELP = ("a model spec: a built-in id (tiny-sdxl, toy-sdxl, ...), a hub id org/name, a local pipeline "
+                   "folder, or FOLDER:lora (a LoRA run on top of the base model its config.yaml records)")
+PROMPTS_HELP = ("a prompt file (.txt one per line, .jsonl field 'prompt', .json, .tsv) or a set: smoke, toy, "
+                "toy-train, toy-heldout, parti, ddpo-animals, hpdv2, drawbench, pickapic")
+
+
+def _worth_showing(default) -> bool:
+    return not (default is None or default is False or default == [] or default is argparse.SUPPRESS)
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, when it has one worth showing (not None/False/[])."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.option_strings and _worth_showing(action.default) and "default" not in help_text.lower():
+            help_text += (" " if help_text else "") + "(default: %(default)s)"
+        return help_text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every command's parser: ``--help`` shows each option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.help is None and action.option_strings and _worth_showing(action.default):
+            action.help = "(default: %(default)s)"  # argparse shows nothing for an option without help text
+        return action
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,10 +108,10 @@ def _run_tiny(args):
 # ----------------------------------------------------------------------------------------------------
 def _add_sample(sub):
     p = sub.add_parser("sample", help="sample images (and trajectories) from a pipeline")
-    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or built-in id (tiny-sdxl, ...)")
+    p.add_argument("--model", required=True, help=MODEL_SPEC_HELP)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    src.add_argument("--prompts", help=PROMPTS_HELP)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=None, help="default: the model's own (toy-sdxl: 20), else 50")
     p.add_argument("--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5")
@@ -99,7 +134,7 @@ def _add_sample(sub):
 
 
 def _run_sample(args):
-    prompts = args.prompt if args.prompt else read_prompts(args.prompts)
+    prompts = args.prompt if args.prompt else load_prompts(args.prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise UsageError("no prompts given")
     for name, value, low in (("--steps", 1 if args.steps is None else args.steps, 1), ("--num-images", args.num_images, 1),
@@ -113,13 +148,16 @@ def _run_sample(args):
                                 negative_prompt=args.negative_prompt)
     for name, value, expected in settings.problems():
         raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
-    resolve_model(args.model)
+    source = resolve_model(args.model)
+    check_num_frames(source, args.num_frames)
+    if args.vae is not None:
+        resolve_model(args.vae, component=True)
     parse_dtype(args.dtype)
-    check_scorer_names(args.scorer)
+    check_scorer_names(args.scorer, prompts)
     out = ensure_writable_dir(args.out)
 
     jobs = [(p, args.seed + i) for i, p in enumerate(q for q in prompts for _ in range(args.num_images))]
-    pipe = load_pipeline(args.model, dtype=args.dtype, variant=args.variant, vae=args.vae,
+    pipe = load_pipeline(source, dtype=args.dtype, variant=args.variant, vae=args.vae,
                          device=args.device or default_device())
     pipe.set_progress_bar_config(disable=True)
     settings = settings.for_model(pipe, args.model)  # unset sizes, steps, guidance: the model's own
@@ -178,7 +216,7 @@ def _run_score(args):
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     prompts = None
     if args.prompts:
-        prompts = read_prompts(args.prompts)
+        prompts = load_prompts(args.prompts)
     elif (folder / "samples.jsonl").exists():
         by_file = {r["file"]: r["prompt"] for r in map(json.loads, (folder / "samples.jsonl").read_text().splitlines())}
         prompts = [by_file.get(f.name) for f in files]
@@ -186,6 +224,7 @@ def _run_score(args):
             prompts = None
     if prompts is not None and len(prompts) != len(files):
         raise UsageError(f"{len(files)} images in {folder} but {len(prompts)} prompts")
+    check_scorer_names(args.scorer, prompts)
     out_path = Path(args.out) if args.out else folder / "scores.jsonl"
     ensure_writable_dir(out_path.parent)
 
@@ -266,15 +305,17 @@ def _run_train(args) -> None:
         print(cfg.to_yaml())
         return
     out = train(cfg)
-    print(f"wrote {out}")
+    if PartialState().is_main_process:  # one line per run, not one per process
+        print(f"wrote {out}")
 
 
 # ----------------------------------------------------------------------------------------------------
 def _add_pairs(subparsers) -> None:
     p = subparsers.add_parser("pairs", help="generate AI-feedback preference pairs labelled by a scorer")
-    p.add_argument("--model", required=True, help="hub id, local diffusers folder, or built-in id")
+    p.add_argument("--model", required=True, help="a model spec: built-in id, hub id, pipeline folder or FOLDER:lora")
     p.add_argument("--motion-adapter", default=None, help="AnimateDiff: a MotionAdapter id/folder added to an SD 1.x --model")
-    p.add_argument("--prompts", required=True, help="prompt file: .txt (one per line) or .jsonl (field 'prompt')")
+    p.add_argument("--prompts", required=True, help="a prompt file (.txt, .jsonl, .json, .tsv) or a set name "
+                                                    "(smoke, toy, toy-train, parti, ddpo-animals, ...)")
     p.add_argument("--scorer", required=True, help="a registered scorer name")
     p.add_argument("--out", required=True, help="output folder (pairs.jsonl + images/)")
     p.add_argument("--images-per-prompt", type=int, default=2)
@@ -301,15 +342,19 @@ def _run_pairs(args) -> None:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    prompts = read_prompts(args.prompts)
-    resolve_model(args.model)
+    try:
+        prompts = load_prompts(args.prompts)
+    except RuntimeError as err:  # a hub set offline
+        raise UsageError(str(err)) from None
+    source = resolve_model(args.model)
+    if args.motion_adapter is not None:
+        resolve_model(args.motion_adapter, component=True)
+    check_num_frames(source, args.num_frames, motion_adapter=args.motion_adapter)
     parse_dtype(args.dtype)
-    check_scorer_names([args.scorer])
+    check_scorer_names([args.scorer], prompts)
     out = ensure_writable_dir(args.out)
     scorer = make_scorer(args.scorer)
-    if args.motion_adapter is not None:
-        resolve_model(args.motion_adapter)
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device or default_device(),
+    pipe = load_pipeline(source, dtype=args.dtype, device=args.device or default_device(),
                          motion_adapter=args.motion_adapter)
     pipe.set_progress_bar_config(disable=True)
     sampling = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height,
@@ -324,7 +369,7 @@ def _run_pairs(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with human preference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     _add_tiny(sub)
     _add_sample(sub)
     _add_score(sub)
@@ -338,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own INFO lines only: third-party INFO (open_clip logs on the root logger) shows with --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffalign").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.func(args)

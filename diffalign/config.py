@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from diffalign.methods import METHODS
-from diffalign.models import resolve_model
+from diffalign.models import check_num_frames, resolve_model
 from diffalign.prompts import read_prompts
 from diffalign.sampling import SamplingSettings
 from diffalign.scorers import check_scorer_names
@@ -121,7 +122,8 @@ class TrainingConfig:
 @dataclass
 class LogConfig:
     every_n_steps: int = 10
-    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb (when installed)
+    # metrics.jsonl in the output folder is always written; tensorboard / wandb need their extra installed
+    report_to: list[str] = field(default_factory=list)
     project: str = "diffalign"
     validation_every_n_steps: int = 0  # 0: never during training
     validation_prompts: list[str] = field(default_factory=list)
@@ -289,9 +291,16 @@ def _require(ok: bool, path: str, value: Any, expected: str) -> None:
 def validate(cfg: Config) -> None:
     """Value ranges and cross-field rules; only looks at strings and the file system (no model loads)."""
     try:
-        resolve_model(cfg.model.name)
+        source = resolve_model(cfg.model.name)
     except (ValueError, OSError) as err:  # OSError: e.g. a path name too long for the file system
         raise ConfigError("model.name", cfg.model.name, f"a model that exists ({err})") from None
+    for key, frames in (("data.num_frames", cfg.data.num_frames), ("eval.num_frames", cfg.eval.num_frames),
+                        ("method.num_frames", getattr(cfg.method, "num_frames", None))):
+        if isinstance(frames, int) and frames >= 1:
+            try:
+                check_num_frames(source, frames, key, cfg.model.motion_adapter)
+            except ValueError as err:
+                raise ConfigError(key, frames, f"null for an image model ({err})") from None
     if cfg.model.motion_adapter is not None:
         try:
             resolve_model(cfg.model.motion_adapter)
@@ -357,7 +366,7 @@ def validate(cfg: Config) -> None:
         if tracker == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
             continue
         _require(importlib.util.find_spec(module) is not None, f"log.report_to[{i}]", tracker,
-                 f"an installed tracker (`pip install {module}`)")
+                 f"an installed tracker (pip install 'diffalign[{module}]')")
 
     c = cfg.checkpoint
     _require(c.every_n_steps >= 0, "checkpoint.every_n_steps", c.every_n_steps, "an integer >= 0")
@@ -465,4 +474,33 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
         raise ValueError(f"config file {path} is not valid YAML: {err}") from None
     if raw is None:  # an empty file: every default (an empty-but-not-null root is an error below)
         raw = {}
+    resolve_config_paths(raw, path.parent)
     return config_from_dict(apply_overrides(raw, list(overrides)), check=check)
+
+
+#: Keys whose value may name a file or folder to read. Written in a YAML file, a relative one means
+#: relative to that file's folder; given as a command-line override, relative to the current folder.
+#: ``train.output_dir`` is not among them: runs are written where the command runs.
+INPUT_PATH_KEYS = (("model", "name"), ("model", "vae"), ("model", "motion_adapter"), ("data", "source"),
+                   ("eval", "prompts_file"), ("method", "prompts"), ("train", "resume"))
+
+
+def resolve_config_paths(raw: dict, folder: Path) -> None:
+    """Make the input paths of a config read from ``folder`` absolute, in place.
+
+    A value starting with ``./`` or ``../`` is always a path next to the config. Any other relative value
+    (``data/pairs`` could also be a hub id) is taken as such a path only when it exists there; otherwise it
+    is left as written (a hub id, a built-in model or prompt set, or a path relative to the current folder).
+    A ``:lora`` suffix (a LoRA run as the model) is kept.
+    """
+    if not isinstance(raw, dict):
+        return
+    for section, key in INPUT_PATH_KEYS:
+        node = raw.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        target, lora = (value.removesuffix(":lora"), ":lora") if value.endswith(":lora") else (value, "")
+        candidate = folder / target
+        if target.startswith(("./", "../")) or candidate.exists():
+            node[key] = os.path.normpath(os.path.abspath(candidate)) + lora

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import random
@@ -34,13 +33,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageSequence
-from safetensors.torch import load_file, save_file
 
-from diffalign.files import apply_umask
 from diffalign.images import to_rgb
 from diffalign.jsonl import iter_jsonl
 from diffalign.models import HUB_ID
-from diffalign.tiny import cache_dir
 
 log = logging.getLogger("diffalign.data")
 
@@ -70,8 +66,10 @@ def detect_format(source: str) -> str:
         if any(path.rglob("*.parquet")) or any(path.rglob("*.arrow")):
             return "pickapic"
         raise DataError(f"data source {path}: folder has no pairs.jsonl and no .parquet/.arrow files")
-    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")) and not path.parent.is_dir():
         return "pickapic"
+    if path.parent.is_dir() and path.parent != Path("."):  # 'data/typo': a local path, not an 'org/name' hub id
+        raise DataError(f"data source {source!r} does not exist: folder {path.parent} has no {path.name!r}")
     raise DataError(f"data source {source!r} does not exist (expected a file, a folder, or a hub dataset id)")
 
 
@@ -94,6 +92,10 @@ class PairSource:
         """(winner, loser) as lists of RGB frames; raises on unreadable videos."""
         raise NotImplementedError(f"{self.description}: video pairs are read from JSONL only (video files or "
                                   "frame folders); this format holds images")
+
+    def where(self, i: int) -> str:
+        """Where pair ``i`` is stored, as a user finds it: ``FILE row N`` (Pick-a-Pic) or ``FILE:LINE`` (JSONL)."""
+        return f"{self.description} pair {i}"
 
     def fingerprint(self) -> str:
         """Identifies the rows for cache keys."""
@@ -154,7 +156,11 @@ def _label(value, where: str) -> float | None:
 
 
 class PickapicPairs(PairSource):
-    def __init__(self, table, description: str, max_pairs: int | None = None):
+    """``files``: ``[(file, rows)]`` in the order the table concatenates them (local parquet/arrow), so a
+    row is named by its file and its row there; without them rows are named by their table index."""
+
+    def __init__(self, table, description: str, max_pairs: int | None = None,
+                 files: list[tuple[str, int]] | None = None):
         missing = [c for c in PICKAPIC_COLUMNS if c not in table.column_names]
         if missing:
             raise DataError(f"{description}: missing column(s) {', '.join(missing)}; Pick-a-Pic format needs "
@@ -169,6 +175,7 @@ class PickapicPairs(PairSource):
         if max_pairs is not None:
             keep = keep[:max_pairs]
         self.table, self.rows, self.description = table, keep, description
+        self.files = files if files and sum(n for _, n in files) == len(labels) else None
         self.num_ties = len(labels) - len(keep) if max_pairs is None else None
         self._winner_first = [float(labels[i]) == 1.0 for i in keep]
 
@@ -179,9 +186,17 @@ class PickapicPairs(PairSource):
         caption = self.table[self.rows[i]]["caption"]
         return caption if isinstance(caption, str) else ""
 
+    def where(self, i):
+        row = self.rows[i]
+        for file, count in self.files or ():
+            if row < count:
+                return f"{file} row {row}"
+            row -= count
+        return f"{self.description} row {self.rows[i]}"
+
     def images(self, i, draft_size=None):
         row = self.table[self.rows[i]]
-        where = f"{self.description} row {self.rows[i]}"
+        where = self.where(i)
         first, second = _decode(row["jpg_0"], where + " jpg_0", draft_size), _decode(row["jpg_1"], where + " jpg_1", draft_size)
         return (first, second) if self._winner_first[i] else (second, first)
 
@@ -195,6 +210,7 @@ class JsonlPairs(PairSource):
         self.description = str(path)
         root = path.parent
         self.rows: list[tuple[str, Path, Path]] = []
+        self.lines: list[str] = []  # "FILE:LINE" of each pair
         for where, row in iter_jsonl(path, DataError):
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected an object with prompt, chosen, rejected")
@@ -210,6 +226,7 @@ class JsonlPairs(PairSource):
                     raise DataError(f"{where}: {key!r} must be an image path, got {row[key]!r}")
                 paths.append(media_file(root, row[key], where, f"{key} image"))
             self.rows.append((prompt or "", paths[0], paths[1]))
+            self.lines.append(where)
             if max_pairs is not None and len(self.rows) >= max_pairs:
                 break
         if not self.rows:
@@ -220,6 +237,9 @@ class JsonlPairs(PairSource):
 
     def caption(self, i):
         return self.rows[i][0]
+
+    def where(self, i):
+        return self.lines[i]
 
     def images(self, i, draft_size=None):
         _, chosen, rejected = self.rows[i]
@@ -236,6 +256,17 @@ class JsonlPairs(PairSource):
                 stat = file.stat()
                 digest.update(f"{prompt}|{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
         return f"jsonl:{digest.hexdigest()}"
+
+
+def _table_rows(path: Path) -> int:
+    """Rows in one parquet or arrow file, from its metadata (nothing decoded)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    import datasets
+
+    return datasets.Dataset.from_file(str(path)).num_rows
 
 
 def open_pairs(source: str, format: str = "auto", split: str = "train", max_pairs: int | None = None) -> PairSource:
@@ -270,14 +301,17 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
             builder = "parquet" if kinds == {".parquet"} else "arrow"
             try:
                 table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
+                counts = [(str(p), _table_rows(p)) for p in files]
             except Exception as err:  # pyarrow raises many types for a broken file
                 raise DataError(f"{path}: cannot read as {builder} ({type(err).__name__}: {err})") from None
+            return PickapicPairs(table, str(source), max_pairs, files=counts)
         else:
             try:
                 table = datasets.load_dataset(source, split=split)
             except Exception as err:
                 raise DataError(f"could not load dataset {source!r} split {split!r} from the hub "
-                                f"({type(err).__name__}: {err}); without network access, pass local parquet files") from None
+                                f"({type(err).__name__}: {err}); there is no local file or folder {source!r} either; "
+                                "without network access, pass local parquet files") from None
     return PickapicPairs(table, str(source), max_pairs)
 
 
@@ -430,24 +464,32 @@ class PreferenceDataset(torch.utils.data.Dataset):
         try:
             pixels, time_ids = preprocess_images(self.source.images(index, draft_size=2 * r), r, crop, flip)
         except UNREADABLE as err:
-            return {"bad": f"{self.source.description} pair {index}: {type(err).__name__}: {err}", "index": index}
+            return bad_item(self.source, index, err)
         return {"index": index, "caption": caption, "pixels": pixels, "time_ids": time_ids}
 
     def _video_item(self, index: int, caption: str, crop, flip: bool) -> dict:
         """A video pair: ``pixels`` [2, F, 3, R, R]; every frame of both clips gets the same crop and flip."""
-        where = f"{self.source.description} pair {index}"
         try:
             pixels, time_ids = preprocess_clips(zip(("chosen", "rejected"), self.source.videos(index), strict=True),
                                                 self.prep, crop, flip)
         except UNREADABLE as err:
-            return {"bad": f"{where}: {type(err).__name__}: {err}", "index": index}
+            return bad_item(self.source, index, err)
         return {"index": index, "caption": caption, "pixels": pixels, "time_ids": time_ids}
 
 
+def bad_item(source: PairSource, index: int, err: Exception) -> dict:
+    """The item for an unreadable pair: a message naming where it is stored (file and row or line), and
+    that place as the key that counts it once however often it is read."""
+    where = source.where(index)
+    message = f"{where} (pair {index}): {type(err).__name__}: {err}"
+    return {"bad": message, "bad_row": where, "index": index}
+
+
 def collate_pairs(items: list[dict]) -> dict:
-    """Batch good items; bad ones are reported in ``bad`` (a list of messages) for counting."""
+    """Batch good items; bad ones are reported in ``bad`` (messages) and ``bad_rows`` (where each is stored)."""
     good = [it for it in items if "bad" not in it]
-    batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good)}
+    batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good),
+             "bad_rows": [it.get("bad_row", it["bad"]) for it in items if "bad" in it]}
     if good:
         batch["index"] = torch.tensor([it["index"] for it in good])
         batch["caption"] = [it["caption"] for it in good]
@@ -458,27 +500,47 @@ def collate_pairs(items: list[dict]) -> dict:
 
 
 class BadRowCounter:
-    """Counts unreadable pairs; warns on each, and raises once the bad fraction exceeds the limit.
+    """Counts unreadable pairs; warns once per distinct row, and raises once the bad fraction exceeds the limit.
 
-    The fraction is checked over the rows read so far, once at least ``min_rows`` have been read (so
-    that one bad row in the first batch does not stop a large run).
+    ``bad`` is the number of distinct unreadable rows, ``skips`` how many times they were skipped (once per
+    epoch each), ``seen`` how many rows were read. The fraction (skips over reads) is checked once at least
+    ``min_rows`` have been read (so that one bad row in the first batch does not stop a large run).
     """
 
     def __init__(self, max_bad_fraction: float, min_rows: int = 20):
         self.max_bad_fraction, self.min_rows = max_bad_fraction, min_rows
-        self.seen = self.bad = 0
+        self.seen = self.skips = 0
+        self.rows: set[str] = set()  # where each distinct unreadable row is stored
         self.last: str | None = None  # the latest bad row's message (names the file and row)
+
+    @property
+    def bad(self) -> int:
+        return len(self.rows)
 
     def update(self, batch: dict) -> None:
         self.seen += batch["size"] + len(batch["bad"])
-        for message in batch["bad"]:
-            self.bad += 1
+        for message, row in zip(batch["bad"], batch.get("bad_rows", batch["bad"]), strict=True):
+            self.skips += 1
             self.last = message
-            log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
-        if self.bad and self.seen >= self.min_rows and self.bad / self.seen > self.max_bad_fraction:
-            raise DataError(f"{self.bad} of {self.seen} pairs read so far are unreadable "
-                            f"({self.bad / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
+            if row not in self.rows:
+                self.rows.add(row)
+                log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
+        if self.skips and self.seen >= self.min_rows and self.skips / self.seen > self.max_bad_fraction:
+            raise DataError(f"{self.skips} of {self.seen} pairs read so far are unreadable "
+                            f"({self.skips / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
                             f"last: {self.last or 'see warnings above'}")
+
+    def summary(self) -> str:
+        return (f"skipped {self.bad} unreadable row{'s' if self.bad != 1 else ''} ({self.skips} skips in "
+                f"{self.seen} rows read; last: {self.last})")
+
+    def state_dict(self) -> dict:
+        return {"bad_seen": self.seen, "bad_skips": self.skips, "bad_rows": sorted(self.rows), "bad_last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.last = state["bad_seen"], state.get("bad_last")
+        self.rows = set(state.get("bad_rows", ()))
+        self.skips = state.get("bad_skips", state.get("bad", 0))
 
 
 class EpochBatches:
@@ -520,68 +582,8 @@ class EpochBatches:
             self.taken = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.taken, "bad_seen": self.bad_rows.seen,
-                "bad": self.bad_rows.bad, "bad_last": self.bad_rows.last}
+        return {"epoch": self.epoch, "batches_in_epoch": self.taken, **self.bad_rows.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.taken = state["epoch"], state["batches_in_epoch"]
-        self.bad_rows.seen, self.bad_rows.bad = state["bad_seen"], state["bad"]
-        self.bad_rows.last = state.get("bad_last")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cached text embeddings and VAE latents
-# ----------------------------------------------------------------------------------------------------
-def cache_key(model_id: str, source: PairSource, prep: Preprocessing, extra: str = "") -> str:
-    """Hash of everything the cached tensors depend on: model, rows and preprocessing."""
-    text = json.dumps({"model": model_id, "rows": source.fingerprint(), "prep": prep.key(), "extra": extra, "v": 1})
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-class CachedPairs(torch.utils.data.Dataset):
-    """Pairs whose text conditioning and VAE latent distributions were computed once.
-
-    ``tensors`` holds, per row: ``latent_params`` [2, 2C, h, w] (the VAE posterior mean and log-variance
-    of winner and loser, sampled afresh at every step as the uncached path does), ``time_ids`` [2, 6]
-    and one entry per conditioning tensor (``cond.<name>`` [...]); ``empty`` holds the conditioning of
-    the empty prompt, swapped in with ``proportion_empty_prompts``.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], prep: Preprocessing):
-        self.tensors, self.empty, self.prep, self.epoch = tensors, empty, prep, 0
-
-    def __len__(self):
-        return self.tensors["latent_params"].shape[0]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __getitem__(self, index: int) -> dict:
-        rng = random.Random(f"{self.prep.seed}/{self.epoch}/{index}")
-        blank = self.prep.proportion_empty_prompts > 0 and rng.random() < self.prep.proportion_empty_prompts
-        item = {"index": index, "caption": "", "latent_params": self.tensors["latent_params"][index],
-                "time_ids": self.tensors["time_ids"][index]}
-        for name, value in self.tensors.items():
-            if name.startswith("cond."):
-                item[name] = self.empty[name] if blank else value[index]
-        return item
-
-    @staticmethod
-    def save(path: Path, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], metadata: dict) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        all_tensors = {**tensors, **{f"empty.{k}": v for k, v in empty.items()}}
-        save_file({k: v.contiguous() for k, v in all_tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in metadata.items()})
-        apply_umask(tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path, prep: Preprocessing) -> CachedPairs:
-        loaded = load_file(str(path))
-        empty = {k[6:]: v for k, v in loaded.items() if k.startswith("empty.")}
-        return cls({k: v for k, v in loaded.items() if not k.startswith("empty.")}, empty, prep)
-
-
-def default_cache_dir() -> Path:
-    return cache_dir() / "latents"
+        self.bad_rows.load_state_dict(state)

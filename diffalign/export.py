@@ -9,7 +9,7 @@ import torch
 from diffalign.config import Config
 from diffalign.families import family_of
 from diffalign.files import apply_umask
-from diffalign.models import LORA_WEIGHTS_FILE
+from diffalign.models import BUILTIN_MODELS, LORA_WEIGHTS_FILE
 from diffalign.objectives.context import unwrap
 
 
@@ -74,14 +74,19 @@ def save_full(pipe, unet, out: Path) -> None:
 
 def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float) -> None:
     kind = "LoRA adapters" if cfg.model.finetune == "lora" else "A fully fine-tuned denoiser"
+    # A built-in id is not a hub id: the card names the folder it lives in on this machine.
+    base = str(BUILTIN_MODELS[cfg.model.name]()) if cfg.model.name in BUILTIN_MODELS else cfg.model.name
+    here = str(out)
     if cfg.model.motion_adapter and cfg.model.finetune == "lora":
         imports = "from diffusers import AnimateDiffPipeline, MotionAdapter"
         load = (f"adapter = MotionAdapter.from_pretrained({cfg.model.motion_adapter!r})\n"
-                "pipe = AnimateDiffPipeline.from_pretrained(BASE, motion_adapter=adapter)\npipe.load_lora_weights(THIS_FOLDER)")
+                f"pipe = AnimateDiffPipeline.from_pretrained({base!r}, motion_adapter=adapter)\n"
+                f"pipe.load_lora_weights({here!r})")
     else:
         imports = "from diffusers import DiffusionPipeline"
-        load = ("pipe = DiffusionPipeline.from_pretrained(BASE)\npipe.load_lora_weights(THIS_FOLDER)"
-                if cfg.model.finetune == "lora" else "pipe = DiffusionPipeline.from_pretrained(THIS_FOLDER)")
+        load = (f"pipe = DiffusionPipeline.from_pretrained({base!r})\npipe.load_lora_weights({here!r})"
+                if cfg.model.finetune == "lora" else f"pipe = DiffusionPipeline.from_pretrained({here!r})")
+    spec = f"{here}:lora" if cfg.model.finetune == "lora" else here
     lines = [
         "---",
         f"base_model: {cfg.model.name}",
@@ -97,6 +102,9 @@ def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | N
         imports,
         load,
         "```",
+        "",
+        f"With diffalign: `diffalign sample --model {spec} --prompt \"...\"  --out samples` "
+        "(the same spec works for `gallery`, `pairs` and `toy eval`).",
         "",
         "## Final training metrics (mean of the last logging window)",
         "",

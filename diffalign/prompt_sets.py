@@ -7,6 +7,9 @@
 name            source                                           licence
 =============== ================================================ ============================================
 smoke           ``gallery/prompts/smoke.txt`` (8 prompts)        written for diffalign, Apache-2.0
+toy             8 held-out captions of the toy world (toy-sdxl)  generated (diffalign.toy.data)
+toy-train       every training caption of the toy world          generated
+toy-heldout     every held-out caption of the toy world          generated
 parti           ``gallery/prompts/parti_prompts.tsv``            Apache-2.0 (google-research/parti)
 ddpo-animals    ``gallery/prompts/ddpo_simple_animals.txt`` (45) MIT (kvablack/ddpo-pytorch)
 hpdv2           hub dataset ``zhwang/HPDv2`` ``benchmark/*.json`` Apache-2.0; fetched at run time (not shipped)
@@ -57,6 +60,11 @@ class HubPromptSet:
     data_files: str | None = None
 
 
+#: Sets of toy captions (the only prompts toy_faithfulness scores): name -> (split, how many; None: all).
+TOY_SETS: dict[str, tuple[str, int | None]] = {"toy": ("heldout", 8), "toy-train": ("train", None),
+                                               "toy-heldout": ("heldout", None)}
+
+
 #: Sets loaded from the hub at run time. Dataset ids and columns are settings: override with a file.
 HUB_SETS: dict[str, HubPromptSet] = {
     "drawbench": HubPromptSet("sayakpaul/drawbench", "train", "Prompts"),
@@ -69,7 +77,7 @@ HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")
 
 
 def known_prompt_sets() -> list[str]:
-    return sorted([*SHIPPED_SETS, *HUB_SETS, "hpdv2", *(f"hpdv2-{s}" for s in HPDV2_STYLES)])
+    return sorted([*SHIPPED_SETS, *TOY_SETS, *HUB_SETS, "hpdv2", *(f"hpdv2-{s}" for s in HPDV2_STYLES)])
 
 
 def check_prompt_spec(spec: str) -> None:
@@ -94,6 +102,8 @@ def load_prompts(spec: str) -> list[str]:
                 f"prompt set {spec!r} is not shipped in this installation ({shipped} is missing; see "
                 "gallery/prompts/README.md). Pass the prompts as a file instead: --prompts FILE.txt")
         return read_prompt_file(shipped)
+    if spec in TOY_SETS:
+        return toy_prompts(*TOY_SETS[spec])
     if spec in HUB_SETS:
         return load_hub_prompts(spec, HUB_SETS[spec])
     styles = HPDV2_STYLES if spec == "hpdv2" else (spec.removeprefix("hpdv2-"),)
@@ -139,8 +149,12 @@ def read_json_prompts(path: Path) -> list[str]:
     return [p.strip() for p in data if p.strip()]
 
 
+class PromptSetUnavailable(RuntimeError, ValueError):
+    """A hub prompt set that cannot be fetched (offline): the user's to fix, so a ValueError too."""
+
+
 def _offline_error(name: str, source: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
+    return PromptSetUnavailable(
         f"prompt set {name!r} is not shipped and could not be loaded from the hub ({source}): "
         f"{type(err).__name__}: {err}. Without network access, save the prompts elsewhere and pass "
         "--prompts FILE (.txt one per line, .jsonl, .json list, or .tsv with a 'Prompt' column)")

@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 
 from diffalign.families import FAMILIES, Family, family_of
 from diffalign.files import save_safetensors
-from diffalign.images import to_pil
 from diffalign.steps import LOG_PROB_REDUCTION, make_step_rule
 
 
@@ -183,9 +182,6 @@ class Trajectory:
 class SampleOutput:
     images: torch.Tensor | None  # [B, 3, H, W] (videos: [B, F, 3, H, W]) float in [0, 1]; None if not decoded
     trajectory: Trajectory | None  # None only from sample_many without trajectories
-
-    def pil_images(self):
-        return to_pil(self.images)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -443,8 +443,7 @@ def report_skips(objective, counter: StepCounter) -> dict:
     metrics = {}
     bad_rows = getattr(getattr(objective, "batches_of", None), "bad_rows", None)
     if bad_rows is not None and bad_rows.bad:
-        log.warning("skipped %d unreadable of %d rows read (last: %s)", bad_rows.bad, bad_rows.seen,
-                    bad_rows.last)
+        log.warning("%s", bad_rows.summary())
         metrics["skipped_rows"] = bad_rows.bad
     if counter.nonfinite_skipped or counter.fp16_overflow_skipped:
         log.warning("skipped %d updates for a non-finite loss or gradient and %d fp16 overflows",

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffalign.config import SECTIONS, Config, ConfigError, load_config
+from diffalign.config import SECTIONS, Config, ConfigError, load_config, resolve_config_paths
 from diffalign.data import (
     BadRowCounter,
     DataError,
@@ -44,7 +44,7 @@ from diffalign.data import (
 from diffalign.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIGS = {name: ROOT / "configs" / f"tiny-sdxl-{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")}
+BASE_CONFIGS = {name: ROOT / "configs" / "tiny-sdxl" / f"{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")}
 
 CHEAP = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -68,7 +68,10 @@ _TREES = st.recursive(_SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dic
 
 
 def _raw(method: str = "dpo") -> dict:
-    return yaml.safe_load(BASE_CONFIGS[method].read_text())
+    """A shipped config as a mapping, its relative paths made absolute (it is written elsewhere)."""
+    raw = yaml.safe_load(BASE_CONFIGS[method].read_text())
+    resolve_config_paths(raw, BASE_CONFIGS[method].parent)
+    return raw
 
 
 def _load(raw, tmp_path: Path, overrides=()):
@@ -772,7 +775,7 @@ E2E = ["log.progress_bar=false", "log.validation_every_n_steps=0", "eval.enabled
 def _shapes_pairs_with_unreadable_images(tmp_path: Path, unreadable: int) -> tuple[Path, list[Path]]:
     """A copy of the shipped 24 shape pairs whose first ``unreadable`` winner images are not images."""
     data = tmp_path / "data"
-    shutil.copytree(ROOT / "configs" / "data" / "shapes-pairs", data)
+    shutil.copytree(ROOT / "data" / "shapes-pairs", data)
     rows = [json.loads(line) for line in (data / "pairs.jsonl").read_text().splitlines() if line.strip()]
     broken = [data / row["chosen"] for row in rows[:unreadable]]
     for file in broken:

@@ -9,44 +9,44 @@ from diffalign.methods.dpo import DPOConfig
 from diffalign.methods.mapo import MaPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*/*.yaml") if p.parent.name != "accelerate")
 
 
 def _minimal(**sections):
-    raw = {"model": {"name": "tiny-sdxl"}, "data": {"source": str(ROOT / "configs/data/shapes-pairs")},
+    raw = {"model": {"name": "tiny-sdxl"}, "data": {"source": str(ROOT / "data/shapes-pairs")},
            "method": {"name": "dpo"}, "eval": {"prompts": ["a red circle"]}}
     raw.update(sections)
     return raw
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
 def test_shipped_configs_parse(path):
     # Real-model configs name hub ids and datasets that are not here: type-check them only.
-    runnable_here = {"tiny-sdxl-dpo.yaml", "tiny-sdxl-mapo.yaml", "toy-sdxl-dpo.yaml", "toy-sdxl-mapo.yaml"}
-    cfg = load_config(path, check=path.name in runnable_here)
+    runnable_here = {"tiny-sdxl/dpo.yaml", "tiny-sdxl/mapo.yaml", "toy-sdxl/dpo.yaml", "toy-sdxl/mapo.yaml"}
+    cfg = load_config(path, check=f"{path.parent.name}/{path.name}" in runnable_here)
     assert cfg.method.name in ("dpo", "mapo") or cfg.method is not None
     assert cfg.to_dict()["method"]["name"] == cfg.method.name
 
 
 def test_paper_settings():
-    dpo = load_config(ROOT / "configs/sdxl-dpo.yaml", check=False)
+    dpo = load_config(ROOT / "configs/sdxl/dpo.yaml", check=False)
     assert isinstance(dpo.method, DPOConfig) and dpo.method.beta == 5000
     assert dpo.optim.optimizer == "adafactor" and dpo.model.gradient_checkpointing
     assert dpo.train.batch_size * dpo.train.gradient_accumulation_steps * 16 == 2048  # on 16 GPUs
-    mapo = load_config(ROOT / "configs/sdxl-mapo.yaml", check=False)
+    mapo = load_config(ROOT / "configs/sdxl/mapo.yaml", check=False)
     assert isinstance(mapo.method, MaPOConfig) and mapo.method.beta == 0.1 and mapo.method.snr_value == 0.5
     assert mapo.optim.lr_scheduler == "cosine"
 
 
 def test_roundtrip_yaml(tmp_path):
-    cfg = load_config(ROOT / "configs/tiny-sdxl-dpo.yaml")
+    cfg = load_config(ROOT / "configs/tiny-sdxl/dpo.yaml")
     (tmp_path / "c.yaml").write_text(cfg.to_yaml())
     again = load_config(tmp_path / "c.yaml")
     assert again == cfg
 
 
 def test_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/tiny-sdxl-dpo.yaml",
+    cfg = load_config(ROOT / "configs/tiny-sdxl/dpo.yaml",
                       ["optim.learning_rate=1e-5", "train.max_steps=3", "method.loss_type=hinge",
                        "lora.target_modules=[to_q,to_v]", "optim.max_grad_norm=null", "data.random_flip=false"])
     assert cfg.optim.learning_rate == 1e-5 and isinstance(cfg.optim.learning_rate, float)
@@ -56,7 +56,7 @@ def test_overrides_are_typed():
 
 
 def test_switching_method_by_override():
-    cfg = load_config(ROOT / "configs/tiny-sdxl-mapo.yaml", ["method.beta=0.5"])
+    cfg = load_config(ROOT / "configs/tiny-sdxl/mapo.yaml", ["method.beta=0.5"])
     assert isinstance(cfg.method, MaPOConfig) and cfg.method.beta == 0.5
 
 
@@ -104,7 +104,7 @@ def test_bad_overrides():
     with pytest.raises(ConfigError, match="section"):
         apply_overrides({"train": 3}, ["train.max_steps=3"])
     with pytest.raises(ConfigError, match="train.max_stepz"):
-        load_config(ROOT / "configs/tiny-sdxl-dpo.yaml", ["train.max_stepz=3"])
+        load_config(ROOT / "configs/tiny-sdxl/dpo.yaml", ["train.max_stepz=3"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -118,7 +118,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_cli_rejects_bad_config_before_loading_a_model(tmp_path, capsys):
     from diffalign.cli import main
 
-    code = main(["train", str(ROOT / "configs/tiny-sdxl-dpo.yaml"), "optim.lr=3"])
+    code = main(["train", str(ROOT / "configs/tiny-sdxl/dpo.yaml"), "optim.lr=3"])
     assert code == 2
     assert "optim.lr" in capsys.readouterr().err
 
@@ -128,8 +128,52 @@ def test_eval_scorers_accept_specs_and_reject_unknown_names():
 
     from diffalign.config import ConfigError, load_config
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "tiny-sdxl-dpo.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny-sdxl" / "dpo.yaml"
     cfg = load_config(path, ["eval.scorers=[brightness, '2*brightness+jpeg_compressibility:quality=90']"])
     assert cfg.eval.scorers[1] == "2*brightness+jpeg_compressibility:quality=90"
     with pytest.raises(ConfigError, match=r"eval.scorers\[0\].*unknown scorer 'nope'"):
         load_config(path, ["eval.scorers=[nope]"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shipped configs: layout, trackers, relative paths
+# ----------------------------------------------------------------------------------------------------
+def test_configs_are_grouped_by_model_and_hold_no_data():
+    assert not list((ROOT / "configs").glob("*.yaml")), "configs live in configs/<model>/<method>.yaml"
+    assert not (ROOT / "configs" / "data").exists()
+    for path in CONFIGS:
+        cfg = load_config(path, check=False)
+        assert path.stem == cfg.method.name, path
+        assert "REFERENCE.md" not in path.read_text(), f"{path} cites a file that is not in the project"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
+def test_shipped_configs_report_only_to_installed_trackers(path):
+    import importlib.util
+
+    for tracker in load_config(path, check=False).log.report_to:
+        assert importlib.util.find_spec(tracker) is not None, f"{path}: log.report_to names {tracker}, not installed"
+
+
+def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # anywhere but the repository
+    cfg = load_config(ROOT / "configs" / "toy-sdxl" / "dpo.yaml")
+    assert Path(cfg.data.source) == ROOT / "data" / "toy-pairs"
+    prdp = load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml")
+    assert Path(prdp.method.prompts) == ROOT / "data" / "tiny-prompts.txt"
+    # an override is the user's own: relative to the current folder
+    (tmp_path / "mine.txt").write_text("a red circle\n")
+    assert load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml", ["method.prompts=mine.txt"]).method.prompts == "mine.txt"
+    # a hub id or built-in id stays as written
+    assert cfg.model.name == "toy-sdxl"
+
+
+def test_a_missing_local_pairs_folder_is_not_a_hub_failure(tmp_path, monkeypatch, capsys):
+    from diffalign.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    code = main(["train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"), "data.source=data/missing-pairs",
+                 f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "folder data has no 'missing-pairs'" in err and "hub" not in err

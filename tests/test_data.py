@@ -218,3 +218,42 @@ def test_pairs_cli_rejects_bad_input_before_loading(tmp_path, capsys):
     assert "unknown scorer 'nope'" in capsys.readouterr().err
     assert main(["pairs", "--model", "tiny-sdxl", "--prompts", str(prompts), "--scorer", "brightness",
                  "--out", str(tmp_path), "--images-per-prompt", "1"]) == 2
+
+
+def test_bad_rows_are_named_by_file_and_row_and_counted_once(tmp_path, caplog):
+    """Two parquet files; ties before the bad rows: the message names the file and its row (not the pair
+    index left after ties are dropped), and three epochs warn once per distinct row but count every skip."""
+    white, grey = _png(Image.new("RGB", (16, 16), "white")), _png(Image.new("RGB", (16, 16), (128, 128, 128)))
+    corrupt = b"\xff\xd8not really a jpeg"
+    folder = tmp_path / "pickapic"
+    folder.mkdir()
+    _write_pickapic(folder / "a.parquet", [("ok", white, grey, 1.0)] * 3)
+    _write_pickapic(folder / "b.parquet", [("tie", white, grey, 0.5), ("tie", white, grey, 0.5),
+                                            ("ok", white, grey, 0.0), ("bad", corrupt, white, 1.0),
+                                            ("bad too", white, corrupt, 0.0)])
+    data = PreferenceDataset(open_pairs(str(folder)), Preprocessing(resolution=8))
+    counter = BadRowCounter(max_bad_fraction=0.5, min_rows=1)
+    for _ in range(3):
+        counter.update(collate_pairs([data[i] for i in range(len(data))]))
+    warnings = [r.getMessage() for r in caplog.records if "skipping unreadable pair" in r.getMessage()]
+    assert len(warnings) == 2
+    assert f"{folder / 'b.parquet'} row 3 (pair 4)" in warnings[0]  # pair 4 of the tie-free list is row 3 of b
+    assert f"{folder / 'b.parquet'} row 4" in warnings[1]
+    assert counter.bad == 2 and counter.skips == 6 and counter.seen == 3 * len(data)
+    assert "skipped 2 unreadable rows (6 skips in 18 rows read" in counter.summary()
+    # a resumed run keeps knowing which rows it has already reported
+    resumed = BadRowCounter(max_bad_fraction=0.5, min_rows=1)
+    resumed.load_state_dict(counter.state_dict())
+    caplog.clear()
+    resumed.update(collate_pairs([data[i] for i in range(len(data))]))
+    assert resumed.bad == 2 and resumed.skips == 8 and "skipping unreadable pair" not in caplog.text
+
+
+def test_jsonl_bad_rows_are_named_by_line(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.jsonl").write_text(
+        '{"prompt": "a", "chosen": "ok.png", "rejected": "ok.png"}\n\n'
+        '{"prompt": "b", "chosen": "broken.png", "rejected": "ok.png"}\n')
+    data = PreferenceDataset(open_pairs(str(tmp_path)), Preprocessing(resolution=8))
+    assert data[1]["bad"].startswith(f"{tmp_path / 'pairs.jsonl'}:3 (pair 1): ")

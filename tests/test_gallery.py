@@ -267,13 +267,18 @@ def test_num_frames_sets_the_clip_length_of_video_models_and_is_refused_for_imag
     from diffalign.tiny import cached_tiny
 
     out = tmp_path / "out"
-    summary = run_gallery({"video": str(cached_tiny("animatediff")), "image": str(tiny_sdxl_path)}, PROMPTS[:1],
+    summary = run_gallery({"video": str(cached_tiny("animatediff"))}, PROMPTS[:1],
                           ["brightness"], out, images_per_prompt=1, progress=False,
                           sampling=SamplingSettings(num_steps=3, guidance_scale=3.0, num_frames=3))
     assert summary["models"]["video"]["status"] == "done"
     assert load_media(next((out / "media" / "video").glob("*.anim.webp"))).shape[0] == 3
-    assert summary["models"]["image"]["status"] == "failed"
-    assert "num_frames=3 is for video pipelines" in summary["models"]["image"]["error"]
+    # an image model among them: refused before anything loads or is written
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="num_frames .*model 'image'.*=3 is for video pipelines"):
+        run_gallery({"video": str(cached_tiny("animatediff")), "image": str(tiny_sdxl_path)}, PROMPTS[:1],
+                    ["brightness"], refused, images_per_prompt=1, progress=False,
+                    sampling=SamplingSettings(num_steps=3, guidance_scale=3.0, num_frames=3))
+    assert not refused.exists()
 
 
 def test_video_items_are_saved_scored_and_shown(tmp_path):

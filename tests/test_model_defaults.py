@@ -75,12 +75,12 @@ def test_named_defaults_never_override_what_is_given(given):
 
 
 def test_the_start_of_run_line_says_what_a_step_is():
-    prdp = load_config(ROOT / "configs" / "tiny-sdxl-prdp.yaml")
+    prdp = load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml")
     line = describe_step(prdp, METHODS["prdp"], 1)
     m = prdp.method
     assert f"each epoch samples {m.num_prompts} prompts x {m.samples_per_prompt} samples" in line
     assert f"takes {m.gradient_steps_per_epoch} gradient steps" in line and "pairs" not in line
-    dpo = load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml")
+    dpo = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml")
     assert describe_step(dpo, METHODS["dpo"], 2) == f"{2 * dpo.train.batch_size} pairs per optimizer step"
-    seppo = load_config(ROOT / "configs" / "tiny-sdxl-seppo.yaml")
+    seppo = load_config(ROOT / "configs" / "tiny-sdxl" / "seppo.yaml")
     assert "winning images per optimizer step" in describe_step(seppo, METHODS["seppo"], 1)

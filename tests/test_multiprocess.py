@@ -136,7 +136,7 @@ def test_unsupported_distributed_setups_are_refused_clearly(monkeypatch):
         check_distributed(DistributedType.MULTI_CPU, None, METHODS[name])
 
     # launched as two processes, but accelerate set up one (GPU requested on a machine without one)
-    cfg = load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml")
     accelerator = Accelerator(cpu=True)
     check_launch(accelerator, cfg, METHODS["dpo"])
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -165,9 +165,9 @@ def test_two_processes_with_batch_b_match_one_with_2b(method, tmp_path, tiny_sdx
 
     # the reference run without the evaluation (which draws nothing from the training streams)
     reference = extra if method == "mapo" else []
-    train(load_config(ROOT / "configs" / f"tiny-sdxl-{method}.yaml",
+    train(load_config(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml",
                       [f"train.output_dir={one}", *common, "train.batch_size=4", *reference, f"data.cache_dir={cache_one}"]))
-    traces = _launch(["--config_file", str(CPU_CONFIG)], f"tiny-sdxl-{method}.yaml", two,
+    traces = _launch(["--config_file", str(CPU_CONFIG)], f"tiny-sdxl/{method}.yaml", two,
                      [*common, "train.batch_size=2", *extra, f"data.cache_dir={cache_two}"], guard_dirs=[cache_two])
 
     _check_reduced(two, traces, steps=3)
@@ -215,12 +215,12 @@ def test_online_method_runs_on_two_processes(method, tmp_path, tiny_sdxl_path):
     if method == "ddpo" and not torch.accelerator.is_available():
         overrides.append("train.device=null")  # no device named, no GPU: the trainer picks the CPU itself
     if method == "seppo":  # step 1, a checkpoint, then resumed for step 2 (the pool's files restored by the main)
-        traces = _launch(launch, "tiny-sdxl-seppo.yaml", out, [*overrides, "train.max_steps=1", "checkpoint.every_n_steps=1"])
+        traces = _launch(launch, "tiny-sdxl/seppo.yaml", out, [*overrides, "train.max_steps=1", "checkpoint.every_n_steps=1"])
         assert (out / "checkpoints" / "checkpoint-1").is_dir()
         resume = ["checkpoint.every_n_steps=1", "--resume", "latest"]
     else:
         traces, resume = [], []
-    traces += _launch(launch, f"tiny-sdxl-{method}.yaml", out, [*overrides, "train.max_steps=2", *resume])
+    traces += _launch(launch, f"tiny-sdxl/{method}.yaml", out, [*overrides, "train.max_steps=2", *resume])
     ranks = _check_reduced(out, traces, steps=2)
     assert ranks[0] != ranks[1]  # per-process sampling: the ranks trained on different samples (loss or metrics)
     assert (out / "README.md").is_file()

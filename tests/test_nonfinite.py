@@ -59,7 +59,7 @@ def test_a_nonfinite_step_is_skipped_counted_and_the_run_goes_on(kind, tmp_path,
 
     poison(monkeypatch, PairObjective, {2, 3}, kind)
     out = tmp_path / "run"
-    train(load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml", settings(out)))
+    train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", settings(out)))
     assert same(weights(out, 1), weights(out, 3))  # steps 2 and 3 changed nothing
     assert not same(weights(out, 3), weights(out, 4))  # step 4 trained again
     assert [m["nonfinite_skipped"] for m in metrics(out)] == [0, 1, 2, 2]
@@ -72,7 +72,7 @@ def test_with_accumulation_one_bad_micro_batch_skips_its_whole_step(tmp_path, mo
 
     poison(monkeypatch, PairObjective, {3}, "loss")  # micro-batches 3 and 4 make step 2
     out = tmp_path / "run"
-    train(load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml",
+    train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
                       settings(out, "train.max_steps=3", "train.gradient_accumulation_steps=2", "train.batch_size=2")))
     assert same(weights(out, 1), weights(out, 2))
     assert not same(weights(out, 2), weights(out, 3))
@@ -86,7 +86,7 @@ def test_n_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path, 
 
     poison(monkeypatch, PairObjective, {2, 3, 4}, "loss")
     out = tmp_path / "run"
-    cfg = load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml", settings(out, "train.max_steps=6", "train.max_nonfinite_steps=3"))
+    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", settings(out, "train.max_steps=6", "train.max_nonfinite_steps=3"))
     with pytest.raises(NonFiniteError, match=r"stopped at step 4: 3 optimizer steps in a row had a NaN/inf loss"):
         train(cfg)
     assert not (out / "pytorch_lora_weights.safetensors").exists()
@@ -100,7 +100,7 @@ def test_an_online_method_skips_a_nonfinite_step_too(tmp_path, monkeypatch):
 
     poison(monkeypatch, OnlineObjective, {2}, "loss")
     out = tmp_path / "run"
-    train(load_config(ROOT / "configs" / "tiny-sdxl-prdp.yaml", settings(out, "train.max_steps=3")))
+    train(load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml", settings(out, "train.max_steps=3")))
     assert same(weights(out, 1), weights(out, 2))
     assert metrics(out)[-1]["nonfinite_skipped"] == 1
 
@@ -131,7 +131,7 @@ def test_two_processes_agree_to_skip_when_only_one_sees_a_nan(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFALIGN_TEST_FAULT": '{"nan_loss_calls": [2], "rank": 1}'}
     result = subprocess.run(
         ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml"),
-         str(ROOT / "tests" / "helpers" / "fault_run.py"), "train", str(ROOT / "configs" / "tiny-sdxl-dpo.yaml"),
+         str(ROOT / "tests" / "helpers" / "fault_run.py"), "train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"),
          *settings(out, "train.max_steps=3")], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("step 2: non-finite loss or gradient, update skipped") == 2  # one line per rank

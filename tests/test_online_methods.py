@@ -168,13 +168,13 @@ def test_config_rejects_bad_online_settings():
     from diffalign.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="method.reward"):
-        load_config("configs/tiny-sdxl-prdp.yaml", ["method.reward=no_such_scorer"])
+        load_config("configs/tiny-sdxl/prdp.yaml", ["method.reward=no_such_scorer"])
     with pytest.raises(ConfigError, match="method.samples_per_prompt"):
-        load_config("configs/tiny-sdxl-ddpo.yaml", ["method.samples_per_prompt=1"])
+        load_config("configs/tiny-sdxl/ddpo.yaml", ["method.samples_per_prompt=1"])
     with pytest.raises(ConfigError, match="method.eta"):
-        load_config("configs/tiny-sdxl-prdp.yaml", ["method.eta=0"])
+        load_config("configs/tiny-sdxl/prdp.yaml", ["method.eta=0"])
     with pytest.raises(ConfigError, match="method.prompts"):
-        load_config("configs/tiny-sdxl-prdp.yaml", ["method.prompts=nope/missing.txt"])
+        load_config("configs/tiny-sdxl/prdp.yaml", ["method.prompts=nope/missing.txt"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def online_ctx(tiny_sdxl):
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     pipe.unet = unet
-    cfg = load_config("configs/tiny-sdxl-prdp.yaml", ["method.num_prompts=2", "method.samples_per_prompt=3",
+    cfg = load_config("configs/tiny-sdxl/prdp.yaml", ["method.num_prompts=2", "method.samples_per_prompt=3",
                                                       "method.num_inference_steps=4", "method.train_timesteps=null"])
     accelerator = Accelerator(cpu=True)
     ctx = TrainContext(cfg, METHODS["prdp"], accelerator, pipe, family_of(pipe), unet, None, torch.float32)
@@ -288,7 +288,7 @@ def test_train_from_shipped_config_writes_loadable_lora(name, tmp_path, tiny_sdx
     from diffalign.config import load_config
     from diffalign.train import train
 
-    cfg = load_config(f"configs/tiny-sdxl-{name}.yaml", [
+    cfg = load_config(f"configs/tiny-sdxl/{name}.yaml", [
         f"train.output_dir={tmp_path / name}", "train.max_steps=2", "method.gradient_steps_per_epoch=1",
         "method.num_prompts=1", "method.samples_per_prompt=3", "method.num_inference_steps=4",
         "method.train_timesteps=2", "eval.enabled=false", "log.every_n_steps=1", f"model.name={tiny_sdxl_path}"])

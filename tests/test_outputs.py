@@ -123,10 +123,10 @@ def test_exported_lora_loads_completely_in_the_stock_pipeline(model, targets, tm
 # End to end: the trainer's tuned evaluation is what a user loads
 # ----------------------------------------------------------------------------------------------------
 E2E = {  # family -> (config, overrides)
-    "sd": ("tiny-sdxl-dpo.yaml", ["model.name=tiny-sd"]),
-    "sdxl": ("tiny-sdxl-dpo.yaml", []),
-    "animatediff": ("tiny-animatediff-dpo.yaml", []),
-    "wan": ("tiny-wan-dpo.yaml", []),
+    "sd": ("tiny-sdxl/dpo.yaml", ["model.name=tiny-sd"]),
+    "sdxl": ("tiny-sdxl/dpo.yaml", []),
+    "animatediff": ("tiny-animatediff/dpo.yaml", []),
+    "wan": ("tiny-wan/dpo.yaml", []),
 }
 
 
@@ -198,7 +198,7 @@ def test_outputs_keep_the_umask(tmp_path):
 
     with umask(0o027):
         out = tmp_path / "run"
-        cfg = load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml", [
+        cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", [
             f"train.output_dir={out}", "train.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.keep_last=1",
             "eval.enabled=false", "log.validation_every_n_steps=0", "log.progress_bar=false"])
         train(cfg)
@@ -226,7 +226,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_resume_refuses_a_finished_run_and_says_what_latest_does(tmp_path):
     out = tmp_path / "run"
-    common = ["train", str(ROOT / "configs" / "tiny-sdxl-dpo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
+    common = ["train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
               "eval.enabled=false", "log.validation_every_n_steps=0", "log.progress_bar=false"]
     # no checkpoint yet, checkpoints disabled: starts from scratch, and says so (with why none will appear)
     first = cli(*common, "checkpoint.every_n_steps=0", "--resume", "latest")

@@ -39,3 +39,10 @@ def test_a_missing_position_table_is_named(real_size):
     del pipe.transformer.pos_embed._buffers["pos_embed"]  # parameters intact, the stored table gone
     with pytest.raises(AssertionError, match="transformer stored"):
         real_size.parameter_counts(pipe, "sd3")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "animatediff", "sd3", "flux"])
+def test_building_reports_progress_part_by_part(real_size, kind):
+    parts = []
+    real_size.BUILDERS[kind]("meta", parts.append)
+    assert len(parts) == real_size.STAGES[kind] and len(set(parts)) == len(parts)

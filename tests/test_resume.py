@@ -40,7 +40,7 @@ def overrides(method: str, out: Path, *extra: str) -> list[str]:
 
 
 def command(method: str, out: Path, *extra: str, runner=("-m", "diffalign")) -> list[str]:
-    return [sys.executable, *runner, "train", str(ROOT / "configs" / f"tiny-sdxl-{method}.yaml"),
+    return [sys.executable, *runner, "train", str(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml"),
             *overrides(method, out, *extra)]
 
 
@@ -153,7 +153,7 @@ def train_in_process(tmp_path, *extra, method="dpo", name="run"):
     from diffalign.train import train
 
     out = tmp_path / name
-    cfg = load_config(ROOT / "configs" / f"tiny-sdxl-{method}.yaml", overrides(method, out, *extra))
+    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml", overrides(method, out, *extra))
     train(cfg)
     return out
 
@@ -191,7 +191,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_st
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     out = tmp_path / "run"
-    cfg = load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml", overrides("dpo", out))
+    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", overrides("dpo", out))
     with pytest.raises(CheckpointError) as err:
         train(cfg)
     message = str(err.value)
@@ -199,7 +199,7 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_st
     assert f"previous checkpoint {out / 'checkpoints' / 'checkpoint-2'} is intact" in message
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # the partial folder is gone
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    train(load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml", overrides("dpo", out, "train.resume=latest")))
+    train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", overrides("dpo", out, "train.resume=latest")))
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -223,7 +223,7 @@ def _resume_copy(finished_run, tmp_path, damage):
     shutil.copytree(finished_run / "checkpoints", out / "checkpoints")
     checkpoint = out / "checkpoints" / "checkpoint-2"
     damage(checkpoint)
-    cfg = load_config(ROOT / "configs" / "tiny-sdxl-dpo.yaml", overrides("dpo", out, "train.max_steps=3",
+    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", overrides("dpo", out, "train.max_steps=3",
                                                                         f"train.resume={checkpoint}"))
     from diffalign.train import train
 

@@ -173,7 +173,7 @@ def test_prdp_trains_from_a_reward_served_by_another_process(tmp_path, tiny_sdxl
     server, url = _start_cli_server("brightness")
     try:
         out = tmp_path / "prdp-remote"
-        code = main(["train", str(ROOT / "configs" / "tiny-sdxl-prdp.yaml"), f"train.output_dir={out}",
+        code = main(["train", str(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml"), f"train.output_dir={out}",
                      "train.max_steps=2", "method.gradient_steps_per_epoch=1", "method.num_prompts=1",
                      "method.samples_per_prompt=3", "method.sample_batch_size=2", "method.num_inference_steps=4",
                      "method.train_timesteps=2", "method.async_scoring=true", f"method.reward=remote:{url},{FAST}",
@@ -187,7 +187,7 @@ def test_prdp_trains_from_a_reward_served_by_another_process(tmp_path, tiny_sdxl
     assert len(metrics) == 2 and all(0 < m["reward_mean"] < 1 for m in metrics)  # brightness, scored remotely
     assert health["images"] == 2 * 3 and health["requests"] == 2 * 2  # 2 epochs x (2 + 1) samples in 2 calls
     # the server is gone now: the next run stops with the URL named, exit status 1, no traceback
-    assert main(["train", str(ROOT / "configs" / "tiny-sdxl-prdp.yaml"), f"train.output_dir={tmp_path / 'down'}",
+    assert main(["train", str(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml"), f"train.output_dir={tmp_path / 'down'}",
                  "train.max_steps=1", "method.num_prompts=1", "method.samples_per_prompt=2",
                  "method.num_inference_steps=2", "method.train_timesteps=1", f"method.reward=remote:{url},{FAST}",
                  "eval.enabled=false",

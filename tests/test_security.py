@@ -195,7 +195,7 @@ def test_a_training_run_writes_no_pickles(tmp_path):
     from diffalign.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs" / "tiny-sdxl-dpo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
+    assert main(["train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
                  "checkpoint.every_n_steps=1", "checkpoint.keep_last=null", "log.every_n_steps=1", "log.progress_bar=false",
                  "log.validation_every_n_steps=2", "log.validation_prompts=[a red circle]", "data.max_pairs=4",
                  "eval.prompts=[a red circle]", "eval.seeds=[0]", "eval.num_inference_steps=2",

@@ -182,7 +182,7 @@ def test_train_seppo_from_shipped_config(tmp_path, tiny_sdxl_path):
     from diffalign.config import load_config
     from diffalign.train import train
 
-    cfg = load_config("configs/tiny-sdxl-seppo.yaml", [
+    cfg = load_config("configs/tiny-sdxl/seppo.yaml", [
         f"train.output_dir={tmp_path / 'seppo'}", "train.max_steps=3", "train.batch_size=2", "method.pool_interval=1",
         "method.reference=latest", "method.ref_num_inference_steps=3", "eval.enabled=false", "log.every_n_steps=1",
         f"model.name={tiny_sdxl_path}"])

@@ -149,7 +149,7 @@ def lora_run(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    cfg = load_config("configs/toy-sdxl-prdp.yaml", [f"train.output_dir={run}"])
+    cfg = load_config("configs/toy-sdxl/prdp.yaml", [f"train.output_dir={run}"])
     (run / "config.yaml").write_text(cfg.to_yaml())
     pipe = load_pipeline("toy-sdxl")
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
@@ -201,12 +201,12 @@ def test_toy_eval_of_a_model_against_itself_changes_nothing_and_seed_0_is_the_ol
 
 def test_toy_eval_loads_a_lora_run_onto_its_recorded_base_and_reports_the_paired_change(lora_run, tmp_path, capsys,
                                                                                       one_thread):
-    from diffalign.models import load_model_spec, resolve_model_spec
+    from diffalign.models import load_pipeline, resolve_model
     from diffalign.sampler import sample
 
-    spec = resolve_model_spec(f"{lora_run}:lora")
-    assert spec.base == "toy-sdxl" and spec.lora == str(lora_run)
-    tuned, base = load_model_spec(spec), load_model_spec("toy-sdxl")
+    spec = resolve_model(f"{lora_run}:lora")
+    assert spec.name == "toy-sdxl" and spec.lora == str(lora_run)
+    tuned, base = load_pipeline(spec), load_pipeline("toy-sdxl")
     prompt = [data.toy_prompts("heldout")[0]]
     a = sample(tuned, prompt, seeds=[0], num_steps=2, guidance_scale=3.0).images
     b = sample(base, prompt, seeds=[0], num_steps=2, guidance_scale=3.0).images

@@ -39,7 +39,7 @@ def test_objective_learns_a_fixed_batch(method, tiny_sdxl_path):
     from diffalign.objectives.pairs import pair_loss
     from diffalign.sampler import family_of
 
-    cfg = load_config(ROOT / "configs" / f"tiny-sdxl-{method}.yaml", ["model.finetune=full"])
+    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml", ["model.finetune=full"])
     pipe = load_pipeline(str(tiny_sdxl_path))
     ref = copy.deepcopy(pipe.unet).requires_grad_(False) if METHODS[method].needs_reference else None
 
@@ -75,7 +75,7 @@ def test_objective_learns_a_fixed_batch(method, tiny_sdxl_path):
 def test_mapo_full_finetune_run_loads_as_a_pipeline(tmp_path):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    cfg = _config("tiny-sdxl-mapo.yaml", tmp_path, "model.finetune=full", "optim.learning_rate=1e-4",
+    cfg = _config("tiny-sdxl/mapo.yaml", tmp_path, "model.finetune=full", "optim.learning_rate=1e-4",
                   "optim.lr_warmup_steps=0", "train.max_steps=30")
     out = train(cfg)
     scores = json.loads((out / "eval" / "scores.json").read_text())
@@ -106,7 +106,7 @@ def test_dpo_lora_output_loads_in_stock_diffusers_and_changes_images(tmp_path, t
 
     from diffalign.sampler import sample
 
-    cfg = _config("tiny-sdxl-dpo.yaml", tmp_path, "optim.learning_rate=1e-2", "optim.lr_warmup_steps=0",
+    cfg = _config("tiny-sdxl/dpo.yaml", tmp_path, "optim.learning_rate=1e-2", "optim.lr_warmup_steps=0",
                   "train.max_steps=4", "lora.rank=4")
     out = train(cfg)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
@@ -132,7 +132,7 @@ def test_dpo_lora_output_loads_in_stock_diffusers_and_changes_images(tmp_path, t
 def test_cli_checkpoint_resume_and_cache(tmp_path, capsys):
     from diffalign.cli import main
 
-    config = str(ROOT / "configs" / "tiny-sdxl-dpo.yaml")
+    config = str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml")
     common = [f"train.output_dir={tmp_path}", *FAST, "eval.enabled=false", "checkpoint.every_n_steps=1",
               "data.cache=true", f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=2"]
     assert main(["train", config, *common]) == 0
@@ -150,7 +150,7 @@ def test_cached_and_uncached_paths_give_the_same_loss(tmp_path):
     first = {}
     for cache in (False, True):
         out = tmp_path / f"cache-{cache}"
-        cfg = _config("tiny-sdxl-dpo.yaml", out, "eval.enabled=false", "train.max_steps=1", f"data.cache={cache}",
+        cfg = _config("tiny-sdxl/dpo.yaml", out, "eval.enabled=false", "train.max_steps=1", f"data.cache={cache}",
                       f"data.cache_dir={tmp_path / 'cache'}", "optim.lr_warmup_steps=0")
         train(cfg)
         first[cache] = _metrics(out)[0]
@@ -181,7 +181,7 @@ def toy_pairs(tmp_path_factory):
 def test_short_toy_run_loss_falls_and_implicit_accuracy_rises(method, toy_pairs, tmp_path):
     """A short LoRA run on toy-sdxl: on fresh fixed noise draws over the training pairs (a seed stream the
     training never used), the method's loss falls and its implicit accuracy rises."""
-    cfg = load_config(ROOT / "configs" / f"toy-sdxl-{method}.yaml", [
+    cfg = load_config(ROOT / "configs" / "toy-sdxl" / f"{method}.yaml", [
         f"train.output_dir={tmp_path}", f"data.source={toy_pairs}", "train.max_steps=40", "log.progress_bar=false",
         "eval.prompts=[a large red circle in the center on a white background]", "eval.seeds=[0]",
         "eval.num_inference_steps=4", "eval.train_pairs=16", "eval.train_pair_draws=4"])
@@ -195,7 +195,7 @@ def test_short_toy_run_loss_falls_and_implicit_accuracy_rises(method, toy_pairs,
 
 
 def test_validation_gallery_runs_inside_training(tmp_path):
-    cfg = _config("tiny-sdxl-dpo.yaml", tmp_path, "train.max_steps=2", "log.validation_every_n_steps=2",
+    cfg = _config("tiny-sdxl/dpo.yaml", tmp_path, "train.max_steps=2", "log.validation_every_n_steps=2",
                   "log.validation_gallery=true", "log.validation_prompts=[a red circle, a blue square]")
     out = train(cfg)
     gallery = out / "validation" / "gallery-step-000002"

@@ -53,7 +53,7 @@ def check_run(out: Path) -> dict:
 def test_toy_animatediff_prdp_config_runs_end_to_end(tmp_path, toy_video_model, one_thread):
     from diffalign.train import train
 
-    path = ROOT / "configs" / "toy-animatediff-prdp.yaml"
+    path = ROOT / "configs" / "toy-animatediff" / "prdp.yaml"
     cfg = load_config(path, [
         f"model.name={toy_video_model}", f"train.output_dir={tmp_path / 'prdp'}", "train.max_steps=1",
         "method.num_prompts=1", "method.samples_per_prompt=2", "method.num_inference_steps=2",
@@ -81,7 +81,7 @@ def test_toy_animatediff_mapo_config_runs_end_to_end_on_generated_video_pairs(tm
                           images_per_prompt=2, seed=0, progress=False,
                           sampling=SamplingSettings(num_steps=2, guidance_scale=3.0, num_frames=4))
     assert info["pairs"] >= 1
-    path = ROOT / "configs" / "toy-animatediff-mapo.yaml"
+    path = ROOT / "configs" / "toy-animatediff" / "mapo.yaml"
     cfg = load_config(path, [
         f"model.name={toy_video_model}", f"data.source={tmp_path / 'pairs'}", f"train.output_dir={tmp_path / 'mapo'}",
         "train.max_steps=2", "train.batch_size=1", "data.num_frames=4", "eval.train_pairs=1",

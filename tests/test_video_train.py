@@ -20,8 +20,8 @@ from diffalign.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_VIDEO_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("tiny-*.yaml")
-                            if p.name.startswith(("tiny-animatediff-", "tiny-wan-")))
+TINY_VIDEO_CONFIGS = sorted(f"{p.parent.name}/{p.name}" for p in (ROOT / "configs").glob("tiny-*/*.yaml")
+                            if p.parent.name in ("tiny-animatediff", "tiny-wan"))
 # Small and fast: 2 optimizer steps, no before/after sampling, 16x16 clips; AnimateDiff 2 frames (its pairs
 # store 4: this also exercises resampling), Wan 5 (its VAE needs 4k+1 frames).
 COMMON = ["train.max_steps=2", "train.batch_size=1", "eval.enabled=false", "log.progress_bar=false"]
@@ -207,7 +207,7 @@ def trained(tmp_path_factory, _offline_cache):
     root = tmp_path_factory.mktemp("video-runs")
     outputs = {}
     for name in TINY_VIDEO_CONFIGS:
-        out = root / name.removesuffix(".yaml")
+        out = root / name.removesuffix(".yaml").replace("/", "-")
         assert main(["train", str(ROOT / "configs" / name), f"train.output_dir={out}", *fast_overrides(name)]) == 0
         outputs[name] = out
     return outputs
@@ -234,7 +234,7 @@ def test_video_lora_loads_in_stock_diffusers_and_changes_the_output(kind, traine
     pipe.set_progress_bar_config(disable=True)
     kw = dict(prompt="a red circle", num_frames=frames, height=16, width=16, num_inference_steps=2, output_type="latent")
     before = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
-    pipe.load_lora_weights(trained[f"tiny-{kind}-dpo.yaml"])
+    pipe.load_lora_weights(trained[f"tiny-{kind}/dpo.yaml"])
     after = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
     assert before.shape == after.shape and (before - after).abs().max() > 1e-4
 
@@ -246,7 +246,7 @@ def test_wan_full_finetune_saves_a_pipeline_folder_stock_diffusers_loads(tmp_pat
     from diffalign.tiny import cached_tiny
 
     out = tmp_path / "full"
-    assert main(["train", str(ROOT / "configs/tiny-wan-dpo.yaml"), f"train.output_dir={out}", "model.finetune=full", "optim.lr_warmup_steps=0",
+    assert main(["train", str(ROOT / "configs/tiny-wan/dpo.yaml"), f"train.output_dir={out}", "model.finetune=full", "optim.lr_warmup_steps=0",
                  "train.max_steps=1", "train.batch_size=1", "eval.enabled=false", "log.progress_bar=false",
                  "data.resolution=16", "train.flow_timestep_sampling=logit_normal"]) == 0
     pipe = WanPipeline.from_pretrained(out)
@@ -259,7 +259,7 @@ def test_wan_full_finetune_saves_a_pipeline_folder_stock_diffusers_loads(tmp_pat
 @pytest.mark.slow
 def test_training_eval_writes_videos_and_scores(tmp_path):
     out = tmp_path / "eval"
-    assert main(["train", str(ROOT / "configs/tiny-wan-mapo.yaml"), f"train.output_dir={out}", "train.max_steps=1",
+    assert main(["train", str(ROOT / "configs/tiny-wan/mapo.yaml"), f"train.output_dir={out}", "train.max_steps=1",
                  "train.batch_size=1", "log.progress_bar=false", "data.resolution=16", "eval.prompts=[a cat]",
                  "eval.num_inference_steps=2", "eval.height=16", "eval.width=16", "eval.train_pairs=0"]) == 0
     scores = json.loads((out / "eval" / "scores.json").read_text())
@@ -274,8 +274,8 @@ def test_validation_grid_and_gallery_show_clips_of_eval_num_frames(tmp_path):
     from diffalign.gallery.run import load_media
 
     out = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs/tiny-animatediff-dpo.yaml"), f"train.output_dir={out}",
-                 *fast_overrides("tiny-animatediff-dpo.yaml"), "eval.num_frames=3", "data.num_frames=2",
+    assert main(["train", str(ROOT / "configs/tiny-animatediff/dpo.yaml"), f"train.output_dir={out}",
+                 *fast_overrides("tiny-animatediff/dpo.yaml"), "eval.num_frames=3", "data.num_frames=2",
                  "eval.num_inference_steps=2", "log.validation_every_n_steps=2", "log.validation_gallery=true",
                  "log.validation_prompts=[a red circle]"]) == 0
     grid = Image.open(out / "validation" / "step-000002.png")

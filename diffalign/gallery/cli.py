@@ -22,13 +22,15 @@ def add_parser(sub):
         description="Every model gets the same initial noise per (prompt, image). Rerun the same command "
                     "to resume an interrupted gallery.",
     )
-    p.add_argument("--model", action="append", required=True, metavar="NAME=ID_OR_PATH[:lora]",
-                   help="a model to compare (repeatable; the first is the baseline). NAME=FOLDER:lora loads a "
-                        "diffusers LoRA folder on top of --lora-base, or else the first non-LoRA model")
-    p.add_argument("--lora-base", default=None, help="base model for the LoRA models (default: the first non-LoRA --model)")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=SPEC",
+                   help="a model to compare (repeatable; the first is the baseline). SPEC is a model spec: an id, "
+                        "a pipeline folder, or FOLDER:lora (a LoRA on top of --lora-base, else the base its run "
+                        "recorded, else the first non-LoRA model)")
+    p.add_argument("--lora-base", default=None, help="base model for the LoRA models (default: each run's "
+                                                     "recorded base, else the first non-LoRA --model)")
     p.add_argument("--prompts", required=True,
-                   help="a prompt file (.txt, .jsonl, .json, .tsv) or a set: smoke, parti, ddpo-animals, hpdv2, "
-                        "hpdv2-<style>, drawbench, pickapic")
+                   help="a prompt file (.txt, .jsonl, .json, .tsv) or a set: smoke, toy, toy-train, toy-heldout, "
+                        "parti, ddpo-animals, hpdv2, hpdv2-<style>, drawbench, pickapic")
     p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts, evenly spaced")
     p.add_argument("--scorer", action="append", default=[], help="scorer name (repeatable)")
     p.add_argument("--images-per-prompt", type=int, default=2)
@@ -50,22 +52,23 @@ def add_parser(sub):
 
 def run(args):
     # every check before any model loads
-    specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base)
-    check_scorer_names(args.scorer)
-    check_prompt_spec(args.prompts)
-    parse_dtype(args.dtype)
     sampling = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
                                 eta=args.eta, height=args.height, width=args.width, num_frames=args.num_frames,
                                 negative_prompt=args.negative_prompt)
     if args.images_per_prompt < 1:
         raise UsageError(f"images_per_prompt must be >= 1, got {args.images_per_prompt}")
     sampling.check()
+    specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base, num_frames=args.num_frames)
+    check_scorer_names(args.scorer)
+    check_prompt_spec(args.prompts)
+    parse_dtype(args.dtype)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         prompts = select_prompts(load_prompts(args.prompts), args.max_prompts)
     except RuntimeError as err:  # a hub set offline
         raise UsageError(str(err)) from None
+    check_scorer_names(args.scorer, prompts)  # e.g. toy_faithfulness scores toy captions only
     out = ensure_writable_dir(args.out)
     diffusers.utils.logging.disable_progress_bar()  # the gallery shows one progress bar for all models
     transformers.utils.logging.disable_progress_bar()

@@ -46,7 +46,7 @@ from diffalign.gallery.page import write_page as write_html
 from diffalign.gallery.plots import write_plots
 from diffalign.gallery.stats import compute_stats, format_tables
 from diffalign.images import to_pil, to_tensor
-from diffalign.models import LORA_WEIGHTS_FILE, load_pipeline, parse_dtype, resolve_model
+from diffalign.models import check_num_frames, load_pipeline, parse_dtype, recorded_base, resolve_model
 from diffalign.sampling import SamplingSettings, sample_batches
 from diffalign.scorers import Scorer, check_scorer_names, make_scorer
 from diffalign.usage import default_device
@@ -80,11 +80,13 @@ def parse_model_arg(text: str) -> ModelSpec:
 
 
 def validate_models(specs: Sequence[ModelSpec], lora_base: str | None = None,
-                    preloaded: set[str] = frozenset()) -> list[ModelSpec]:
+                    preloaded: set[str] = frozenset(), num_frames: int | None = None) -> list[ModelSpec]:
     """Check names and sources without loading anything; give each LoRA its base model.
 
-    A LoRA's base is ``lora_base`` when given, else the source of the first non-LoRA model. Models named
-    in ``preloaded`` are pipeline objects: only their names are checked.
+    A LoRA's base is ``lora_base`` when given, else the base its diffalign run recorded, else the source of
+    the first non-LoRA model. Models named
+    in ``preloaded`` are pipeline objects: only their names are checked. ``num_frames`` is refused for an
+    image model here, before anything loads.
     """
     if not specs:
         raise ValueError("no models given: pass at least one --model NAME=ID_OR_PATH")
@@ -95,7 +97,7 @@ def validate_models(specs: Sequence[ModelSpec], lora_base: str | None = None,
         if spec.name in seen:
             raise ValueError(f"model name {spec.name!r} is given twice")
         seen.add(spec.name)
-    base = lora_base or next((s.source for s in specs if not s.lora and s.name not in preloaded), None)
+    first_model = next((s.source for s in specs if not s.lora and s.name not in preloaded), None)
     if lora_base is not None:
         resolve_model(lora_base)
     out = []
@@ -104,27 +106,29 @@ def validate_models(specs: Sequence[ModelSpec], lora_base: str | None = None,
             out.append(spec)
             continue
         if not spec.lora:
-            resolve_model(spec.source)
+            check_num_frames(resolve_model(spec.source), num_frames, f"num_frames (model {spec.name!r})")
             out.append(spec)
             continue
         folder = Path(spec.source).expanduser()
-        if not folder.is_dir():
-            raise FileNotFoundError(f"LoRA folder {folder} (model {spec.name!r}) does not exist")
-        if not any(folder.glob("*.safetensors")):
-            raise FileNotFoundError(f"LoRA folder {folder} (model {spec.name!r}) has no .safetensors weights "
-                                    f"(expected {LORA_WEIGHTS_FILE}, as save_lora_weights writes)")
-        if base is None:
-            raise ValueError(f"model {spec.name!r} is a LoRA but no base model is known: add a non-LoRA --model "
-                             "before it or pass --lora-base ID_OR_PATH")
-        out.append(ModelSpec(spec.name, str(folder), True, spec.base or base))
+        explicit = spec.base or lora_base
+        if explicit is None and recorded_base(folder) is None:
+            explicit = first_model  # a LoRA folder that records no base: the first plain model
+        try:
+            source = resolve_model(f"{folder}:lora", lora_base=explicit)
+        except ValueError as err:
+            raise type(err)(f"model {spec.name!r}: {err}") from None
+        check_num_frames(source, num_frames, f"num_frames (model {spec.name!r})")
+        out.append(ModelSpec(spec.name, str(folder), True, source.name))
     return out
 
 
 def load_model(spec: ModelSpec, *, dtype="float32", device=None):
-    pipe = load_pipeline(spec.base if spec.lora else spec.source, dtype=dtype, device=device)
-    if spec.lora:
-        pipe.load_lora_weights(spec.source)
-    return pipe
+    if not spec.lora:
+        return load_pipeline(spec.source, dtype=dtype, device=device)
+    recorded = recorded_base(Path(spec.source))
+    from_record = recorded is not None and resolve_model(recorded[0]).name == spec.base
+    return load_pipeline(f"{spec.source}:lora", lora_base=None if from_record else spec.base, dtype=dtype,
+                         device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -291,7 +295,7 @@ def run_gallery(
                 specs.append(ModelSpec(name, f"<{type(value).__name__} object>"))
     else:
         specs = list(models)
-    specs = validate_models(specs, lora_base, preloaded=set(pipes))
+    specs = validate_models(specs, lora_base, preloaded=set(pipes), num_frames=sampling.num_frames)
     baseline = next((s.base if s.lora else s.source for s in specs if s.name not in pipes), "")
     settings = GallerySettings(images_per_prompt, seed, sampling.for_model_name(
         baseline, num_steps=GALLERY_NUM_STEPS, guidance_scale=GALLERY_GUIDANCE))

@@ -13,16 +13,14 @@ from tqdm.auto import tqdm
 
 from diffalign.data import (
     BadRowCounter,
-    CachedPairs,
     EpochBatches,
     PairSource,
     PreferenceDataset,
     Preprocessing,
-    cache_key,
     collate_pairs,
-    default_cache_dir,
 )
 from diffalign.denoising import denoising_losses, encode_images, keyed_generator, pair_noise, sample_latents
+from diffalign.latent_cache import CachedPairs, cache_key, default_cache_dir
 from diffalign.methods.base import LossOutput, PairLosses
 from diffalign.objectives.context import TrainContext
 

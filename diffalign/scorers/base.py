@@ -339,8 +339,10 @@ def make_scorer(spec: str, **settings) -> Scorer:
     return combined
 
 
-def check_scorer_names(names: Sequence[str]) -> None:
-    """Validate scorer names/specs up front (before any model loads): names, setting keys, availability."""
+def check_scorer_names(names: Sequence[str], prompts: Sequence[str] | None = None) -> None:
+    """Validate scorer names/specs up front (before any model loads): names, setting keys, availability,
+    and, when ``prompts`` are given, that each scorer can score them (a scorer class may define
+    ``check_prompts(prompts)``, e.g. toy_faithfulness needs toy captions)."""
     for spec in names:
         for _, name, settings in parse_scorer_spec(spec):
             _check_settings(name, settings)
@@ -348,6 +350,15 @@ def check_scorer_names(names: Sequence[str]) -> None:
             check_available = getattr(SCORERS[name], "check_available", None)
             if check_available is not None:
                 check_available()
+            check_settings = getattr(SCORERS[name], "check_settings", None)  # cheap checks of the values
+            if check_settings is not None:
+                check_settings(**{k: v for k, v in settings.items() if k not in COMMON_SETTINGS})
+            check_prompts = getattr(SCORERS[name], "check_prompts", None)
+            if prompts is not None and check_prompts is not None:
+                try:
+                    check_prompts(list(prompts))
+                except ValueError as err:
+                    raise ValueError(f"scorer {name!r}: {err}") from None
 
 
 __all__ = [

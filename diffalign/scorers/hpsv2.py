@@ -51,16 +51,14 @@ class HPSv2(Scorer):
 
     def __init__(
         self,
-        version: str = "v2.0",
+        version: str | None = None,
         model: str = "xswu/HPSv2",
         arch: str = "ViT-H-14",
         dtype: str = "float32",
         device: str | None = None,
         preprocess: str = "auto",
     ):
-        version = {"v2": "v2.0", "2": "v2.0", "2.0": "v2.0", "2.1": "v2.1"}.get(str(version), str(version))
-        if version not in HPS_FILES:
-            raise ValueError(f"scorer 'hpsv2': unknown version {version!r}; expected one of {', '.join(HPS_FILES)}")
+        version = self.check_settings(version=version, model=model)
         self.version = version
         self.device, self.dtype = resolve_device(device), parse_dtype(dtype)
         self.preprocess_path = check_path(preprocess)
@@ -72,6 +70,19 @@ class HPSv2(Scorer):
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.image_size = self.model.visual.image_size[0] if isinstance(self.model.visual.image_size, tuple) else self.model.visual.image_size
         self.truncation = TruncationWarning("hpsv2", self.tokenizer.context_length)
+
+    @staticmethod
+    def check_settings(version: str | None = None, model: str = "xswu/HPSv2", **_) -> str:
+        """The checkpoint version (default v2.0); ``version`` picks a file of a folder or hub repo, so it is
+        refused with ``model=FILE`` (one checkpoint already)."""
+        if version is not None and Path(str(model)).expanduser().is_file():
+            raise ValueError(f"scorer 'hpsv2': version={version} picks {' or '.join(HPS_FILES.values())} in a "
+                             f"folder or hub repo, but model={model} is one checkpoint file; drop version=")
+        version = "v2.0" if version is None else str(version)
+        version = {"v2": "v2.0", "2": "v2.0", "2.0": "v2.0", "2.1": "v2.1"}.get(version, version)
+        if version not in HPS_FILES:
+            raise ValueError(f"scorer 'hpsv2': unknown version {version!r}; expected one of {', '.join(HPS_FILES)}")
+        return version
 
     def _score(self, images, prompts):
         pixels = preprocess(images, self.image_size, "pad", CLIP_MEAN, CLIP_STD, path=self.preprocess_path)

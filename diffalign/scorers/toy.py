@@ -67,6 +67,12 @@ class ToyFaithfulness(Scorer):
         self.temperature = temperature
         self.terms = tuple(terms)
 
+    @staticmethod
+    def check_prompts(prompts: list[str]) -> None:
+        """Raise ValueError naming the first prompt that is not a toy caption (before anything loads)."""
+        for prompt in prompts:
+            data.parse_caption(prompt)
+
     def terms_of(self, images, prompts) -> dict[str, torch.Tensor]:
         """Each term [B] for images and their toy captions (a prompt that is not one raises ValueError)."""
         scenes = [data.parse_caption(p) for p in prompts]

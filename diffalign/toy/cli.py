@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.models import resolve_model_spec
+from diffalign.models import resolve_model
 from diffalign.toy.geneval import GenEvalSettings, format_report, load_models, toy_geneval
 from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
 from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
@@ -95,7 +95,7 @@ def _run_eval(args) -> None:
                                guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size)
     specs = {"model": args.model} if args.base is None else {"base": args.base, "model": args.model}
     for spec in specs.values():
-        resolve_model_spec(spec)  # a bad --model / --base fails here, before anything loads
+        resolve_model(spec)  # a bad --model / --base fails here, before anything loads
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     if args.threads:

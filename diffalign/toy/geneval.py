@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffalign.models import load_model_spec
+from diffalign.models import load_pipeline
 from diffalign.sampler import sample
 from diffalign.scorers.toy import ToyGenEval
 from diffalign.toy import data, video_data
@@ -203,10 +203,10 @@ def _interval(stat: Mapping[str, float], signed: bool = False) -> str:
 
 
 def load_models(specs: Mapping[str, str], device=None) -> dict:
-    """``{label: spec}`` -> ``{label: pipeline}`` (specs as :func:`diffalign.models.resolve_model_spec` takes)."""
+    """``{label: spec}`` -> ``{label: pipeline}`` (model specs: an id, a folder, or ``RUN:lora``)."""
     pipes = {}
     for label, spec in specs.items():
-        pipe = load_model_spec(spec, device=device)
+        pipe = load_pipeline(spec, device=device)
         pipe.set_progress_bar_config(disable=True)
         pipes[label] = pipe
     return pipes

@@ -261,6 +261,8 @@ def _add_serve_scorer(sub):
     p.add_argument("--token-env", default=None,
                    help="require the token held in this environment variable (clients set the same one; "
                         "remote:URL reads DIFFALIGN_SCORER_TOKEN unless told token_env=VAR)")
+    p.add_argument("--check", action="store_true",
+                   help="check the spec, address and token, say what would be served, and exit (nothing loads)")
     p.set_defaults(func=_run_serve_scorer)
 
 
@@ -275,6 +277,10 @@ def _run_serve_scorer(args):
         token = os.environ.get(args.token_env)
         if not token:
             raise UsageError(f"--token-env {args.token_env}: that environment variable is not set or empty")
+    if args.check:
+        print(f"would serve {args.spec} on http://{args.host}:{args.port} (POST /score, GET /health)"
+              + (", token required" if token else ""))
+        return
     try:
         server = ScorerServer(make_scorer(args.spec), host=args.host, port=args.port, token=token,
                               max_request_mb=args.max_request_mb)

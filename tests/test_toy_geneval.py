@@ -232,7 +232,7 @@ def test_toy_eval_reads_video_models_with_motion(tmp_path, capsys, one_thread):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--model", "missing-run:lora"], "has no pytorch_lora_weights.safetensors"),
+    (["--model", "missing-run:lora"], "LoRA folder missing-run does not exist"),
     (["--model", "toy-sdxl", "--base", "tiny-nope"], "unknown model 'tiny-nope'"),
     (["--seeds", "0", "0"], "seeds must be distinct"),
     (["--num-prompts", "-1"], "--num-prompts must be >= 0"),
@@ -251,7 +251,7 @@ def test_a_lora_run_without_its_config_names_what_is_missing(lora_run, capsys, n
 
     (lora_run / "config.yaml").unlink()
     assert main(["toy", "eval", "--model", f"{lora_run}:lora"]) == 2
-    assert "config.yaml is missing, so the run's base model is unknown" in capsys.readouterr().err
+    assert "no base model is known (no diffalign config.yaml records one)" in capsys.readouterr().err
 
 
 def test_toy_geneval_scores_the_same_images_with_extra_scorers(one_thread):

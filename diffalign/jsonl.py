@@ -16,7 +16,9 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterato
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise error(f"{where}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 4]!r})") from None
+                raise error(
+                    f"{where}: not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 4]!r})"
+                ) from None
             if not line.strip():
                 continue
             try:

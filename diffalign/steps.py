@@ -125,7 +125,9 @@ class DDIMStep:
         if prev_sample is None:
             prev = mean
             if self.eta > 0:
-                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=device, dtype=model_output.dtype
+                )
                 prev = mean + s * noise
             prev_sample = prev.to(sample.dtype)
         # The density of the sample as stored (after the cast), so recomputation sees the same value.
@@ -154,7 +156,9 @@ class _FlowStep:
             raise ValueError(f"timesteps {t.tolist()} are not among the scheduler's {timesteps.tolist()}")
         return match.int().argmax(dim=1)
 
-    def sigmas_at(self, scheduler, timestep, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sigmas_at(
+        self, scheduler, timestep, n: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sigma, sigma_next, all sigmas)`` in fp32 for per-row ``timestep``."""
         index = self.step_index(scheduler, timestep, n, device)
         sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
@@ -203,7 +207,9 @@ class FlowSDEStep(_FlowStep):
             raise ValueError(f"noise_schedule must be 'flow_grpo' or 'constant', got {self.noise_schedule!r}")
         _check_reduction(self.reduction)
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+    def __call__(
+        self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
+    ) -> StepResult:
         n, device = sample.shape[0], sample.device
         sigma, sigma_next, sigmas = self.sigmas_at(scheduler, timestep, n, device)
         dt = sigma_next - sigma
@@ -240,12 +246,16 @@ class FlowCPSStep(_FlowStep):
 
     def __post_init__(self):
         if not 0 <= self.noise_level <= 1:
-            raise ValueError(f"noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got {self.noise_level}")
+            raise ValueError(
+                f"noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got {self.noise_level}"
+            )
         if self.density not in ("gaussian", "squared_error"):
             raise ValueError(f"density must be 'gaussian' or 'squared_error', got {self.density!r}")
         _check_reduction(self.reduction)
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+    def __call__(
+        self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
+    ) -> StepResult:
         n, device = sample.shape[0], sample.device
         sigma, sigma_next, _ = self.sigmas_at(scheduler, timestep, n, device)
         std = sigma_next * math.sin(self.noise_level * math.pi / 2)
@@ -273,7 +283,9 @@ class FlowEulerStep(_FlowStep):
 
     kind = "flow_euler"
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+    def __call__(
+        self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
+    ) -> StepResult:
         n, device = sample.shape[0], sample.device
         index = self.step_index(scheduler, timestep, n, device)
         mean = torch.empty(sample.shape, dtype=torch.float32, device=device)

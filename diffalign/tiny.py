@@ -49,7 +49,11 @@ def clip_bpe_path() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # The reversible byte -> printable-unicode table of GPT-2 / CLIP BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -76,7 +80,9 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
 
 
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
@@ -195,7 +201,9 @@ def build_tiny_sdxl(seed: int = 0):
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_encoder_config(hidden_1, layers=2, projection_dim=projection_dim))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(hidden_2, layers=2, projection_dim=projection_dim))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(hidden_2, layers=2, projection_dim=projection_dim)
+    )
     return assemble_sdxl(vae, unet, text_encoder, text_encoder_2)
 
 
@@ -222,12 +230,32 @@ def build_tiny_animatediff(seed: int = 0):
 
     base = build_tiny_sd(seed)
     torch.manual_seed(seed + 10)
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace")
-    return AnimateDiffPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                               motion_adapter=adapter, scheduler=scheduler)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="linspace",
+    )
+    return AnimateDiffPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        motion_adapter=adapter,
+        scheduler=scheduler,
+    )
 
 
 # A small word-level vocabulary for the tiny Wan tokenizer (the real one is UMT5's 256k SentencePiece model,
@@ -254,8 +282,9 @@ def build_tiny_t5_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
 
 
 def build_tiny_wan(seed: int = 0):
@@ -270,9 +299,20 @@ def build_tiny_wan(seed: int = 0):
 
     tokenizer = build_tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                               num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                                               eos_token_id=1, decoder_start_token_id=0))
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
@@ -290,9 +330,22 @@ def _tiny_t5_encoder(vocab_size: int, d_model: int):
     from transformers import T5Config, T5EncoderModel
 
     # T5 v1.1 (gated GELU), as SD3's and FLUX's T5-XXL encoders are.
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
-                                   num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                   is_gated_act=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            is_gated_act=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def build_tiny_sd3(seed: int = 0):
@@ -306,16 +359,33 @@ def build_tiny_sd3(seed: int = 0):
     torch.manual_seed(seed)
     # The joint sequence is the CLIP states (L and G concatenated, zero-padded to T5's width) then T5's:
     # joint_attention_dim = T5's d_model; the pooled projection is the two CLIP projections concatenated.
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_dim,
-                                        caption_projection_dim=32, pooled_projection_dim=2 * clip_projection,
-                                        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * clip_projection,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
     torch.manual_seed(seed + 1)
-    vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_vae(
+        16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection))
+    text_encoder = CLIPTextModelWithProjection(
+        _text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection)
+    )
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection)
+    )
     torch.manual_seed(seed + 4)
     text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), t5_dim)
     return StableDiffusion3Pipeline(
@@ -342,25 +412,54 @@ def build_tiny_flux(seed: int = 0):
     tokenizer_2 = build_tiny_t5_tokenizer()
     torch.manual_seed(seed)
     # in_channels = 4 x the VAE's 16 (latents are packed 2x2); the rope axes add up to the head dim.
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_dim,
-                                         pooled_projection_dim=clip_hidden, guidance_embeds=True,
-                                         axes_dims_rope=(4, 6, 6))
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_hidden,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
     torch.manual_seed(seed + 1)
-    vae = _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_vae(
+        16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_hidden))
     torch.manual_seed(seed + 3)
     text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), t5_dim)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
-_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "animatediff": build_tiny_animatediff, "wan": build_tiny_wan,
-             "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+_BUILDERS = {
+    "sd": build_tiny_sd,
+    "sdxl": build_tiny_sdxl,
+    "animatediff": build_tiny_animatediff,
+    "wan": build_tiny_wan,
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
+}
 
 
 def build_tiny(kind: str, seed: int = 0):

@@ -177,7 +177,9 @@ def test_checkpointing_bounds_the_memory_saved_for_backward():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = differentiable_sample(step, x_T, list(range(20)), range(20 - num_grad_steps, 20), checkpoint)
+            out = differentiable_sample(
+                step, x_T, list(range(20)), range(20 - num_grad_steps, 20), checkpoint
+            )
         out.sum().backward()
         return total
 

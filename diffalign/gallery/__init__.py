@@ -7,5 +7,13 @@ the command (:mod:`diffalign.gallery.cli`).
 from diffalign.gallery.run import GallerySettings, ModelSpec, parse_model_arg, run_gallery, validate_models
 from diffalign.prompt_sets import known_prompt_sets, load_prompts, select_prompts
 
-__all__ = ["GallerySettings", "ModelSpec", "known_prompt_sets", "load_prompts", "parse_model_arg", "run_gallery",
-           "select_prompts", "validate_models"]
+__all__ = [
+    "GallerySettings",
+    "ModelSpec",
+    "known_prompt_sets",
+    "load_prompts",
+    "parse_model_arg",
+    "run_gallery",
+    "select_prompts",
+    "validate_models",
+]

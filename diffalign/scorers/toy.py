@@ -63,7 +63,9 @@ class ToyFaithfulness(Scorer):
     def __init__(self, temperature: float = 0.02, terms: tuple[str, ...] | list[str] = TERMS):
         unknown = set(terms) - set(self.TERMS)
         if unknown or not terms:
-            raise ValueError(f"toy_faithfulness terms must be a non-empty subset of {self.TERMS}, got {tuple(terms)}")
+            raise ValueError(
+                f"toy_faithfulness terms must be a non-empty subset of {self.TERMS}, got {tuple(terms)}"
+            )
         self.temperature = temperature
         self.terms = tuple(terms)
 
@@ -121,7 +123,9 @@ class ToyTargetColor(Scorer):
 
     def __init__(self, color: str = "red", temperature: float = 0.02):
         if color not in data.COLORS:
-            raise ValueError(f"toy_target_color: unknown colour {color!r}; expected one of {', '.join(data.COLORS)}")
+            raise ValueError(
+                f"toy_target_color: unknown colour {color!r}; expected one of {', '.join(data.COLORS)}"
+            )
         self.color = color
         self.temperature = temperature
 
@@ -144,7 +148,9 @@ class ToyGenEval(Scorer):
 
     def __init__(self, measure: str = "all"):
         if measure not in self.MEASURES:
-            raise ValueError(f"toy_geneval: unknown measure {measure!r}; expected one of {', '.join(self.MEASURES)}")
+            raise ValueError(
+                f"toy_geneval: unknown measure {measure!r}; expected one of {', '.join(self.MEASURES)}"
+            )
         self.measure = measure
 
     def hits(self, images, prompts) -> list[dict[str, float]]:

@@ -63,7 +63,10 @@ def encode_batch(images, prompts: list[str] | None, encoding: str) -> dict:
     else:
         tensor = x.to(getattr(torch, encoding))
     metadata = {} if prompts is None else {"prompts": json.dumps(prompts)}
-    return {"data": save_safetensors({"images": tensor}, metadata=metadata), "headers": {"Content-Type": SAFETENSORS_TYPE}}
+    return {
+        "data": save_safetensors({"images": tensor}, metadata=metadata),
+        "headers": {"Content-Type": SAFETENSORS_TYPE},
+    }
 
 
 def decode_safetensors_batch(body: bytes) -> tuple[torch.Tensor, list[str] | None]:
@@ -121,7 +124,9 @@ def make_session(retries: int, backoff: float, max_backoff: float) -> requests.S
     return session
 
 
-def worst_case_s(retries: int, backoff: float, max_backoff: float, connect_timeout: float, timeout: float) -> float:
+def worst_case_s(
+    retries: int, backoff: float, max_backoff: float, connect_timeout: float, timeout: float
+) -> float:
     """The longest one call of a :func:`make_session` session can take before it gives up."""
     sleeps = sum(min(max_backoff, backoff * 2 ** (n - 1)) for n in range(2, retries + 1)) if backoff else 0.0
     return (retries + 1) * (connect_timeout + timeout) + sleeps

@@ -78,7 +78,9 @@ def build_text_encoders(seed: int):
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_encoder_config(TEXT_HIDDEN, TEXT_LAYERS, PROJECTION_DIM))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(TEXT_HIDDEN, TEXT_LAYERS, PROJECTION_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(TEXT_HIDDEN, TEXT_LAYERS, PROJECTION_DIM)
+    )
     return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
 
 

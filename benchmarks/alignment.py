@@ -119,8 +119,8 @@ def run(args) -> dict:
                 progress=False,
             )
             print(
-                f"seed {seed}: {info['pairs']} pairs ({info['ties']} ties), chosen {info['mean_chosen_score']:.4f} "
-                f"vs rejected {info['mean_rejected_score']:.4f}",
+                f"seed {seed}: {info['pairs']} pairs ({info['ties']} ties), chosen "
+                f"{info['mean_chosen_score']:.4f} vs rejected {info['mean_rejected_score']:.4f}",
                 flush=True,
             )
         pairs_cpu = (time.process_time() - t0) / 60
@@ -186,12 +186,11 @@ def markdown(results: dict, args) -> str:
         "",
         f"`python benchmarks/alignment.py {' '.join(args.argv)}`".replace(" `", "`"),
         "",
-        f"Machine: {machine}; {date}. Model `{results['model']}`, reward `{results['scorer']}` "
-        f"(higher is better); AI-feedback pairs from the base model on {args.train_prompts} training prompts "
-        f"({args.images_per_prompt} {samples} each, best vs worst, {args.steps} sampling steps{per_frame}); held-out: "
-        f"{args.heldout_prompts} prompts x "
-        f"{len(args.eval_seeds)} seeds, same seeds for base and tuned. Mean over {len(args.seeds)} seeds with "
-        "a 95 % t-interval.",
+        f"Machine: {machine}; {date}. Model `{results['model']}`, reward `{results['scorer']}` (higher is "
+        f"better); AI-feedback pairs from the base model on {args.train_prompts} training prompts "
+        f"({args.images_per_prompt} {samples} each, best vs worst, {args.steps} sampling steps{per_frame}); "
+        f"held-out: {args.heldout_prompts} prompts x {len(args.eval_seeds)} seeds, same seeds for base and "
+        f"tuned. Mean over {len(args.seeds)} seeds with a 95 % t-interval.",
         "",
         "| method | base | tuned | change (95 % CI) | per seed | seeds improved | CPU min / run |",
         "|---|---|---|---|---|---|---|",

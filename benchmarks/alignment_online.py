@@ -177,8 +177,8 @@ def main() -> None:
 
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     print(
-        f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | improved "
-        "| wall min/run | CPU min/run | machine, date |"
+        f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | "
+        "improved | wall min/run | CPU min/run | machine, date |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.methods:

@@ -115,25 +115,29 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = [
         SECTION,
         "",
-        f"Machine: 2-core {platform.machine()} CPU sandbox (shared with other jobs), {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"Machine: 2-core {platform.machine()} CPU sandbox (shared with other jobs), "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
         f"{datetime.now(timezone.utc):%Y-%m-%d}. Command: `{command}`. Median of repeats; ratio = ours / "
-        "accelerate's `save_state`/`load_state` on the same model and optimizer in the same run (the baseline; it "
-        "pickles the optimizer and RNG states, ours writes safetensors + JSON, atomically, with fsync).",
+        "accelerate's `save_state`/`load_state` on the same model and optimizer in the same run (the "
+        "baseline; it pickles the optimizer and RNG states, ours writes safetensors + JSON, atomically, "
+        "with fsync).",
         "",
-        "| UNet | fine-tune | trainable params | ours: bytes / save s / load s | accelerate: bytes / save s / load s | save ratio | load ratio |",
+        "| UNet | fine-tune | trainable params | ours: bytes / save s / load s | accelerate: bytes / save s "
+        "/ load s | save ratio | load ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['unet']} | {r['finetune']} | {r['trainable_params']:,} | {r['ours_bytes'] / 1e6:.2f} MB / "
-            f"{r['ours_save']:.3f} / {r['ours_load']:.3f} | {r['accel_bytes'] / 1e6:.2f} MB / {r['accel_save']:.3f} / "
-            f"{r['accel_load']:.3f} | {r['save_ratio']:.2f} | {r['load_ratio']:.2f} |"
+            f"{r['ours_save']:.3f} / {r['ours_load']:.3f} | {r['accel_bytes'] / 1e6:.2f} MB / "
+            f"{r['accel_save']:.3f} / {r['accel_load']:.3f} | {r['save_ratio']:.2f} | {r['load_ratio']:.2f} |"
         )
     lines += [
         "",
-        "Ours stores only the trainable parameters (accelerate's LoRA state holds the whole model), and its save "
-        "pays for the fsync that makes the rename-on-complete safe: tens of milliseconds here, against seconds "
-        "per training step of any real model. The resume tests (`tests/test_resume.py`) prove the contents.",
+        "Ours stores only the trainable parameters (accelerate's LoRA state holds the whole model), and its "
+        "save pays for the fsync that makes the rename-on-complete safe: tens of milliseconds here, against "
+        "seconds per training step of any real model. The resume tests (`tests/test_resume.py`) prove the "
+        "contents.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -32,8 +32,8 @@ from diffalign.tiny import (
 )
 
 #: Parameter counts of the public checkpoints (the built modules must match them exactly). The motion
-#: adapter's count is not checked (None): its shape follows the v1-5-2 config, its count is not on record here.
-#: SD3.5-medium's transformer holds 2,243,171,520 parameters plus a 384x384x1536 sin-cos position table
+#: adapter's count is not checked (None): its shape follows the v1-5-2 config, its count is not on record
+#: here. SD3.5-medium's transformer holds 2,243,171,520 parameters plus a 384x384x1536 sin-cos position table
 #: (226,492,416, a persistent buffer): 2,469,663,936 stored elements, the count its checkpoint reports
 #: (checked as "transformer stored"). T5-XXL encoder 4,762,310,656 and CLIP-G 694,659,840 as in SD3-medium;
 #: FLUX.1-dev's transformer 11,901,408,320 (its safetensors total).

@@ -96,7 +96,8 @@ def main():
         machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}"
     frames = f", {args.num_frames} frames" if args.num_frames else ""
     print(
-        f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, CFG 5, eta 1 ({machine}, {date.today()})\n"
+        f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, CFG 5, eta 1 "
+        f"({machine}, {date.today()})\n"
     )
     print("| measurement | value |\n| --- | --- |")
     print(f"| plain pipeline (DDIM) | {t_plain:.3f} s |")
@@ -106,7 +107,8 @@ def main():
         print(f"| recompute all {args.steps} steps, chunk {chunk} | {seconds:.3f} s "
               f"({args.steps * args.batch / seconds:.0f} sample-steps/s) |")
     print(
-        f"| **batched recompute speed-up** (chunk {args.steps} vs 1) | **{recompute[1] / recompute[args.steps]:.2f}x** |"
+        f"| **batched recompute speed-up** (chunk {args.steps} vs 1) | "
+        f"**{recompute[1] / recompute[args.steps]:.2f}x** |"
     )
     for label, record in records.items():
         print(f"| stored trajectory per sample, {label} (latents, log-probs, conditioning) | "

@@ -51,8 +51,9 @@ def main() -> None:
     pils = to_pil(tensors)
     prompts = [f"a photo of object number {i} on a table" for i in range(args.images)]
     print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.images} images {args.size}px, batch {args.batch_size}"
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
+        f"thread(s), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.images} images {args.size}px, "
+        f"batch {args.batch_size}"
     )
     print("| scorer | input | one at a time (img/s) | batched (img/s) | batched / one |")
     print("|---|---|---|---|---|")

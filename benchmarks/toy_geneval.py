@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from alignment import interval  # the image benchmark's 95 % t-interval (this script's folder is on sys.path)
 
-#: Online methods take any reward; DPO / MaPO need AI-feedback pairs labelled by the reward (not in this script yet).
+#: Online methods take any reward; DPO / MaPO need AI-feedback pairs labelled by the reward (not in this
+#: script yet).
 METHODS = ("prdp", "ddpo")
 
 
@@ -149,11 +150,12 @@ def table(results: list[dict], evaluation: dict) -> None:
     for guidance, entry in evaluation.items():
         base = entry["accuracy"]["base"]
         print(
-            f"\nheld-out toy GenEval at guidance {guidance} ({entry['n']} images); base all {base['all']['mean']:.3f}"
+            f"\nheld-out toy GenEval at guidance {guidance} ({entry['n']} images); base all "
+            f"{base['all']['mean']:.3f}"
         )
         print(
-            "| run | train reward first -> last | tuned all | change all [95 %] | colour | shape | background | "
-            "size | count | position | saturation base -> tuned | CPU min |"
+            "| run | train reward first -> last | tuned all | change all [95 %] | colour | shape | "
+            "background | size | count | position | saturation base -> tuned | CPU min |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
@@ -173,15 +175,16 @@ def table(results: list[dict], evaluation: dict) -> None:
             )
         cells = sorted({(r["method"], r["reward"], r["tag"]) for r in results})
         print(
-            f"\n| cell (guidance {guidance}) | seeds | change all (mean over seeds) | 95 % t-interval | machine, date |"
+            f"\n| cell (guidance {guidance}) | seeds | change all (mean over seeds) | 95 % t-interval | "
+            "machine, date |"
         )
         print("|---|---|---|---|---|")
         for method, reward, tag in cells:
             deltas = [entry["change"][Path(r["run"]).name]["all"]["mean"] for r in results
                       if (r["method"], r["reward"], r["tag"]) == (method, reward, tag)]
             print(
-                f"| {method} {reward}{' ' + tag if tag else ''} | {len(deltas)} | {statistics.mean(deltas):+.3f} | "
-                f"± {interval(deltas)[1]:.3f} | {machine}, {date} |"
+                f"| {method} {reward}{' ' + tag if tag else ''} | {len(deltas)} | "
+                f"{statistics.mean(deltas):+.3f} | ± {interval(deltas)[1]:.3f} | {machine}, {date} |"
             )
 
 

@@ -37,12 +37,12 @@ def main():
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     print(
-        f"## {args.model}: caption-attribute accuracy ({platform.machine()}, {torch.get_num_threads()} threads, "
-        f"{date.today()})\n"
+        f"## {args.model}: caption-attribute accuracy ({platform.machine()}, {torch.get_num_threads()} "
+        f"threads, {date.today()})\n"
     )
     print(
-        f"parameters: unet {count_parameters(pipe.unet):,}, vae {count_parameters(pipe.vae):,}, text encoders "
-        f"{count_parameters(pipe.text_encoder):,} + {count_parameters(pipe.text_encoder_2):,}\n"
+        f"parameters: unet {count_parameters(pipe.unet):,}, vae {count_parameters(pipe.vae):,}, text "
+        f"encoders {count_parameters(pipe.text_encoder):,} + {count_parameters(pipe.text_encoder_2):,}\n"
     )
     header = "| split | guidance | " + " | ".join(ATTRIBUTES) + " | all | s/image |"
     print(header)

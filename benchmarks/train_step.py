@@ -142,8 +142,8 @@ def main(argv=None):
         "",
         f"`python benchmarks/train_step.py {' '.join(args.argv)}`".replace(" `", "`"),
         "",
-        f"Machine: {machine}; {date}. Model `{args.model}` at {args.resolution} px, {args.batch} pairs per step, "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps; "
+        f"Machine: {machine}; {date}. Model `{args.model}` at {args.resolution} px, {args.batch} pairs per "
+        f"step, median of {args.steps} steps after {args.warmup} warm-up steps; "
         + (
             "memory = peak CUDA memory allocated while training (reset at the first step). "
             if gpu
@@ -163,7 +163,8 @@ def main(argv=None):
     if {"mapo", "dpo"} <= r.keys():
         lines.append(
             f"- MaPO / DPO, LoRA: step time {ratio('mapo', 'dpo', 'step_s'):.2f}, memory "
-            f"{ratio('mapo', 'dpo', 'train_mem_mib'):.2f}. (MaPO paper, SDXL on GPU: 0.855 time, 0.825 memory.)"
+            f"{ratio('mapo', 'dpo', 'train_mem_mib'):.2f}. (MaPO paper, SDXL on GPU: 0.855 time, 0.825 "
+            "memory.)"
         )
     if {"mapo_full", "dpo_full"} <= r.keys():
         lines.append(
@@ -178,7 +179,8 @@ def main(argv=None):
     if {"dpo", "dpo_copy"} <= r.keys():
         memory = "train_mem_mib" if gpu else "peak_rss_mib"
         lines.append(
-            f"- LoRA reference memory, frozen copy / disabled adapters ({'peak GPU memory' if gpu else 'peak RSS, which holds the models'}): "
+            "- LoRA reference memory, frozen copy / disabled adapters "
+            f"({'peak GPU memory' if gpu else 'peak RSS, which holds the models'}): "
             f"{ratio('dpo_copy', 'dpo', memory):.2f}."
         )
     lines.append("")

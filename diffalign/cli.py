@@ -90,7 +90,8 @@ class CommandParser(argparse.ArgumentParser):
 
 def _add_tiny(sub):
     p = sub.add_parser("tiny", help="write a tiny random-weight diffusers pipeline or scorer model (offline)")
-    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic, hpsv3) write a folder for --scorer KIND:model=FOLDER.
+    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic, hpsv3) write a folder for --scorer
+    # KIND:model=FOLDER.
     p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic", "hpsv3"])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -102,7 +103,8 @@ def _run_tiny(args):
     if args.kind not in TINY_KINDS:
         path = save_tiny_scorer(args.kind, args.out_dir, seed=args.seed)
         print(
-            f"wrote tiny {args.kind} scorer model (seed {args.seed}) to {path}; use --scorer {args.kind}:model={path}"
+            f"wrote tiny {args.kind} scorer model (seed {args.seed}) to {path}; use --scorer "
+            f"{args.kind}:model={path}"
         )
         return
     path = save_tiny(args.kind, args.out_dir, seed=args.seed)
@@ -443,8 +445,8 @@ def _run_pairs(args) -> None:
         model_name=args.model,
     )
     print(
-        f"wrote {info['pairs']} pairs ({info['ties']} ties dropped) to {out / 'pairs.jsonl'}; "
-        f"mean {args.scorer}: chosen {info['mean_chosen_score']:.4g}, rejected {info['mean_rejected_score']:.4g}"
+        f"wrote {info['pairs']} pairs ({info['ties']} ties dropped) to {out / 'pairs.jsonl'}; mean "
+        f"{args.scorer}: chosen {info['mean_chosen_score']:.4g}, rejected {info['mean_rejected_score']:.4g}"
     )
 
 

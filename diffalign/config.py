@@ -81,7 +81,8 @@ class DataConfig:
     num_workers: int = 0
     cache: bool = False  # encode text + VAE latents once (keyed by model and preprocessing)
     cache_dir: str | None = None  # default: $DIFFALIGN_CACHE/latents
-    # Video models (AnimateDiff, Wan): frames per training video; null: eval.num_frames, else the pipeline's default
+    # Video models (AnimateDiff, Wan): frames per training video; null: eval.num_frames, else the pipeline's
+    # default
     num_frames: int | None = None
     frame_policy: Literal["resample", "reject"] = (
         "resample"  # a video of another length: evenly resample, or skip it

@@ -24,7 +24,8 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 #: The transformer modules LoRA adapts by default: diffusers' train_dreambooth_lora_sd3.py (the joint
 #: attention's image and context projections; Flow-GRPO uses the same eight) and train_dreambooth_lora_flux.py
 #: (the same plus both feed-forwards of the double-stream blocks). PEFT matches them as name suffixes, so
-#: SD3.5's second attention (``attn2``) and FLUX's single-stream ``proj_mlp``/``proj_out`` are left out, as there.
+#: SD3.5's second attention (``attn2``) and FLUX's single-stream ``proj_mlp``/``proj_out`` are left out, as
+#: there.
 LORA_TARGET_MODULES = {
     "sd3": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
             "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"),
@@ -71,7 +72,8 @@ def training_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, u: torch.Tensor,
     if scheduler.config.use_dynamic_shifting:
         if mu is None:
             raise ValueError(
-                "this scheduler shifts dynamically (use_dynamic_shifting): pass mu, e.g. flux_mu(tokens, config)"
+                "this scheduler shifts dynamically (use_dynamic_shifting): pass mu, e.g. flux_mu(tokens, "
+                "config)"
             )
         sigmas = scheduler.time_shift(mu, 1.0, sigmas)
     elif mu is not None:

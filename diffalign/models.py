@@ -324,7 +324,8 @@ def load_pipeline(
             )
         if not trust_remote_code:
             raise ValueError(
-                f"custom pipeline {custom_pipeline!r} runs its own code: pass trust_remote_code=True to allow it"
+                f"custom pipeline {custom_pipeline!r} runs its own code: pass trust_remote_code=True to "
+                "allow it"
             )
         kwargs["custom_pipeline"] = str(Path(custom_pipeline).resolve())
     if vae is not None:

@@ -142,7 +142,8 @@ class _FlowStep:
     def make_scheduler(config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        # Wan ships a UniPC config with ``flow_shift``; the Euler flow scheduler calls the same shift ``shift``.
+        # Wan ships a UniPC config with ``flow_shift``; the Euler flow scheduler calls the same shift
+        # ``shift``.
         shift = config.get("shift", config.get("flow_shift", 1.0))
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift)
 
@@ -247,7 +248,8 @@ class FlowCPSStep(_FlowStep):
     def __post_init__(self):
         if not 0 <= self.noise_level <= 1:
             raise ValueError(
-                f"noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got {self.noise_level}"
+                "noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got "
+                f"{self.noise_level}"
             )
         if self.density not in ("gaussian", "squared_error"):
             raise ValueError(f"density must be 'gaussian' or 'squared_error', got {self.density!r}")

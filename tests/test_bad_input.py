@@ -432,7 +432,8 @@ GOOD_IMAGES = {
     "palette.gif": _encoded(Image.new("P", (8, 8), 3), "GIF"),
     "bilevel.bmp": _encoded(Image.new("1", (8, 8), 1), "BMP"),
 }
-#: ... and a folder named like an image: passes the open-time check (video frames are folders), fails to decode.
+#: ... and a folder named like an image: passes the open-time check (video frames are folders), fails to
+#: decode.
 BAD_IMAGES = {
     "zero_bytes.png": b"",
     "truncated.png": _GOOD_PNG[: len(_GOOD_PNG) // 2],

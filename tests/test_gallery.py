@@ -135,7 +135,8 @@ def test_same_noise_for_every_model(tmp_path, tiny_sdxl_path, tiny_sdxl_seed1, t
         assert np.array_equal(pixels(file_a), pixels(file_again))  # same model, same noise: same image
         assert not np.array_equal(pixels(file_a), pixels(file_other))
     assert not np.array_equal(pixels(media["a"][0]), pixels(media["a"][1]))  # two images of a prompt differ
-    # image k of prompt p is exactly what sample() gives alone with seed SEED + p*K + k (batching does not matter)
+    # image k of prompt p is exactly what sample() gives alone with seed SEED + p*K + k (batching does not
+    # matter)
     alone = sample(tiny_sdxl, [PROMPTS[1]], seeds=[3 + 1 * 2 + 1], num_steps=3, guidance_scale=3.0, eta=1.0)
     expected = (alone.images[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(pixels(tmp_path / "media" / "a" / "00001_01.png"), expected)

@@ -108,14 +108,11 @@ def test_write_guard_stops_a_non_main_rank(tmp_path, write):
     (root / "in.txt").write_text("read me")
     (outside / "x").write_text("x")
     script = (
-        f"import os, sys, torch; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-        "from safetensors.torch import save_file; import mp_launch\n"
-        f"root, outside = Path({str(root)!r}), Path({str(outside)!r})\n"
-        "mp_launch.install_write_guard([root])\n"
-        "assert (root / 'in.txt').read_text() == 'read me'\n"
-        "(outside / 'y.txt').write_text('fine'); save_file({'a': torch.zeros(1)}, str(outside / 'ok.safetensors'))\n"
-        "print('READY', flush=True)\n"
-        f"{write}\n"
+        f"import os, sys, torch; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom "
+        f"safetensors.torch import save_file; import mp_launch\nroot, outside = Path({str(root)!r}), "
+        f"Path({str(outside)!r})\nmp_launch.install_write_guard([root])\nassert (root / "
+        "'in.txt').read_text() == 'read me'\n(outside / 'y.txt').write_text('fine'); save_file({'a': "
+        f"torch.zeros(1)}}, str(outside / 'ok.safetensors'))\nprint('READY', flush=True)\n{write}\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -267,7 +264,8 @@ ONLINE = {
 @pytest.mark.parametrize("method", sorted(ONLINE))
 def test_online_method_runs_on_two_processes(method, tmp_path, tiny_sdxl_path):
     out = tmp_path / "run"
-    # the documented command line, accelerate launch --multi_gpu --num_processes 2 (a free port: tests share the machine)
+    # the documented command line, accelerate launch --multi_gpu --num_processes 2 (a free port: tests share
+    # the machine)
     launch = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
     overrides = [*ONLINE[method]]
     if method == "ddpo" and not torch.accelerator.is_available():

@@ -67,7 +67,8 @@ def test_crop_preprocessing_equals_openai_clip_transform(h, w):
 
 @pytest.mark.parametrize("h,w", SIZES)
 def test_pickscore_preprocessing_equals_transformers_clip_processor_steps(h, w):
-    # PickScore's published processor: PIL bicubic resize of the short side, crop offset floored, rescale, normalize.
+    # PickScore's published processor: PIL bicubic resize of the short side, crop offset floored, rescale,
+    # normalize.
     from transformers.image_transforms import center_crop, normalize, resize
     from transformers.image_utils import ChannelDimension, PILImageResampling
 
@@ -193,7 +194,7 @@ def test_aesthetic_head_reads_the_normalized_embedding(scorers):
     ] == "layers.0.weight"  # the published key layout
 
 
-# ---------------------------------------------------------------------------------------------- batching, gradients
+# ---------------------------------------------------------------------------------------- batching, gradients
 @pytest.mark.parametrize("kind", ["pickscore", "clipscore", "hpsv2", "aesthetic"])
 def test_batch_equals_one_by_one(scorers, kind):
     scorer = scorers[kind]
@@ -239,7 +240,7 @@ def to_pil_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return (x * 255).round() / 255
 
 
-# ---------------------------------------------------------------------------------------------- combined, video
+# -------------------------------------------------------------------------------------------- combined, video
 def test_combined_scorer_is_the_weighted_sum(scorers, folders):
     spec = (f"10*pickscore:model={folders['pickscore']} + 2*hpsv2:model={folders['hpsv2']}"
             f"+0.05*aesthetic:model={folders['aesthetic']}")

@@ -27,7 +27,8 @@ SCENES = [
 
 
 def _render(scene: data.Scene, seed: int = 1) -> torch.Tensor:
-    # The reader reads about 98 % of renders fully right (test_toy.py); with this jitter seed it reads all of these.
+    # The reader reads about 98 % of renders fully right (test_toy.py); with this jitter seed it reads all of
+    # these.
     return to_tensor(data.render(scene, random.Random(seed)))
 
 

@@ -191,7 +191,8 @@ def test_logit_normal_timestep_sampling_maps_uniform_draws_to_the_logit_normal(t
     u_sigmas, _ = uniform.sigmas_and_timesteps(index)
     l_sigmas, _ = logit.sigmas_and_timesteps(index)
     assert torch.equal(u_sigmas, uniform.scheduler.sigmas[:1000].float())
-    # every draw maps to a table entry; u = index / N follows sigmoid(N(0.5, 0.8)): its logit has that mean/std
+    # every draw maps to a table entry; u = index / N follows sigmoid(N(0.5, 0.8)): its logit has that
+    # mean/std
     positions = (logit.scheduler.sigmas[:1000].float()[None] == l_sigmas[:, None]).float().argmax(dim=1)
     u = (positions.double() + 0.5) / 1000
     logits = torch.log(u / (1 - u))

@@ -163,6 +163,7 @@ def format_tables(stats: dict) -> str:
             ci = f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
             wtl = f"{w['wins']}/{w['ties']}/{w['losses']}"
             lines.append(
-                f"{pair:<32} {w['scorer']:<24} {w['win_rate']:>10.3f}  {ci:<16} {wtl:<10} {w['mean_diff']:+.4f}"
+                f"{pair:<32} {w['scorer']:<24} {w['win_rate']:>10.3f}  {ci:<16} {wtl:<10} "
+                f"{w['mean_diff']:+.4f}"
             )
     return "\n".join(lines)

@@ -60,7 +60,8 @@ class Scorer:
             raise ValueError(f"scorer {self.name!r} needs one prompt per image")
         if isinstance(images, torch.Tensor) and (images.ndim != 4 or images.shape[1] != 3):
             raise ValueError(
-                f"scorer {self.name!r}: image tensors must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}"
+                f"scorer {self.name!r}: image tensors must be [B, 3, H, W] in [0, 1], got "
+                f"{tuple(images.shape)}"
             )
         keep_graph = self.differentiable and isinstance(images, torch.Tensor) and images.requires_grad
         with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
@@ -289,8 +290,9 @@ def parse_scorer_spec(spec: str) -> list[tuple[float | None, str, dict]]:
         match = _TERM.match(piece)
         if match is None:
             raise ValueError(
-                f"cannot read scorer spec {spec!r} at {piece.strip()!r}: expected [WEIGHT*]NAME[:KEY=VALUE,...] "
-                f"joined by '+'; known scorers: {', '.join(available_scorers())}"
+                f"cannot read scorer spec {spec!r} at {piece.strip()!r}: expected "
+                "[WEIGHT*]NAME[:KEY=VALUE,...] joined by '+'; known scorers: "
+                f"{', '.join(available_scorers())}"
             )
         name = match["name"]
         if name not in SCORERS:
@@ -310,7 +312,8 @@ def _check_settings(name: str, settings: dict) -> None:
     unknown = [k for k in settings if k not in accepted]
     if unknown:
         raise ValueError(
-            f"scorer {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(accepted)}"
+            f"scorer {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: "
+            f"{', '.join(accepted)}"
         )
 
 

@@ -44,7 +44,8 @@ class HFCLIPScorer(Scorer):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         model = model or self.default_model
-        # A local model folder usually carries its own tokenizer/processor files; the hub PickScore repo does not.
+        # A local model folder usually carries its own tokenizer/processor files; the hub PickScore repo does
+        # not.
         processor = processor or (model if _has_tokenizer(model) else self.default_processor)
         self.device, self.dtype = resolve_device(device), parse_dtype(dtype)
         self.preprocess_path = check_path(preprocess)

@@ -107,8 +107,9 @@ class HTTPScorer(Scorer):
                 return None  # every try timed out while reading: counted as a bad batch
             raise ServiceError(
                 f"scorer {self.name!r}: cannot reach {url} after {self.retries + 1} tries over at most "
-                f"{self.give_up_after_s:.0f} s ({_reason(err)}). Is the server running (diffalign serve-scorer ...)? "
-                f"Resume the run from its last checkpoint with --resume latest once it is back."
+                f"{self.give_up_after_s:.0f} s ({_reason(err)}). Is the server running (diffalign "
+                "serve-scorer ...)? Resume the run from its last checkpoint with --resume latest once it is "
+                "back."
             ) from None
 
     def raise_for_refusal(self, response: requests.Response) -> None:

@@ -78,7 +78,8 @@ class VLMJudge(HTTPScorer):
             raise ValueError("scorer 'vlm_judge' needs model=NAME (the model name the server serves)")
         if "{prompt}" not in prompt:
             raise ValueError(
-                f"scorer 'vlm_judge': prompt must contain {{prompt}} (where the image's prompt goes), got {prompt!r}"
+                "scorer 'vlm_judge': prompt must contain {prompt} (where the image's prompt goes), got "
+                f"{prompt!r}"
             )
         if not min_score < max_score:
             raise ValueError(f"scorer 'vlm_judge': min_score ({min_score}) must be < max_score ({max_score})")

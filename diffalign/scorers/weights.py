@@ -18,10 +18,10 @@ def weights_missing(
         f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})" if err is not None else ""
     )
     return FileNotFoundError(
-        f"cannot load the {what} for scorer {scorer!r} from {source!r}{reason}. It is not a local path and could "
-        f"not be downloaded (no network, or not in the Hugging Face cache). Download it where the hub is "
-        f"reachable (huggingface-cli download ...), or pass a local copy: make_scorer('{scorer}:{setting}=PATH') "
-        f"or `diffalign score --scorer {scorer}:{setting}=PATH`."
+        f"cannot load the {what} for scorer {scorer!r} from {source!r}{reason}. It is not a local path and "
+        "could not be downloaded (no network, or not in the Hugging Face cache). Download it where the hub "
+        "is reachable (huggingface-cli download ...), or pass a local copy: "
+        f"make_scorer('{scorer}:{setting}=PATH') or `diffalign score --scorer {scorer}:{setting}=PATH`."
     )
 
 
@@ -65,7 +65,8 @@ def from_pretrained(cls, source: str, *, what: str, setting: str, scorer: str, *
         return cls.from_pretrained(str(path), **kwargs)
     if path.exists():
         raise FileNotFoundError(
-            f"{what} for scorer {scorer!r}: expected a model folder (config.json + weights), got the file {path}"
+            f"{what} for scorer {scorer!r}: expected a model folder (config.json + weights), got the file "
+            f"{path}"
         )
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{what} for scorer {scorer!r}: local folder {source} does not exist")

@@ -145,7 +145,8 @@ def parse_caption(caption: str) -> Scene:
     match = _CAPTION.match(caption.strip().lower())
     if match is None:
         raise ValueError(
-            f"not a toy caption: {caption!r} (expected e.g. 'a small red circle on the left on a white background')"
+            f"not a toy caption: {caption!r} (expected e.g. 'a small red circle on the left on a white "
+            "background')"
         )
     g = match.groupdict()
     count = {v: k for k, v in COUNT_WORDS.items()}[g["count"]]
@@ -153,7 +154,8 @@ def parse_caption(caption: str) -> Scene:
     for name in ("size", "color", "shape", "background"):
         if getattr(scene, name) not in VOCAB[name]:
             raise ValueError(
-                f"toy caption {caption!r}: unknown {name} {getattr(scene, name)!r}; expected one of {VOCAB[name]}"
+                f"toy caption {caption!r}: unknown {name} {getattr(scene, name)!r}; expected one of "
+                f"{VOCAB[name]}"
             )
     if (scene.position is None) != (count > 1) or (scene.position and scene.position not in POSITIONS):
         raise ValueError(f"toy caption {caption!r}: a single object needs one of the positions {POSITIONS}; "

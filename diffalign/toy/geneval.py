@@ -27,7 +27,8 @@ from diffalign.toy import data, video_data
 from diffalign.toy.evaluate import ATTRIBUTES, chance_levels
 from diffalign.toy.video_evaluate import VIDEO_ATTRIBUTES, video_chance_levels
 
-#: Noise seed of image ``i`` for evaluation seed ``s``: ``s * SEED_STRIDE + i`` (seed 0 is ``caption_accuracy``'s).
+#: Noise seed of image ``i`` for evaluation seed ``s``: ``s * SEED_STRIDE + i`` (seed 0 is
+#: ``caption_accuracy``'s).
 SEED_STRIDE = 100_000
 BOOTSTRAP_DRAWS = 2000
 

@@ -290,7 +290,8 @@ def train_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, cond, confi
         done = step + 1
         if done % 50 == 0 or done == config.unet_steps:
             log.info(
-                f"unet step {done}/{config.unet_steps} loss {smoothed:.5f} lr {optimizer.param_groups[0]['lr']:.2e}"
+                f"unet step {done}/{config.unet_steps} loss {smoothed:.5f} lr "
+                f"{optimizer.param_groups[0]['lr']:.2e}"
             )
         if done % config.checkpoint_every == 0 or done == config.unet_steps:
             save_checkpoint(ckpt, {"stage": "unet" if done < config.unet_steps else "done", "step": done,

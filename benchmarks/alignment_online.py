@@ -6,11 +6,11 @@
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
 ``configs/{CONFIGS}/{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
-DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own before/after evaluation:
-the held-out toy prompts (never trained on), fixed seeds, the target reward's mean for the base model
-and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts. SePPO gets
-only winners: for each training prompt the base model samples ``--candidates`` images and the one the
-reward likes best is kept (made once per benchmark run and shared by every SePPO run).
+DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own
+before/after evaluation: the held-out toy prompts (never trained on), fixed seeds, the target reward's mean
+for the base model and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts.
+SePPO gets only winners: for each training prompt the base model samples ``--candidates`` images and the one
+the reward likes best is kept (made once per benchmark run and shared by every SePPO run).
 
 Methods: ``prdp``, ``ddpo``, ``seppo`` (reference uniform over the pool, sign flip), and the SePPO
 ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``, ``seppo-indicator``.

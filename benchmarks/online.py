@@ -2,8 +2,8 @@
 
     python benchmarks/online.py [--model tiny-sdxl] [--threads 1] [--json out.json]
 
-1. One PRDP epoch through the real objective (diffalign.objectives.online.OnlineObjective) on a LoRA UNet: seconds
-   spent sampling, scoring, recomputing the reference's log-probs, and in the K gradient steps.
+1. One PRDP epoch through the real objective (diffalign.objectives.online.OnlineObjective) on a LoRA UNet:
+   seconds spent sampling, scoring, recomputing the reference's log-probs, and in the K gradient steps.
 2. ``recompute_log_probs`` on the same trajectories with all T timesteps batched into one forward
    (chunk_size = T) vs one timestep at a time (chunk_size = 1), forward only and forward + backward.
    The ratio is the figure of merit (same run, same machine).

@@ -121,7 +121,8 @@ def _t5_xxl(vocab_size: int = 32128):
 
 
 def build_sdxl(device: str, done=lambda name: None):
-    """``done(name)`` is called after each component is built (initialising 2.6 B weights on a CPU takes minutes)."""
+    """``done(name)`` is called after each component is built (initialising 2.6 B weights on a CPU takes
+    minutes)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):  # the models only: the scheduler keeps its tables on the CPU

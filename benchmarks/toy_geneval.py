@@ -94,7 +94,8 @@ def evaluate(results: list[dict], args) -> dict:
 
 
 def diagnose(args) -> list[dict]:
-    """Per reward: mean, within-prompt spread, groups with distinct rewards, agreement with the GenEval fraction."""
+    """Per reward: mean, within-prompt spread, groups with distinct rewards, agreement with the GenEval
+    fraction."""
     from scipy.stats import spearmanr
 
     from diffalign.config import load_config

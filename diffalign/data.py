@@ -96,7 +96,8 @@ class PairSource:
                                   "frame folders); this format holds images")
 
     def where(self, i: int) -> str:
-        """Where pair ``i`` is stored, as a user finds it: ``FILE row N`` (Pick-a-Pic) or ``FILE:LINE`` (JSONL)."""
+        """Where pair ``i`` is stored, as a user finds it: ``FILE row N`` (Pick-a-Pic) or ``FILE:LINE``
+        (JSONL)."""
         return f"{self.description} pair {i}"
 
     def fingerprint(self) -> str:
@@ -514,7 +515,8 @@ def bad_item(source: PairSource, index: int, err: Exception) -> dict:
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Batch good items; bad ones are reported in ``bad`` (messages) and ``bad_rows`` (where each is stored)."""
+    """Batch good items; bad ones are reported in ``bad`` (messages) and ``bad_rows`` (where each is
+    stored)."""
     good = [it for it in items if "bad" not in it]
     batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good),
              "bad_rows": [it.get("bad_row", it["bad"]) for it in items if "bad" in it]}
@@ -528,7 +530,8 @@ def collate_pairs(items: list[dict]) -> dict:
 
 
 class BadRowCounter:
-    """Counts unreadable pairs; warns once per distinct row, and raises once the bad fraction exceeds the limit.
+    """Counts unreadable pairs; warns once per distinct row, and raises once the bad fraction exceeds the
+    limit.
 
     ``bad`` is the number of distinct unreadable rows, ``skips`` how many times they were skipped (once per
     epoch each), ``seen`` how many rows were read. The fraction (skips over reads) is checked once at least

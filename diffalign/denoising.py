@@ -118,7 +118,8 @@ class FlowMatchingNoise:
         return self.scheduler.config
 
     def sigmas_and_timesteps(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws ``index``."""
+        """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws
+        ``index``."""
         n = self.config.num_train_timesteps
         index = index.long().cpu()
         if self.timestep_sampling == "logit_normal":

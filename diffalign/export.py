@@ -20,7 +20,8 @@ def denoiser_attr(pipe) -> str:
 
 def save_lora(pipe, unet, out: Path) -> None:
     """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors), written
-    by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's ``transformer_lora_layers``)."""
+    by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's
+    ``transformer_lora_layers``)."""
     from peft.utils import get_peft_model_state_dict  # heavy: loaded when a LoRA is written
 
     bare = unwrap(unet)

@@ -37,7 +37,8 @@ LORA_TARGET_MODULES = {
 
 def draw_u(density: str, batch_size: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
            mode_scale: float = 1.29, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-    """``batch_size`` draws of u in [0, 1) from ``density`` (diffusers' defaults: logit_normal(0, 1), mode 1.29)."""
+    """``batch_size`` draws of u in [0, 1) from ``density`` (diffusers' defaults: logit_normal(0, 1), mode
+    1.29)."""
     if density not in TIMESTEP_DENSITIES:
         raise ValueError(
             f"unknown timestep density {density!r}; expected one of {', '.join(TIMESTEP_DENSITIES)}"
@@ -54,14 +55,16 @@ def draw_u(density: str, batch_size: int, *, logit_mean: float = 0.0, logit_std:
 
 
 def training_scheduler(config: dict) -> FlowMatchEulerDiscreteScheduler:
-    """The pipeline's flow scheduler at its full training table (``num_train_timesteps`` sigmas, static shift applied)."""
+    """The pipeline's flow scheduler at its full training table (``num_train_timesteps`` sigmas, static shift
+    applied)."""
     return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
 
 
 def training_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, u: torch.Tensor,
                     mu: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(sigma, timestep)`` for draws ``u``: as the scripts do, ``sigma = scheduler.sigmas[int(u N)]``
-    of the training table (which holds SD3's static shift), and ``timestep = 1000 sigma`` as the pipelines feed it.
+    """Per-row ``(sigma, timestep)`` for draws ``u``: as the scripts do,
+    ``sigma = scheduler.sigmas[int(u N)]`` of the training table (which holds SD3's static shift), and
+    ``timestep = 1000 sigma`` as the pipelines feed it.
 
     A dynamically shifted scheduler (FLUX) keeps its table unshifted: pass ``mu`` (:func:`flux_mu` of the
     packed token count) to shift it as ``FluxPipeline`` does at sampling, ``e^mu / (e^mu + 1/sigma - 1)``.
@@ -95,7 +98,8 @@ def flux_mu(image_seq_len: int, scheduler_config: dict) -> float:
 
 
 def loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """Per-row loss weights (``sigma_sqrt``: sigma^-2; ``cosmap``: 2 / (pi (1 - 2 sigma + 2 sigma^2)); ``none``: 1)."""
+    """Per-row loss weights (``sigma_sqrt``: sigma^-2; ``cosmap``: 2 / (pi (1 - 2 sigma + 2 sigma^2));
+    ``none``: 1)."""
     if weighting not in LOSS_WEIGHTINGS:
         raise ValueError(
             f"unknown loss weighting {weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}"
@@ -110,14 +114,16 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def interpolate(
     x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_t, target)``: the noisy input ``(1 - sigma) x0 + sigma noise`` and the velocity target ``noise - x0``."""
+    """``(x_t, target)``: the noisy input ``(1 - sigma) x0 + sigma noise`` and the velocity target
+    ``noise - x0``."""
     s = _rows(sigmas, x0).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
 
 
 def flow_matching_losses(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
                          weighting: str = "none") -> torch.Tensor:
-    """Per-sample weighted ``mean over elements of (pred - (noise - x0))^2`` [N] in fp32, as the scripts reduce it."""
+    """Per-sample weighted ``mean over elements of (pred - (noise - x0))^2`` [N] in fp32, as the scripts
+    reduce it."""
     w = _rows(loss_weights(weighting, sigmas.float()), pred)
     target = noise.float() - x0.float()
     return (w * (pred.float() - target) ** 2).flatten(1).mean(dim=1)

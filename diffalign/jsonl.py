@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, object]]:
-    """Yield ``("FILE:LINE", parsed value)`` for each non-blank line; bad JSON raises ``error`` naming the line."""
+    """Yield ``("FILE:LINE", parsed value)`` for each non-blank line; bad JSON raises ``error`` naming the
+    line."""
     path = Path(path)
     with path.open("rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is reported with its line
         for lineno, raw in enumerate(f, 1):

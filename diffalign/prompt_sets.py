@@ -195,7 +195,8 @@ def load_hpdv2_style(style: str) -> list[str]:
 
 
 def select_prompts(prompts: list[str], max_prompts: int | None) -> list[str]:
-    """At most ``max_prompts`` prompts, evenly spaced through the list (sets are often grouped by category)."""
+    """At most ``max_prompts`` prompts, evenly spaced through the list (sets are often grouped by
+    category)."""
     if max_prompts is None or max_prompts >= len(prompts):
         return prompts
     if max_prompts < 1:

@@ -34,7 +34,8 @@ def checkpoint_root(cfg: Config) -> Path:
 def save_training_checkpoint(
     ctx: TrainContext, optimizer, lr_scheduler, objective, trainer_state: dict
 ) -> Path:
-    """``checkpoints/checkpoint-<step>``: weights, optimizer, schedule, every process's RNG and objective state."""
+    """``checkpoints/checkpoint-<step>``: weights, optimizer, schedule, every process's RNG and objective
+    state."""
     cfg = ctx.cfg
     folder = checkpoint_root(cfg) / f"checkpoint-{trainer_state['global_step']}"
     rank_state = {

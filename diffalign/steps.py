@@ -167,7 +167,8 @@ class _FlowStep:
 
 
 def _draw(mean: torch.Tensor, std: torch.Tensor, noisy: bool, generator, dtype: torch.dtype) -> torch.Tensor:
-    """``mean + std z`` (``std`` per row, fp32 noise), cast to the sample's dtype; just ``mean`` when not ``noisy``."""
+    """``mean + std z`` (``std`` per row, fp32 noise), cast to the sample's dtype; just ``mean`` when not
+    ``noisy``."""
     if not noisy:
         return mean.to(dtype)
     noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
@@ -190,10 +191,11 @@ class FlowSDEStep(_FlowStep):
 
     ``noise_schedule="flow_grpo"`` is Flow-GRPO's rule: ``std_t = noise_level * sqrt(sigma / (1 - sigma))``,
     with sigma = 1 in the denominator replaced by the second sigma. ``"constant"`` is DanceGRPO's:
-    ``std_t = noise_level`` (its ``mean = x + dt (v - eta^2/2 score)``, score ``-(x - (1 - sigma) x0) / sigma^2``,
-    is the same expression). ``noise_level`` 0 is the deterministic Euler step of
-    ``FlowMatchEulerDiscreteScheduler`` (bitwise in fp32; :class:`FlowEulerStep` also in lower precision).
-    ``reduction`` turns the per-element Gaussian log-density into one number per sample (both papers: mean).
+    ``std_t = noise_level`` (its ``mean = x + dt (v - eta^2/2 score)``, score
+    ``-(x - (1 - sigma) x0) / sigma^2``, is the same expression). ``noise_level`` 0 is the deterministic Euler
+    step of ``FlowMatchEulerDiscreteScheduler`` (bitwise in fp32; :class:`FlowEulerStep` also in lower
+    precision). ``reduction`` turns the per-element Gaussian log-density into one number per sample (both
+    papers: mean).
     """
 
     noise_level: float = 0.7
@@ -233,7 +235,8 @@ class FlowSDEStep(_FlowStep):
 class FlowCPSStep(_FlowStep):
     """Flow-GRPO+'s coefficients-preserving step (CPS): the next sample keeps the flow's marginal
     coefficients, ``x' = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat + std z`` with
-    ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v`` and ``std = sigma_next sin(noise_level pi / 2)``.
+    ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v`` and
+    ``std = sigma_next sin(noise_level pi / 2)``.
 
     The last step (``sigma_next`` = 0) has no noise and no density. ``density="gaussian"`` is the proper
     log-density; ``"squared_error"`` is Flow-GRPO+'s ``-(x' - mean)^2`` without the Gaussian's scale and

@@ -1,4 +1,5 @@
-"""Tiny random-weight pipelines of the real SD / SDXL / AnimateDiff / Wan / SD3 / FLUX architectures, built offline.
+"""Tiny random-weight pipelines of the real SD / SDXL / AnimateDiff / Wan / SD3 / FLUX architectures, built
+offline.
 
 Tests and examples cannot reach a model hub, so the package builds its own small models: the same
 classes and wiring as the real pipelines (SDXL: two CLIP text encoders, ``text_time`` added conditioning;
@@ -170,7 +171,8 @@ def build_tiny_sd(seed: int = 0):
 
 
 def build_tiny_sdxl(seed: int = 0):
-    """A tiny ``StableDiffusionXLPipeline`` with random weights: two text encoders, ``text_time`` conditioning."""
+    """A tiny ``StableDiffusionXLPipeline`` with random weights: two text encoders, ``text_time``
+    conditioning."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -225,7 +227,8 @@ def assemble_sdxl(vae, unet, text_encoder, text_encoder_2):
 
 
 def build_tiny_animatediff(seed: int = 0):
-    """A tiny ``AnimateDiffPipeline``: an SD 1.x UNet plus a ``MotionAdapter``, DDIM as AnimateDiff ships it."""
+    """A tiny ``AnimateDiffPipeline``: an SD 1.x UNet plus a ``MotionAdapter``, DDIM as AnimateDiff ships
+    it."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 
     base = build_tiny_sd(seed)
@@ -268,7 +271,8 @@ _TINY_T5_WORDS = (
 
 
 def build_tiny_t5_tokenizer():
-    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, appends ``</s>``), built offline."""
+    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, appends ``</s>``), built
+    offline."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
@@ -288,7 +292,8 @@ def build_tiny_t5_tokenizer():
 
 
 def build_tiny_wan(seed: int = 0):
-    """A tiny ``WanPipeline`` (Wan 2.1 text-to-video architecture: UMT5 encoder, causal 3D VAE, flow matching)."""
+    """A tiny ``WanPipeline`` (Wan 2.1 text-to-video architecture: UMT5 encoder, causal 3D VAE, flow
+    matching)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -349,8 +354,9 @@ def _tiny_t5_encoder(vocab_size: int, d_model: int):
 
 
 def build_tiny_sd3(seed: int = 0):
-    """A tiny ``StableDiffusion3Pipeline`` (SD3.5-medium architecture): an MMDiT with one dual-attention layer and
-    RMS-normed q/k, CLIP-L + CLIP-G (both with projection) + T5, a 16-channel VAE with SD3's scale and shift."""
+    """A tiny ``StableDiffusion3Pipeline`` (SD3.5-medium architecture): an MMDiT with one dual-attention layer
+    and RMS-normed q/k, CLIP-L + CLIP-G (both with projection) + T5, a 16-channel VAE with SD3's scale and
+    shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -402,9 +408,9 @@ def build_tiny_sd3(seed: int = 0):
 
 
 def build_tiny_flux(seed: int = 0):
-    """A tiny ``FluxPipeline`` shaped like FLUX.1-dev: double- and single-stream blocks, the guidance embedding
-    (guidance-distilled: no CFG), CLIP-L pooled + T5 states, packed 2x2 latents of a 16-channel VAE, and the
-    dynamically shifted Euler scheduler FLUX.1-dev ships."""
+    """A tiny ``FluxPipeline`` shaped like FLUX.1-dev: double- and single-stream blocks, the guidance
+    embedding (guidance-distilled: no CFG), CLIP-L pooled + T5 states, packed 2x2 latents of a 16-channel VAE,
+    and the dynamically shifted Euler scheduler FLUX.1-dev ships."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -471,9 +477,9 @@ def build_tiny(kind: str, seed: int = 0):
 def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
     """Write ``pipe`` as a diffusers folder (safetensors), atomically: a crash leaves the old folder or none.
 
-    CLIP tokenizers are written as ``vocab.json`` + ``merges.txt``, as the real SD/SDXL repositories ship them:
-    every transformers version loads those (transformers 4's slow ``CLIPTokenizer`` needs them; 5 writes only
-    a ``tokenizer.json`` that 4 cannot use), and they are half the size.
+    CLIP tokenizers are written as ``vocab.json`` + ``merges.txt``, as the real SD/SDXL repositories ship
+    them: every transformers version loads those (transformers 4's slow ``CLIPTokenizer`` needs them; 5 writes
+    only a ``tokenizer.json`` that 4 cannot use), and they are half the size.
     """
 
     def write(tmp: Path) -> None:
@@ -487,7 +493,8 @@ def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
 
 
 def write_folder_atomically(out_dir: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder or none."""
+    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder
+    or none."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -17,7 +17,8 @@ _warned_mp4 = False
 def save_video(
     frames: torch.Tensor, stem: str | Path, fps: int = 8, formats: tuple[str, ...] = ("webp", "gif", "mp4")
 ) -> list[Path]:
-    """Write ``frames`` [F, 3, H, W] in [0, 1] as ``stem.webp`` / ``stem.gif`` / ``stem.mp4``; return the paths.
+    """Write ``frames`` [F, 3, H, W] in [0, 1] as ``stem.webp`` / ``stem.gif`` / ``stem.mp4``; return the
+    paths.
 
     MP4 needs the optional ``imageio[ffmpeg]``; without it that format is skipped (said once).
     """

@@ -1,4 +1,5 @@
-"""Gallery runs: same noise across models, statistics, resume, failures, bad input, and the page in Chromium."""
+"""Gallery runs: same noise across models, statistics, resume, failures, bad input, and the page in
+Chromium."""
 
 from __future__ import annotations
 

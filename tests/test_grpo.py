@@ -1,4 +1,5 @@
-"""GRPO (Flow-GRPO / DanceGRPO) math on fixed tensors: advantages, the clipped loss, KL, step selection, EMA."""
+"""GRPO (Flow-GRPO / DanceGRPO) math on fixed tensors: advantages, the clipped loss, KL, step selection,
+EMA."""
 
 import math
 import statistics

@@ -1,4 +1,5 @@
-"""Every command in README.md runs as written (shortened), and every Python snippet names only what it defines.
+"""Every command in README.md runs as written (shortened), and every Python snippet names only what it
+defines.
 
 The commands run in order in one scratch folder that sees the repository's ``configs/``, ``data/`` and
 ``gallery/``, so a later command can use an earlier one's output (the gallery compares the LoRA the main job

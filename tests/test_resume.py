@@ -75,7 +75,8 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """``uninterrupted(method)``: the final LoRA weights of an uninterrupted 8-step run (run once per method)."""
+    """``uninterrupted(method)``: the final LoRA weights of an uninterrupted 8-step run (run once per
+    method)."""
     weights = {}
 
     def get(method):

@@ -1,5 +1,6 @@
 """Reward-gradient methods (DRaFT, DRaFT-K, DRaFT-LV, AlignProp, ReFL): which steps carry gradients, gradients
-through the differentiable sampler against finite differences, checkpointing, the losses and the scorer check."""
+through the differentiable sampler against finite differences, checkpointing, the losses and the scorer
+check."""
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ TIMESTEPS = list(range(N))
 
 
 class TinyDenoiser(torch.nn.Module):
-    """A real (tiny) module, plus one gain per sampler step so each step's share of the gradient is visible."""
+    """A real (tiny) module, plus one gain per sampler step so each step's share of the gradient is
+    visible."""
 
     def __init__(self, dim=3, steps=N):
         super().__init__()

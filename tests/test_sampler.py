@@ -85,7 +85,8 @@ def test_record_shapes_and_conditioning(sdxl_run, tiny_sdxl):
 
 
 def test_stored_log_probs_equal_independent_gaussian(sdxl_run, tiny_sdxl):
-    """Recompute each step with diffusers' DDIMScheduler (zero noise gives the mean) and torch.distributions."""
+    """Recompute each step with diffusers' DDIMScheduler (zero noise gives the mean) and
+    torch.distributions."""
     traj = sdxl_run.trajectory
     scheduler = DDIMScheduler.from_config(
         tiny_sdxl.scheduler.config, clip_sample=False, set_alpha_to_one=False

@@ -1,4 +1,5 @@
-"""The vlm_judge scorer against a real OpenAI-compatible server on loopback (answers follow from the request)."""
+"""The vlm_judge scorer against a real OpenAI-compatible server on loopback (answers follow from the
+request)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The toy world: dataset, caption parser, reader, toy scorers, pretraining script and the shipped toy-sdxl."""
+"""The toy world: dataset, caption parser, reader, toy scorers, pretraining script and the shipped
+toy-sdxl."""
 
 from __future__ import annotations
 

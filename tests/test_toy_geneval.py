@@ -1,5 +1,6 @@
-"""The toy GenEval: the ``toy_geneval`` reward on scenes drawn with known attributes, and ``diffalign toy eval``
-(several seeds, both splits, 95 % intervals, the change against a base on the same noise, LoRA runs)."""
+"""The toy GenEval: the ``toy_geneval`` reward on scenes drawn with known attributes, and
+``diffalign toy eval`` (several seeds, both splits, 95 % intervals, the change against a base on the same
+noise, LoRA runs)."""
 
 from __future__ import annotations
 

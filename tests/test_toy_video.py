@@ -1,4 +1,5 @@
-"""The toy video world: moving-shape clips, their reader, the pretraining script and the shipped toy-animatediff."""
+"""The toy video world: moving-shape clips, their reader, the pretraining script and the shipped
+toy-animatediff."""
 
 from __future__ import annotations
 

@@ -170,7 +170,8 @@ def test_cached_and_uncached_paths_give_the_same_loss(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_pairs(tmp_path_factory):
-    """AI-feedback pairs from the shipped toy-sdxl, labelled by a toy reward (the learning benchmark, small)."""
+    """AI-feedback pairs from the shipped toy-sdxl, labelled by a toy reward (the learning benchmark,
+    small)."""
     from diffalign.models import load_pipeline
     from diffalign.pairs import generate_pairs
     from diffalign.sampling import SamplingSettings

@@ -1,4 +1,5 @@
-"""Gallery evaluation runs: generate with several models on the same prompts and noise, score, compare, browse.
+"""Gallery evaluation runs: generate with several models on the same prompts and noise, score, compare,
+browse.
 
 ``run_gallery`` is the Python entry point (also for validation inside training); ``diffalign gallery`` is
 the command (:mod:`diffalign.gallery.cli`).

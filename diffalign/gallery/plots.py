@@ -14,7 +14,8 @@ def _safe(name: str) -> str:
 
 def write_plots(out: Path, rows: Sequence[dict], stats: dict, models: Sequence[str],
                 scorers: Sequence[str]) -> list[str]:
-    """Write ``plots/scores_<scorer>.png`` and ``plots/win_rates.png``; return their paths relative to ``out``."""
+    """Write ``plots/scores_<scorer>.png`` and ``plots/win_rates.png``; return their paths relative to
+    ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -76,7 +76,8 @@ def per_prompt_means(scores: dict[int, list[float]]) -> dict[int, float]:
 
 
 def mean_ci(scores: dict[int, list[float]], confidence: float = CONFIDENCE) -> dict:
-    """Mean over all images of one model and scorer, with an interval over prompts. ``scores``: prompt -> values."""
+    """Mean over all images of one model and scorer, with an interval over prompts. ``scores``: prompt ->
+    values."""
     values = [v for vs in scores.values() for v in vs]
     if not values:
         raise ValueError("no scores")

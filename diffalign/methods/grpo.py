@@ -108,7 +108,8 @@ def group_advantages(
     unbiased: bool = False,
     adv_clip_max: float = 5.0,
 ) -> torch.Tensor:
-    """``clip((r - mean_group) / (std + eps), ±adv_clip_max)`` [n] fp32; std of all rewards or of the group."""
+    """``clip((r - mean_group) / (std + eps), ±adv_clip_max)`` [n] fp32; std of all rewards or of the
+    group."""
     r = rewards.float()
     centered = torch.zeros_like(r)
     scale = torch.zeros_like(r)
@@ -139,7 +140,8 @@ def informative_groups(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[tor
 # The loss
 # ----------------------------------------------------------------------------------------------------
 def flow_grpo_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's per-step KL ``⟨(μ_θ - μ_ref)²⟩ / (2 σ²)``: ``mean``/``mean_ref`` [n, S, ...], ``std`` [n, S]."""
+    """Flow-GRPO's per-step KL ``⟨(μ_θ - μ_ref)²⟩ / (2 σ²)``: ``mean``/``mean_ref`` [n, S, ...], ``std`` [n,
+    S]."""
     squared = (mean.float() - mean_ref.detach().float()) ** 2
     return squared.flatten(2).mean(dim=2) / (2 * std.detach().float() ** 2)
 
@@ -250,7 +252,8 @@ def initial_noise(
 ) -> torch.Tensor:
     """Initial latents ``[n, *shape]``: sample ``i``'s from ``seeds[i]``, or (shared) every member of a group
     gets the noise of the group's first sample's seed. Pass them to the sampler as ``latents`` while the
-    per-sample seeds still drive the SDE's step noise, so a group's trajectories start equal and then differ."""
+    per-sample seeds still drive the SDE's step noise, so a group's trajectories start equal and then
+    differ."""
     if len(seeds) != len(groups):
         raise ValueError(f"got {len(seeds)} seeds for {len(groups)} samples")
     first_of_group: dict[int, int] = {}

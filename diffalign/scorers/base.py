@@ -269,7 +269,8 @@ def _parse_settings(text: str | None, spec: str, positional: str | None = None) 
 
 
 def parse_scorer_spec(spec: str) -> list[tuple[float | None, str, dict]]:
-    """``"10*pickscore:model=/m,dtype=float16 + 2*hpsv2:version=v2.1"`` -> ``[(weight, name, settings), ...]``.
+    """``"10*pickscore:model=/m,dtype=float16 + 2*hpsv2:version=v2.1"`` ->
+    ``[(weight, name, settings), ...]``.
 
     A term is ``[WEIGHT*]NAME[:KEY=VALUE,...]``; terms are joined by ``+``. A ``+`` inside a setting value
     (the aesthetic head is ``sac+logos+ava1-l14-linearMSE.pth``) stays in the value, because what follows

@@ -49,7 +49,8 @@ def resized_size(height: int, width: int, size: int, mode: str) -> tuple[int, in
 
 
 def crop_box(height: int, width: int, size: int, rounding: str = "round") -> tuple[int, int]:
-    """Top-left corner of the centered ``size x size`` crop: torchvision's ``round`` or transformers' ``floor``."""
+    """Top-left corner of the centered ``size x size`` crop: torchvision's ``round`` or transformers'
+    ``floor``."""
     if rounding == "round":
         return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     if rounding == "floor":

@@ -31,7 +31,8 @@ class _QuietRandomInit(logging.Filter):
 
 
 def create_open_clip(arch: str):
-    """An open_clip model (random init, weights loaded later) and its tokenizer from a name or config folder."""
+    """An open_clip model (random init, weights loaded later) and its tokenizer from a name or config
+    folder."""
     import open_clip
 
     quiet = _QuietRandomInit()

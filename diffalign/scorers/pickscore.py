@@ -21,7 +21,8 @@ from diffalign.scorers.weights import TruncationWarning, from_pretrained, resolv
 
 
 def pooled(output) -> torch.Tensor:
-    """transformers 5 returns an output object from ``get_*_features`` (projected ``pooler_output``); 4.x a tensor."""
+    """transformers 5 returns an output object from ``get_*_features`` (projected ``pooler_output``); 4.x a
+    tensor."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 

@@ -14,8 +14,9 @@ Each folder loads with the same code as the published weights (``make_scorer("KI
   ``HPSv3.safetensors`` laid out like the published one (pre-4.52 key names ``visual.*`` / ``model.*``,
   the embedding resized to the tokenizer plus ``<|Reward|>``, the fp32 ``rm_head``).
 
-The CLIP ones take 224 x 224 inputs like the real models (HPSv3: 448 x 448, 256 x 28 x 28 pixels) (the preprocessing is the thing under test), with small
-widths so a forward pass costs milliseconds. Same seed, same weights.
+The CLIP ones take 224 x 224 inputs like the real models (HPSv3: 448 x 448, 256 x 28 x 28 pixels) (the
+preprocessing is the thing under test), with small widths so a forward pass costs milliseconds. Same seed,
+same weights.
 """
 
 from __future__ import annotations

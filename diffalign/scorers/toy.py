@@ -155,7 +155,8 @@ class ToyGenEval(Scorer):
 
     def hits(self, images, prompts) -> list[dict[str, float]]:
         """Per image [B, 3, H, W] or clip [B, F, 3, H, W]: each named attribute's hit (1/0; for clips, the
-        fraction of frames, and the motion direction 1/0). A prompt that is not a toy caption raises ValueError."""
+        fraction of frames, and the motion direction 1/0). A prompt that is not a toy caption raises
+        ValueError."""
         if isinstance(images, torch.Tensor) and images.ndim == 5:
             return clip_hits(images.float(), list(prompts))
         rows = attribute_hits(to_tensor(images).float(), list(prompts))

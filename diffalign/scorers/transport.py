@@ -70,7 +70,8 @@ def encode_batch(images, prompts: list[str] | None, encoding: str) -> dict:
 
 
 def decode_safetensors_batch(body: bytes) -> tuple[torch.Tensor, list[str] | None]:
-    """The images ``[B, 3, H, W]`` float in [0, 1] and prompts of a safetensors request (ValueError if malformed)."""
+    """The images ``[B, 3, H, W]`` float in [0, 1] and prompts of a safetensors request (ValueError if
+    malformed)."""
     try:
         tensors = load_safetensors(body)
         metadata = _safetensors_metadata(body)

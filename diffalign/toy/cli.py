@@ -1,4 +1,5 @@
-"""``diffalign toy pretrain`` (and ``pretrain-video``, ``export``) and ``diffalign toy eval`` (the toy GenEval)."""
+"""``diffalign toy pretrain`` (and ``pretrain-video``, ``export``) and ``diffalign toy eval`` (the toy
+GenEval)."""
 
 from __future__ import annotations
 

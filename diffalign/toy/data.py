@@ -226,7 +226,8 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
 
 
 def make_dataset(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """``n`` rendered scenes of ``split``: images uint8 [n, 3, 32, 32] and their captions, fixed by ``seed``."""
+    """``n`` rendered scenes of ``split``: images uint8 [n, 3, 32, 32] and their captions, fixed by
+    ``seed``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = random.Random(f"diffalign-toy-{split}-{seed}")

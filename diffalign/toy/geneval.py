@@ -105,7 +105,8 @@ def with_all(row: Mapping[str, float]) -> dict[str, float]:
 
 def bootstrap_mean(values: np.ndarray, clusters: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
                    seed: int = 0) -> dict[str, float]:
-    """Mean of ``values`` and its 95 % interval, resampling whole ``clusters`` (caption ids) with replacement."""
+    """Mean of ``values`` and its 95 % interval, resampling whole ``clusters`` (caption ids) with
+    replacement."""
     ids, inverse = np.unique(clusters, return_inverse=True)
     sums = np.bincount(inverse, weights=values, minlength=len(ids))
     counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
@@ -133,12 +134,14 @@ def summarize_rows(rows: Sequence[Mapping[str, float]], captions: Sequence[str],
 
 def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: str | None = None,
                 progress: bool | None = None, scorers: Mapping[str, object] | None = None) -> dict:
-    """Evaluate ``models`` (``{label: pipeline}``, all image or all video pipelines) on the same captions and noise.
+    """Evaluate ``models`` (``{label: pipeline}``, all image or all video pipelines) on the same captions and
+    noise.
 
     Returns ``{"settings", "video", "splits": {split: {"n", "captions", "accuracy": {label: {attribute:
     {mean, low, high}}}, "change": {label: {...}} (against ``base``, one of the labels), "chance"}}, "images":
     [{split, seed, caption, noise_seed, label: hits, ...}]}``; with ``scorers`` (``{name: Scorer}``) also
-    ``"scores": {label: {name: mean}}`` per split, over the same images. ``progress`` None: a bar on a terminal only.
+    ``"scores": {label: {name: mean}}`` per split, over the same images. ``progress`` None: a bar on a
+    terminal only.
     """
     video = {is_video_pipeline(pipe) for pipe in models.values()}
     if len(video) != 1:

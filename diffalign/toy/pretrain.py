@@ -222,7 +222,8 @@ def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torc
 def update_with_ema(
     optimizer, model, ema_model, loss, step: int, lr: float, grad_clip: float, ema_decay: float
 ):
-    """One clipped optimizer step at ``lr``, then the EMA copy follows (decay warms up over the first steps)."""
+    """One clipped optimizer step at ``lr``, then the EMA copy follows (decay warms up over the first
+    steps)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -404,7 +405,8 @@ def write_pipeline(pipe, out: Path, config) -> Path:
 
 
 def export_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
-    """Write ``out/pipeline`` from the latest UNet-stage checkpoint's EMA weights (e.g. of a run stopped early)."""
+    """Write ``out/pipeline`` from the latest UNet-stage checkpoint's EMA weights (e.g. of a run stopped
+    early)."""
     out = Path(out)
     resume = load_checkpoint(out / "checkpoint")
     if resume is None or "ema_unet" not in resume[1]:

@@ -43,7 +43,8 @@ VOCAB: dict[str, tuple] = {
 
 @dataclass(frozen=True)
 class Clip:
-    """One video caption's attributes: a single object of ``size``/``color``/``shape`` moving ``direction``."""
+    """One video caption's attributes: a single object of ``size``/``color``/``shape`` moving
+    ``direction``."""
 
     size: str
     color: str

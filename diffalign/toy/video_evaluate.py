@@ -51,7 +51,8 @@ def read_direction(video: torch.Tensor) -> str | None:
 
 
 def clip_hits(videos: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, float]]:
-    """Per clip: the fraction of frames showing each named frame attribute, and whether the motion is right."""
+    """Per clip: the fraction of frames showing each named frame attribute, and whether the motion is
+    right."""
     rows = []
     for video, prompt in zip(videos, prompts, strict=True):
         clip = video_data.parse_video_caption(prompt)

@@ -40,7 +40,8 @@ def toy_sdxl_components():
 
 
 def build_motion_unet(cross_attention_dim: int, block_out_channels=UNET_CHANNELS):
-    """A randomly initialised ``UNetMotionModel`` (spatial UNet + motion adapter), as AnimateDiff assembles it."""
+    """A randomly initialised ``UNetMotionModel`` (spatial UNet + motion adapter), as AnimateDiff assembles
+    it."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     unet = UNet2DConditionModel(

@@ -273,7 +273,8 @@ def export_video_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path
 
 
 def save_clip_grid(pipe, path: Path, rows: int = 8, num_frames: int = video_data.NUM_FRAMES) -> None:
-    """One sampled clip per row (frames left to right) for ``rows`` training captions; captions in ``.txt``."""
+    """One sampled clip per row (frames left to right) for ``rows`` training captions; captions in
+    ``.txt``."""
     prompts = video_data.video_prompts("train", rows, seed=2)
     videos = sample(pipe, prompts, seeds=list(range(rows)), num_steps=DEFAULT_NUM_STEPS,
                     guidance_scale=DEFAULT_GUIDANCE, eta=1.0, num_frames=num_frames).images  # [R, F, 3, H, W]

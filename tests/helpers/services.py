@@ -74,7 +74,8 @@ UNPARSABLE = "I cannot rate this image."
 
 
 def openai_compatible_app(answer_template: str = "Rating: {score:.2f} out of 10") -> Flask:
-    """Chat completions rating the image 10 x its mean brightness; a text containing 'refuse' gets no number."""
+    """Chat completions rating the image 10 x its mean brightness; a text containing 'refuse' gets no
+    number."""
     app = Flask("openai-compatible")
     app.config["requests"] = []
 

@@ -177,7 +177,10 @@ def run(args) -> dict:
 
 
 def markdown(results: dict, args) -> str:
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), torch {torch.__version__}, no GPU"
+    machine = (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), torch {torch.__version__}, "
+        "no GPU"
+    )
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     samples = "images" if not args.num_frames else f"clips of {args.num_frames} frames"
     per_frame = "; the image reward averaged over frames" if args.num_frames else ""

@@ -1,8 +1,10 @@
 """Do the online and self-play methods learn? PRDP, DDPO and SePPO (with ablations) on ``toy-sdxl``.
 
-    python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] [--reward toy_saturation]
+    python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] \\
+        [--reward toy_saturation]
     python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp   # the toy video model
-    python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp --override train.device=cuda
+    python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp \\
+        --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
 ``configs/{CONFIGS}/{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and

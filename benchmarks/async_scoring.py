@@ -141,7 +141,10 @@ def main() -> None:
     same = torch.allclose(rewards[False], rewards[True], atol=1e-6)
     sync_s, async_s = min(times[False]), min(times[True])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, {args.threads}+{args.server_threads} threads, {device}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, "
+        f"{args.threads}+{args.server_threads} threads, {device}"
+    )
     date = datetime.now(timezone.utc).date().isoformat()
     print(f"### Async scoring - {args.model}, {args.prompts}x{args.per_prompt} samples, {args.steps} steps, "
           f"{args.size} px, calls of {args.chunk}; reward `{args.reward_spec or 'ViT-S-width PickScore'}` "

@@ -1,9 +1,9 @@
 """Checkpoint cost: diffalign's safetensors+JSON checkpoint against accelerate's ``save_state`` (the baseline,
 same model, optimizer and process, same run), for a LoRA and a full fine-tune of a UNet.
 
-    python benchmarks/checkpoints.py                      # toy-sdxl's UNet (1.7 M parameters)
-    python benchmarks/checkpoints.py --unet sd15          # an SD 1.5-size UNet (860 M, random weights; ~14 GB RAM)
-    python benchmarks/checkpoints.py --write-md           # also update BENCHMARKS.md
+    python benchmarks/checkpoints.py               # toy-sdxl's UNet (1.7 M parameters)
+    python benchmarks/checkpoints.py --unet sd15   # an SD 1.5-size UNet (860 M, random weights; ~14 GB RAM)
+    python benchmarks/checkpoints.py --write-md    # also update BENCHMARKS.md
 
 Reported per case: bytes on disk, save and load seconds (median of ``--repeats``), and ours / accelerate's.
 Both write safetensors weights; accelerate also pickles the optimizer, scheduler and RNG states.

@@ -1,8 +1,8 @@
 """Sampler benchmark: trajectory recording vs the plain pipeline; batched vs one-step recompute.
 
     python benchmarks/sampler.py [--model tiny-sdxl] [--steps 20] [--batch 4] [--repeats 5]
-    python benchmarks/sampler.py --model runs/real-sdxl --dtype bf16 --batch 2   # on a GPU (benchmarks/real_size.py)
-    python benchmarks/sampler.py --model tiny-animatediff --num-frames 8           # video pipelines
+    python benchmarks/sampler.py --model runs/real-sdxl --dtype bf16 --batch 2  # on a GPU (see real_size.py)
+    python benchmarks/sampler.py --model tiny-animatediff --num-frames 8         # video pipelines
 
 Prints a markdown table; figures are ratios measured in the same run (interleaved repeats, medians).
 """
@@ -93,7 +93,10 @@ def main():
     if str(args.device).startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()}, {args.dtype}"
     else:
-        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}"
+        machine = (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"{args.device}, {args.dtype}"
+        )
     frames = f", {args.num_frames} frames" if args.num_frames else ""
     print(
         f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, CFG 5, eta 1 "

@@ -1,8 +1,8 @@
 """Caption following on toy-sdxl: does alignment raise the toy GenEval on held-out captions?
 
-    python benchmarks/toy_geneval.py --diagnose                     # how well each reward ranks a prompt's samples
-    python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness "toy_geneval:measure=fraction" \\
-        --seeds 0 1 2 3 4 --eval-guidance 1 3                      # the method x reward x seed grid
+    python benchmarks/toy_geneval.py --diagnose         # how well each reward ranks a prompt's samples
+    python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness \\
+        "toy_geneval:measure=fraction" --seeds 0 1 2 3 4 --eval-guidance 1 3  # method x reward x seed grid
 
 Every run goes through the real trainer (``diffalign.train.train``) from ``configs/toy-sdxl/{METHOD}.yaml``
 with ``method.reward`` set to the cell's reward; it trains on the training captions only. Then every finished

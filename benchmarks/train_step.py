@@ -9,7 +9,8 @@ between variants. Step time is the median of the trainer's own
     python benchmarks/train_step.py                 # tiny-sdxl at 128 px, 4 pairs per step, CPU
     python benchmarks/train_step.py --write-md      # also update BENCHMARKS.md
     python benchmarks/train_step.py --model runs/real-sdxl --resolution 1024 --batch 1 --variants dpo mapo \
-        --override train.device=cuda train.mixed_precision=bf16 model.gradient_checkpointing=true   # GPU, real size
+        --override train.device=cuda train.mixed_precision=bf16 \
+        model.gradient_checkpointing=true           # GPU, real size
 
 On a GPU the same script measures CUDA peak memory instead (``torch.cuda.max_memory_allocated``).
 """
@@ -147,8 +148,8 @@ def main(argv=None):
         + (
             "memory = peak CUDA memory allocated while training (reset at the first step). "
             if gpu
-            else "memory = the process's peak resident set while training (reset at the first step), and its growth over "
-            "the resident set there. "
+            else "memory = the process's peak resident set while training (reset at the first step), and its "
+            "growth over the resident set there. "
         )
         + "Each variant in its own process.",
         "",

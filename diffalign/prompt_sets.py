@@ -12,7 +12,8 @@ toy-train       every training caption of the toy world          generated
 toy-heldout     every held-out caption of the toy world          generated
 parti           ``gallery/prompts/parti_prompts.tsv``            Apache-2.0 (google-research/parti)
 ddpo-animals    ``gallery/prompts/ddpo_simple_animals.txt`` (45) MIT (kvablack/ddpo-pytorch)
-hpdv2           hub dataset ``zhwang/HPDv2`` ``benchmark/*.json`` Apache-2.0; fetched at run time (not shipped)
+hpdv2           hub dataset ``zhwang/HPDv2`` ``benchmark/*.json`` Apache-2.0; fetched at run time
+                                                                 (not shipped)
 hpdv2-<style>   one style: anime, concept-art, paintings, photo
 drawbench       hub dataset, column ``Prompts``                  loaded at run time, never shipped
 pickapic        hub dataset, ``test_unique`` captions            loaded at run time, never shipped

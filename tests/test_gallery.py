@@ -528,7 +528,8 @@ def test_page_in_chromium(browser, cli_gallery):
     assert ascending == expected[::-1]
     visible = browser.evaluate("""(() => { const n = document.getElementById('filter'); n.value = 'BLUE';
         n.dispatchEvent(new Event('input'));
-        return [...document.querySelectorAll('#cards .card:not(.hidden) .prompt')].map((p) => p.textContent); })()""")
+        return [...document.querySelectorAll('#cards .card:not(.hidden) .prompt')]
+            .map((p) => p.textContent); })()""")
     assert visible == ["#1a blue square"]
     assert "sort=diff-asc" in browser.evaluate("location.hash")
     assert browser.errors() == []

@@ -147,11 +147,12 @@ model.save_pretrained("x", safe_serialization=False)
                  "safe_serialization=False"]:
         assert any(what in problem for problem in found), (what, found)
     assert len([p for p in found if "torch.load without" in p]) == 2
-    safe = """
-import torch
-state = torch.load(path, map_location="cpu", weights_only=True)
-def load_pipeline(model, trust_remote_code: bool = False): return from_pretrained(model, trust_remote_code=trust_remote_code)
-"""
+    safe = (
+        "\nimport torch\n"
+        'state = torch.load(path, map_location="cpu", weights_only=True)\n'
+        "def load_pipeline(model, trust_remote_code: bool = False): "
+        "return from_pretrained(model, trust_remote_code=trust_remote_code)\n"
+    )
     assert unsafe_loads(safe) == []
 
 

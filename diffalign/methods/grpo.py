@@ -10,7 +10,8 @@ Fast variant), DG = XueZeyue/DanceGRPO@15cc71d (fastvideo/train_grpo_flux.py). E
     L_clip = mean over samples and trained steps of max(-A ρ_t, -A clip(ρ_t, 1 ± clip_range))
     KL_t   = ⟨(μ_θ - μ_ref)²⟩ / (2 σ_t²)                            σ_t: the step's std (StepResult.std;
                                                                     FG's std_dev_t·√-Δ), μ: the step's mean
-    L      = L_clip + beta · mean KL_t                              beta 0 (FG base); .04 geneval/ocr, .004 wan
+    L      = L_clip + beta · mean KL_t                              beta 0 (FG base); .04 geneval/ocr,
+                                                                    .004 wan
 
 Groups whose rewards are all equal have A = 0 everywhere and are skipped (and counted). The trained steps
 are the first ``int(T · timestep_fraction)`` (FG), a random ``int(T' · timestep_fraction)`` per sample

@@ -11,7 +11,7 @@ the gradient steps are checkpointed (``torch.utils.checkpoint``) so memory holds
                              n re-noisings x = add_noise(sg(x_0), ε_j, t_{N-1})     (over the n copies)
     AlignProp  (AP@b22918a)  b = clamp(int(N(μ, σ)), 1, N - 1); steps [b, N)         L = -scale · mean r
                              (μ 42, σ 5 of N = 50; loss (1 - HPS) · .01 = -.01 HPS + const)
-    ReFL       (IR@c1392c6)  m ~ U{lo .. hi} (30..39 of 40); steps < m without       L = scale · mean ReLU(c - r)
+    ReFL       (IR@c1392c6)  m ~ U{lo .. hi} (30..39 of 40); steps < m without       L = scale·mean ReLU(c-r)
                              gradient; one gradient call at t_m gives x̂_0 (scored)    + w · L_pretrain
                              (c 2, scale 1e-3; the pretraining MSE only in ReFL_SDXL*.py)
 

@@ -86,7 +86,8 @@ class CheckpointPool:
             self.directory.mkdir(parents=True, exist_ok=True)
             save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
         if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()  # the ranks' weights are the same: they all use the main's file
+            # the ranks' weights are the same: they all use the main's file
+            self.accelerator.wait_for_everyone()
         return path
 
     @property

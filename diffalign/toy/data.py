@@ -76,7 +76,10 @@ class Scene:
     def caption(self) -> str:
         noun = self.shape + ("s" if self.count > 1 else "")
         where = f" {POSITION_PHRASES[self.position]}" if self.position else ""
-        return f"{COUNT_WORDS[self.count]} {self.size} {self.color} {noun}{where} on a {self.background} background"
+        return (
+            f"{COUNT_WORDS[self.count]} {self.size} {self.color} {noun}{where} on a {self.background} "
+            "background"
+        )
 
 
 def is_heldout(scene: Scene) -> bool:

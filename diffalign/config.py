@@ -84,9 +84,8 @@ class DataConfig:
     # Video models (AnimateDiff, Wan): frames per training video; null: eval.num_frames, else the pipeline's
     # default
     num_frames: int | None = None
-    frame_policy: Literal["resample", "reject"] = (
-        "resample"  # a video of another length: evenly resample, or skip it
-    )
+    # a video of another length: evenly resample, or skip it
+    frame_policy: Literal["resample", "reject"] = "resample"
 
 
 @dataclass
@@ -114,9 +113,8 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     resume: str | None = None  # "latest" or a checkpoint folder
-    max_nonfinite_steps: int = (
-        5  # stop after this many optimizer steps in a row with a NaN/inf loss or gradient
-    )
+    # stop after this many optimizer steps in a row with a NaN/inf loss or gradient
+    max_nonfinite_steps: int = 5
     device: str | None = None  # None: accelerate's choice; "cpu" forces the CPU
     # Flow-matching models (Wan): how the training sigma is drawn from the pipeline's (shifted) flow schedule
     flow_timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
@@ -132,9 +130,8 @@ class LogConfig:
     project: str = "diffalign"
     validation_every_n_steps: int = 0  # 0: never during training
     validation_prompts: list[str] = field(default_factory=list)
-    validation_gallery: bool = (
-        False  # also run a small scored gallery (HTML page, eval.scorers) at validation steps
-    )
+    # also run a small scored gallery (HTML page, eval.scorers) at validation steps
+    validation_gallery: bool = False
     progress_bar: bool = True
 
 

@@ -270,9 +270,8 @@ def test_online_method_runs_on_two_processes(method, tmp_path, tiny_sdxl_path):
     overrides = [*ONLINE[method]]
     if method == "ddpo" and not torch.accelerator.is_available():
         overrides.append("train.device=null")  # no device named, no GPU: the trainer picks the CPU itself
-    if (
-        method == "seppo"
-    ):  # step 1, a checkpoint, then resumed for step 2 (the pool's files restored by the main)
+    # step 1, a checkpoint, then resumed for step 2 (the pool's files restored by the main)
+    if method == "seppo":
         traces = _launch(
             launch,
             "tiny-sdxl/seppo.yaml",

@@ -236,8 +236,7 @@ def test_keep_steps_stores_less_and_recomputes_the_kept_steps(sdxl_run, tiny_sdx
     half = traj.keep_steps([2], dtype=torch.bfloat16)
     assert half.latents.dtype == torch.bfloat16 and half.cond["encoder_hidden_states"].dtype == torch.bfloat16
     assert half.nbytes() < compact.nbytes()
-    with (
-        torch.no_grad()
-    ):  # rounded latents: close to (~1e-3 at a mid step), not equal to, the stored log-probs
+    # rounded latents: close to (~1e-3 at a mid step), not equal to, the stored log-probs
+    with torch.no_grad():
         lp_half = recompute_log_probs(tiny_sdxl.unet, half, steps=[2])
     assert torch.allclose(lp_half, traj.log_probs[:, [2]], atol=5e-3)

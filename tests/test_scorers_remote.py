@@ -20,9 +20,8 @@ from diffalign.scorers.server import ScorerServer
 from diffalign.scorers.transport import TOKEN_HEADER, ServiceError
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = (
-    "retries=1,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=2"  # tests stop by themselves quickly
-)
+# tests stop by themselves quickly
+FAST = "retries=1,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=2"
 
 
 def _images(n=6, size=16, seed=0):

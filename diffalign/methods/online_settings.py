@@ -30,22 +30,18 @@ class OnlineSettings:
     eta: float = 1.0  # DDIM noise; 1 = DDPM ancestral (the papers' choice), must be > 0
     height: int | None = None  # None: the model's default
     width: int | None = None
-    num_frames: int | None = (
-        None  # video models (AnimateDiff, Wan): frames per sample; None: the pipeline's default
-    )
+    # video models (AnimateDiff, Wan): frames per sample; None: the pipeline's default
+    num_frames: int | None = None
     sample_batch_size: int = 8  # trajectories per sampling call
     train_timesteps: int | None = None
-    micro_batch_prompts: int = (
-        1  # prompt groups per backward pass (gradients accumulate over the epoch's groups)
-    )
+    # prompt groups per backward pass (gradients accumulate over the epoch's groups)
+    micro_batch_prompts: int = 1
     recompute_chunk_size: int = 1  # timesteps batched into one UNet forward when recomputing log-probs
-    steps_per_backward: int | None = (
-        None  # None: a micro-batch's steps in one graph; N: exact, N steps per graph
-    )
+    # None: a micro-batch's steps in one graph; N: exact, N steps per graph
+    steps_per_backward: int | None = None
     max_bad_reward_fraction: float = 0.25  # stop when more of an epoch's rewards are NaN/inf
-    async_scoring: bool = (
-        False  # score each sampling call's images in the background while the next is sampled
-    )
+    # score each sampling call's images in the background while the next is sampled
+    async_scoring: bool = False
 
     def sampling(self) -> SamplingSettings:
         """How the method samples its epochs."""

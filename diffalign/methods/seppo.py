@@ -37,9 +37,8 @@ from diffalign.sampling import SamplingSettings
 class SePPOConfig:
     name: ClassVar[str] = "seppo"
     beta: float = 5000.0  # unknown in the paper: Diffusion-DPO's value (reconstructed)
-    flip: Literal["sign", "indicator", "off"] = (
-        "sign"  # anchor-based adaptive flip (reconstructed); quote "off" in YAML
-    )
+    # anchor-based adaptive flip (reconstructed); quote "off" in YAML
+    flip: Literal["sign", "indicator", "off"] = "sign"
     reference: Literal["uniform", "initial", "latest"] = "uniform"  # paper: uniform over previous checkpoints
     pool_interval: int = 50  # add the policy to the pool every N optimizer steps
     pool_size: int | None = None  # keep at most N saved checkpoints besides the initial model (None: all)

@@ -67,9 +67,8 @@ class CheckpointPool:
     ):
         self.pipe, self.unet, self.ref_unet, self.denoiser_attr = pipe, unwrap(unet), ref_unet, denoiser_attr
         self.finetune, self.directory, self.size = finetune, directory, size
-        self.accelerator = (
-            accelerator  # multi-process: the main process writes the files, every rank reads them
-        )
+        # multi-process: the main process writes the files, every rank reads them
+        self.accelerator = accelerator
         self.entries = [PoolEntry(0)]
         self.loaded_step = 0  # which entry ref_unet holds (full fine-tune)
         if finetune != "lora":

@@ -36,9 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: (data / output / seed / eval prompts and seeds are overridden).
 METHOD_CONFIGS = {
     "toy-sdxl": {"dpo": "configs/toy-sdxl/dpo.yaml", "mapo": "configs/toy-sdxl/mapo.yaml"},
-    "toy-animatediff": {"dpo": "configs/toy-animatediff/dpo.yaml", "mapo": "configs/toy-animatediff/mapo.yaml"},
+    "toy-animatediff": {
+        "dpo": "configs/toy-animatediff/dpo.yaml",
+        "mapo": "configs/toy-animatediff/mapo.yaml",
+    },
 }
-SECTIONS = {"toy-sdxl": "## Alignment on toy-sdxl", "toy-animatediff": "## Alignment on toy-animatediff (video)"}
+SECTIONS = {
+    "toy-sdxl": "## Alignment on toy-sdxl",
+    "toy-animatediff": "## Alignment on toy-animatediff (video)",
+}
 
 # Two-sided 95 % Student-t quantiles by degrees of freedom.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -65,7 +71,9 @@ def prompts_for(model: str, split: str, n: int, seed: int) -> list[str]:
     except ImportError:  # without the toy world: shapes captions
         colors = ["red", "green", "blue", "yellow", "white", "black"]
         shapes = ["circle", "square", "triangle"]
-        all_prompts = [f"a {c} {s} on a {b} background" for c in colors for s in shapes for b in colors if b != c]
+        all_prompts = [
+            f"a {c} {s} on a {b} background" for c in colors for s in shapes for b in colors if b != c
+        ]
         rng = __import__("random").Random(seed + (0 if split == "train" else 1))
         return rng.sample(all_prompts, n)
 
@@ -84,7 +92,11 @@ def run(args) -> dict:
     results: dict = {"model": args.model, "configs": args.configs, "scorer": args.scorer, "seeds": args.seeds,
                      "num_frames": args.num_frames, "methods": {}, "runs": []}
     heldout = prompts_for(args.configs, "heldout", args.heldout_prompts, seed=0)
-    frames = [f"eval.num_frames={args.num_frames}", f"data.num_frames={args.num_frames}"] if args.num_frames else []
+    frames = (
+        [f"eval.num_frames={args.num_frames}", f"data.num_frames={args.num_frames}"]
+        if args.num_frames
+        else []
+    )
     for seed in args.seeds:
         pair_dir = out_root / f"pairs-seed{seed}"
         t0 = time.process_time()
@@ -92,13 +104,25 @@ def run(args) -> dict:
             pipe = load_pipeline(args.model)
             pipe.set_progress_bar_config(disable=True)
             train_prompts = prompts_for(args.configs, "train", args.train_prompts, seed=seed)
-            info = generate_pairs(pipe, train_prompts, make_scorer(args.scorer), pair_dir,
-                                  images_per_prompt=args.images_per_prompt, seed=1000 * seed,
-                                  sampling=SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance,
-                                                            num_frames=args.num_frames),
-                                  model_name=args.model, batch_size=16, progress=False)
-            print(f"seed {seed}: {info['pairs']} pairs ({info['ties']} ties), chosen {info['mean_chosen_score']:.4f} "
-                  f"vs rejected {info['mean_rejected_score']:.4f}", flush=True)
+            info = generate_pairs(
+                pipe,
+                train_prompts,
+                make_scorer(args.scorer),
+                pair_dir,
+                images_per_prompt=args.images_per_prompt,
+                seed=1000 * seed,
+                sampling=SamplingSettings(
+                    num_steps=args.steps, guidance_scale=args.guidance, num_frames=args.num_frames
+                ),
+                model_name=args.model,
+                batch_size=16,
+                progress=False,
+            )
+            print(
+                f"seed {seed}: {info['pairs']} pairs ({info['ties']} ties), chosen "
+                f"{info['mean_chosen_score']:.4f} vs rejected {info['mean_rejected_score']:.4f}",
+                flush=True,
+            )
         pairs_cpu = (time.process_time() - t0) / 60
         for method in args.methods:
             out = out_root / f"{method}-seed{seed}"
@@ -106,11 +130,20 @@ def run(args) -> dict:
                 results["runs"].append(json.loads((out / "result.json").read_text()))
                 continue
             overrides = [
-                f"model.name={args.model}", f"data.source={pair_dir}", f"train.output_dir={out}", f"train.seed={seed}",
-                f"eval.prompts={json.dumps(heldout)}", f"eval.seeds={json.dumps(args.eval_seeds)}",
-                f"eval.scorers=[{args.scorer}]", f"eval.num_inference_steps={args.steps}",
-                f"eval.guidance_scale={args.guidance}", "log.progress_bar=false", "checkpoint.every_n_steps=0",
-                "log.validation_every_n_steps=0", *frames, *args.override,
+                f"model.name={args.model}",
+                f"data.source={pair_dir}",
+                f"train.output_dir={out}",
+                f"train.seed={seed}",
+                f"eval.prompts={json.dumps(heldout)}",
+                f"eval.seeds={json.dumps(args.eval_seeds)}",
+                f"eval.scorers=[{args.scorer}]",
+                f"eval.num_inference_steps={args.steps}",
+                f"eval.guidance_scale={args.guidance}",
+                "log.progress_bar=false",
+                "checkpoint.every_n_steps=0",
+                "log.validation_every_n_steps=0",
+                *frames,
+                *args.override,
             ]
             if args.max_steps:
                 overrides.append(f"train.max_steps={args.max_steps}")
@@ -131,34 +164,46 @@ def run(args) -> dict:
         runs = [r for r in results["runs"] if r["method"] == method]
         delta, half = interval([r["delta"] for r in runs])
         results["methods"][method] = {
-            "base": statistics.fmean(r["base"] for r in runs), "tuned": statistics.fmean(r["tuned"] for r in runs),
-            "delta": delta, "delta_ci95": half, "seeds_improved": sum(r["delta"] > 0 for r in runs),
-            "n": len(runs), "cpu_min": statistics.fmean(r["cpu_min"] for r in runs),
-            "per_seed": [r["delta"] for r in runs]}
+            "base": statistics.fmean(r["base"] for r in runs),
+            "tuned": statistics.fmean(r["tuned"] for r in runs),
+            "delta": delta,
+            "delta_ci95": half,
+            "seeds_improved": sum(r["delta"] > 0 for r in runs),
+            "n": len(runs),
+            "cpu_min": statistics.fmean(r["cpu_min"] for r in runs),
+            "per_seed": [r["delta"] for r in runs],
+        }
     return results
 
 
 def markdown(results: dict, args) -> str:
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), torch {torch.__version__}, no GPU"
+    machine = (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores (shared sandbox), torch {torch.__version__}, "
+        "no GPU"
+    )
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     samples = "images" if not args.num_frames else f"clips of {args.num_frames} frames"
     per_frame = "; the image reward averaged over frames" if args.num_frames else ""
     lines = [
-        SECTIONS[args.configs], "",
-        f"`python benchmarks/alignment.py {' '.join(args.argv)}`".replace(" `", "`"), "",
-        f"Machine: {machine}; {date}. Model `{results['model']}`, reward `{results['scorer']}` "
-        f"(higher is better); AI-feedback pairs from the base model on {args.train_prompts} training prompts "
-        f"({args.images_per_prompt} {samples} each, best vs worst, {args.steps} sampling steps{per_frame}); held-out: "
-        f"{args.heldout_prompts} prompts x "
-        f"{len(args.eval_seeds)} seeds, same seeds for base and tuned. Mean over {len(args.seeds)} seeds with "
-        "a 95 % t-interval.", "",
+        SECTIONS[args.configs],
+        "",
+        f"`python benchmarks/alignment.py {' '.join(args.argv)}`".replace(" `", "`"),
+        "",
+        f"Machine: {machine}; {date}. Model `{results['model']}`, reward `{results['scorer']}` (higher is "
+        f"better); AI-feedback pairs from the base model on {args.train_prompts} training prompts "
+        f"({args.images_per_prompt} {samples} each, best vs worst, {args.steps} sampling steps{per_frame}); "
+        f"held-out: {args.heldout_prompts} prompts x {len(args.eval_seeds)} seeds, same seeds for base and "
+        f"tuned. Mean over {len(args.seeds)} seeds with a 95 % t-interval.",
+        "",
         "| method | base | tuned | change (95 % CI) | per seed | seeds improved | CPU min / run |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, m in results["methods"].items():
         per_seed = ", ".join(f"{d:+.4f}" for d in m["per_seed"])
-        lines.append(f"| {method} | {m['base']:.4f} | {m['tuned']:.4f} | {m['delta']:+.4f} ± {m['delta_ci95']:.4f} "
-                     f"| {per_seed} | {m['seeds_improved']}/{m['n']} | {m['cpu_min']:.2f} |")
+        lines.append(
+            f"| {method} | {m['base']:.4f} | {m['tuned']:.4f} | {m['delta']:+.4f} ± {m['delta_ci95']:.4f} "
+            f"| {per_seed} | {m['seeds_improved']}/{m['n']} | {m['cpu_min']:.2f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -183,7 +228,9 @@ def main(argv=None):
     p.add_argument("--scorer", default="toy_saturation")
     methods = sorted({m for c in METHOD_CONFIGS.values() for m in c})
     p.add_argument("--methods", nargs="+", default=methods, choices=methods)
-    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (pairs, training, eval)")
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="video models: frames per clip (pairs, training, eval)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--train-prompts", type=int, default=64)
     p.add_argument("--images-per-prompt", type=int, default=4)

@@ -1,16 +1,18 @@
 """Do the online and self-play methods learn? PRDP, DDPO and SePPO (with ablations) on ``toy-sdxl``.
 
-    python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] [--reward toy_saturation]
+    python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] \\
+        [--reward toy_saturation]
     python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp   # the toy video model
-    python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp --override train.device=cuda
+    python benchmarks/alignment_online.py --configs toy-animatediff --methods prdp \\
+        --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
 ``configs/{CONFIGS}/{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
-DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own before/after evaluation:
-the held-out toy prompts (never trained on), fixed seeds, the target reward's mean for the base model
-and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts. SePPO gets
-only winners: for each training prompt the base model samples ``--candidates`` images and the one the
-reward likes best is kept (made once per benchmark run and shared by every SePPO run).
+DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own
+before/after evaluation: the held-out toy prompts (never trained on), fixed seeds, the target reward's mean
+for the base model and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts.
+SePPO gets only winners: for each training prompt the base model samples ``--candidates`` images and the one
+the reward likes best is kept (made once per benchmark run and shared by every SePPO run).
 
 Methods: ``prdp``, ``ddpo``, ``seppo`` (reference uniform over the pool, sign flip), and the SePPO
 ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``, ``seppo-indicator``.
@@ -57,13 +59,25 @@ def make_winners(model: str, reward: str, prompts: list[str], candidates: int, s
     scorer = make_scorer(reward)
     rows, chosen = [], []
     for i, prompt in enumerate(prompts):
-        result = sample(pipe, [prompt] * candidates, seeds=[seed + i * candidates + j for j in range(candidates)],
-                        num_steps=steps, guidance_scale=guidance)
+        result = sample(
+            pipe,
+            [prompt] * candidates,
+            seeds=[seed + i * candidates + j for j in range(candidates)],
+            num_steps=steps,
+            guidance_scale=guidance,
+        )
         scores = scorer.score(result.images, [prompt] * candidates)
         best = int(scores.argmax())
         file = f"{i:04d}.png"
         to_pil(result.images[best : best + 1])[0].save(out / file)
-        rows.append({"prompt": prompt, "image": file, "score": float(scores[best]), "candidates_mean": float(scores.mean())})
+        rows.append(
+            {
+                "prompt": prompt,
+                "image": file,
+                "score": float(scores[best]),
+                "candidates_mean": float(scores.mean()),
+            }
+        )
         chosen.append(float(scores[best]))
     (out / "winners.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"winners: {len(rows)} prompts, best-of-{candidates} {reward} {statistics.mean(chosen):.4f} "
@@ -77,9 +91,15 @@ def run_one(name: str, seed: int, args, winners: Path | None) -> dict:
 
     method, extra = METHODS[name]
     out = Path(args.out) / f"{name}-seed{seed}"
-    overrides = [f"train.output_dir={out}", f"train.seed={seed}", f"model.name={args.model}",
-                 f"eval.scorers=[{','.join([args.reward, *args.eval_scorers])}]", "log.progress_bar=false", *extra,
-                 *args.override]
+    overrides = [
+        f"train.output_dir={out}",
+        f"train.seed={seed}",
+        f"model.name={args.model}",
+        f"eval.scorers=[{','.join([args.reward, *args.eval_scorers])}]",
+        "log.progress_bar=false",
+        *extra,
+        *args.override,
+    ]
     if method == "seppo":
         overrides += [f"data.source={winners}", *args.seppo_override]
     else:
@@ -90,8 +110,16 @@ def run_one(name: str, seed: int, args, winners: Path | None) -> dict:
     scores = json.loads((out / "eval" / "scores.json").read_text())["scorers"][args.reward]
     device = (torch.cuda.get_device_name() if cfg.train.device != "cpu" and torch.cuda.is_available()
               else f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)")
-    return {"method": name, "seed": seed, "device": device, "base": scores["base_mean"], "tuned": scores["tuned_mean"],
-            "delta": scores["delta"], "minutes": (time.time() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}
+    return {
+        "method": name,
+        "seed": seed,
+        "device": device,
+        "base": scores["base_mean"],
+        "tuned": scores["tuned_mean"],
+        "delta": scores["delta"],
+        "minutes": (time.time() - t0) / 60,
+        "cpu_minutes": (time.process_time() - cpu0) / 60,
+    }
 
 
 def machine(rows: list[dict]) -> str:
@@ -107,9 +135,15 @@ def main() -> None:
                         help="the config set: configs/CONFIGS/METHOD.yaml")
     parser.add_argument("--model", default=None, help="model id or folder (default: the --configs model)")
     parser.add_argument("--reward", default="toy_saturation", help="a registered scorer name (the target)")
-    parser.add_argument("--eval-scorers", nargs="*", default=[],
-                        help="evaluation-only scorers reported beside the target (eval.scorers; never trained on)")
-    parser.add_argument("--candidates", type=int, default=4, help="SePPO winners: best of this many per prompt")
+    parser.add_argument(
+        "--eval-scorers",
+        nargs="*",
+        default=[],
+        help="evaluation-only scorers reported beside the target (eval.scorers; never trained on)",
+    )
+    parser.add_argument(
+        "--candidates", type=int, default=4, help="SePPO winners: best of this many per prompt"
+    )
     parser.add_argument("--winner-prompts", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/alignment-online")
@@ -144,8 +178,10 @@ def main() -> None:
     results = [json.loads(p.read_text()) for p in sorted(Path(args.out).glob("*/result.json"))]
 
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    print(f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | improved "
-          "| wall min/run | CPU min/run | machine, date |")
+    print(
+        f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | "
+        "improved | wall min/run | CPU min/run | machine, date |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.methods:
         rows = [r for r in results if r["method"] == name]
@@ -154,11 +190,13 @@ def main() -> None:
         deltas = [r["delta"] for r in rows]
         std = statistics.stdev(deltas) if len(deltas) > 1 else 0.0
         cpu = [r["cpu_minutes"] for r in rows if "cpu_minutes" in r]
-        print(f"| {name} | {len(rows)} | {statistics.mean(r['base'] for r in rows):.4f} | "
-              f"{statistics.mean(r['tuned'] for r in rows):.4f} | {statistics.mean(deltas):+.4f} ± {std:.4f} | "
-              f"± {interval(deltas)[1]:.4f} | {', '.join(f'{d:+.4f}' for d in deltas)} | "
-              f"{sum(d > 0 for d in deltas)}/{len(rows)} | {statistics.mean(r['minutes'] for r in rows):.1f} | "
-              f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | {machine(rows)}, {date} |")
+        print(
+            f"| {name} | {len(rows)} | {statistics.mean(r['base'] for r in rows):.4f} | "
+            f"{statistics.mean(r['tuned'] for r in rows):.4f} | {statistics.mean(deltas):+.4f} ± {std:.4f} | "
+            f"± {interval(deltas)[1]:.4f} | {', '.join(f'{d:+.4f}' for d in deltas)} | "
+            f"{sum(d > 0 for d in deltas)}/{len(rows)} | {statistics.mean(r['minutes'] for r in rows):.1f} | "
+            f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | {machine(rows)}, {date} |"
+        )
 
 
 if __name__ == "__main__":

@@ -48,10 +48,25 @@ def save_mid_size_pickscore(out: Path) -> Path:
 
     common = dict(hidden_act="gelu", num_attention_heads=6)
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407, hidden_size=384, intermediate_size=1536, num_hidden_layers=4, **common),
-        vision_config=dict(image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536,
-                           num_hidden_layers=6, **common),
+        text_config=dict(
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=4,
+            **common,
+        ),
+        vision_config=dict(
+            image_size=224,
+            patch_size=14,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            **common,
+        ),
         projection_dim=256,
     )
     torch.manual_seed(0)
@@ -63,15 +78,20 @@ def save_mid_size_pickscore(out: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-sdxl")
-    parser.add_argument("--reward-spec", default=None,
-                        help="served spec (default: a ViT-S-width PickScore architecture, random weights, 224 px)")
+    parser.add_argument(
+        "--reward-spec",
+        default=None,
+        help="served spec (default: a ViT-S-width PickScore architecture, random weights, 224 px)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the sampling process")
     parser.add_argument("--server-threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--per-prompt", type=int, default=8)
-    parser.add_argument("--chunk", type=int, default=2, help="samples per sampling call (method.sample_batch_size)")
+    parser.add_argument(
+        "--chunk", type=int, default=2, help="samples per sampling call (method.sample_batch_size)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", default=None)
@@ -97,9 +117,16 @@ def main() -> None:
             rewards: dict[bool, torch.Tensor] = {}
             for repeat in range(args.repeats + 1):  # the first round warms up both paths
                 for async_scoring in (False, True):
-                    settings = OnlineSettings(num_prompts=args.prompts, samples_per_prompt=args.per_prompt,
-                                              num_inference_steps=args.steps, guidance_scale=5.0, height=args.size,
-                                              width=args.size, sample_batch_size=args.chunk, async_scoring=async_scoring)
+                    settings = OnlineSettings(
+                        num_prompts=args.prompts,
+                        samples_per_prompt=args.per_prompt,
+                        num_inference_steps=args.steps,
+                        guidance_scale=5.0,
+                        height=args.size,
+                        width=args.size,
+                        sample_batch_size=args.chunk,
+                        async_scoring=async_scoring,
+                    )
                     t0 = time.perf_counter()
                     _, values, _, timings = sample_epoch(pipe, prompts, settings, seeds, reward, args.model)
                     elapsed = time.perf_counter() - t0
@@ -114,16 +141,23 @@ def main() -> None:
     same = torch.allclose(rewards[False], rewards[True], atol=1e-6)
     sync_s, async_s = min(times[False]), min(times[True])
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, {args.threads}+{args.server_threads} threads, {device}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, load {load:.1f}, "
+        f"{args.threads}+{args.server_threads} threads, {device}"
+    )
     date = datetime.now(timezone.utc).date().isoformat()
     print(f"### Async scoring - {args.model}, {args.prompts}x{args.per_prompt} samples, {args.steps} steps, "
           f"{args.size} px, calls of {args.chunk}; reward `{args.reward_spec or 'ViT-S-width PickScore'}` "
           f"served on loopback ({machine}, {date})\n")
-    print(f"| scoring | epoch (s, best of {args.repeats}) | of which waiting for scores (s) | vs synchronous |")
+    print(
+        f"| scoring | epoch (s, best of {args.repeats}) | of which waiting for scores (s) | vs synchronous |"
+    )
     print("|---|---|---|---|")
     print(f"| synchronous | {sync_s:.3f} | {parts[False]['scoring_s']:.3f} | 1.00 |")
     print(f"| asynchronous | {async_s:.3f} | {parts[True]['scoring_s']:.3f} | {async_s / sync_s:.2f} |")
-    print(f"\nsame rewards: {same}; time saved: {100 * (1 - async_s / sync_s):.0f} % of the synchronous epoch")
+    print(
+        f"\nsame rewards: {same}; time saved: {100 * (1 - async_s / sync_s):.0f} % of the synchronous epoch"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine, "date": date, "sync_s": times[False],
                                                "async_s": times[True], "same_rewards": same}, indent=2))

@@ -1,9 +1,9 @@
 """Checkpoint cost: diffalign's safetensors+JSON checkpoint against accelerate's ``save_state`` (the baseline,
 same model, optimizer and process, same run), for a LoRA and a full fine-tune of a UNet.
 
-    python benchmarks/checkpoints.py                      # toy-sdxl's UNet (1.7 M parameters)
-    python benchmarks/checkpoints.py --unet sd15          # an SD 1.5-size UNet (860 M, random weights; ~14 GB RAM)
-    python benchmarks/checkpoints.py --write-md           # also update BENCHMARKS.md
+    python benchmarks/checkpoints.py               # toy-sdxl's UNet (1.7 M parameters)
+    python benchmarks/checkpoints.py --unet sd15   # an SD 1.5-size UNet (860 M, random weights; ~14 GB RAM)
+    python benchmarks/checkpoints.py --write-md    # also update BENCHMARKS.md
 
 Reported per case: bytes on disk, save and load seconds (median of ``--repeats``), and ours / accelerate's.
 Both write safetensors weights; accelerate also pickles the optimizer, scheduler and RNG states.
@@ -73,10 +73,19 @@ def measure(kind: str, finetune: str, repeats: int) -> dict:
         for i in range(repeats):
             ours, theirs = work / f"checkpoint-{i}", work / f"accelerate-{i}"
             t0 = time.perf_counter()
-            save_checkpoint(ours, accelerator=accelerator, model=unet, optimizer=optimizer, lr_scheduler=scheduler,
-                            trainer_state={"global_step": i}, rank_state={"rng": rng_state()})
+            save_checkpoint(
+                ours,
+                accelerator=accelerator,
+                model=unet,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                trainer_state={"global_step": i},
+                rank_state={"rng": rng_state()},
+            )
             t1 = time.perf_counter()
-            load_checkpoint(ours, accelerator=accelerator, model=unet, optimizer=optimizer, lr_scheduler=scheduler)
+            load_checkpoint(
+                ours, accelerator=accelerator, model=unet, optimizer=optimizer, lr_scheduler=scheduler
+            )
             t2 = time.perf_counter()
             accelerator.save_state(str(theirs), safe_serialization=True)
             t3 = time.perf_counter()
@@ -84,29 +93,52 @@ def measure(kind: str, finetune: str, repeats: int) -> dict:
             t4 = time.perf_counter()
             for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 times[key].append(value)
-        sizes = {"ours_bytes": folder_bytes(work / "checkpoint-0"), "accel_bytes": folder_bytes(work / "accelerate-0")}
+        sizes = {
+            "ours_bytes": folder_bytes(work / "checkpoint-0"),
+            "accel_bytes": folder_bytes(work / "accelerate-0"),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {"unet": kind, "finetune": finetune, "trainable_params": trainable, **sizes, **median,
-            "save_ratio": median["ours_save"] / median["accel_save"], "load_ratio": median["ours_load"] / median["accel_load"]}
+    return {
+        "unet": kind,
+        "finetune": finetune,
+        "trainable_params": trainable,
+        **sizes,
+        **median,
+        "save_ratio": median["ours_save"] / median["accel_save"],
+        "load_ratio": median["ours_load"] / median["accel_load"],
+    }
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = [SECTION, "",
-             f"Machine: 2-core {platform.machine()} CPU sandbox (shared with other jobs), {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-             f"{datetime.now(timezone.utc):%Y-%m-%d}. Command: `{command}`. Median of repeats; ratio = ours / "
-             "accelerate's `save_state`/`load_state` on the same model and optimizer in the same run (the baseline; it "
-             "pickles the optimizer and RNG states, ours writes safetensors + JSON, atomically, with fsync).", "",
-             "| UNet | fine-tune | trainable params | ours: bytes / save s / load s | accelerate: bytes / save s / load s | save ratio | load ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        f"Machine: 2-core {platform.machine()} CPU sandbox (shared with other jobs), "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}. Command: `{command}`. Median of repeats; ratio = ours / "
+        "accelerate's `save_state`/`load_state` on the same model and optimizer in the same run (the "
+        "baseline; it pickles the optimizer and RNG states, ours writes safetensors + JSON, atomically, "
+        "with fsync).",
+        "",
+        "| UNet | fine-tune | trainable params | ours: bytes / save s / load s | accelerate: bytes / save s "
+        "/ load s | save ratio | load ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['unet']} | {r['finetune']} | {r['trainable_params']:,} | {r['ours_bytes'] / 1e6:.2f} MB / "
-                     f"{r['ours_save']:.3f} / {r['ours_load']:.3f} | {r['accel_bytes'] / 1e6:.2f} MB / {r['accel_save']:.3f} / "
-                     f"{r['accel_load']:.3f} | {r['save_ratio']:.2f} | {r['load_ratio']:.2f} |")
-    lines += ["", "Ours stores only the trainable parameters (accelerate's LoRA state holds the whole model), and its save "
-              "pays for the fsync that makes the rename-on-complete safe: tens of milliseconds here, against seconds "
-              "per training step of any real model. The resume tests (`tests/test_resume.py`) prove the contents."]
+        lines.append(
+            f"| {r['unet']} | {r['finetune']} | {r['trainable_params']:,} | {r['ours_bytes'] / 1e6:.2f} MB / "
+            f"{r['ours_save']:.3f} / {r['ours_load']:.3f} | {r['accel_bytes'] / 1e6:.2f} MB / "
+            f"{r['accel_save']:.3f} / {r['accel_load']:.3f} | {r['save_ratio']:.2f} | {r['load_ratio']:.2f} |"
+        )
+    lines += [
+        "",
+        "Ours stores only the trainable parameters (accelerate's LoRA state holds the whole model), and its "
+        "save pays for the fsync that makes the rename-on-complete safe: tens of milliseconds here, against "
+        "seconds per training step of any real model. The resume tests (`tests/test_resume.py`) prove the "
+        "contents.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -114,7 +146,9 @@ def write_section(text: str) -> None:
     path = ROOT / "BENCHMARKS.md"
     current = path.read_text()
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    current = pattern.sub(text + "\n", current) if pattern.search(current) else current.rstrip() + "\n\n" + text
+    current = (
+        pattern.sub(text + "\n", current) if pattern.search(current) else current.rstrip() + "\n\n" + text
+    )
     path.write_text(current)
 
 

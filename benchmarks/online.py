@@ -2,8 +2,8 @@
 
     python benchmarks/online.py [--model tiny-sdxl] [--threads 1] [--json out.json]
 
-1. One PRDP epoch through the real objective (diffalign.objectives.online.OnlineObjective) on a LoRA UNet: seconds
-   spent sampling, scoring, recomputing the reference's log-probs, and in the K gradient steps.
+1. One PRDP epoch through the real objective (diffalign.objectives.online.OnlineObjective) on a LoRA UNet:
+   seconds spent sampling, scoring, recomputing the reference's log-probs, and in the K gradient steps.
 2. ``recompute_log_probs`` on the same trajectories with all T timesteps batched into one forward
    (chunk_size = T) vs one timestep at a time (chunk_size = 1), forward only and forward + backward.
    The ratio is the figure of merit (same run, same machine).
@@ -35,11 +35,15 @@ def trajectory_bytes(trajectory) -> dict[str, float]:
     """Bytes per sample of a Trajectory's per-sample tensors."""
     n = len(trajectory)
     parts = {"latents": trajectory.latents, "log_probs": trajectory.log_probs}
-    parts |= {f"cond.{k}": v for k, v in trajectory.cond.items()} | {f"uncond.{k}": v for k, v in trajectory.uncond.items()}
+    parts |= {f"cond.{k}": v for k, v in trajectory.cond.items()} | {
+        f"uncond.{k}": v for k, v in trajectory.uncond.items()
+    }
     return {k: v.element_size() * v.numel() / n for k, v in parts.items()}
 
 
-def formula_bytes(steps: int, latent: tuple[int, ...], text: tuple[int, int], pooled: int, cfg: bool, elem: int) -> float:
+def formula_bytes(
+    steps: int, latent: tuple[int, ...], text: tuple[int, int], pooled: int, cfg: bool, elem: int
+) -> float:
     """The same layout as a Trajectory: (T+1) latents, T log-probs (fp32), cond (+ uncond under CFG)."""
     latents = (steps + 1) * torch.Size(latent).numel() * elem
     cond = (text[0] * text[1] + pooled + (6 if pooled else 0)) * elem
@@ -74,12 +78,25 @@ def main() -> None:
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     lora = [p for n, p in unet.named_parameters() if "lora_" in n]
-    cfg = load_config("configs/tiny-sdxl/prdp.yaml", [
-        f"model.name={args.model}", f"method.num_prompts={args.prompts}", f"method.samples_per_prompt={args.per_prompt}",
-        f"method.num_inference_steps={args.steps}", f"method.gradient_steps_per_epoch={args.inner}",
-        "method.train_timesteps=null", f"method.reward={args.reward}", f"method.recompute_chunk_size={args.steps}",
-        "method.prompts=toy-train" if args.model.startswith("toy") else "method.prompts=data/tiny-prompts.txt"])
-    ctx = TrainContext(cfg, METHODS["prdp"], Accelerator(cpu=True), pipe, family_of(pipe), unet, None, torch.float32)
+    cfg = load_config(
+        "configs/tiny-sdxl/prdp.yaml",
+        [
+            f"model.name={args.model}",
+            f"method.num_prompts={args.prompts}",
+            f"method.samples_per_prompt={args.per_prompt}",
+            f"method.num_inference_steps={args.steps}",
+            f"method.gradient_steps_per_epoch={args.inner}",
+            "method.train_timesteps=null",
+            f"method.reward={args.reward}",
+            f"method.recompute_chunk_size={args.steps}",
+            "method.prompts=toy-train"
+            if args.model.startswith("toy")
+            else "method.prompts=data/tiny-prompts.txt",
+        ],
+    )
+    ctx = TrainContext(
+        cfg, METHODS["prdp"], Accelerator(cpu=True), pipe, family_of(pipe), unet, None, torch.float32
+    )
     objective = OnlineObjective(ctx)
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
 
@@ -94,9 +111,16 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
     train_s = time.perf_counter() - t0
-    epoch = {"sampling_s": batch.stats["sampling_s"], "scoring_s": batch.stats["scoring_s"],
-             "reference_s": batch.stats["reference_s"], "training_s": train_s,
-             "other_s": collect_s - batch.stats["sampling_s"] - batch.stats["scoring_s"] - batch.stats["reference_s"]}
+    epoch = {
+        "sampling_s": batch.stats["sampling_s"],
+        "scoring_s": batch.stats["scoring_s"],
+        "reference_s": batch.stats["reference_s"],
+        "training_s": train_s,
+        "other_s": collect_s
+        - batch.stats["sampling_s"]
+        - batch.stats["scoring_s"]
+        - batch.stats["reference_s"],
+    }
     total = sum(epoch.values())
     epoch_share = {k: v / total for k, v in epoch.items()}
 

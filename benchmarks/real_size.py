@@ -32,38 +32,77 @@ from diffalign.tiny import (
 )
 
 #: Parameter counts of the public checkpoints (the built modules must match them exactly). The motion
-#: adapter's count is not checked (None): its shape follows the v1-5-2 config, its count is not on record here.
-#: SD3.5-medium's transformer holds 2,243,171,520 parameters plus a 384x384x1536 sin-cos position table
+#: adapter's count is not checked (None): its shape follows the v1-5-2 config, its count is not on record
+#: here. SD3.5-medium's transformer holds 2,243,171,520 parameters plus a 384x384x1536 sin-cos position table
 #: (226,492,416, a persistent buffer): 2,469,663,936 stored elements, the count its checkpoint reports
 #: (checked as "transformer stored"). T5-XXL encoder 4,762,310,656 and CLIP-G 694,659,840 as in SD3-medium;
 #: FLUX.1-dev's transformer 11,901,408,320 (its safetensors total).
 EXPECTED_PARAMETERS = {
-    "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
-    "animatediff": {"spatial unet": 859_520_964, "motion_adapter": None, "vae": 83_653_863,
-                    "text_encoder": 123_060_480},
-    "sd3": {"transformer": 2_243_171_520, "transformer stored": 2_469_663_936, "vae": 83_819_683,
-            "text_encoder": 123_650_304, "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
-    "flux": {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
-             "text_encoder_2": 4_762_310_656},
+    "sdxl": {
+        "unet": 2_567_463_684,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 694_659_840,
+    },
+    "animatediff": {
+        "spatial unet": 859_520_964,
+        "motion_adapter": None,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
+    },
+    "sd3": {
+        "transformer": 2_243_171_520,
+        "transformer stored": 2_469_663_936,
+        "vae": 83_819_683,
+        "text_encoder": 123_650_304,
+        "text_encoder_2": 694_659_840,
+        "text_encoder_3": 4_762_310_656,
+    },
+    "flux": {
+        "transformer": 11_901_408_320,
+        "vae": 83_819_683,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 4_762_310_656,
+    },
 }
 
 
 def _clip_text(hidden: int, layers: int, heads: int, act: str, with_projection: bool):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                            num_attention_heads=heads, max_position_embeddings=77, projection_dim=hidden,
-                            hidden_act=act, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def _vae(sample_size: int, scaling_factor: float, force_upcast: bool, latent_channels: int = 4, **config):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                         layers_per_block=2, latent_channels=latent_channels, norm_num_groups=32,
-                         sample_size=sample_size, scaling_factor=scaling_factor, force_upcast=force_upcast, **config)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=latent_channels,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
+        **config,
+    )
 
 
 def _flow_vae(scaling_factor: float, shift_factor: float):
@@ -82,17 +121,26 @@ def _t5_xxl(vocab_size: int = 32128):
 
 
 def build_sdxl(device: str, done=lambda name: None):
-    """``done(name)`` is called after each component is built (initialising 2.6 B weights on a CPU takes minutes)."""
+    """``done(name)`` is called after each component is built (initialising 2.6 B weights on a CPU takes
+    minutes)."""
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):  # the models only: the scheduler keeps its tables on the CPU
         unet = UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            block_out_channels=(320, 640, 1280),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
         )
         done("unet")
         vae = _vae(1024, 0.13025, force_upcast=True)
@@ -121,9 +169,14 @@ def build_animatediff(device: str, done=lambda name: None):
             block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
         )
         done("unet")
-        adapter = MotionAdapter(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
-                                motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32,
-                                use_motion_mid_block=True)
+        adapter = MotionAdapter(
+            block_out_channels=(320, 640, 1280, 1280),
+            motion_layers_per_block=2,
+            motion_num_attention_heads=8,
+            motion_norm_num_groups=32,
+            motion_max_seq_length=32,
+            use_motion_mid_block=True,
+        )
         motion_unet = UNetMotionModel.from_unet2d(unet, adapter)
         done("motion_adapter")
         vae = _vae(512, 0.18215, force_upcast=True)
@@ -131,8 +184,14 @@ def build_animatediff(device: str, done=lambda name: None):
         text_encoder = _clip_text(768, 12, 12, "quick_gelu", with_projection=False)
         done("text_encoder")
     scheduler = DDIMScheduler(**_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False)
-    return AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), unet=motion_unet,
-                               motion_adapter=adapter, scheduler=scheduler)
+    return AnimateDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=motion_unet,
+        motion_adapter=adapter,
+        scheduler=scheduler,
+    )
 
 
 def build_sd3(device: str, done=lambda name: None):
@@ -141,9 +200,19 @@ def build_sd3(device: str, done=lambda name: None):
 
     with torch.device(device):
         transformer = SD3Transformer2DModel(
-            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=24,
+            attention_head_dim=64,
+            num_attention_heads=24,
+            joint_attention_dim=4096,
+            caption_projection_dim=1536,
+            pooled_projection_dim=2048,
+            pos_embed_max_size=384,
+            dual_attention_layers=tuple(range(13)),
+            qk_norm="rms_norm",
         )
         done("transformer")
         vae = _flow_vae(scaling_factor=1.5305, shift_factor=0.0609)
@@ -155,9 +224,14 @@ def build_sd3(device: str, done=lambda name: None):
         text_encoder_3 = _t5_xxl()
         done("text_encoder_3")
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(), text_encoder_2=text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(pad_token="!"), text_encoder_3=text_encoder_3,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        text_encoder_3=text_encoder_3,
         tokenizer_3=build_tiny_t5_tokenizer(),
     )
 
@@ -179,11 +253,24 @@ def build_flux(device: str, done=lambda name: None):
         done("text_encoder")
         text_encoder_2 = _t5_xxl()
         done("text_encoder_2")
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
-                        text_encoder_2=text_encoder_2, tokenizer_2=build_tiny_t5_tokenizer(), transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tiny_t5_tokenizer(),
+        transformer=transformer,
+    )
 
 
 BUILDERS = {"sdxl": build_sdxl, "animatediff": build_animatediff, "sd3": build_sd3, "flux": build_flux}
@@ -214,7 +301,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the random initialisation runs (a GPU makes it seconds)")
-    parser.add_argument("--count", action="store_true", help="only build on the meta device and count parameters")
+    parser.add_argument(
+        "--count", action="store_true", help="only build on the meta device and count parameters"
+    )
     args = parser.parse_args()
     if not args.count and not args.out:
         parser.error("give an output folder, or --count")

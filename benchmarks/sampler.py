@@ -1,8 +1,8 @@
 """Sampler benchmark: trajectory recording vs the plain pipeline; batched vs one-step recompute.
 
     python benchmarks/sampler.py [--model tiny-sdxl] [--steps 20] [--batch 4] [--repeats 5]
-    python benchmarks/sampler.py --model runs/real-sdxl --dtype bf16 --batch 2   # on a GPU (benchmarks/real_size.py)
-    python benchmarks/sampler.py --model tiny-animatediff --num-frames 8           # video pipelines
+    python benchmarks/sampler.py --model runs/real-sdxl --dtype bf16 --batch 2  # on a GPU (see real_size.py)
+    python benchmarks/sampler.py --model tiny-animatediff --num-frames 8         # video pipelines
 
 Prints a markdown table; figures are ratios measured in the same run (interleaved repeats, medians).
 """
@@ -51,7 +51,9 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
     seeds = list(range(args.batch))
-    plain_scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    plain_scheduler = DDIMScheduler.from_config(
+        pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False
+    )
     original = pipe.scheduler
 
     def plain():
@@ -91,9 +93,15 @@ def main():
     if str(args.device).startswith("cuda"):
         machine = f"{torch.cuda.get_device_name()}, {args.dtype}"
     else:
-        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}"
+        machine = (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+            f"{args.device}, {args.dtype}"
+        )
     frames = f", {args.num_frames} frames" if args.num_frames else ""
-    print(f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, CFG 5, eta 1 ({machine}, {date.today()})\n")
+    print(
+        f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, CFG 5, eta 1 "
+        f"({machine}, {date.today()})\n"
+    )
     print("| measurement | value |\n| --- | --- |")
     print(f"| plain pipeline (DDIM) | {t_plain:.3f} s |")
     print(f"| diffalign.sample with trajectory + log-probs | {t_rec:.3f} s |")
@@ -101,7 +109,10 @@ def main():
     for chunk, seconds in recompute.items():
         print(f"| recompute all {args.steps} steps, chunk {chunk} | {seconds:.3f} s "
               f"({args.steps * args.batch / seconds:.0f} sample-steps/s) |")
-    print(f"| **batched recompute speed-up** (chunk {args.steps} vs 1) | **{recompute[1] / recompute[args.steps]:.2f}x** |")
+    print(
+        f"| **batched recompute speed-up** (chunk {args.steps} vs 1) | "
+        f"**{recompute[1] / recompute[args.steps]:.2f}x** |"
+    )
     for label, record in records.items():
         print(f"| stored trajectory per sample, {label} (latents, log-probs, conditioning) | "
               f"{record.nbytes() / len(record) / 2**10:,.1f} KiB |")

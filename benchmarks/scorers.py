@@ -50,8 +50,11 @@ def main() -> None:
     tensors = torch.rand(args.images, 3, args.size, args.size, generator=generator)
     pils = to_pil(tensors)
     prompts = [f"a photo of object number {i} on a table" for i in range(args.images)]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.images} images {args.size}px, batch {args.batch_size}")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
+        f"thread(s), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {args.images} images {args.size}px, "
+        f"batch {args.batch_size}"
+    )
     print("| scorer | input | one at a time (img/s) | batched (img/s) | batched / one |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,8 @@
 """Caption following on toy-sdxl: does alignment raise the toy GenEval on held-out captions?
 
-    python benchmarks/toy_geneval.py --diagnose                     # how well each reward ranks a prompt's samples
-    python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness "toy_geneval:measure=fraction" \\
-        --seeds 0 1 2 3 4 --eval-guidance 1 3                      # the method x reward x seed grid
+    python benchmarks/toy_geneval.py --diagnose         # how well each reward ranks a prompt's samples
+    python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness \\
+        "toy_geneval:measure=fraction" --seeds 0 1 2 3 4 --eval-guidance 1 3  # method x reward x seed grid
 
 Every run goes through the real trainer (``diffalign.train.train``) from ``configs/toy-sdxl/{METHOD}.yaml``
 with ``method.reward`` set to the cell's reward; it trains on the training captions only. Then every finished
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from alignment import interval  # the image benchmark's 95 % t-interval (this script's folder is on sys.path)
 
-#: Online methods take any reward; DPO / MaPO need AI-feedback pairs labelled by the reward (not in this script yet).
+#: Online methods take any reward; DPO / MaPO need AI-feedback pairs labelled by the reward (not in this
+#: script yet).
 METHODS = ("prdp", "ddpo")
 
 
@@ -61,10 +62,19 @@ def run_one(method: str, reward: str, seed: int, args) -> dict:
     train(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
-    return {"method": method, "reward": reward, "seed": seed, "tag": args.tag, "overrides": args.online_override,
-            "run": str(out), "device": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)",
-            "train_reward_first": rewards[0] if rewards else None, "train_reward_last": rewards[-1] if rewards else None,
-            "minutes": (time.time() - t0) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}
+    return {
+        "method": method,
+        "reward": reward,
+        "seed": seed,
+        "tag": args.tag,
+        "overrides": args.online_override,
+        "run": str(out),
+        "device": f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)",
+        "train_reward_first": rewards[0] if rewards else None,
+        "train_reward_last": rewards[-1] if rewards else None,
+        "minutes": (time.time() - t0) / 60,
+        "cpu_minutes": (time.process_time() - cpu0) / 60,
+    }
 
 
 def evaluate(results: list[dict], args) -> dict:
@@ -84,7 +94,8 @@ def evaluate(results: list[dict], args) -> dict:
 
 
 def diagnose(args) -> list[dict]:
-    """Per reward: mean, within-prompt spread, groups with distinct rewards, agreement with the GenEval fraction."""
+    """Per reward: mean, within-prompt spread, groups with distinct rewards, agreement with the GenEval
+    fraction."""
     from scipy.stats import spearmanr
 
     from diffalign.config import load_config
@@ -100,19 +111,36 @@ def diagnose(args) -> list[dict]:
     prompts = toy_prompts("train", args.diagnose_prompts, seed=1)
     k = m.samples_per_prompt
     jobs = [p for p in prompts for _ in range(k)]
-    images = torch.cat([sample(pipe, jobs[i : i + 32], seeds=list(range(i, min(i + 32, len(jobs)))),
-                               num_steps=m.num_inference_steps, guidance_scale=m.guidance_scale, eta=m.eta).images
-                        for i in range(0, len(jobs), 32)])
+    images = torch.cat(
+        [
+            sample(
+                pipe,
+                jobs[i : i + 32],
+                seeds=list(range(i, min(i + 32, len(jobs)))),
+                num_steps=m.num_inference_steps,
+                guidance_scale=m.guidance_scale,
+                eta=m.eta,
+            ).images
+            for i in range(0, len(jobs), 32)
+        ]
+    )
     truth = make_scorer("toy_geneval:measure=fraction")(images, jobs).view(-1, k).numpy()
     rows = []
     for reward in args.rewards:
         r = make_scorer(reward)(images, jobs).view(-1, k).numpy()
         distinct = [g for g in range(len(prompts)) if np.ptp(r[g]) > 0]
         agree = [spearmanr(r[g], truth[g])[0] for g in distinct if np.ptp(truth[g]) > 0]
-        rows.append({"reward": reward, "guidance": m.guidance_scale, "mean": float(r.mean()),
-                     "within_prompt_std": float(r.std(axis=1).mean()), "groups_distinct": len(distinct) / len(prompts),
-                     "spearman_with_geneval_fraction": float(np.nanmean(agree)) if agree else float("nan"),
-                     "groups_compared": len(agree)})
+        rows.append(
+            {
+                "reward": reward,
+                "guidance": m.guidance_scale,
+                "mean": float(r.mean()),
+                "within_prompt_std": float(r.std(axis=1).mean()),
+                "groups_distinct": len(distinct) / len(prompts),
+                "spearman_with_geneval_fraction": float(np.nanmean(agree)) if agree else float("nan"),
+                "groups_compared": len(agree),
+            }
+        )
         print(json.dumps(rows[-1]))
     return rows
 
@@ -122,29 +150,43 @@ def table(results: list[dict], evaluation: dict) -> None:
     machine = " / ".join(sorted({r["device"] for r in results}))
     for guidance, entry in evaluation.items():
         base = entry["accuracy"]["base"]
-        print(f"\nheld-out toy GenEval at guidance {guidance} ({entry['n']} images); base all {base['all']['mean']:.3f}")
-        print("| run | train reward first -> last | tuned all | change all [95 %] | colour | shape | background | "
-              "size | count | position | saturation base -> tuned | CPU min |")
+        print(
+            f"\nheld-out toy GenEval at guidance {guidance} ({entry['n']} images); base all "
+            f"{base['all']['mean']:.3f}"
+        )
+        print(
+            "| run | train reward first -> last | tuned all | change all [95 %] | colour | shape | "
+            "background | size | count | position | saturation base -> tuned | CPU min |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             label = Path(r["run"]).name
             change = entry["change"][label]
             sat = {k: v["toy_saturation"] for k, v in entry["scores"].items()} if "scores" in entry else {}
-            print(f"| {label} | {r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f} | "
-                  f"{entry['accuracy'][label]['all']['mean']:.3f} | {change['all']['mean']:+.3f} "
-                  f"[{change['all']['low']:+.3f}, {change['all']['high']:+.3f}] | "
-                  + " | ".join(f"{change[n]['mean']:+.3f}" for n in ("color", "shape", "background", "size", "count",
-                                                                       "position"))
-                  + (f" | {sat['base']:.4f} -> {sat[label]:.4f}" if sat else " | -")
-                  + f" | {r['cpu_minutes']:.1f} |")
+            print(
+                f"| {label} | {r['train_reward_first']:.3f} -> {r['train_reward_last']:.3f} | "
+                f"{entry['accuracy'][label]['all']['mean']:.3f} | {change['all']['mean']:+.3f} "
+                f"[{change['all']['low']:+.3f}, {change['all']['high']:+.3f}] | "
+                + " | ".join(
+                    f"{change[n]['mean']:+.3f}"
+                    for n in ("color", "shape", "background", "size", "count", "position")
+                )
+                + (f" | {sat['base']:.4f} -> {sat[label]:.4f}" if sat else " | -")
+                + f" | {r['cpu_minutes']:.1f} |"
+            )
         cells = sorted({(r["method"], r["reward"], r["tag"]) for r in results})
-        print(f"\n| cell (guidance {guidance}) | seeds | change all (mean over seeds) | 95 % t-interval | machine, date |")
+        print(
+            f"\n| cell (guidance {guidance}) | seeds | change all (mean over seeds) | 95 % t-interval | "
+            "machine, date |"
+        )
         print("|---|---|---|---|---|")
         for method, reward, tag in cells:
             deltas = [entry["change"][Path(r["run"]).name]["all"]["mean"] for r in results
                       if (r["method"], r["reward"], r["tag"]) == (method, reward, tag)]
-            print(f"| {method} {reward}{' ' + tag if tag else ''} | {len(deltas)} | {statistics.mean(deltas):+.3f} | "
-                  f"± {interval(deltas)[1]:.3f} | {machine}, {date} |")
+            print(
+                f"| {method} {reward}{' ' + tag if tag else ''} | {len(deltas)} | "
+                f"{statistics.mean(deltas):+.3f} | ± {interval(deltas)[1]:.3f} | {machine}, {date} |"
+            )
 
 
 def main() -> None:
@@ -153,7 +195,9 @@ def main() -> None:
     parser.add_argument("--rewards", nargs="+", default=["toy_faithfulness", "toy_geneval:measure=fraction"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--tag", default="", help="names a variant of the grid (with --online-override)")
-    parser.add_argument("--online-override", nargs="*", default=[], help="extra dotted.key=value for every run")
+    parser.add_argument(
+        "--online-override", nargs="*", default=[], help="extra dotted.key=value for every run"
+    )
     parser.add_argument("--eval-guidance", nargs="+", type=float, default=[1.0, 3.0])
     parser.add_argument("--eval-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out captions (default all 126)")

@@ -36,15 +36,23 @@ def main():
 
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    print(f"## {args.model}: caption-attribute accuracy ({platform.machine()}, {torch.get_num_threads()} threads, "
-          f"{date.today()})\n")
-    print(f"parameters: unet {count_parameters(pipe.unet):,}, vae {count_parameters(pipe.vae):,}, text encoders "
-          f"{count_parameters(pipe.text_encoder):,} + {count_parameters(pipe.text_encoder_2):,}\n")
+    print(
+        f"## {args.model}: caption-attribute accuracy ({platform.machine()}, {torch.get_num_threads()} "
+        f"threads, {date.today()})\n"
+    )
+    print(
+        f"parameters: unet {count_parameters(pipe.unet):,}, vae {count_parameters(pipe.vae):,}, text "
+        f"encoders {count_parameters(pipe.text_encoder):,} + {count_parameters(pipe.text_encoder_2):,}\n"
+    )
     header = "| split | guidance | " + " | ".join(ATTRIBUTES) + " | all | s/image |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     chance = chance_levels()
-    print("| chance | - | " + " | ".join(f"{chance[a]:.3f}" for a in ATTRIBUTES) + f" | {chance['all']:.4f} | - |")
+    print(
+        "| chance | - | "
+        + " | ".join(f"{chance[a]:.3f}" for a in ATTRIBUTES)
+        + f" | {chance['all']:.4f} | - |"
+    )
     ceiling = dataset_accuracy(512, seed=0, split="heldout")
     print("| dataset renders (reader ceiling) | - | " + " | ".join(f"{ceiling[a]:.3f}" for a in ATTRIBUTES)
           + f" | {ceiling['all']:.3f} | - |")

@@ -9,7 +9,8 @@ between variants. Step time is the median of the trainer's own
     python benchmarks/train_step.py                 # tiny-sdxl at 128 px, 4 pairs per step, CPU
     python benchmarks/train_step.py --write-md      # also update BENCHMARKS.md
     python benchmarks/train_step.py --model runs/real-sdxl --resolution 1024 --batch 1 --variants dpo mapo \
-        --override train.device=cuda train.mixed_precision=bf16 model.gradient_checkpointing=true   # GPU, real size
+        --override train.device=cuda train.mixed_precision=bf16 \
+        model.gradient_checkpointing=true           # GPU, real size
 
 On a GPU the same script measures CUDA peak memory instead (``torch.cuda.max_memory_allocated``).
 """
@@ -83,7 +84,12 @@ VARIANTS = {
     "mapo": ("MaPO, LoRA", "mapo", [], "normal"),
     "dpo_full": ("DPO, full fine-tune", "dpo", ["model.finetune=full"], "normal"),
     "mapo_full": ("MaPO, full fine-tune", "mapo", ["model.finetune=full"], "normal"),
-    "dpo_cache": ("DPO, LoRA, cached text + latents", "dpo", ["data.cache=true", "data.cache_dir={tmp}/cache"], "normal"),
+    "dpo_cache": (
+        "DPO, LoRA, cached text + latents",
+        "dpo",
+        ["data.cache=true", "data.cache_dir={tmp}/cache"],
+        "normal",
+    ),
     "dpo_copy": ("DPO, LoRA, reference = frozen copy", "dpo", [], "frozen_copy"),
 }
 
@@ -105,7 +111,10 @@ def run_variant(key: str, args, out_dir: Path) -> dict:
     times = result["step_times"][args.warmup:]
     result["step_s"] = statistics.median(times)
     result["train_mem_mib"] = result.get("cuda_peak_mib", result["peak_rss_mib"] - result["rss_before_mib"])
-    print(f"{name:>34}: step {result['step_s'] * 1000:8.1f} ms   memory {result['train_mem_mib']:8.1f} MiB", flush=True)
+    print(
+        f"{name:>34}: step {result['step_s'] * 1000:8.1f} ms   memory {result['train_mem_mib']:8.1f} MiB",
+        flush=True,
+    )
     return result
 
 
@@ -130,15 +139,22 @@ def main(argv=None):
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     ratio = lambda a, b, k: r[a][k] / r[b][k]  # noqa: E731
     lines = [
-        SECTION, "",
-        f"`python benchmarks/train_step.py {' '.join(args.argv)}`".replace(" `", "`"), "",
-        f"Machine: {machine}; {date}. Model `{args.model}` at {args.resolution} px, {args.batch} pairs per step, "
-        f"median of {args.steps} steps after {args.warmup} warm-up steps; "
-        + ("memory = peak CUDA memory allocated while training (reset at the first step). " if gpu else
-           "memory = the process's peak resident set while training (reset at the first step), and its growth over "
-           "the resident set there. ") + "Each variant in its own process.", "",
-        "| variant | step time (ms) | peak RSS in training (MiB) | " + ("peak GPU memory in training (MiB) |" if gpu else
-                                                                     "growth over the start of training (MiB) |"),
+        SECTION,
+        "",
+        f"`python benchmarks/train_step.py {' '.join(args.argv)}`".replace(" `", "`"),
+        "",
+        f"Machine: {machine}; {date}. Model `{args.model}` at {args.resolution} px, {args.batch} pairs per "
+        f"step, median of {args.steps} steps after {args.warmup} warm-up steps; "
+        + (
+            "memory = peak CUDA memory allocated while training (reset at the first step). "
+            if gpu
+            else "memory = the process's peak resident set while training (reset at the first step), and its "
+            "growth over the resident set there. "
+        )
+        + "Each variant in its own process.",
+        "",
+        "| variant | step time (ms) | peak RSS in training (MiB) | "
+        + ("peak GPU memory in training (MiB) |" if gpu else "growth over the start of training (MiB) |"),
         "|---|---|---|---|",
     ]
     for key in r:
@@ -146,18 +162,28 @@ def main(argv=None):
                      f"| {r[key]['train_mem_mib']:.0f} |")
     lines.append("")
     if {"mapo", "dpo"} <= r.keys():
-        lines.append(f"- MaPO / DPO, LoRA: step time {ratio('mapo', 'dpo', 'step_s'):.2f}, memory "
-                     f"{ratio('mapo', 'dpo', 'train_mem_mib'):.2f}. (MaPO paper, SDXL on GPU: 0.855 time, 0.825 memory.)")
+        lines.append(
+            f"- MaPO / DPO, LoRA: step time {ratio('mapo', 'dpo', 'step_s'):.2f}, memory "
+            f"{ratio('mapo', 'dpo', 'train_mem_mib'):.2f}. (MaPO paper, SDXL on GPU: 0.855 time, 0.825 "
+            "memory.)"
+        )
     if {"mapo_full", "dpo_full"} <= r.keys():
-        lines.append(f"- MaPO / DPO, full fine-tune: step time {ratio('mapo_full', 'dpo_full', 'step_s'):.2f}, memory "
-                     f"{ratio('mapo_full', 'dpo_full', 'train_mem_mib'):.2f}.")
+        lines.append(
+            f"- MaPO / DPO, full fine-tune: step time {ratio('mapo_full', 'dpo_full', 'step_s'):.2f}, memory "
+            f"{ratio('mapo_full', 'dpo_full', 'train_mem_mib'):.2f}."
+        )
     if {"dpo", "dpo_cache"} <= r.keys():
-        lines.append(f"- Cache speed-up (uncached / cached step time): {ratio('dpo', 'dpo_cache', 'step_s'):.2f}x "
-                     "(aim >= 1.25x).")
+        lines.append(
+            f"- Cache speed-up (uncached / cached step time): {ratio('dpo', 'dpo_cache', 'step_s'):.2f}x "
+            "(aim >= 1.25x)."
+        )
     if {"dpo", "dpo_copy"} <= r.keys():
         memory = "train_mem_mib" if gpu else "peak_rss_mib"
-        lines.append(f"- LoRA reference memory, frozen copy / disabled adapters ({'peak GPU memory' if gpu else 'peak RSS, which holds the models'}): "
-                     f"{ratio('dpo_copy', 'dpo', memory):.2f}.")
+        lines.append(
+            "- LoRA reference memory, frozen copy / disabled adapters "
+            f"({'peak GPU memory' if gpu else 'peak RSS, which holds the models'}): "
+            f"{ratio('dpo_copy', 'dpo', memory):.2f}."
+        )
     lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -117,7 +117,9 @@ def read_tree(folder: Path, name: str):
     try:
         return join_tensors(skeleton, tensors, folder)
     except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint files {json_path} and {tensor_path.name} do not match ({err!r})") from err
+        raise CheckpointError(
+            f"checkpoint files {json_path} and {tensor_path.name} do not match ({err!r})"
+        ) from err
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -131,7 +133,9 @@ def _read(path: Path, reader):
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {path.parent} is missing {path.name}") from err
     except Exception as err:  # truncated or corrupt: json, OS and safetensors' own errors
-        raise CheckpointError(f"checkpoint file {path} is unreadable or corrupt ({type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"checkpoint file {path} is unreadable or corrupt ({type(err).__name__}: {err})"
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,8 +186,10 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not (path / COMPLETE_MARKER).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete or not a diffalign checkpoint (no {COMPLETE_MARKER}: "
-                              "a save was interrupted, or this is another tool's folder)")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or not a diffalign checkpoint (no {COMPLETE_MARKER}: "
+            "a save was interrupted, or this is another tool's folder)"
+        )
     return path
 
 
@@ -206,7 +212,9 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
     weights = trainable_state(model)
     bad = [name for name, value in weights.items() if not bool(torch.isfinite(value).all())]
     if bad:  # never write a checkpoint a resume would carry NaN from
-        raise CheckpointError(f"refusing to write {folder}: {len(bad)} parameters are not finite (first: {bad[0]})")
+        raise CheckpointError(
+            f"refusing to write {folder}: {len(bad)} parameters are not finite (first: {bad[0]})"
+        )
     rank_states = gather_object([rank_state])  # every process's state, in rank order, on every process
     partial = folder.with_name(folder.name + PARTIAL_SUFFIX)
     error = None
@@ -223,7 +231,9 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
             (partial / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
             for rank, state in enumerate(rank_states):
                 write_tree(partial, f"rank-{rank}", state)
-            (partial / COMPLETE_MARKER).write_text(json.dumps(trainer_state | {"num_processes": len(rank_states)}))
+            (partial / COMPLETE_MARKER).write_text(
+                json.dumps(trainer_state | {"num_processes": len(rank_states)})
+            )
             apply_umask(partial)
             _fsync_folder(partial)
             if folder.exists():  # re-saving a step (after a resume): replace the old folder
@@ -235,8 +245,11 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
         except OSError as err:
             shutil.rmtree(partial, ignore_errors=True)
             previous = complete_checkpoints(folder.parent)
-            error = (f"could not write checkpoint {folder} ({type(err).__name__}: {err}); "
-                     + (f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"))
+            error = f"could not write checkpoint {folder} ({type(err).__name__}: {err}); " + (
+                f"the previous checkpoint {previous[-1]} is intact"
+                if previous
+                else "no earlier checkpoint exists"
+            )
     error = gather_object([error])[0]  # the main process's outcome, on every process
     if error:
         raise CheckpointError(error)
@@ -275,16 +288,22 @@ def load_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
     expected = trainable_state(model)
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-        raise CheckpointError(f"checkpoint {weights_path} does not match this model's trainable parameters "
-                              f"(missing {missing[:3]}, unexpected {extra[:3]}): same model and LoRA settings?")
+        raise CheckpointError(
+            f"checkpoint {weights_path} does not match this model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}): same model and LoRA settings?"
+        )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in weights:
                 if weights[name].shape != param.shape:
-                    raise CheckpointError(f"checkpoint {weights_path}: {name} has shape {tuple(weights[name].shape)}, "
-                                          f"the model {tuple(param.shape)}")
+                    raise CheckpointError(
+                        f"checkpoint {weights_path}: {name} has shape {tuple(weights[name].shape)}, "
+                        f"the model {tuple(param.shape)}"
+                    )
                 param.copy_(weights[name])
     optimizer.load_state_dict(read_tree(folder, "optimizer"))
-    lr_scheduler.load_state_dict(_read(folder / "lr_scheduler.json", lambda path: json.loads(path.read_text())))
+    lr_scheduler.load_state_dict(
+        _read(folder / "lr_scheduler.json", lambda path: json.loads(path.read_text()))
+    )
     rank_state = read_tree(folder, f"rank-{accelerator.process_index}")
     return trainer_state, rank_state

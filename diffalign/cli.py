@@ -49,8 +49,10 @@ log = logging.getLogger("diffalign")
 __all__ = ["UsageError", "build_parser", "default_device", "ensure_writable_dir", "main"]
 
 
-MODEL_SPEC_HELP = ("a model spec: a built-in id (tiny-sdxl, toy-sdxl, ...), a hub id org/name, a local pipeline "
-                   "folder, or FOLDER:lora (a LoRA run on top of the base model its config.yaml records)")
+MODEL_SPEC_HELP = (
+    "a model spec: a built-in id (tiny-sdxl, toy-sdxl, ...), a hub id org/name, a local pipeline "
+    "folder, or FOLDER:lora (a LoRA run on top of the base model its config.yaml records)"
+)
 PROMPTS_HELP = ("a prompt file (.txt one per line, .jsonl field 'prompt', .json, .tsv) or a set: smoke, toy, "
                 "toy-train, toy-heldout, parti, ddpo-animals, hpdv2, drawbench, pickapic")
 
@@ -88,7 +90,8 @@ class CommandParser(argparse.ArgumentParser):
 
 def _add_tiny(sub):
     p = sub.add_parser("tiny", help="write a tiny random-weight diffusers pipeline or scorer model (offline)")
-    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic, hpsv3) write a folder for --scorer KIND:model=FOLDER.
+    # Scorer kinds (pickscore, clipscore, hpsv2, aesthetic, hpsv3) write a folder for --scorer
+    # KIND:model=FOLDER.
     p.add_argument("kind", choices=[*TINY_KINDS, "pickscore", "clipscore", "hpsv2", "aesthetic", "hpsv3"])
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
@@ -99,7 +102,10 @@ def _run_tiny(args):
     ensure_writable_dir(Path(args.out_dir).parent if Path(args.out_dir).parent != Path("") else ".")
     if args.kind not in TINY_KINDS:
         path = save_tiny_scorer(args.kind, args.out_dir, seed=args.seed)
-        print(f"wrote tiny {args.kind} scorer model (seed {args.seed}) to {path}; use --scorer {args.kind}:model={path}")
+        print(
+            f"wrote tiny {args.kind} scorer model (seed {args.seed}) to {path}; use --scorer "
+            f"{args.kind}:model={path}"
+        )
         return
     path = save_tiny(args.kind, args.out_dir, seed=args.seed)
     print(f"wrote tiny {args.kind} pipeline (seed {args.seed}) to {path}")
@@ -114,14 +120,21 @@ def _add_sample(sub):
     src.add_argument("--prompts", help=PROMPTS_HELP)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=None, help="default: the model's own (toy-sdxl: 20), else 50")
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5"
+    )
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 0 deterministic, 1 DDPM ancestral")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seed", type=int, default=0, help="image i gets seed SEED + i")
     p.add_argument("--height", type=int, default=None, help="default: the model's own size")
     p.add_argument("--width", type=int, default=None, help="default: the model's own size")
-    p.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames per video (default: the model's)")
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        default=None,
+        help="video pipelines: frames per video (default: the model's)",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variant", default=None)
@@ -137,15 +150,26 @@ def _run_sample(args):
     prompts = args.prompt if args.prompt else load_prompts(args.prompts)
     if not prompts or any(not isinstance(p, str) for p in prompts):
         raise UsageError("no prompts given")
-    for name, value, low in (("--steps", 1 if args.steps is None else args.steps, 1), ("--num-images", args.num_images, 1),
-                             ("--batch-size", args.batch_size, 1), ("--num-frames", args.num_frames or 1, 1)):
+    for name, value, low in (
+        ("--steps", 1 if args.steps is None else args.steps, 1),
+        ("--num-images", args.num_images, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--num-frames", args.num_frames or 1, 1),
+    ):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    settings = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                                eta=args.eta, height=args.height, width=args.width, num_frames=args.num_frames,
-                                negative_prompt=args.negative_prompt)
+    settings = SamplingSettings(
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        eta=args.eta,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        negative_prompt=args.negative_prompt,
+    )
     for name, value, expected in settings.problems():
         raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
     source = resolve_model(args.model)
@@ -163,8 +187,14 @@ def _run_sample(args):
     settings = settings.for_model(pipe, args.model)  # unset sizes, steps, guidance: the model's own
     scorers = [make_scorer(name) for name in args.scorer]
     trajectories, rows = [], []
-    batches = sample_batches(pipe, [p for p, _ in jobs], [s for _, s in jobs], settings, batch_size=args.batch_size,
-                             model_name=args.model)
+    batches = sample_batches(
+        pipe,
+        [p for p, _ in jobs],
+        [s for _, s in jobs],
+        settings,
+        batch_size=args.batch_size,
+        model_name=args.model,
+    )
     for start, result in tqdm(batches, total=-(-len(jobs) // args.batch_size), desc="sampling", unit="batch"):
         batch = jobs[start : start + args.batch_size]
         scores = {s.name: s.score(result.images, [p for p, _ in batch]).tolist() for s in scorers}
@@ -192,12 +222,19 @@ def _run_sample(args):
 # ----------------------------------------------------------------------------------------------------
 def _add_score(sub):
     p = sub.add_parser("score", help="score a folder of images")
-    p.add_argument("--scorer", action="append", required=True,
-                   help="scorer name or spec (repeatable): NAME[:KEY=VALUE,...], e.g. pickscore:model=FOLDER, "
-                        "hpsv2:version=v2.1, or a weighted sum 10*pickscore+2*hpsv2")
+    p.add_argument(
+        "--scorer",
+        action="append",
+        required=True,
+        help="scorer name or spec (repeatable): NAME[:KEY=VALUE,...], e.g. pickscore:model=FOLDER, "
+        "hpsv2:version=v2.1, or a weighted sum 10*pickscore+2*hpsv2",
+    )
     p.add_argument("--images", required=True, help="folder of images (PNG/JPEG/WebP)")
-    p.add_argument("--prompts", default=None,
-                   help="prompt file with one prompt per image in file-name order (default: the folder's samples.jsonl)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file with one prompt per image in file-name order (default: the folder's samples.jsonl)",
+    )
     p.add_argument("--out", default=None, help="output JSONL (default IMAGES/scores.jsonl)")
     p.add_argument("--batch-size", type=int, default=16)
     p.set_defaults(func=_run_score)
@@ -218,7 +255,10 @@ def _run_score(args):
     if args.prompts:
         prompts = load_prompts(args.prompts)
     elif (folder / "samples.jsonl").exists():
-        by_file = {r["file"]: r["prompt"] for r in map(json.loads, (folder / "samples.jsonl").read_text().splitlines())}
+        by_file = {
+            r["file"]: r["prompt"]
+            for r in map(json.loads, (folder / "samples.jsonl").read_text().splitlines())
+        }
         prompts = [by_file.get(f.name) for f in files]
         if None in prompts:
             prompts = None
@@ -234,12 +274,18 @@ def _run_score(args):
         for start in tqdm(range(0, len(files), args.batch_size), desc=name, unit="batch"):
             chunk = files[start : start + args.batch_size]
             images = [Image.open(f) for f in chunk]
-            values = scorer.score(images, None if prompts is None else prompts[start : start + args.batch_size])
+            values = scorer.score(
+                images, None if prompts is None else prompts[start : start + args.batch_size]
+            )
             for f, v in zip(chunk, values.tolist(), strict=True):
                 results[f.name][name] = v
     with open(out_path, "w", encoding="utf-8") as f:
         for i, file in enumerate(files):
-            row = {"file": file.name, "prompt": None if prompts is None else prompts[i], "scores": results[file.name]}
+            row = {
+                "file": file.name,
+                "prompt": None if prompts is None else prompts[i],
+                "scores": results[file.name],
+            }
             f.write(json.dumps(row) + "\n")
     width = max(len(f.name) for f in files)
     print("file".ljust(width) + "".join(f"  {n:>22}" for n in args.scorer))
@@ -257,7 +303,9 @@ def _add_serve_scorer(sub):
     p.add_argument("spec", help="scorer name or spec, e.g. pickscore:model=FOLDER or 10*pickscore+2*hpsv2")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-request-mb", type=float, default=256.0, help="larger request bodies are refused (413)")
+    p.add_argument(
+        "--max-request-mb", type=float, default=256.0, help="larger request bodies are refused (413)"
+    )
     p.add_argument("--token-env", default=None,
                    help="require the token held in this environment variable (clients set the same one; "
                         "remote:URL reads DIFFALIGN_SCORER_TOKEN unless told token_env=VAR)")
@@ -296,8 +344,12 @@ def _add_train(subparsers) -> None:
     p = subparsers.add_parser("train", help="train with a YAML config (DPO, MaPO, ...)",
                               description="Train with a YAML config; override any key with dotted.key=value.")
     p.add_argument("config", help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=...)")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted.key=value, e.g. train.max_steps=10 optim.learning_rate=1e-5"
+    )
+    p.add_argument(
+        "--resume", default=None, help="'latest' or a checkpoint folder (same as train.resume=...)"
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_run_train)
 
@@ -318,30 +370,45 @@ def _run_train(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 def _add_pairs(subparsers) -> None:
     p = subparsers.add_parser("pairs", help="generate AI-feedback preference pairs labelled by a scorer")
-    p.add_argument("--model", required=True, help="a model spec: built-in id, hub id, pipeline folder or FOLDER:lora")
-    p.add_argument("--motion-adapter", default=None, help="AnimateDiff: a MotionAdapter id/folder added to an SD 1.x --model")
+    p.add_argument(
+        "--model", required=True, help="a model spec: built-in id, hub id, pipeline folder or FOLDER:lora"
+    )
+    p.add_argument(
+        "--motion-adapter",
+        default=None,
+        help="AnimateDiff: a MotionAdapter id/folder added to an SD 1.x --model",
+    )
     p.add_argument("--prompts", required=True, help="a prompt file (.txt, .jsonl, .json, .tsv) or a set name "
                                                     "(smoke, toy, toy-train, parti, ddpo-animals, ...)")
     p.add_argument("--scorer", required=True, help="a registered scorer name")
     p.add_argument("--out", required=True, help="output folder (pairs.jsonl + images/)")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--steps", type=int, default=None, help="default: the model's own (toy-sdxl: 20), else 20")
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the model's own (toy-sdxl: 3), else 5"
+    )
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (default: the pipeline's)")
-    p.add_argument("--min-margin", type=float, default=0.0, help="drop prompts whose best-worst score gap is <= this")
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="video models: frames per clip (default: the pipeline's)"
+    )
+    p.add_argument(
+        "--min-margin", type=float, default=0.0, help="drop prompts whose best-worst score gap is <= this"
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
     p.set_defaults(func=_run_pairs)
 
 
 def _run_pairs(args) -> None:
-    for name, value, low in (("--images-per-prompt", args.images_per_prompt, 2), ("--steps", 1 if args.steps is None else args.steps, 1),
-                             ("--batch-size", args.batch_size, 1)):
+    for name, value, low in (
+        ("--images-per-prompt", args.images_per_prompt, 2),
+        ("--steps", 1 if args.steps is None else args.steps, 1),
+        ("--batch-size", args.batch_size, 1),
+    ):
         if value < low:
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if args.num_frames is not None and args.num_frames < 1:
@@ -363,17 +430,37 @@ def _run_pairs(args) -> None:
     pipe = load_pipeline(source, dtype=args.dtype, device=args.device or default_device(),
                          motion_adapter=args.motion_adapter)
     pipe.set_progress_bar_config(disable=True)
-    sampling = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height,
-                                width=args.width, num_frames=args.num_frames)
-    info = generate_pairs(pipe, prompts, scorer, out, images_per_prompt=args.images_per_prompt, sampling=sampling,
-                          seed=args.seed, batch_size=args.batch_size, min_margin=args.min_margin, model_name=args.model)
-    print(f"wrote {info['pairs']} pairs ({info['ties']} ties dropped) to {out / 'pairs.jsonl'}; "
-          f"mean {args.scorer}: chosen {info['mean_chosen_score']:.4g}, rejected {info['mean_rejected_score']:.4g}")
+    sampling = SamplingSettings(
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+    )
+    info = generate_pairs(
+        pipe,
+        prompts,
+        scorer,
+        out,
+        images_per_prompt=args.images_per_prompt,
+        sampling=sampling,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        min_margin=args.min_margin,
+        model_name=args.model,
+    )
+    print(
+        f"wrote {info['pairs']} pairs ({info['ties']} ties dropped) to {out / 'pairs.jsonl'}; mean "
+        f"{args.scorer}: chosen {info['mean_chosen_score']:.4g}, rejected {info['mean_rejected_score']:.4g}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with human preference.")
+    parser = argparse.ArgumentParser(
+        prog="diffalign", description="Align diffusion models with human preference."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     _add_tiny(sub)

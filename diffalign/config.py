@@ -81,9 +81,11 @@ class DataConfig:
     num_workers: int = 0
     cache: bool = False  # encode text + VAE latents once (keyed by model and preprocessing)
     cache_dir: str | None = None  # default: $DIFFALIGN_CACHE/latents
-    # Video models (AnimateDiff, Wan): frames per training video; null: eval.num_frames, else the pipeline's default
+    # Video models (AnimateDiff, Wan): frames per training video; null: eval.num_frames, else the pipeline's
+    # default
     num_frames: int | None = None
-    frame_policy: Literal["resample", "reject"] = "resample"  # a video of another length: evenly resample, or skip it
+    # a video of another length: evenly resample, or skip it
+    frame_policy: Literal["resample", "reject"] = "resample"
 
 
 @dataclass
@@ -111,7 +113,8 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     resume: str | None = None  # "latest" or a checkpoint folder
-    max_nonfinite_steps: int = 5  # stop after this many optimizer steps in a row with a NaN/inf loss or gradient
+    # stop after this many optimizer steps in a row with a NaN/inf loss or gradient
+    max_nonfinite_steps: int = 5
     device: str | None = None  # None: accelerate's choice; "cpu" forces the CPU
     # Flow-matching models (Wan): how the training sigma is drawn from the pipeline's (shifted) flow schedule
     flow_timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
@@ -127,7 +130,8 @@ class LogConfig:
     project: str = "diffalign"
     validation_every_n_steps: int = 0  # 0: never during training
     validation_prompts: list[str] = field(default_factory=list)
-    validation_gallery: bool = False  # also run a small scored gallery (HTML page, eval.scorers) at validation steps
+    # also run a small scored gallery (HTML page, eval.scorers) at validation steps
+    validation_gallery: bool = False
     progress_bar: bool = True
 
 
@@ -161,8 +165,14 @@ class EvalConfig:
 
     def sampling(self) -> SamplingSettings:
         """The evaluation's sampling settings (also the validation samples')."""
-        return SamplingSettings(num_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, eta=self.eta,
-                                height=self.height, width=self.width, num_frames=self.num_frames)
+        return SamplingSettings(
+            num_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            eta=self.eta,
+            height=self.height,
+            width=self.width,
+            num_frames=self.num_frames,
+        )
 
 
 @dataclass
@@ -256,12 +266,16 @@ def build_dataclass(cls, values: Any, path: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(path, values, f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}")
+        raise ConfigError(
+            path, values, f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in values:
         if key not in names:
-            raise ConfigError(f"{path}.{key}", values[key], f"no such key; {path} has: {', '.join(sorted(names))}")
+            raise ConfigError(
+                f"{path}.{key}", values[key], f"no such key; {path} has: {', '.join(sorted(names))}"
+            )
     kwargs = {key: _convert(value, hints[key], f"{path}.{key}") for key, value in values.items()}
     return cls(**kwargs)
 
@@ -305,7 +319,9 @@ def validate(cfg: Config) -> None:
         try:
             resolve_model(cfg.model.motion_adapter)
         except (ValueError, OSError) as err:
-            raise ConfigError("model.motion_adapter", cfg.model.motion_adapter, f"a motion adapter that exists ({err})") from None
+            raise ConfigError(
+                "model.motion_adapter", cfg.model.motion_adapter, f"a motion adapter that exists ({err})"
+            ) from None
     if cfg.model.vae is not None:
         try:
             resolve_model(cfg.model.vae)
@@ -315,18 +331,34 @@ def validate(cfg: Config) -> None:
     _require(lo.rank >= 1, "lora.rank", lo.rank, "an integer >= 1")
     _require(lo.alpha > 0, "lora.alpha", lo.alpha, "a number > 0")
     _require(0 <= lo.dropout < 1, "lora.dropout", lo.dropout, "a number in [0, 1)")
-    _require(len(lo.target_modules) > 0, "lora.target_modules", lo.target_modules, "a non-empty list of module names")
+    _require(
+        len(lo.target_modules) > 0,
+        "lora.target_modules",
+        lo.target_modules,
+        "a non-empty list of module names",
+    )
 
     d = cfg.data
     # Online methods (PRDP, DDPO) sample their own data from `method.prompts`; the others read data.source.
     _require(bool(d.source) or METHODS[cfg.method.name].kind == "online", "data.source", d.source,
              "a dataset: hub id, parquet/arrow path, .jsonl file or pairs folder")
-    _require(d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8, >= 8")
-    _require(0 <= d.proportion_empty_prompts <= 1, "data.proportion_empty_prompts", d.proportion_empty_prompts, "a number in [0, 1]")
-    _require(d.max_pairs is None or d.max_pairs >= 1, "data.max_pairs", d.max_pairs, "null or an integer >= 1")
+    _require(
+        d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8, >= 8"
+    )
+    _require(
+        0 <= d.proportion_empty_prompts <= 1,
+        "data.proportion_empty_prompts",
+        d.proportion_empty_prompts,
+        "a number in [0, 1]",
+    )
+    _require(
+        d.max_pairs is None or d.max_pairs >= 1, "data.max_pairs", d.max_pairs, "null or an integer >= 1"
+    )
     _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a number in [0, 1]")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
-    _require(d.num_frames is None or d.num_frames >= 1, "data.num_frames", d.num_frames, "null or an integer >= 1")
+    _require(
+        d.num_frames is None or d.num_frames >= 1, "data.num_frames", d.num_frames, "null or an integer >= 1"
+    )
     if d.cache:
         # A cache freezes preprocessing; random augmentation would be drawn once and reused forever.
         _require(not d.random_flip, "data.random_flip", d.random_flip, "false when data.cache is true")
@@ -339,7 +371,12 @@ def validate(cfg: Config) -> None:
     _require(0 <= o.adam_beta2 < 1, "optim.adam_beta2", o.adam_beta2, "a number in [0, 1)")
     _require(o.adam_epsilon > 0, "optim.adam_epsilon", o.adam_epsilon, "a number > 0")
     _require(o.lr_warmup_steps >= 0, "optim.lr_warmup_steps", o.lr_warmup_steps, "an integer >= 0")
-    _require(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm, "null or a number > 0")
+    _require(
+        o.max_grad_norm is None or o.max_grad_norm > 0,
+        "optim.max_grad_norm",
+        o.max_grad_norm,
+        "null or a number > 0",
+    )
     if o.optimizer == "adamw8bit":
         _require(importlib.util.find_spec("bitsandbytes") is not None, "optim.optimizer", o.optimizer,
                  "adamw or adafactor (adamw8bit needs `pip install bitsandbytes`)")
@@ -347,21 +384,35 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _require(t.max_steps >= 1, "train.max_steps", t.max_steps, "an integer >= 1")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "an integer >= 1")
-    _require(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", t.gradient_accumulation_steps, "an integer >= 1")
+    _require(
+        t.gradient_accumulation_steps >= 1,
+        "train.gradient_accumulation_steps",
+        t.gradient_accumulation_steps,
+        "an integer >= 1",
+    )
     _require(t.flow_logit_std > 0, "train.flow_logit_std", t.flow_logit_std, "a number > 0")
-    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1")
+    _require(
+        t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1"
+    )
     _require(0 <= t.seed < 2**32, "train.seed", t.seed, "an integer in [0, 2**32)")  # numpy's seed range
     _require(t.resume is None or t.resume == "latest" or _is_dir(t.resume), "train.resume", t.resume,
              "null, 'latest', or an existing checkpoint folder")
 
     lg = cfg.log
     _require(lg.every_n_steps >= 1, "log.every_n_steps", lg.every_n_steps, "an integer >= 1")
-    _require(lg.validation_every_n_steps >= 0, "log.validation_every_n_steps", lg.validation_every_n_steps, "an integer >= 0")
+    _require(
+        lg.validation_every_n_steps >= 0,
+        "log.validation_every_n_steps",
+        lg.validation_every_n_steps,
+        "an integer >= 0",
+    )
     if lg.validation_every_n_steps:
         _require(bool(lg.validation_prompts), "log.validation_prompts", lg.validation_prompts,
                  "at least one prompt when log.validation_every_n_steps > 0")
     for i, tracker in enumerate(lg.report_to):
-        _require(tracker in ("tensorboard", "wandb"), f"log.report_to[{i}]", tracker, "'tensorboard' or 'wandb'")
+        _require(
+            tracker in ("tensorboard", "wandb"), f"log.report_to[{i}]", tracker, "'tensorboard' or 'wandb'"
+        )
         module = "tensorboard" if tracker == "tensorboard" else "wandb"
         if tracker == "tensorboard" and importlib.util.find_spec("tensorboardX") is not None:
             continue
@@ -370,7 +421,12 @@ def validate(cfg: Config) -> None:
 
     c = cfg.checkpoint
     _require(c.every_n_steps >= 0, "checkpoint.every_n_steps", c.every_n_steps, "an integer >= 0")
-    _require(c.keep_last is None or c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "null or an integer >= 1")
+    _require(
+        c.keep_last is None or c.keep_last >= 1,
+        "checkpoint.keep_last",
+        c.keep_last,
+        "null or an integer >= 1",
+    )
 
     e = cfg.eval
     if e.enabled:
@@ -380,15 +436,27 @@ def validate(cfg: Config) -> None:
             except (ValueError, NotImplementedError) as err:
                 raise ConfigError(f"eval.scorers[{i}]", name, f"a scorer name or spec ({err})") from None
         _require(len(e.seeds) >= 1, "eval.seeds", e.seeds, "at least one seed")
-        _require(e.num_inference_steps >= 1, "eval.num_inference_steps", e.num_inference_steps, "an integer >= 1")
+        _require(
+            e.num_inference_steps >= 1, "eval.num_inference_steps", e.num_inference_steps, "an integer >= 1"
+        )
         _require(e.eta >= 0, "eval.eta", e.eta, "a number >= 0")
         _require(e.guidance_scale >= 0, "eval.guidance_scale", e.guidance_scale, "a number >= 0")
         for i, seed in enumerate(e.seeds):
             _require(0 <= seed < 2**32, f"eval.seeds[{i}]", seed, "an integer in [0, 2**32)")
         for key in ("height", "width"):
             value = getattr(e, key)
-            _require(value is None or (value >= 8 and value % 8 == 0), f"eval.{key}", value, "null or a multiple of 8, >= 8")
-        _require(e.num_frames is None or e.num_frames >= 1, "eval.num_frames", e.num_frames, "null or an integer >= 1")
+            _require(
+                value is None or (value >= 8 and value % 8 == 0),
+                f"eval.{key}",
+                value,
+                "null or a multiple of 8, >= 8",
+            )
+        _require(
+            e.num_frames is None or e.num_frames >= 1,
+            "eval.num_frames",
+            e.num_frames,
+            "null or an integer >= 1",
+        )
         _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
         _require(e.train_pairs >= 0, "eval.train_pairs", e.train_pairs, "an integer >= 0")
         _require(e.train_pair_draws >= 1, "eval.train_pair_draws", e.train_pair_draws, "an integer >= 1")
@@ -398,7 +466,9 @@ def validate(cfg: Config) -> None:
             try:
                 read_prompts(e.prompts_file)
             except ValueError as err:
-                raise ConfigError("eval.prompts_file", e.prompts_file, f"a readable prompt file ({err})") from None
+                raise ConfigError(
+                    "eval.prompts_file", e.prompts_file, f"a readable prompt file ({err})"
+                ) from None
         _require(bool(e.prompts or e.prompts_file or lg.validation_prompts), "eval.prompts", e.prompts,
                  "prompts (or eval.prompts_file, or log.validation_prompts) when eval.enabled is true")
 
@@ -420,7 +490,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(item, item, "an override of the form dotted.key=value (e.g. optim.learning_rate=1e-5)")
+            raise ConfigError(
+                item, item, "an override of the form dotted.key=value (e.g. optim.learning_rate=1e-5)"
+            )
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError as err:
@@ -463,7 +535,9 @@ def config_from_dict(raw: dict, *, check: bool = True) -> Config:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True) -> Config:
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, check: bool = True
+) -> Config:
     """Read a YAML config, apply ``dotted.key=value`` overrides, type-check and validate it."""
     path = Path(path)
     if not path.is_file():

@@ -68,7 +68,8 @@ def detect_format(source: str) -> str:
         raise DataError(f"data source {path}: folder has no pairs.jsonl and no .parquet/.arrow files")
     if HUB_ID.match(source) and not source.startswith((".", "/", "~")) and not path.parent.is_dir():
         return "pickapic"
-    if path.parent.is_dir() and path.parent != Path("."):  # 'data/typo': a local path, not an 'org/name' hub id
+    # 'data/typo': a local path, not an 'org/name' hub id
+    if path.parent.is_dir() and path.parent != Path("."):
         raise DataError(f"data source {source!r} does not exist: folder {path.parent} has no {path.name!r}")
     raise DataError(f"data source {source!r} does not exist (expected a file, a folder, or a hub dataset id)")
 
@@ -94,7 +95,7 @@ class PairSource:
                                   "frame folders); this format holds images")
 
     def where(self, i: int) -> str:
-        """Where pair ``i`` is stored, as a user finds it: ``FILE row N`` (Pick-a-Pic) or ``FILE:LINE`` (JSONL)."""
+        """Where a user finds pair ``i``: ``FILE row N`` (Pick-a-Pic) or ``FILE:LINE`` (JSONL)."""
         return f"{self.description} pair {i}"
 
     def fingerprint(self) -> str:
@@ -170,8 +171,8 @@ class PickapicPairs(PairSource):
         labels = [_label(v, f"{description} row {i}") for i, v in enumerate(labels)]
         keep = [i for i, v in enumerate(labels) if v is not None and v in (0.0, 1.0)]
         if not keep:
-            raise DataError(f"{description}: all {len(labels)} rows are ties or unlabeled (label_0 not 0 or 1); "
-                            "no preference pairs to train on")
+            raise DataError(f"{description}: all {len(labels)} rows are ties or unlabeled (label_0 not 0 or "
+                            "1); no preference pairs to train on")
         if max_pairs is not None:
             keep = keep[:max_pairs]
         self.table, self.rows, self.description = table, keep, description
@@ -197,7 +198,7 @@ class PickapicPairs(PairSource):
     def images(self, i, draft_size=None):
         row = self.table[self.rows[i]]
         where = self.where(i)
-        first, second = _decode(row["jpg_0"], where + " jpg_0", draft_size), _decode(row["jpg_1"], where + " jpg_1", draft_size)
+        first, second = (_decode(row[key], f"{where} {key}", draft_size) for key in ("jpg_0", "jpg_1"))
         return (first, second) if self._winner_first[i] else (second, first)
 
     def fingerprint(self):
@@ -216,7 +217,8 @@ class JsonlPairs(PairSource):
                 raise DataError(f"{where}: expected an object with prompt, chosen, rejected")
             missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
             if missing:
-                raise DataError(f"{where}: missing key(s) {', '.join(missing)}; expected prompt, chosen, rejected")
+                raise DataError(f"{where}: missing key(s) {', '.join(missing)}; expected prompt, chosen, "
+                                "rejected")
             prompt = row["prompt"] if isinstance(row["prompt"], str) else None
             if prompt is None and row["prompt"] is not None:
                 raise DataError(f"{where}: 'prompt' must be a string, got {type(row['prompt']).__name__}")
@@ -269,7 +271,8 @@ def _table_rows(path: Path) -> int:
     return datasets.Dataset.from_file(str(path)).num_rows
 
 
-def open_pairs(source: str, format: str = "auto", split: str = "train", max_pairs: int | None = None) -> PairSource:
+def open_pairs(source: str, format: str = "auto", split: str = "train",
+               max_pairs: int | None = None) -> PairSource:
     """Open a preference dataset and check its schema (no image decoding)."""
     fmt = detect_format(source) if format == "auto" else format
     path = Path(os.path.expanduser(source))
@@ -288,16 +291,19 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
             try:
                 table = datasets.load_from_disk(str(path))
             except Exception as err:  # datasets raises many types for a broken save_to_disk folder
-                raise DataError(f"{path}: cannot read as a saved dataset ({type(err).__name__}: {err})") from None
+                raise DataError(f"{path}: cannot read as a saved dataset ({type(err).__name__}: "
+                                f"{err})") from None
             if isinstance(table, datasets.DatasetDict):
                 if split not in table:
                     raise DataError(f"{path}: no split {split!r} (has: {', '.join(table)})")
                 table = table[split]
         elif path.exists():
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES)
+            files = ([path] if path.is_file()
+                     else sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES))
             kinds = {p.suffix for p in files}
             if len(kinds) != 1:
-                raise DataError(f"{path}: mix of {', '.join(sorted(kinds))} files; expected only .parquet or only .arrow")
+                raise DataError(f"{path}: mix of {', '.join(sorted(kinds))} files; expected only .parquet or "
+                                "only .arrow")
             builder = "parquet" if kinds == {".parquet"} else "arrow"
             try:
                 table = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
@@ -310,8 +316,8 @@ def open_pairs(source: str, format: str = "auto", split: str = "train", max_pair
                 table = datasets.load_dataset(source, split=split)
             except Exception as err:
                 raise DataError(f"could not load dataset {source!r} split {split!r} from the hub "
-                                f"({type(err).__name__}: {err}); there is no local file or folder {source!r} either; "
-                                "without network access, pass local parquet files") from None
+                                f"({type(err).__name__}: {err}); there is no local file or folder {source!r} "
+                                "either; without network access, pass local parquet files") from None
     return PickapicPairs(table, str(source), max_pairs)
 
 
@@ -326,7 +332,7 @@ class Preprocessing:
     proportion_empty_prompts: float = 0.0
     seed: int = 0
     num_frames: int | None = None  # set for video models: items are clips of this many frames
-    frame_policy: str = "resample"  # a clip of another length: "resample" evenly, or "reject" (a counted bad row)
+    frame_policy: str = "resample"  # other lengths: "resample" evenly, or "reject" (a counted bad row)
 
     def key(self) -> str:
         key = f"r{self.resolution}-crop{'rand' if self.random_crop else 'center'}-flip{int(self.random_flip)}"
@@ -355,8 +361,8 @@ def read_video_frames(path: Path) -> list[Image.Image]:
     try:
         import imageio.v3 as iio
     except ImportError:
-        raise ValueError(f"{path}: reading {path.suffix} videos needs imageio with a video plugin "
-                         "(pip install imageio[ffmpeg]); GIF/WebP files and frame folders need nothing") from None
+        raise ValueError(f"{path}: reading {path.suffix} videos needs imageio with a video plugin (pip "
+                         "install imageio[ffmpeg]); GIF/WebP files and frame folders need nothing") from None
     try:
         return [Image.fromarray(np.asarray(frame)).convert("RGB") for frame in iio.imiter(path)]
     except Exception as err:  # imageio raises plugin-specific types for a broken or unsupported file
@@ -369,7 +375,8 @@ def fit_frames(frames: list, num_frames: int, policy: str, where: str) -> list:
     if len(frames) == num_frames:
         return frames
     if policy == "reject":
-        raise ValueError(f"{where} has {len(frames)} frames, expected {num_frames} (data.frame_policy=reject)")
+        raise ValueError(f"{where} has {len(frames)} frames, expected {num_frames} "
+                         "(data.frame_policy=reject)")
     if policy != "resample":
         raise ValueError(f"unknown frame policy {policy!r}; expected resample or reject")
     index = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
@@ -430,7 +437,7 @@ def preprocess_clips(named_clips, prep: Preprocessing, crop, flip: bool) -> tupl
         if flip:
             frames = [frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for frame in frames]
         clips.append(torch.stack([_to_model_range(frame) for frame in frames]))
-    time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(len(clips), 1)  # unused by video models
+    time_ids = torch.tensor([r, r, 0, 0, r, r], dtype=torch.float32).repeat(len(clips), 1)  # unused for video
     return torch.stack(clips), time_ids
 
 
@@ -470,8 +477,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def _video_item(self, index: int, caption: str, crop, flip: bool) -> dict:
         """A video pair: ``pixels`` [2, F, 3, R, R]; every frame of both clips gets the same crop and flip."""
         try:
-            pixels, time_ids = preprocess_clips(zip(("chosen", "rejected"), self.source.videos(index), strict=True),
-                                                self.prep, crop, flip)
+            named_clips = zip(("chosen", "rejected"), self.source.videos(index), strict=True)
+            pixels, time_ids = preprocess_clips(named_clips, self.prep, crop, flip)
         except UNREADABLE as err:
             return bad_item(self.source, index, err)
         return {"index": index, "caption": caption, "pixels": pixels, "time_ids": time_ids}
@@ -486,7 +493,7 @@ def bad_item(source: PairSource, index: int, err: Exception) -> dict:
 
 
 def collate_pairs(items: list[dict]) -> dict:
-    """Batch good items; bad ones are reported in ``bad`` (messages) and ``bad_rows`` (where each is stored)."""
+    """Batch good items; bad ones go in ``bad`` (messages) and ``bad_rows`` (where each is stored)."""
     good = [it for it in items if "bad" not in it]
     batch = {"bad": [it["bad"] for it in items if "bad" in it], "size": len(good),
              "bad_rows": [it.get("bad_row", it["bad"]) for it in items if "bad" in it]}
@@ -500,7 +507,7 @@ def collate_pairs(items: list[dict]) -> dict:
 
 
 class BadRowCounter:
-    """Counts unreadable pairs; warns once per distinct row, and raises once the bad fraction exceeds the limit.
+    """Counts unreadable pairs; warns once per distinct row, raises once the bad fraction exceeds the limit.
 
     ``bad`` is the number of distinct unreadable rows, ``skips`` how many times they were skipped (once per
     epoch each), ``seen`` how many rows were read. The fraction (skips over reads) is checked once at least
@@ -527,15 +534,16 @@ class BadRowCounter:
                 log.warning("skipping unreadable pair (%d so far): %s", self.bad, message)
         if self.skips and self.seen >= self.min_rows and self.skips / self.seen > self.max_bad_fraction:
             raise DataError(f"{self.skips} of {self.seen} pairs read so far are unreadable "
-                            f"({self.skips / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction}); "
-                            f"last: {self.last or 'see warnings above'}")
+                            f"({self.skips / self.seen:.1%} > data.max_bad_fraction={self.max_bad_fraction});"
+                            f" last: {self.last or 'see warnings above'}")
 
     def summary(self) -> str:
         return (f"skipped {self.bad} unreadable row{'s' if self.bad != 1 else ''} ({self.skips} skips in "
                 f"{self.seen} rows read; last: {self.last})")
 
     def state_dict(self) -> dict:
-        return {"bad_seen": self.seen, "bad_skips": self.skips, "bad_rows": sorted(self.rows), "bad_last": self.last}
+        return {"bad_seen": self.seen, "bad_skips": self.skips, "bad_rows": sorted(self.rows),
+                "bad_last": self.last}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.last = state["bad_seen"], state.get("bad_last")
@@ -556,8 +564,9 @@ class EpochBatches:
                  max_bad_fraction: float = 0.0):
         self.dataset, self.accelerator, self.seed = dataset, accelerator, seed
         self.generator = torch.Generator()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=self.generator,
-                                             collate_fn=collate_pairs, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                             generator=self.generator, collate_fn=collate_pairs,
+                                             num_workers=num_workers)
         self.loader = accelerator.prepare(loader)
         self.bad_rows = BadRowCounter(max_bad_fraction)
         self.epoch = 0
@@ -572,7 +581,8 @@ class EpochBatches:
             self.loader.set_epoch(self.epoch)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
-            loader = self.accelerator.skip_first_batches(self.loader, self.taken) if self.taken else self.loader
+            loader = (self.accelerator.skip_first_batches(self.loader, self.taken) if self.taken
+                      else self.loader)
             for batch in loader:
                 self.taken += 1
                 self.bad_rows.update(batch)

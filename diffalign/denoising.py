@@ -44,7 +44,10 @@ def sample_latents(vae, params: torch.Tensor, generator=None) -> torch.Tensor:
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     latents = DiagonalGaussianDistribution(params).sample(generator=generator)
-    if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+    if (
+        getattr(vae.config, "latents_mean", None) is not None
+        and getattr(vae.config, "latents_std", None) is not None
+    ):
         view = (1, -1) + (1,) * (latents.ndim - 2)
         mean = torch.tensor(vae.config.latents_mean, dtype=latents.dtype, device=latents.device).view(view)
         std = torch.tensor(vae.config.latents_std, dtype=latents.dtype, device=latents.device).view(view)
@@ -105,7 +108,9 @@ class FlowMatchingNoise:
     def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
                              logit_std: float = 1.0) -> FlowMatchingNoise:
         if timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"unknown flow timestep sampling {timestep_sampling!r}; expected uniform or logit_normal")
+            raise ValueError(
+                f"unknown flow timestep sampling {timestep_sampling!r}; expected uniform or logit_normal"
+            )
         return cls(FlowSDEStep.make_scheduler(dict(config)), timestep_sampling, logit_mean, logit_std)
 
     @property
@@ -113,7 +118,8 @@ class FlowMatchingNoise:
         return self.scheduler.config
 
     def sigmas_and_timesteps(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws ``index``."""
+        """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws
+        ``index``."""
         n = self.config.num_train_timesteps
         index = index.long().cpu()
         if self.timestep_sampling == "logit_normal":

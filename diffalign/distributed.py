@@ -40,10 +40,16 @@ def check_launch(accelerator, cfg, spec) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         raise RuntimeError(
-            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {accelerator.num_processes}: each "
-            "would train alone and write the same files. On a machine without GPUs set train.device=cpu (or "
-            "ACCELERATE_USE_CPU=1) for a CPU run with the gloo backend.")
-    stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up "
+            f"{accelerator.num_processes}: each would train alone and write the same files. On a machine "
+            "without GPUs set train.device=cpu (or ACCELERATE_USE_CPU=1) for a CPU run with the gloo "
+            "backend."
+        )
+    stage = (
+        accelerator.state.deepspeed_plugin.zero_stage
+        if accelerator.distributed_type == DistributedType.DEEPSPEED
+        else None
+    )
     check_distributed(accelerator.distributed_type, stage, spec)
 
 
@@ -53,9 +59,11 @@ def check_distributed(kind, zero_stage: int | None, spec) -> None:
 
     if kind == DistributedType.FSDP:
         raise NotImplementedError(
-            "FSDP is not supported by the diffalign trainer: it shards the denoiser, while evaluation, SePPO's "
-            "reference samples, PRDP/DDPO sampling and the saved LoRA/UNet use the bare denoiser. Use DDP "
-            "(configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml).")
+            "FSDP is not supported by the diffalign trainer: it shards the denoiser, while evaluation, "
+            "SePPO's reference samples, PRDP/DDPO sampling and the saved LoRA/UNet use the bare denoiser. "
+            "Use DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate/deepspeed_zero2.yaml)."
+        )
     if kind == DistributedType.DEEPSPEED:
         if zero_stage == 3:
             raise NotImplementedError(
@@ -64,9 +72,10 @@ def check_distributed(kind, zero_stage: int | None, spec) -> None:
                 "(configs/accelerate/deepspeed_zero2.yaml) or DDP.")
         if spec.kind in ONLINE_KINDS:
             raise NotImplementedError(
-                f"{spec.name} with DeepSpeed is not supported: it back-propagates each optimizer step in several "
-                "pieces, and accelerate's DeepSpeed engine steps the optimizer at every backward. Use DDP "
-                "(configs/accelerate/multi_gpu.yaml).")
+                f"{spec.name} with DeepSpeed is not supported: it back-propagates each optimizer step in "
+                "several pieces, and accelerate's DeepSpeed engine steps the optimizer at every backward. "
+                "Use DDP (configs/accelerate/multi_gpu.yaml)."
+            )
 
 
 def configure_deepspeed(accelerator, cfg) -> None:

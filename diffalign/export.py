@@ -20,7 +20,8 @@ def denoiser_attr(pipe) -> str:
 
 def save_lora(pipe, unet, out: Path) -> None:
     """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors), written
-    by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's ``transformer_lora_layers``)."""
+    by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's
+    ``transformer_lora_layers``)."""
     from peft.utils import get_peft_model_state_dict  # heavy: loaded when a LoRA is written
 
     bare = unwrap(unet)
@@ -31,8 +32,14 @@ def save_lora(pipe, unet, out: Path) -> None:
     # one of them (the attention half on SDXL, or SD3's renamed keys).
     layers = get_peft_model_state_dict(bare)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
-    type(pipe).save_lora_weights(out, safe_serialization=True, **{
-        f"{attr}_lora_layers": layers, f"{attr}_lora_adapter_metadata": bare.peft_config["default"].to_dict()})
+    type(pipe).save_lora_weights(
+        out,
+        safe_serialization=True,
+        **{
+            f"{attr}_lora_layers": layers,
+            f"{attr}_lora_adapter_metadata": bare.peft_config["default"].to_dict(),
+        },
+    )
     apply_umask(out / LORA_WEIGHTS_FILE)
 
 
@@ -49,11 +56,15 @@ def reload_exported_lora(pipe, unet, out: Path) -> None:
     pipe.load_lora_weights(out, adapter_name="default")
     loaded = get_peft_model_state_dict(bare, adapter_name="default")
     missing = sorted(set(trained) - set(loaded))
-    changed = [k for k in trained if k in loaded and not torch.equal(trained[k].to(loaded[k].dtype), loaded[k].cpu())]
+    changed = [
+        k for k in trained if k in loaded and not torch.equal(trained[k].to(loaded[k].dtype), loaded[k].cpu())
+    ]
     if missing or changed or len(loaded) != len(trained):
-        raise RuntimeError(f"the exported LoRA {out / LORA_WEIGHTS_FILE} does not load back as trained with "
-                           f"load_lora_weights: {len(missing)} of {len(trained)} tensors missing, {len(changed)} "
-                           f"changed (first: {(missing or changed or ['?'])[0]})")
+        raise RuntimeError(
+            f"the exported LoRA {out / LORA_WEIGHTS_FILE} does not load back as trained with "
+            f"load_lora_weights: {len(missing)} of {len(trained)} tensors missing, {len(changed)} "
+            f"changed (first: {(missing or changed or ['?'])[0]})"
+        )
 
 
 def save_full(pipe, unet, out: Path) -> None:
@@ -72,7 +83,9 @@ def save_full(pipe, unet, out: Path) -> None:
     apply_umask(out / "model_index.json")
 
 
-def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float) -> None:
+def write_model_card(
+    out: Path, cfg: Config, metrics: dict, evaluation: dict | None, elapsed_s: float
+) -> None:
     kind = "LoRA adapters" if cfg.model.finetune == "lora" else "A fully fine-tuned denoiser"
     # A built-in id is not a hub id: the card names the folder it lives in on this machine.
     base = str(BUILTIN_MODELS[cfg.model.name]()) if cfg.model.name in BUILTIN_MODELS else cfg.model.name
@@ -115,15 +128,23 @@ def write_model_card(out: Path, cfg: Config, metrics: dict, evaluation: dict | N
         lines += ["## Held-out evaluation (same prompts, same seeds)", "",
                   "| scorer | base | tuned | change |", "|---|---|---|---|"]
         for name, row in evaluation["scorers"].items():
-            lines.append(f"| {name} | {row['base_mean']:.5g} | {row['tuned_mean']:.5g} | {row['delta']:+.5g} |")
-        lines += ["", f"{len(evaluation['prompts'])} prompts x {len(evaluation['seeds'])} seeds; images in `eval/`.", ""]
+            lines.append(
+                f"| {name} | {row['base_mean']:.5g} | {row['tuned_mean']:.5g} | {row['delta']:+.5g} |"
+            )
+        lines += [
+            "",
+            f"{len(evaluation['prompts'])} prompts x {len(evaluation['seeds'])} seeds; images in `eval/`.",
+            "",
+        ]
         pairs = evaluation.get("train_pairs") or {}
         if pairs.get("before") and pairs.get("after"):
             lines += ["## Method objective on training pairs (fixed noise draws)", "",
                       "| | loss | implicit accuracy | reward margin |", "|---|---|---|---|"]
             for when in ("before", "after"):
                 m = pairs[when]
-                lines.append(f"| {when} | {m['loss']:.5g} | {m['implicit_acc']:.3f} | {m['reward_margin']:.5g} |")
+                lines.append(
+                    f"| {when} | {m['loss']:.5g} | {m['implicit_acc']:.3f} | {m['reward_margin']:.5g} |"
+                )
             lines.append("")
     lines += ["## Config", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
     (out / "README.md").write_text("\n".join(lines), encoding="utf-8")

@@ -24,7 +24,8 @@ LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 #: The transformer modules LoRA adapts by default: diffusers' train_dreambooth_lora_sd3.py (the joint
 #: attention's image and context projections; Flow-GRPO uses the same eight) and train_dreambooth_lora_flux.py
 #: (the same plus both feed-forwards of the double-stream blocks). PEFT matches them as name suffixes, so
-#: SD3.5's second attention (``attn2``) and FLUX's single-stream ``proj_mlp``/``proj_out`` are left out, as there.
+#: SD3.5's second attention (``attn2``) and FLUX's single-stream ``proj_mlp``/``proj_out`` are left out, as
+#: there.
 LORA_TARGET_MODULES = {
     "sd3": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
             "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"),
@@ -36,22 +37,34 @@ LORA_TARGET_MODULES = {
 
 def draw_u(density: str, batch_size: int, *, logit_mean: float = 0.0, logit_std: float = 1.0,
            mode_scale: float = 1.29, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
-    """``batch_size`` draws of u in [0, 1) from ``density`` (diffusers' defaults: logit_normal(0, 1), mode 1.29)."""
+    """``batch_size`` draws of u in [0, 1) from ``density`` (diffusers' defaults: logit_normal(0, 1), mode
+    1.29)."""
     if density not in TIMESTEP_DENSITIES:
-        raise ValueError(f"unknown timestep density {density!r}; expected one of {', '.join(TIMESTEP_DENSITIES)}")
-    return compute_density_for_timestep_sampling(density, batch_size, logit_mean=logit_mean, logit_std=logit_std,
-                                                 mode_scale=mode_scale, device=device, generator=generator)
+        raise ValueError(
+            f"unknown timestep density {density!r}; expected one of {', '.join(TIMESTEP_DENSITIES)}"
+        )
+    return compute_density_for_timestep_sampling(
+        density,
+        batch_size,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+        device=device,
+        generator=generator,
+    )
 
 
 def training_scheduler(config: dict) -> FlowMatchEulerDiscreteScheduler:
-    """The pipeline's flow scheduler at its full training table (``num_train_timesteps`` sigmas, static shift applied)."""
+    """The pipeline's flow scheduler at its full training table (``num_train_timesteps`` sigmas, static shift
+    applied)."""
     return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
 
 
 def training_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, u: torch.Tensor,
                     mu: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(sigma, timestep)`` for draws ``u``: as the scripts do, ``sigma = scheduler.sigmas[int(u N)]``
-    of the training table (which holds SD3's static shift), and ``timestep = 1000 sigma`` as the pipelines feed it.
+    """Per-row ``(sigma, timestep)`` for draws ``u``: as the scripts do,
+    ``sigma = scheduler.sigmas[int(u N)]`` of the training table (which holds SD3's static shift), and
+    ``timestep = 1000 sigma`` as the pipelines feed it.
 
     A dynamically shifted scheduler (FLUX) keeps its table unshifted: pass ``mu`` (:func:`flux_mu` of the
     packed token count) to shift it as ``FluxPipeline`` does at sampling, ``e^mu / (e^mu + 1/sigma - 1)``.
@@ -61,7 +74,10 @@ def training_sigmas(scheduler: FlowMatchEulerDiscreteScheduler, u: torch.Tensor,
     sigmas = scheduler.sigmas[index].float()
     if scheduler.config.use_dynamic_shifting:
         if mu is None:
-            raise ValueError("this scheduler shifts dynamically (use_dynamic_shifting): pass mu, e.g. flux_mu(tokens, config)")
+            raise ValueError(
+                "this scheduler shifts dynamically (use_dynamic_shifting): pass mu, e.g. flux_mu(tokens, "
+                "config)"
+            )
         sigmas = scheduler.time_shift(mu, 1.0, sigmas)
     elif mu is not None:
         raise ValueError("mu is only for a dynamically shifting scheduler; this one has a static shift "
@@ -82,9 +98,12 @@ def flux_mu(image_seq_len: int, scheduler_config: dict) -> float:
 
 
 def loss_weights(weighting: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """Per-row loss weights (``sigma_sqrt``: sigma^-2; ``cosmap``: 2 / (pi (1 - 2 sigma + 2 sigma^2)); ``none``: 1)."""
+    """Per-row loss weights (``sigma_sqrt``: sigma^-2; ``cosmap``: 2 / (pi (1 - 2 sigma + 2 sigma^2));
+    ``none``: 1)."""
     if weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}")
+        raise ValueError(
+            f"unknown loss weighting {weighting!r}; expected one of {', '.join(LOSS_WEIGHTINGS)}"
+        )
     return compute_loss_weighting_for_sd3(weighting, sigmas=sigmas).float()
 
 
@@ -92,15 +111,19 @@ def _rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device).view(-1, *([1] * (like.ndim - 1)))
 
 
-def interpolate(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_t, target)``: the noisy input ``(1 - sigma) x0 + sigma noise`` and the velocity target ``noise - x0``."""
+def interpolate(
+    x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_t, target)``: the noisy input ``(1 - sigma) x0 + sigma noise`` and the velocity target
+    ``noise - x0``."""
     s = _rows(sigmas, x0).to(x0.dtype)
     return (1 - s) * x0 + s * noise, noise - x0
 
 
 def flow_matching_losses(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
                          weighting: str = "none") -> torch.Tensor:
-    """Per-sample weighted ``mean over elements of (pred - (noise - x0))^2`` [N] in fp32, as the scripts reduce it."""
+    """Per-sample weighted ``mean over elements of (pred - (noise - x0))^2`` [N] in fp32, as the scripts
+    reduce it."""
     w = _rows(loss_weights(weighting, sigmas.float()), pred)
     target = noise.float() - x0.float()
     return (w * (pred.float() - target) ** 2).flatten(1).mean(dim=1)
@@ -119,7 +142,9 @@ def unpack_latents(packed: torch.Tensor, latent_height: int, latent_width: int) 
     return FluxPipeline._unpack_latents(packed, latent_height, latent_width, vae_scale_factor=1)
 
 
-def latent_image_ids(latent_height: int, latent_width: int, device="cpu", dtype=torch.float32) -> torch.Tensor:
+def latent_image_ids(
+    latent_height: int, latent_width: int, device="cpu", dtype=torch.float32
+) -> torch.Tensor:
     """FLUX's image position ids [H/2 * W/2, 3] = (0, row, column) of each packed token."""
     return FluxPipeline._prepare_latent_image_ids(None, latent_height // 2, latent_width // 2, device, dtype)
 

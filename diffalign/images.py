@@ -42,7 +42,9 @@ def to_tensor(images: torch.Tensor | Sequence[Image.Image] | Image.Image) -> tor
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, H, W, 3] uint8 from [B, 3, H, W] floats in [0, 1] (rounded, as PIL saving does)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
 
 
 def to_pil(images: torch.Tensor | Sequence[Image.Image]) -> list[Image.Image]:

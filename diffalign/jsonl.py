@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterator[tuple[str, object]]:
-    """Yield ``("FILE:LINE", parsed value)`` for each non-blank line; bad JSON raises ``error`` naming the line."""
+    """Yield ``("FILE:LINE", parsed value)`` for each non-blank line; bad JSON raises ``error`` naming the
+    line."""
     path = Path(path)
     with path.open("rb") as f:  # bytes, decoded line by line, so that bad UTF-8 is reported with its line
         for lineno, raw in enumerate(f, 1):
@@ -16,7 +17,9 @@ def iter_jsonl(path: str | Path, error: type[Exception] = ValueError) -> Iterato
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise error(f"{where}: not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 4]!r})") from None
+                raise error(
+                    f"{where}: not UTF-8 text (byte {err.start}: {raw[err.start : err.start + 4]!r})"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -19,7 +19,9 @@ from diffalign.tiny import cache_dir
 
 def cache_key(model_id: str, source: PairSource, prep: Preprocessing, extra: str = "") -> str:
     """Hash of everything the cached tensors depend on: model, rows and preprocessing."""
-    text = json.dumps({"model": model_id, "rows": source.fingerprint(), "prep": prep.key(), "extra": extra, "v": 1})
+    text = json.dumps(
+        {"model": model_id, "rows": source.fingerprint(), "prep": prep.key(), "extra": extra, "v": 1}
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -52,7 +54,9 @@ class CachedPairs(torch.utils.data.Dataset):
         return item
 
     @staticmethod
-    def save(path: Path, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], metadata: dict) -> None:
+    def save(
+        path: Path, tensors: dict[str, torch.Tensor], empty: dict[str, torch.Tensor], metadata: dict
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         all_tensors = {**tensors, **{f"empty.{k}": v for k, v in empty.items()}}

@@ -75,7 +75,9 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def register_builtin_model(name: str, locate: Callable[[], Path], sampling_defaults: dict | None = None) -> None:
+def register_builtin_model(
+    name: str, locate: Callable[[], Path], sampling_defaults: dict | None = None
+) -> None:
     """Make ``name`` usable wherever a model id is (e.g. the shipped ``toy-sdxl``), with its own sampling
     defaults (``{"num_steps": 20, "guidance_scale": 3.0}``) if it has any."""
     BUILTIN_MODELS[name] = locate
@@ -152,8 +154,10 @@ def resolve_model(model: str, *, lora_base: str | None = None, component: bool =
     ``lora_base`` is the base for a ``FOLDER:lora`` spec; without it the run's recorded base is used.
     """
     if not isinstance(model, str) or not model.strip():
-        raise ModelError("model must be a non-empty string: a hub id, a local path, FOLDER:lora, or a built-in id "
-                         f"({', '.join(sorted(BUILTIN_MODELS))})")
+        raise ModelError(
+            "model must be a non-empty string: a hub id, a local path, FOLDER:lora, or a built-in id "
+            f"({', '.join(sorted(BUILTIN_MODELS))})"
+        )
     if model.endswith(LORA_SUFFIX) and not component:
         return _resolve_lora(model.removesuffix(LORA_SUFFIX), lora_base)
     if model in BUILTIN_MODELS:
@@ -163,7 +167,9 @@ def resolve_model(model: str, *, lora_base: str | None = None, component: bool =
         if path.is_dir() and not (path / "model_index.json").exists():
             _explain_not_a_pipeline(path, component)
         return ModelSource(str(path), "local")
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model and os.sep != "/"
+    looks_like_path = (
+        model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep in model and os.sep != "/"
+    )
     if looks_like_path or (path.parent != Path(".") and path.parent.is_dir()):
         raise ModelNotFoundError(f"model path {model!r} does not exist")
     if HUB_ID.match(model):
@@ -175,13 +181,17 @@ def resolve_model(model: str, *, lora_base: str | None = None, component: bool =
 
 
 def _explain_not_a_pipeline(path: Path, component: bool) -> None:
-    if (path / LORA_WEIGHTS_FILE).is_file() or (any(path.glob("*.safetensors")) and not (path / "config.json").exists()):
+    if (path / LORA_WEIGHTS_FILE).is_file() or (
+        any(path.glob("*.safetensors")) and not (path / "config.json").exists()
+    ):
         if component:
             raise ModelError(f"{path} is a LoRA folder, not a model component")
         raise ModelError(f"model folder {path} is a LoRA folder: use {path}{LORA_SUFFIX}")
     config = path / "config.json"
     if not config.is_file():
-        raise ModelNotFoundError(f"model folder {path} has no model_index.json: expected a diffusers pipeline folder")
+        raise ModelNotFoundError(
+            f"model folder {path} has no model_index.json: expected a diffusers pipeline folder"
+        )
     if component:
         return
     try:
@@ -201,16 +211,22 @@ def _resolve_lora(folder_text: str, lora_base: str | None) -> ModelSource:
     if not folder.is_dir():
         raise ModelNotFoundError(f"LoRA folder {folder} does not exist")
     if (folder / "model_index.json").is_file():
-        raise ModelError(f"{folder} is a full pipeline folder, not a LoRA folder: use {folder} without {LORA_SUFFIX}")
+        raise ModelError(
+            f"{folder} is a full pipeline folder, not a LoRA folder: use {folder} without {LORA_SUFFIX}"
+        )
     if not any(folder.glob("*.safetensors")):
-        raise ModelNotFoundError(f"LoRA folder {folder} has no .safetensors weights (expected {LORA_WEIGHTS_FILE}, as "
-                         "save_lora_weights writes)")
+        raise ModelNotFoundError(
+            f"LoRA folder {folder} has no .safetensors weights (expected {LORA_WEIGHTS_FILE}, as "
+            "save_lora_weights writes)"
+        )
     motion_adapter = None
     if lora_base is None:
         recorded = recorded_base(folder)
         if recorded is None:
-            raise ModelError(f"LoRA folder {folder}: no base model is known (no diffalign config.yaml records "
-                             "one); name the base model (gallery: --lora-base ID_OR_PATH)")
+            raise ModelError(
+                f"LoRA folder {folder}: no base model is known (no diffalign config.yaml records "
+                "one); name the base model (gallery: --lora-base ID_OR_PATH)"
+            )
         lora_base, motion_adapter = recorded
     try:
         base = resolve_model(lora_base)  # a LoRA run itself when this run started from one
@@ -303,12 +319,19 @@ def load_pipeline(
     kwargs = {_DTYPE_KW: torch_dtype, "variant": variant, "trust_remote_code": trust_remote_code}
     if custom_pipeline is not None:
         if not (Path(custom_pipeline) / "pipeline.py").is_file():
-            raise FileNotFoundError(f"custom pipeline {custom_pipeline!r} must be a local folder with a pipeline.py")
+            raise FileNotFoundError(
+                f"custom pipeline {custom_pipeline!r} must be a local folder with a pipeline.py"
+            )
         if not trust_remote_code:
-            raise ValueError(f"custom pipeline {custom_pipeline!r} runs its own code: pass trust_remote_code=True to allow it")
+            raise ValueError(
+                f"custom pipeline {custom_pipeline!r} runs its own code: pass trust_remote_code=True to "
+                "allow it"
+            )
         kwargs["custom_pipeline"] = str(Path(custom_pipeline).resolve())
     if vae is not None:
-        kwargs["vae"] = _load_or_explain(AutoencoderKL, resolve_model(vae, component=True), **{_DTYPE_KW: torch_dtype})
+        kwargs["vae"] = _load_or_explain(
+            AutoencoderKL, resolve_model(vae, component=True), **{_DTYPE_KW: torch_dtype}
+        )
     if motion_adapter is not None:
         from diffusers import AnimateDiffPipeline, MotionAdapter
 
@@ -362,6 +385,8 @@ def _load_or_explain(cls, source: ModelSource, **kwargs):
                 f"could not load {source.name!r} from the model hub ({_first_line(err)}). "
                 "Without network access, download it elsewhere and pass its local folder instead."
             ) from None
-        raise ModelLoadError(f"could not load {cls.__name__} from {source.location()}: {_first_line(err)}") from None
+        raise ModelLoadError(
+            f"could not load {cls.__name__} from {source.location()}: {_first_line(err)}"
+        ) from None
     finally:
         diffusers_logging.set_verbosity(level)

@@ -56,20 +56,37 @@ def generate_pairs(
                                                                 guidance_scale=PAIRS_GUIDANCE)
     sampling.check()
     out = Path(out)
-    jobs = [(i, j, p, seed + i * images_per_prompt + j) for i, p in enumerate(prompts) for j in range(images_per_prompt)]
+    jobs = [
+        (i, j, p, seed + i * images_per_prompt + j)
+        for i, p in enumerate(prompts)
+        for j in range(images_per_prompt)
+    ]
     scores = torch.empty(len(prompts), images_per_prompt)
     images: dict[tuple[int, int], object] = {}
-    batches = sample_batches(pipe, [p for _, _, p, _ in jobs], [s for *_, s in jobs], sampling, batch_size=batch_size,
-                             model_name=model_name)
-    for start, result in tqdm(batches, total=math.ceil(len(jobs) / batch_size), desc="sampling pairs", unit="batch",
-                              disable=not progress):
+    batches = sample_batches(
+        pipe,
+        [p for _, _, p, _ in jobs],
+        [s for *_, s in jobs],
+        sampling,
+        batch_size=batch_size,
+        model_name=model_name,
+    )
+    for start, result in tqdm(
+        batches,
+        total=math.ceil(len(jobs) / batch_size),
+        desc="sampling pairs",
+        unit="batch",
+        disable=not progress,
+    ):
         chunk = jobs[start : start + batch_size]
         values = scorer.score(result.images, [p for _, _, p, _ in chunk])
         if not torch.isfinite(values).all():
             bad = [chunk[k][2] for k in torch.nonzero(~torch.isfinite(values)).flatten().tolist()]
             raise ValueError(f"scorer {scorer.name!r} returned non-finite scores for prompts {bad[:3]}")
         sign = 1.0 if scorer.higher_is_better else -1.0
-        media = result.images if result.images.ndim == 5 else to_pil(result.images)  # videos stay [F, 3, H, W]
+        media = (
+            result.images if result.images.ndim == 5 else to_pil(result.images)
+        )  # videos stay [F, 3, H, W]
         for (i, j, _, _), value, image in zip(chunk, values.tolist(), media, strict=True):
             scores[i, j] = sign * value
             images[(i, j)] = image
@@ -90,17 +107,36 @@ def generate_pairs(
                 name = f"images/{i:05d}_{j}.png"
                 images[(i, j)].save(out / name)
             names.append(name)
-        rows.append({"prompt": prompt, "chosen": names[0], "rejected": names[1],
-                     "chosen_score": sign * float(scores[i, best]), "rejected_score": sign * float(scores[i, worst]),
-                     "chosen_seed": seed + i * images_per_prompt + best,
-                     "rejected_seed": seed + i * images_per_prompt + worst, "scorer": scorer.name})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": names[0],
+                "rejected": names[1],
+                "chosen_score": sign * float(scores[i, best]),
+                "rejected_score": sign * float(scores[i, worst]),
+                "chosen_seed": seed + i * images_per_prompt + best,
+                "rejected_seed": seed + i * images_per_prompt + worst,
+                "scorer": scorer.name,
+            }
+        )
     if not rows:
-        raise ValueError(f"all {len(prompts)} prompts gave ties under scorer {scorer.name!r} (margin <= {min_margin})")
+        raise ValueError(
+            f"all {len(prompts)} prompts gave ties under scorer {scorer.name!r} (margin <= {min_margin})"
+        )
     with open(out / "pairs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    info = {"model": model_name, "scorer": scorer.name, "prompts": len(prompts), "pairs": len(rows), "ties": ties,
-            "images_per_prompt": images_per_prompt, **asdict(sampling), "seed": seed, "min_margin": min_margin,
-            "mean_chosen_score": sum(r["chosen_score"] for r in rows) / len(rows),
-            "mean_rejected_score": sum(r["rejected_score"] for r in rows) / len(rows)}
+    info = {
+        "model": model_name,
+        "scorer": scorer.name,
+        "prompts": len(prompts),
+        "pairs": len(rows),
+        "ties": ties,
+        "images_per_prompt": images_per_prompt,
+        **asdict(sampling),
+        "seed": seed,
+        "min_margin": min_margin,
+        "mean_chosen_score": sum(r["chosen_score"] for r in rows) / len(rows),
+        "mean_rejected_score": sum(r["rejected_score"] for r in rows) / len(rows),
+    }
     (out / "info.json").write_text(json.dumps(info, indent=1))
     return info

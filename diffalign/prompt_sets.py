@@ -12,7 +12,8 @@ toy-train       every training caption of the toy world          generated
 toy-heldout     every held-out caption of the toy world          generated
 parti           ``gallery/prompts/parti_prompts.tsv``            Apache-2.0 (google-research/parti)
 ddpo-animals    ``gallery/prompts/ddpo_simple_animals.txt`` (45) MIT (kvablack/ddpo-pytorch)
-hpdv2           hub dataset ``zhwang/HPDv2`` ``benchmark/*.json`` Apache-2.0; fetched at run time (not shipped)
+hpdv2           hub dataset ``zhwang/HPDv2`` ``benchmark/*.json`` Apache-2.0; fetched at run time
+                                                                 (not shipped)
 hpdv2-<style>   one style: anime, concept-art, paintings, photo
 drawbench       hub dataset, column ``Prompts``                  loaded at run time, never shipped
 pickapic        hub dataset, ``test_unique`` captions            loaded at run time, never shipped
@@ -86,7 +87,9 @@ def check_prompt_spec(spec: str) -> None:
         return
     if Path(spec).suffix.lower() in (".txt", ".jsonl", ".json", ".tsv", ".csv") or os.sep in spec:
         raise FileNotFoundError(f"prompt file {spec} does not exist")
-    raise ValueError(f"unknown prompt set {spec!r}: not a file and not one of {', '.join(known_prompt_sets())}")
+    raise ValueError(
+        f"unknown prompt set {spec!r}: not a file and not one of {', '.join(known_prompt_sets())}"
+    )
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -128,9 +131,14 @@ def read_table_prompts(path: Path, delimiter: str) -> list[str]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         try:
-            column = next((c for c in ("Prompt", "prompt", "Prompts", "caption") if c in (reader.fieldnames or [])), None)
+            column = next(
+                (c for c in ("Prompt", "prompt", "Prompts", "caption") if c in (reader.fieldnames or [])),
+                None,
+            )
             if column is None:
-                raise ValueError(f"{path}: expected a header row with a 'Prompt' column, got {reader.fieldnames}")
+                raise ValueError(
+                    f"{path}: expected a header row with a 'Prompt' column, got {reader.fieldnames}"
+                )
             return [row[column].strip() for row in reader if (row[column] or "").strip()]
         except (csv.Error, UnicodeDecodeError) as err:  # a malformed row, or bytes that are not UTF-8
             kind = "TSV" if delimiter == "\t" else "CSV"
@@ -188,7 +196,8 @@ def load_hpdv2_style(style: str) -> list[str]:
 
 
 def select_prompts(prompts: list[str], max_prompts: int | None) -> list[str]:
-    """At most ``max_prompts`` prompts, evenly spaced through the list (sets are often grouped by category)."""
+    """At most ``max_prompts`` prompts, evenly spaced through the list (sets are often grouped by
+    category)."""
     if max_prompts is None or max_prompts >= len(prompts):
         return prompts
     if max_prompts < 1:
@@ -219,7 +228,9 @@ def load_prompt_source(spec: str, column: str = "prompt") -> list[str]:
     if spec in TOY_PROMPT_SETS:
         return toy_prompts(spec.removeprefix("toy-"))
     path = Path(spec)
-    if (path.is_file() and path.suffix in TABLE_SUFFIXES) or (not path.exists() and spec not in known_prompt_sets()):
+    if (path.is_file() and path.suffix in TABLE_SUFFIXES) or (
+        not path.exists() and spec not in known_prompt_sets()
+    ):
         return _dataset_column(spec, column)
     if path.suffix == ".jsonl" and column != "prompt":
         return read_prompts(path, key=column)
@@ -232,9 +243,15 @@ def _dataset_column(spec: str, column: str) -> list[str]:
     path = Path(spec)
     if path.is_file():
         try:
-            data = datasets.Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else datasets.Dataset.from_file(str(path))
+            data = (
+                datasets.Dataset.from_parquet(str(path))
+                if path.suffix == ".parquet"
+                else datasets.Dataset.from_file(str(path))
+            )
         except Exception as err:  # pyarrow raises many types for a broken file
-            raise ValueError(f"prompt dataset {path}: cannot read as {path.suffix[1:]} ({type(err).__name__}: {err})") from None
+            raise ValueError(
+                f"prompt dataset {path}: cannot read as {path.suffix[1:]} ({type(err).__name__}: {err})"
+            ) from None
     else:
         try:
             data = datasets.load_dataset(spec, split="train")
@@ -242,8 +259,10 @@ def _dataset_column(spec: str, column: str) -> list[str]:
             raise RuntimeError(f"could not load prompt dataset {spec!r} ({type(err).__name__}: {err}); "
                                "without network access pass a local .txt/.jsonl/.parquet file") from err
     if column not in data.column_names:
-        raise ValueError(f"prompt dataset {spec}: no column {column!r} (has: {', '.join(data.column_names)}); "
-                         "set method.prompt_column")
+        raise ValueError(
+            f"prompt dataset {spec}: no column {column!r} (has: {', '.join(data.column_names)}); "
+            "set method.prompt_column"
+        )
     prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
     if not prompts:
         raise ValueError(f"prompt dataset {spec}: column {column!r} has no non-empty prompts")

@@ -23,7 +23,10 @@ def read_prompts(path: str | Path, key: str = "prompt") -> list[str]:
             with path.open(encoding="utf-8") as f:
                 prompts = [line.strip() for line in f if line.strip()]
         except UnicodeDecodeError as err:
-            raise ValueError(f"prompt file {path}: not UTF-8 text ({err.reason} in {err.object[err.start:err.start + 4]!r})") from None
+            raise ValueError(
+                f"prompt file {path}: not UTF-8 text ({err.reason} in "
+                f"{err.object[err.start : err.start + 4]!r})"
+            ) from None
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
     return prompts

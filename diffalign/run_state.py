@@ -31,15 +31,29 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / "checkpoints"
 
 
-def save_training_checkpoint(ctx: TrainContext, optimizer, lr_scheduler, objective, trainer_state: dict) -> Path:
-    """``checkpoints/checkpoint-<step>``: weights, optimizer, schedule, every process's RNG and objective state."""
+def save_training_checkpoint(
+    ctx: TrainContext, optimizer, lr_scheduler, objective, trainer_state: dict
+) -> Path:
+    """``checkpoints/checkpoint-<step>``: weights, optimizer, schedule, every process's RNG and objective
+    state."""
     cfg = ctx.cfg
     folder = checkpoint_root(cfg) / f"checkpoint-{trainer_state['global_step']}"
-    rank_state = {"rng": rng_state(), "objective": objective.state_dict() if hasattr(objective, "state_dict") else None}
+    rank_state = {
+        "rng": rng_state(),
+        "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
+    }
     export = (lambda path: save_lora(ctx.pipe, ctx.unet, path)) if cfg.model.finetune == "lora" else None
-    save_checkpoint(folder, accelerator=ctx.accelerator, model=unwrap(ctx.unet), optimizer=optimizer,
-                    lr_scheduler=lr_scheduler, trainer_state=trainer_state, rank_state=rank_state, export_lora=export,
-                    keep_last=cfg.checkpoint.keep_last)
+    save_checkpoint(
+        folder,
+        accelerator=ctx.accelerator,
+        model=unwrap(ctx.unet),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        trainer_state=trainer_state,
+        rank_state=rank_state,
+        export_lora=export,
+        keep_last=cfg.checkpoint.keep_last,
+    )
     log.info("saved %s", folder)
     return folder
 
@@ -65,10 +79,14 @@ def check_resume(cfg: Config) -> None:
     finished = finished_output(out)
     step = read_trainer_state(folder)["global_step"] if folder is not None else None
     if finished is not None and (step is None or step >= cfg.train.max_steps):
-        where = f"its last checkpoint {folder} is at step {step}" if step is not None else "it has no checkpoint"
-        raise ValueError(f"--resume {cfg.train.resume}: {out} holds a finished run ({finished.name}) and {where} "
-                         f"of train.max_steps={cfg.train.max_steps}: nothing to continue. Raise train.max_steps to "
-                         "train on from its last checkpoint, or set another train.output_dir to start over")
+        where = (
+            f"its last checkpoint {folder} is at step {step}" if step is not None else "it has no checkpoint"
+        )
+        raise ValueError(
+            f"--resume {cfg.train.resume}: {out} holds a finished run ({finished.name}) and {where} "
+            f"of train.max_steps={cfg.train.max_steps}: nothing to continue. Raise train.max_steps to "
+            "train on from its last checkpoint, or set another train.output_dir to start over"
+        )
     if folder is None:
         never = (" (checkpoint.every_n_steps=0: this config saves a checkpoint only when stopped by SIGTERM)"
                  if not cfg.checkpoint.every_n_steps else "")

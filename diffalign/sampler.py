@@ -77,7 +77,9 @@ class Trajectory:
         positions = lookup[indices]
         if (positions < 0).any():
             missing = sorted(set(indices[positions < 0].tolist()))
-            raise ValueError(f"this trajectory no longer stores the latents of positions {missing} (see keep_steps)")
+            raise ValueError(
+                f"this trajectory no longer stores the latents of positions {missing} (see keep_steps)"
+            )
         return positions
 
     def keep_steps(self, steps: Sequence[int] | torch.Tensor, dtype: torch.dtype | None = None) -> Trajectory:
@@ -91,11 +93,18 @@ class Trajectory:
         """
         steps = torch.as_tensor(steps, dtype=torch.long)
         if len(steps) == 0 or steps.min() < 0 or steps.max() >= self.num_steps:
-            raise ValueError(f"steps must be a non-empty subset of 0..{self.num_steps - 1}, got {steps.tolist()}")
+            raise ValueError(
+                f"steps must be a non-empty subset of 0..{self.num_steps - 1}, got {steps.tolist()}"
+            )
         needed = torch.unique(torch.cat([steps, steps + 1]))
         cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)  # noqa: E731
-        return replace(self, latents=cast(self.latents[:, self.latent_positions(needed)]), latent_steps=needed,
-                       cond={k: cast(v) for k, v in self.cond.items()}, uncond={k: cast(v) for k, v in self.uncond.items()})
+        return replace(
+            self,
+            latents=cast(self.latents[:, self.latent_positions(needed)]),
+            latent_steps=needed,
+            cond={k: cast(v) for k, v in self.cond.items()},
+            uncond={k: cast(v) for k, v in self.uncond.items()},
+        )
 
     def nbytes(self) -> int:
         """Bytes held by the record's tensors (latents, log-probs, conditioning)."""
@@ -117,12 +126,21 @@ class Trajectory:
         for other in parts[1:]:
             same_kept = (other.latent_steps is None) == (first.latent_steps is None) and (
                 first.latent_steps is None or torch.equal(other.latent_steps, first.latent_steps))
-            if not torch.equal(other.timesteps, first.timesteps) or other.step_rule != first.step_rule or not same_kept:
+            if (
+                not torch.equal(other.timesteps, first.timesteps)
+                or other.step_rule != first.step_rule
+                or not same_kept
+            ):
                 raise ValueError("can only join trajectories sampled with the same steps and step rule")
         join = lambda name: {k: torch.cat([getattr(p, name)[k] for p in parts]) for k in getattr(first, name)}  # noqa: E731
-        return replace(first, latents=torch.cat([p.latents for p in parts]),
-                       log_probs=torch.cat([p.log_probs for p in parts]), cond=join("cond"), uncond=join("uncond"),
-                       prompts=[q for p in parts for q in p.prompts])
+        return replace(
+            first,
+            latents=torch.cat([p.latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            cond=join("cond"),
+            uncond=join("uncond"),
+            prompts=[q for p in parts for q in p.prompts],
+        )
 
     def make_step_rule(self):
         settings = {k: v for k, v in self.step_rule.items() if k != "kind"}
@@ -157,23 +175,34 @@ class Trajectory:
             tensors["latent_steps"] = self.latent_steps
         tensors |= {f"cond.{k}": v for k, v in self.cond.items()}
         tensors |= {f"uncond.{k}": v for k, v in self.uncond.items()}
-        save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=self.metadata())
+        save_safetensors(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata=self.metadata()
+        )
 
     @classmethod
     def load(cls, path) -> Trajectory:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != "diffalign.trajectory/1":
-            raise ValueError(f"{path} is not a diffalign trajectory file (metadata 'format' is {meta.get('format')!r})")
+            raise ValueError(
+                f"{path} is not a diffalign trajectory file (metadata 'format' is {meta.get('format')!r})"
+            )
         t = load_file(str(path))
         return cls(
-            latents=t["latents"], log_probs=t["log_probs"], timesteps=t["timesteps"],
+            latents=t["latents"],
+            log_probs=t["log_probs"],
+            timesteps=t["timesteps"],
             stochastic=t["stochastic"].bool(),
             cond={k[5:]: v for k, v in t.items() if k.startswith("cond.")},
             uncond={k[7:]: v for k, v in t.items() if k.startswith("uncond.")},
-            prompts=json.loads(meta["prompts"]), family=meta["family"], step_rule=json.loads(meta["step_rule"]),
-            scheduler_config=json.loads(meta["scheduler_config"]), guidance_scale=float(meta["guidance_scale"]),
-            guidance_rescale=float(meta["guidance_rescale"]), model=meta["model"], extra=json.loads(meta["extra"]),
+            prompts=json.loads(meta["prompts"]),
+            family=meta["family"],
+            step_rule=json.loads(meta["step_rule"]),
+            scheduler_config=json.loads(meta["scheduler_config"]),
+            guidance_scale=float(meta["guidance_scale"]),
+            guidance_rescale=float(meta["guidance_rescale"]),
+            model=meta["model"],
+            extra=json.loads(meta["extra"]),
             latent_steps=t.get("latent_steps"),
         )
 
@@ -353,14 +382,20 @@ def recompute_log_probs(
     param = next(denoiser.parameters())
     device, dtype = param.device, param.dtype
     b = len(trajectory)
-    to = lambda d: {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in d.items()}  # noqa: E731
+    to = lambda d: {  # noqa: E731
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in d.items()
+    }
     cond, uncond = to(trajectory.cond), to(trajectory.uncond)
     out = []
     for chunk in steps.split(chunk_size):
         k = len(chunk)
         shape = trajectory.latents.shape[2:]
         x_t = trajectory.latents[:, trajectory.latent_positions(chunk)].transpose(0, 1).reshape(k * b, *shape)
-        x_prev = trajectory.latents[:, trajectory.latent_positions(chunk + 1)].transpose(0, 1).reshape(k * b, *shape)
+        x_prev = (
+            trajectory.latents[:, trajectory.latent_positions(chunk + 1)]
+            .transpose(0, 1)
+            .reshape(k * b, *shape)
+        )
         t = trajectory.timesteps[chunk].repeat_interleave(b).to(device)
         model_output = predict(denoiser, family, x_t.to(device, dtype), t, _tile(cond, k), _tile(uncond, k),
                                trajectory.guidance_scale, trajectory.guidance_rescale)

@@ -125,7 +125,9 @@ class DDIMStep:
         if prev_sample is None:
             prev = mean
             if self.eta > 0:
-                noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
+                noise = randn_tensor(
+                    model_output.shape, generator=generator, device=device, dtype=model_output.dtype
+                )
                 prev = mean + s * noise
             prev_sample = prev.to(sample.dtype)
         # The density of the sample as stored (after the cast), so recomputation sees the same value.
@@ -140,7 +142,8 @@ class _FlowStep:
     def make_scheduler(config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        # Wan ships a UniPC config with ``flow_shift``; the Euler flow scheduler calls the same shift ``shift``.
+        # Wan ships a UniPC config with ``flow_shift``; the Euler flow scheduler calls the same shift
+        # ``shift``.
         shift = config.get("shift", config.get("flow_shift", 1.0))
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift)
 
@@ -154,7 +157,9 @@ class _FlowStep:
             raise ValueError(f"timesteps {t.tolist()} are not among the scheduler's {timesteps.tolist()}")
         return match.int().argmax(dim=1)
 
-    def sigmas_at(self, scheduler, timestep, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sigmas_at(
+        self, scheduler, timestep, n: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(sigma, sigma_next, all sigmas)`` in fp32 for per-row ``timestep``."""
         index = self.step_index(scheduler, timestep, n, device)
         sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
@@ -162,7 +167,8 @@ class _FlowStep:
 
 
 def _draw(mean: torch.Tensor, std: torch.Tensor, noisy: bool, generator, dtype: torch.dtype) -> torch.Tensor:
-    """``mean + std z`` (``std`` per row, fp32 noise), cast to the sample's dtype; just ``mean`` when not ``noisy``."""
+    """``mean + std z`` (``std`` per row, fp32 noise), cast to the sample's dtype; just ``mean`` when not
+    ``noisy``."""
     if not noisy:
         return mean.to(dtype)
     noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
@@ -185,10 +191,11 @@ class FlowSDEStep(_FlowStep):
 
     ``noise_schedule="flow_grpo"`` is Flow-GRPO's rule: ``std_t = noise_level * sqrt(sigma / (1 - sigma))``,
     with sigma = 1 in the denominator replaced by the second sigma. ``"constant"`` is DanceGRPO's:
-    ``std_t = noise_level`` (its ``mean = x + dt (v - eta^2/2 score)``, score ``-(x - (1 - sigma) x0) / sigma^2``,
-    is the same expression). ``noise_level`` 0 is the deterministic Euler step of
-    ``FlowMatchEulerDiscreteScheduler`` (bitwise in fp32; :class:`FlowEulerStep` also in lower precision).
-    ``reduction`` turns the per-element Gaussian log-density into one number per sample (both papers: mean).
+    ``std_t = noise_level`` (its ``mean = x + dt (v - eta^2/2 score)``, score
+    ``-(x - (1 - sigma) x0) / sigma^2``, is the same expression). ``noise_level`` 0 is the deterministic Euler
+    step of ``FlowMatchEulerDiscreteScheduler`` (bitwise in fp32; :class:`FlowEulerStep` also in lower
+    precision). ``reduction`` turns the per-element Gaussian log-density into one number per sample (both
+    papers: mean).
     """
 
     noise_level: float = 0.7
@@ -203,7 +210,9 @@ class FlowSDEStep(_FlowStep):
             raise ValueError(f"noise_schedule must be 'flow_grpo' or 'constant', got {self.noise_schedule!r}")
         _check_reduction(self.reduction)
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+    def __call__(
+        self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
+    ) -> StepResult:
         n, device = sample.shape[0], sample.device
         sigma, sigma_next, sigmas = self.sigmas_at(scheduler, timestep, n, device)
         dt = sigma_next - sigma
@@ -226,7 +235,8 @@ class FlowSDEStep(_FlowStep):
 class FlowCPSStep(_FlowStep):
     """Flow-GRPO+'s coefficients-preserving step (CPS): the next sample keeps the flow's marginal
     coefficients, ``x' = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat + std z`` with
-    ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v`` and ``std = sigma_next sin(noise_level pi / 2)``.
+    ``x0_hat = x - sigma v``, ``eps_hat = x + (1 - sigma) v`` and
+    ``std = sigma_next sin(noise_level pi / 2)``.
 
     The last step (``sigma_next`` = 0) has no noise and no density. ``density="gaussian"`` is the proper
     log-density; ``"squared_error"`` is Flow-GRPO+'s ``-(x' - mean)^2`` without the Gaussian's scale and
@@ -240,12 +250,17 @@ class FlowCPSStep(_FlowStep):
 
     def __post_init__(self):
         if not 0 <= self.noise_level <= 1:
-            raise ValueError(f"noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got {self.noise_level}")
+            raise ValueError(
+                "noise_level must be in [0, 1] (std = sigma_next sin(noise_level pi/2)), got "
+                f"{self.noise_level}"
+            )
         if self.density not in ("gaussian", "squared_error"):
             raise ValueError(f"density must be 'gaussian' or 'squared_error', got {self.density!r}")
         _check_reduction(self.reduction)
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+    def __call__(
+        self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
+    ) -> StepResult:
         n, device = sample.shape[0], sample.device
         sigma, sigma_next, _ = self.sigmas_at(scheduler, timestep, n, device)
         std = sigma_next * math.sin(self.noise_level * math.pi / 2)
@@ -273,7 +288,9 @@ class FlowEulerStep(_FlowStep):
 
     kind = "flow_euler"
 
-    def __call__(self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None) -> StepResult:
+    def __call__(
+        self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
+    ) -> StepResult:
         n, device = sample.shape[0], sample.device
         index = self.step_index(scheduler, timestep, n, device)
         mean = torch.empty(sample.shape, dtype=torch.float32, device=device)

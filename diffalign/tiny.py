@@ -1,4 +1,5 @@
-"""Tiny random-weight pipelines of the real SD / SDXL / AnimateDiff / Wan / SD3 / FLUX architectures, built offline.
+"""Tiny random-weight pipelines of the real SD / SDXL / AnimateDiff / Wan / SD3 / FLUX architectures, built
+offline.
 
 Tests and examples cannot reach a model hub, so the package builds its own small models: the same
 classes and wiring as the real pipelines (SDXL: two CLIP text encoders, ``text_time`` added conditioning;
@@ -49,7 +50,11 @@ def clip_bpe_path() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # The reversible byte -> printable-unicode table of GPT-2 / CLIP BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -76,7 +81,9 @@ def write_clip_tokenizer_files(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
 
 
 def build_clip_tokenizer(pad_token: str = "<|endoftext|>"):
@@ -164,7 +171,8 @@ def build_tiny_sd(seed: int = 0):
 
 
 def build_tiny_sdxl(seed: int = 0):
-    """A tiny ``StableDiffusionXLPipeline`` with random weights: two text encoders, ``text_time`` conditioning."""
+    """A tiny ``StableDiffusionXLPipeline`` with random weights: two text encoders, ``text_time``
+    conditioning."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -195,7 +203,9 @@ def build_tiny_sdxl(seed: int = 0):
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_encoder_config(hidden_1, layers=2, projection_dim=projection_dim))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(hidden_2, layers=2, projection_dim=projection_dim))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(hidden_2, layers=2, projection_dim=projection_dim)
+    )
     return assemble_sdxl(vae, unet, text_encoder, text_encoder_2)
 
 
@@ -217,17 +227,38 @@ def assemble_sdxl(vae, unet, text_encoder, text_encoder_2):
 
 
 def build_tiny_animatediff(seed: int = 0):
-    """A tiny ``AnimateDiffPipeline``: an SD 1.x UNet plus a ``MotionAdapter``, DDIM as AnimateDiff ships it."""
+    """A tiny ``AnimateDiffPipeline``: an SD 1.x UNet plus a ``MotionAdapter``, DDIM as AnimateDiff ships
+    it."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 
     base = build_tiny_sd(seed)
     torch.manual_seed(seed + 10)
-    adapter = MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
-                            motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="linspace")
-    return AnimateDiffPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                               motion_adapter=adapter, scheduler=scheduler)
+    adapter = MotionAdapter(
+        block_out_channels=(32, 64),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="linspace",
+    )
+    return AnimateDiffPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        motion_adapter=adapter,
+        scheduler=scheduler,
+    )
 
 
 # A small word-level vocabulary for the tiny Wan tokenizer (the real one is UMT5's 256k SentencePiece model,
@@ -240,7 +271,8 @@ _TINY_T5_WORDS = (
 
 
 def build_tiny_t5_tokenizer():
-    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, appends ``</s>``), built offline."""
+    """A T5-style Unigram tokenizer (``<pad>``=0, ``</s>``=1, ``<unk>``=2, appends ``</s>``), built
+    offline."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
@@ -254,12 +286,14 @@ def build_tiny_t5_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
 
 
 def build_tiny_wan(seed: int = 0):
-    """A tiny ``WanPipeline`` (Wan 2.1 text-to-video architecture: UMT5 encoder, causal 3D VAE, flow matching)."""
+    """A tiny ``WanPipeline`` (Wan 2.1 text-to-video architecture: UMT5 encoder, causal 3D VAE, flow
+    matching)."""
     from diffusers import (
         AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
@@ -270,9 +304,20 @@ def build_tiny_wan(seed: int = 0):
 
     tokenizer = build_tiny_t5_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                               num_heads=4, relative_attention_num_buckets=8, pad_token_id=0,
-                                               eos_token_id=1, decoder_start_token_id=0))
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
@@ -290,14 +335,28 @@ def _tiny_t5_encoder(vocab_size: int, d_model: int):
     from transformers import T5Config, T5EncoderModel
 
     # T5 v1.1 (gated GELU), as SD3's and FLUX's T5-XXL encoders are.
-    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
-                                   num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
-                                   is_gated_act=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_kv=8,
+            d_ff=2 * d_model,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            is_gated_act=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
 
 
 def build_tiny_sd3(seed: int = 0):
-    """A tiny ``StableDiffusion3Pipeline`` (SD3.5-medium architecture): an MMDiT with one dual-attention layer and
-    RMS-normed q/k, CLIP-L + CLIP-G (both with projection) + T5, a 16-channel VAE with SD3's scale and shift."""
+    """A tiny ``StableDiffusion3Pipeline`` (SD3.5-medium architecture): an MMDiT with one dual-attention layer
+    and RMS-normed q/k, CLIP-L + CLIP-G (both with projection) + T5, a 16-channel VAE with SD3's scale and
+    shift."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -306,16 +365,33 @@ def build_tiny_sd3(seed: int = 0):
     torch.manual_seed(seed)
     # The joint sequence is the CLIP states (L and G concatenated, zero-padded to T5's width) then T5's:
     # joint_attention_dim = T5's d_model; the pooled projection is the two CLIP projections concatenated.
-    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_dim,
-                                        caption_projection_dim=32, pooled_projection_dim=2 * clip_projection,
-                                        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm")
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_dim,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * clip_projection,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
     torch.manual_seed(seed + 1)
-    vae = _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_vae(
+        16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection))
+    text_encoder = CLIPTextModelWithProjection(
+        _text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection)
+    )
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(clip_hidden, layers=2, projection_dim=clip_projection)
+    )
     torch.manual_seed(seed + 4)
     text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), t5_dim)
     return StableDiffusion3Pipeline(
@@ -332,9 +408,9 @@ def build_tiny_sd3(seed: int = 0):
 
 
 def build_tiny_flux(seed: int = 0):
-    """A tiny ``FluxPipeline`` shaped like FLUX.1-dev: double- and single-stream blocks, the guidance embedding
-    (guidance-distilled: no CFG), CLIP-L pooled + T5 states, packed 2x2 latents of a 16-channel VAE, and the
-    dynamically shifted Euler scheduler FLUX.1-dev ships."""
+    """A tiny ``FluxPipeline`` shaped like FLUX.1-dev: double- and single-stream blocks, the guidance
+    embedding (guidance-distilled: no CFG), CLIP-L pooled + T5 states, packed 2x2 latents of a 16-channel VAE,
+    and the dynamically shifted Euler scheduler FLUX.1-dev ships."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -342,25 +418,54 @@ def build_tiny_flux(seed: int = 0):
     tokenizer_2 = build_tiny_t5_tokenizer()
     torch.manual_seed(seed)
     # in_channels = 4 x the VAE's 16 (latents are packed 2x2); the rope axes add up to the head dim.
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_dim,
-                                         pooled_projection_dim=clip_hidden, guidance_embeds=True,
-                                         axes_dims_rope=(4, 6, 6))
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_hidden,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
     torch.manual_seed(seed + 1)
-    vae = _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    vae = _tiny_vae(
+        16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_hidden))
     torch.manual_seed(seed + 3)
     text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), t5_dim)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_clip_tokenizer(),
-                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
 
 
-_BUILDERS = {"sd": build_tiny_sd, "sdxl": build_tiny_sdxl, "animatediff": build_tiny_animatediff, "wan": build_tiny_wan,
-             "sd3": build_tiny_sd3, "flux": build_tiny_flux}
+_BUILDERS = {
+    "sd": build_tiny_sd,
+    "sdxl": build_tiny_sdxl,
+    "animatediff": build_tiny_animatediff,
+    "wan": build_tiny_wan,
+    "sd3": build_tiny_sd3,
+    "flux": build_tiny_flux,
+}
 
 
 def build_tiny(kind: str, seed: int = 0):
@@ -372,9 +477,9 @@ def build_tiny(kind: str, seed: int = 0):
 def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
     """Write ``pipe`` as a diffusers folder (safetensors), atomically: a crash leaves the old folder or none.
 
-    CLIP tokenizers are written as ``vocab.json`` + ``merges.txt``, as the real SD/SDXL repositories ship them:
-    every transformers version loads those (transformers 4's slow ``CLIPTokenizer`` needs them; 5 writes only
-    a ``tokenizer.json`` that 4 cannot use), and they are half the size.
+    CLIP tokenizers are written as ``vocab.json`` + ``merges.txt``, as the real SD/SDXL repositories ship
+    them: every transformers version loads those (transformers 4's slow ``CLIPTokenizer`` needs them; 5 writes
+    only a ``tokenizer.json`` that 4 cannot use), and they are half the size.
     """
 
     def write(tmp: Path) -> None:
@@ -388,7 +493,8 @@ def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
 
 
 def write_folder_atomically(out_dir: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder or none."""
+    """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder
+    or none."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

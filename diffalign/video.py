@@ -14,8 +14,11 @@ log = logging.getLogger(__name__)
 _warned_mp4 = False
 
 
-def save_video(frames: torch.Tensor, stem: str | Path, fps: int = 8, formats: tuple[str, ...] = ("webp", "gif", "mp4")) -> list[Path]:
-    """Write ``frames`` [F, 3, H, W] in [0, 1] as ``stem.webp`` / ``stem.gif`` / ``stem.mp4``; return the paths.
+def save_video(
+    frames: torch.Tensor, stem: str | Path, fps: int = 8, formats: tuple[str, ...] = ("webp", "gif", "mp4")
+) -> list[Path]:
+    """Write ``frames`` [F, 3, H, W] in [0, 1] as ``stem.webp`` / ``stem.gif`` / ``stem.mp4``; return the
+    paths.
 
     MP4 needs the optional ``imageio[ffmpeg]``; without it that format is skipped (said once).
     """
@@ -36,7 +39,9 @@ def save_video(frames: torch.Tensor, stem: str | Path, fps: int = 8, formats: tu
                             plugin="pyav" if _has_pyav() else None)
             except Exception as err:  # no encoder installed: the animated formats still stand
                 if not _warned_mp4:
-                    log.warning("MP4 not written (%s); install imageio[ffmpeg] for MP4 output", err.__class__.__name__)
+                    log.warning(
+                        "MP4 not written (%s); install imageio[ffmpeg] for MP4 output", err.__class__.__name__
+                    )
                     _warned_mp4 = True
                 continue
         else:

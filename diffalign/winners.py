@@ -41,9 +41,15 @@ class ImagePrompts:
         root = path.parent
         self.rows: list[tuple[str, Path]] = []
         for where, row in iter_jsonl(path, DataError):
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(image_key), str) \
-                    or not row[image_key]:
-                raise DataError(f"{where}: expected an object with a string 'prompt' and an image path {image_key!r}")
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("prompt"), str)
+                or not isinstance(row.get(image_key), str)
+                or not row[image_key]
+            ):
+                raise DataError(
+                    f"{where}: expected an object with a string 'prompt' and an image path {image_key!r}"
+                )
             self.rows.append((row["prompt"], media_file(root, row[image_key], where, "image")))
         if not self.rows:
             raise DataError(f"{path}: no images")
@@ -118,10 +124,20 @@ class WinnersDataset(torch.utils.data.Dataset):
         flip = self.random_flip and rng.random() < 0.5
         try:
             if self.num_frames is not None:
-                pixels, time_ids = preprocess_clips([("winner", self.source.winner_video(index))], self.prep, None, flip)
+                pixels, time_ids = preprocess_clips(
+                    [("winner", self.source.winner_video(index))], self.prep, None, flip
+                )
             else:
                 winner = self.source.winner(index, draft_size=2 * self.resolution)
                 pixels, time_ids = preprocess_images([winner], self.resolution, None, flip)
         except UNREADABLE as err:
-            return {"bad": f"{self.source.description} item {index}: {type(err).__name__}: {err}", "index": index}
-        return {"index": index, "caption": self.source.caption(index), "pixels": pixels[0], "time_ids": time_ids[0]}
+            return {
+                "bad": f"{self.source.description} item {index}: {type(err).__name__}: {err}",
+                "index": index,
+            }
+        return {
+            "index": index,
+            "caption": self.source.caption(index),
+            "pixels": pixels[0],
+            "time_ids": time_ids[0],
+        }

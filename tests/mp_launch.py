@@ -94,7 +94,9 @@ def install_loss_trace() -> None:
         def traced(self, batch, _call=cls.__call__):
             out = _call(self, batch)
             extra = {k: float(v) for k, v in out.extra.items()}
-            sys.stderr.write("TRACE " + json.dumps({"rank": _rank(), "loss": float(out.loss.detach()), **extra}) + "\n")
+            sys.stderr.write(
+                "TRACE " + json.dumps({"rank": _rank(), "loss": float(out.loss.detach()), **extra}) + "\n"
+            )
             return out
 
         cls.__call__ = traced

@@ -44,7 +44,9 @@ from diffalign.data import (
 from diffalign.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CONFIGS = {name: ROOT / "configs" / "tiny-sdxl" / f"{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")}
+BASE_CONFIGS = {
+    name: ROOT / "configs" / "tiny-sdxl" / f"{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")
+}
 
 CHEAP = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
@@ -63,8 +65,9 @@ def _repo_root(monkeypatch):
 # YAML-safe text: no surrogates or control characters that safe_dump would refuse.
 _TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
 _SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | _TEXT
-_TREES = st.recursive(_SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_TEXT, kids, max_size=3),
-                      max_leaves=8)
+_TREES = st.recursive(
+    _SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_TEXT, kids, max_size=3), max_leaves=8
+)
 
 
 def _raw(method: str = "dpo") -> dict:
@@ -112,7 +115,9 @@ def _is_float_text(text: str) -> bool:
 def _wrong_values(tp) -> st.SearchStrategy:
     """Values that are never a valid ``tp`` (before range checks)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    containers = st.lists(st.integers(), min_size=1, max_size=2) | st.dictionaries(_TEXT, st.integers(), min_size=1, max_size=2)
+    containers = st.lists(st.integers(), min_size=1, max_size=2) | st.dictionaries(
+        _TEXT, st.integers(), min_size=1, max_size=2
+    )
     if origin in (typing.Union, type(int | None)):
         inner = [a for a in args if a is not type(None)]
         assert len(inner) == 1
@@ -125,7 +130,9 @@ def _wrong_values(tp) -> st.SearchStrategy:
             bad_items |= st.integers() | st.floats() | st.booleans()
         else:
             bad_items |= _TEXT | st.booleans()
-        return st.lists(bad_items, min_size=1, max_size=3) | st.dictionaries(_TEXT, st.integers(), min_size=1, max_size=2)
+        return st.lists(bad_items, min_size=1, max_size=3) | st.dictionaries(
+            _TEXT, st.integers(), min_size=1, max_size=2
+        )
     if tp is bool:
         return st.one_of(st.integers(), st.floats(), _TEXT, containers)
     if tp is int:
@@ -216,21 +223,41 @@ def test_random_yaml_trees_as_a_section(section, tree, tmp_path):
 # Out-of-range values, one strategy per checked key: (base config, dotted key, invalid values).
 _NEG = st.integers(-(2**40), 0)
 _OUT_OF_RANGE = [
-    ("dpo", "model.name", st.sampled_from(["./no/such/model", "no-such-builtin", "/nonexistent/x", "a" * 300, "  "])),
+    (
+        "dpo",
+        "model.name",
+        st.sampled_from(["./no/such/model", "no-such-builtin", "/nonexistent/x", "a" * 300, "  "]),
+    ),
     ("dpo", "model.vae", st.sampled_from(["./no/such/vae", "not a model", "~/missing/vae/x"])),
     ("dpo", "lora.rank", _NEG),
     ("dpo", "lora.alpha", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
-    ("dpo", "lora.dropout", st.floats(min_value=1, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False)),
+    (
+        "dpo",
+        "lora.dropout",
+        st.floats(min_value=1, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False),
+    ),
     ("dpo", "lora.target_modules", st.just([])),
     ("dpo", "data.source", st.just("")),
     ("dpo", "data.resolution", st.integers(-(2**20), 2**20).filter(lambda r: r < 8 or r % 8)),
-    ("dpo", "data.proportion_empty_prompts", st.floats(min_value=1.0001, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False)),
+    (
+        "dpo",
+        "data.proportion_empty_prompts",
+        st.floats(min_value=1.0001, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False),
+    ),
     ("dpo", "data.max_pairs", _NEG),
-    ("dpo", "data.max_bad_fraction", st.floats(min_value=1.0001, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False)),
+    (
+        "dpo",
+        "data.max_bad_fraction",
+        st.floats(min_value=1.0001, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False),
+    ),
     ("dpo", "data.num_workers", st.integers(max_value=-1)),
     ("dpo", "optim.learning_rate", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
     ("dpo", "optim.weight_decay", st.floats(max_value=-1e-12, allow_nan=False, allow_infinity=False)),
-    ("dpo", "optim.adam_beta1", st.floats(min_value=1, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False)),
+    (
+        "dpo",
+        "optim.adam_beta1",
+        st.floats(min_value=1, allow_infinity=False) | st.floats(max_value=-1e-9, allow_infinity=False),
+    ),
     ("dpo", "optim.adam_beta2", st.floats(min_value=1, allow_infinity=False)),
     ("dpo", "optim.adam_epsilon", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
     ("dpo", "optim.lr_warmup_steps", st.integers(max_value=-1)),
@@ -242,11 +269,28 @@ _OUT_OF_RANGE = [
     ("dpo", "train.resume", st.sampled_from(["earliest", "/no/such/checkpoint", "runs/none/checkpoint-7"])),
     ("dpo", "log.every_n_steps", _NEG),
     ("dpo", "log.validation_every_n_steps", st.integers(max_value=-1)),
-    ("dpo", "log.report_to", st.lists(_TEXT.filter(lambda t: t not in ("tensorboard", "wandb")), min_size=1, max_size=2)),
+    (
+        "dpo",
+        "log.report_to",
+        st.lists(_TEXT.filter(lambda t: t not in ("tensorboard", "wandb")), min_size=1, max_size=2),
+    ),
     ("dpo", "checkpoint.every_n_steps", st.integers(max_value=-1)),
     ("dpo", "checkpoint.keep_last", _NEG),
-    ("dpo", "eval.seeds", st.just([]) | st.lists(st.integers(max_value=-1) | st.integers(min_value=2**63), min_size=1, max_size=2)),
-    ("dpo", "eval.scorers", st.lists(st.sampled_from(["no_such_scorer", "2*", "*brightness", "3*nope+brightness"]), min_size=1, max_size=2)),
+    (
+        "dpo",
+        "eval.seeds",
+        st.just([])
+        | st.lists(st.integers(max_value=-1) | st.integers(min_value=2**63), min_size=1, max_size=2),
+    ),
+    (
+        "dpo",
+        "eval.scorers",
+        st.lists(
+            st.sampled_from(["no_such_scorer", "2*", "*brightness", "3*nope+brightness"]),
+            min_size=1,
+            max_size=2,
+        ),
+    ),
     ("dpo", "eval.num_inference_steps", _NEG),
     ("dpo", "eval.guidance_scale", st.floats(max_value=-1e-9, allow_infinity=False)),
     ("dpo", "eval.eta", st.floats(max_value=-1e-9, allow_infinity=False)),
@@ -268,7 +312,11 @@ _OUT_OF_RANGE = [
     ("prdp", "method.beta", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
     ("prdp", "method.clip_epsilon", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
     ("prdp", "method.samples_per_prompt", st.integers(max_value=1)),
-    ("prdp", "method.prompts", st.sampled_from(["no/such/prompts.txt", "not-a-prompt-set", "", "p" * 300 + ".txt"])),
+    (
+        "prdp",
+        "method.prompts",
+        st.sampled_from(["no/such/prompts.txt", "not-a-prompt-set", "", "p" * 300 + ".txt"]),
+    ),
     ("prdp", "method.reward", st.sampled_from(["no_such_scorer", "", "2*"])),
     ("prdp", "method.eta", st.floats(max_value=0, allow_infinity=False)),
     ("prdp", "method.train_timesteps", _NEG | st.integers(min_value=10_000)),
@@ -286,7 +334,9 @@ def test_every_checked_section_has_an_out_of_range_case():
     assert covered == set(SECTIONS)
 
 
-@pytest.mark.parametrize(("method", "key", "values"), _OUT_OF_RANGE, ids=[f"{m}-{k}" for m, k, _ in _OUT_OF_RANGE])
+@pytest.mark.parametrize(
+    ("method", "key", "values"), _OUT_OF_RANGE, ids=[f"{m}-{k}" for m, k, _ in _OUT_OF_RANGE]
+)
 def test_out_of_range_values_given_as_overrides_name_the_key(method, key, values, tmp_path):
     @settings(CHEAP, max_examples=2)
     @given(value=values)
@@ -297,12 +347,22 @@ def test_out_of_range_values_given_as_overrides_name_the_key(method, key, values
 
 
 def test_cross_field_rules(tmp_path):
-    _expect_config_error(_raw(), tmp_path, ["data.cache=true", "data.random_flip=true"], key="data.random_flip")
+    _expect_config_error(
+        _raw(), tmp_path, ["data.cache=true", "data.random_flip=true"], key="data.random_flip"
+    )
     _expect_config_error(_raw(), tmp_path, ["log.validation_every_n_steps=5", "log.validation_prompts=[]"],
                          key="log.validation_prompts")
-    _expect_config_error(_raw(), tmp_path, ["eval.prompts=[]", "eval.prompts_file=null", "log.validation_prompts=[]",
-                                                   "log.validation_every_n_steps=0"],
-                         key="eval.prompts")
+    _expect_config_error(
+        _raw(),
+        tmp_path,
+        [
+            "eval.prompts=[]",
+            "eval.prompts_file=null",
+            "log.validation_prompts=[]",
+            "log.validation_every_n_steps=0",
+        ],
+        key="eval.prompts",
+    )
     _expect_config_error(_raw("prdp"), tmp_path, ["method.num_inference_steps=4", "method.train_timesteps=5"],
                          key="method.train_timesteps")
 
@@ -331,7 +391,10 @@ def test_generated_bad_dotted_overrides(override, tmp_path):
 
 
 @CHEAP
-@given(root=st.sampled_from([[], [1, 2], 0, "text", False, 3.5]), override=st.sampled_from(["train.max_steps=1", "x=1"]))
+@given(
+    root=st.sampled_from([[], [1, 2], 0, "text", False, 3.5]),
+    override=st.sampled_from(["train.max_steps=1", "x=1"]),
+)
 def test_a_file_that_is_not_a_mapping_with_overrides(root, override, tmp_path):
     _expect_config_error(root, tmp_path, [override], key="<root>")
 
@@ -369,7 +432,8 @@ GOOD_IMAGES = {
     "palette.gif": _encoded(Image.new("P", (8, 8), 3), "GIF"),
     "bilevel.bmp": _encoded(Image.new("1", (8, 8), 1), "BMP"),
 }
-#: ... and a folder named like an image: passes the open-time check (video frames are folders), fails to decode.
+#: ... and a folder named like an image: passes the open-time check (video frames are folders), fails to
+#: decode.
 BAD_IMAGES = {
     "zero_bytes.png": b"",
     "truncated.png": _GOOD_PNG[: len(_GOOD_PNG) // 2],
@@ -413,30 +477,78 @@ _CAPTIONS = st.text(max_size=20) | st.none()
 # One JSONL line: (kind, text or bytes). Kinds: good, bad_image (decoded at read time) or broken (open fails).
 _JSONL_READABLE = st.one_of(
     st.tuples(st.just("blank"), st.sampled_from([b"", b"   ", b"\t"])),
-    st.tuples(st.just("good"), st.fixed_dictionaries({"prompt": _CAPTIONS, "chosen": st.sampled_from(sorted(GOOD_IMAGES)),
-                                                      "rejected": st.sampled_from(sorted(GOOD_IMAGES))})),
-    st.tuples(st.just("bad_image"), st.fixed_dictionaries({"prompt": st.text(max_size=5),
-                                                           "chosen": st.sampled_from(BAD_IMAGE_NAMES),
-                                                           "rejected": st.sampled_from(sorted(GOOD_IMAGES))})),
-    st.tuples(st.just("bad_image"), st.fixed_dictionaries({"prompt": st.text(max_size=5),
-                                                           "chosen": st.sampled_from(sorted(GOOD_IMAGES)),
-                                                           "rejected": st.sampled_from(BAD_IMAGE_NAMES)})),
+    st.tuples(
+        st.just("good"),
+        st.fixed_dictionaries(
+            {
+                "prompt": _CAPTIONS,
+                "chosen": st.sampled_from(sorted(GOOD_IMAGES)),
+                "rejected": st.sampled_from(sorted(GOOD_IMAGES)),
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("bad_image"),
+        st.fixed_dictionaries(
+            {
+                "prompt": st.text(max_size=5),
+                "chosen": st.sampled_from(BAD_IMAGE_NAMES),
+                "rejected": st.sampled_from(sorted(GOOD_IMAGES)),
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("bad_image"),
+        st.fixed_dictionaries(
+            {
+                "prompt": st.text(max_size=5),
+                "chosen": st.sampled_from(sorted(GOOD_IMAGES)),
+                "rejected": st.sampled_from(BAD_IMAGE_NAMES),
+            }
+        ),
+    ),
 )
 _JSONL_BROKEN = st.one_of(
-    st.tuples(st.just("broken"), st.sampled_from(["prompt", "chosen", "rejected"]).map(
-        lambda k: {key: "rgb.png" for key in ("prompt", "chosen", "rejected") if key != k})),  # a missing key
-    st.tuples(st.just("broken"), st.tuples(st.sampled_from(["chosen", "rejected"]),
-                                           st.integers() | st.lists(st.text(max_size=3), max_size=2) | st.none() | st.booleans())
-              .map(lambda kv: {"prompt": "p", "chosen": "rgb.png", "rejected": "rgb.png", kv[0]: kv[1]})),  # wrong type
-    st.tuples(st.just("broken"), (st.integers() | st.lists(st.integers(), max_size=2) | st.booleans())
-              .map(lambda v: {"prompt": v, "chosen": "rgb.png", "rejected": "rgb.png"})),  # a prompt that is not text
-    st.tuples(st.just("broken"), st.sampled_from(["missing.png", "", "../nowhere/x.png", "a" * 300 + ".png"])
-              .map(lambda f: {"prompt": "p", "chosen": f, "rejected": "rgb.png"})),  # not an image file
-    st.tuples(st.just("broken"), st.lists(st.integers(), max_size=3) | st.integers() | st.text(max_size=5)),  # not an object
-    st.tuples(st.just("broken"), st.text(min_size=1, max_size=20).filter(lambda t: t.strip() and not _is_json(t))
-              .map(lambda t: t.replace("\n", " ").replace("\r", " ").encode())),  # not JSON
-    st.tuples(st.just("broken"), st.sampled_from([b'{"prompt": "\xff\xfe", "chosen": "rgb.png", "rejected": "rgb.png"}',
-                                                  b"\xc3\x28", b"\x80abc"])),  # not UTF-8
+    st.tuples(
+        st.just("broken"),
+        st.sampled_from(["prompt", "chosen", "rejected"]).map(
+            lambda k: {key: "rgb.png" for key in ("prompt", "chosen", "rejected") if key != k}
+        ),
+    ),  # a missing key
+    st.tuples(
+        st.just("broken"),
+        st.tuples(
+            st.sampled_from(["chosen", "rejected"]),
+            st.integers() | st.lists(st.text(max_size=3), max_size=2) | st.none() | st.booleans(),
+        ).map(lambda kv: {"prompt": "p", "chosen": "rgb.png", "rejected": "rgb.png", kv[0]: kv[1]}),
+    ),  # wrong type
+    st.tuples(
+        st.just("broken"),
+        (st.integers() | st.lists(st.integers(), max_size=2) | st.booleans()).map(
+            lambda v: {"prompt": v, "chosen": "rgb.png", "rejected": "rgb.png"}
+        ),
+    ),  # a prompt that is not text
+    st.tuples(
+        st.just("broken"),
+        st.sampled_from(["missing.png", "", "../nowhere/x.png", "a" * 300 + ".png"]).map(
+            lambda f: {"prompt": "p", "chosen": f, "rejected": "rgb.png"}
+        ),
+    ),  # not an image file
+    st.tuples(
+        st.just("broken"), st.lists(st.integers(), max_size=3) | st.integers() | st.text(max_size=5)
+    ),  # not an object
+    st.tuples(
+        st.just("broken"),
+        st.text(min_size=1, max_size=20)
+        .filter(lambda t: t.strip() and not _is_json(t))
+        .map(lambda t: t.replace("\n", " ").replace("\r", " ").encode()),
+    ),  # not JSON
+    st.tuples(
+        st.just("broken"),
+        st.sampled_from(
+            [b'{"prompt": "\xff\xfe", "chosen": "rgb.png", "rejected": "rgb.png"}', b"\xc3\x28", b"\x80abc"]
+        ),
+    ),  # not UTF-8
     st.tuples(st.just("broken"), st.just(b"[" * 100_000)),  # absurdly nested
 )
 
@@ -478,7 +590,11 @@ def test_generated_jsonl_pair_files(lines, image_dir):
     _write_lines(path, lines)
     broken = _first_broken_line(lines)
     rows = [kind for kind, _ in lines if kind in ("good", "bad_image")]
-    event("rejected at open" if broken is not None or not rows else f"opened, {rows.count('bad_image')} bad image(s)")
+    event(
+        "rejected at open"
+        if broken is not None or not rows
+        else f"opened, {rows.count('bad_image')} bad image(s)"
+    )
     if broken is not None or not rows:
         with pytest.raises(DataError) as info:
             open_pairs(str(path))
@@ -521,11 +637,15 @@ def test_each_kind_of_broken_line_names_file_and_line(name, image_dir):
     from diffalign.winners import open_winners
 
     path = image_dir / f"broken-{name}.jsonl"
-    path.write_bytes(json.dumps(_GOOD_ROW).encode() + b"\n\n" + _broken_lines(_GOOD_ROW, "chosen")[name] + b"\n")
+    path.write_bytes(
+        json.dumps(_GOOD_ROW).encode() + b"\n\n" + _broken_lines(_GOOD_ROW, "chosen")[name] + b"\n"
+    )
     with pytest.raises(DataError, match=re.escape(f"{path}:3:")):
         open_pairs(str(path))
     winners = image_dir / f"winners-{name}.jsonl"  # the same kind of line in a SePPO winners file
-    winners.write_bytes(json.dumps(_GOOD_WINNER).encode() + b"\n" + _broken_lines(_GOOD_WINNER, "image")[name] + b"\n")
+    winners.write_bytes(
+        json.dumps(_GOOD_WINNER).encode() + b"\n" + _broken_lines(_GOOD_WINNER, "image")[name] + b"\n"
+    )
     with pytest.raises(DataError, match=re.escape(f"{winners}:2:")):
         open_winners(DataConfig(source=str(winners)))
 
@@ -542,15 +662,35 @@ def test_each_undecodable_image_is_counted_and_skipped(name, image_dir):
 def test_each_odd_but_valid_image_decodes(name, image_dir):
     path = image_dir / f"good-{name}.jsonl"
     path.write_text(json.dumps({"prompt": None, "chosen": name, "rejected": name}) + "\n")
-    _check_items(PreferenceDataset(open_pairs(str(path)), Preprocessing(resolution=8, random_crop=True)), 1, set(), str(path))
+    _check_items(
+        PreferenceDataset(open_pairs(str(path)), Preprocessing(resolution=8, random_crop=True)),
+        1,
+        set(),
+        str(path),
+    )
 
 
-_BLOBS = {"png": _GOOD_PNG, "jpeg": _GOOD_JPEG, **{name: data for name, data in BAD_IMAGES.items()}, "null": None}
+_BLOBS = {
+    "png": _GOOD_PNG,
+    "jpeg": _GOOD_JPEG,
+    **{name: data for name, data in BAD_IMAGES.items()},
+    "null": None,
+}
 
 
 @settings(CHEAP, max_examples=15)
-@given(rows=st.lists(st.tuples(_CAPTIONS, st.sampled_from(sorted(_BLOBS)), st.sampled_from(sorted(_BLOBS)),
-                               st.sampled_from([1.0, 0.0, 0.5, None, math.nan, 2.0])), min_size=1, max_size=6))
+@given(
+    rows=st.lists(
+        st.tuples(
+            _CAPTIONS,
+            st.sampled_from(sorted(_BLOBS)),
+            st.sampled_from(sorted(_BLOBS)),
+            st.sampled_from([1.0, 0.0, 0.5, None, math.nan, 2.0]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_generated_pickapic_tables(rows, tmp_path):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({
@@ -603,8 +743,11 @@ def test_truncated_parquet_file(tmp_path):
         open_pairs(str(path))
 
 
-@pytest.mark.parametrize("state", ["garbage{", "{}", '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}'],
-                         ids=["not-json", "empty-state", "corrupt-arrow"])
+@pytest.mark.parametrize(
+    "state",
+    ["garbage{", "{}", '{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}'],
+    ids=["not-json", "empty-state", "corrupt-arrow"],
+)
 def test_broken_saved_dataset_folders(state, tmp_path):
     (tmp_path / "data-00000-of-00001.arrow").write_bytes(b"garbage")
     (tmp_path / "state.json").write_text(state)
@@ -627,12 +770,19 @@ def test_bad_prompt_tables_are_config_errors(case, tmp_path):
         path.write_bytes(b"PAR1" + bytes(64) + b"PAR1")
     else:
         column = "caption" if case == "no-column" else "prompt"
-        pq.write_table(pa.table({column: pa.array(["a cat"] if case == "no-column" else [None, "  "], type=pa.string())}), path)
+        pq.write_table(
+            pa.table(
+                {column: pa.array(["a cat"] if case == "no-column" else [None, "  "], type=pa.string())}
+            ),
+            path,
+        )
     err = _expect_config_error(_raw("prdp"), tmp_path, [f"method.prompts={path}"], key="method.prompts")
     assert str(path) in str(err)
 
 
-@pytest.mark.parametrize("name", ["empty.jsonl", "blank.jsonl", "pairs.txt", "no_such_file.jsonl", "empty_folder"])
+@pytest.mark.parametrize(
+    "name", ["empty.jsonl", "blank.jsonl", "pairs.txt", "no_such_file.jsonl", "empty_folder"]
+)
 def test_empty_or_missing_sources(name, tmp_path):
     if name == "blank.jsonl":
         (tmp_path / name).write_text("\n  \n\n")
@@ -649,14 +799,32 @@ _PROMPT_TEXT = st.one_of(
     st.binary(max_size=60),
     st.text(max_size=60).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.lists(st.text(max_size=10), max_size=4).map(lambda ps: "\n".join(ps).encode("utf-8", "surrogatepass")),
-    st.lists(st.one_of(st.fixed_dictionaries({"prompt": st.text(max_size=8)}), st.integers(), st.text(max_size=4),
-                       st.fixed_dictionaries({"Prompt": st.integers()})), max_size=4)
-    .map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
-    st.lists(st.one_of(st.text(max_size=8), st.integers()), max_size=4).map(lambda ps: json.dumps(ps).encode()),
-    st.lists(st.lists(st.text(max_size=6), max_size=3), max_size=4)
-    .map(lambda rows: ("Prompt,Category\n" + "\n".join(",".join(r) for r in rows)).encode("utf-8", "surrogatepass")),
-    st.sampled_from([b"Prompt\tCategory\n\"unclosed\tx\n", b"Prompt\na\x00b\n", b"Prompt\n" + b"x" * 200_000 + b"\n",
-                     b"[" * 100_000, b"\xef\xbb\xbf[\"bom\"]"]),
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries({"prompt": st.text(max_size=8)}),
+            st.integers(),
+            st.text(max_size=4),
+            st.fixed_dictionaries({"Prompt": st.integers()}),
+        ),
+        max_size=4,
+    ).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
+    st.lists(st.one_of(st.text(max_size=8), st.integers()), max_size=4).map(
+        lambda ps: json.dumps(ps).encode()
+    ),
+    st.lists(st.lists(st.text(max_size=6), max_size=3), max_size=4).map(
+        lambda rows: ("Prompt,Category\n" + "\n".join(",".join(r) for r in rows)).encode(
+            "utf-8", "surrogatepass"
+        )
+    ),
+    st.sampled_from(
+        [
+            b'Prompt\tCategory\n"unclosed\tx\n',
+            b"Prompt\na\x00b\n",
+            b"Prompt\n" + b"x" * 200_000 + b"\n",
+            b"[" * 100_000,
+            b'\xef\xbb\xbf["bom"]',
+        ]
+    ),
 )
 
 
@@ -686,7 +854,10 @@ def test_generated_prompt_files(suffix, content, tmp_path):
 
 
 _FIXED_PROMPT_FILES = {
-    **{f"not-utf8{suffix}": (suffix, b"Prompt\n\xff\xfe bad\n") for suffix in (".txt", ".jsonl", ".csv", ".tsv", ".json")},
+    **{
+        f"not-utf8{suffix}": (suffix, b"Prompt\n\xff\xfe bad\n")
+        for suffix in (".txt", ".jsonl", ".csv", ".tsv", ".json")
+    },
     **{f"empty{suffix}": (suffix, b"") for suffix in (".txt", ".jsonl", ".csv", ".tsv", ".json")},
     "nul-byte.csv": (".csv", b"Prompt\na\x00b\n"),
     "huge-field.csv": (".csv", b"Prompt\n" + b"x" * 200_000 + b"\n"),
@@ -721,7 +892,9 @@ def test_a_bad_prompt_file_is_a_config_error(tmp_path):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"a fine prompt\n\xff\xfe not utf-8\n")
     _expect_config_error(_raw("prdp"), tmp_path, [f"method.prompts={bad}"], key="method.prompts")
-    _expect_config_error(_raw(), tmp_path, [f"eval.prompts_file={bad}", "eval.prompts=[]"], key="eval.prompts_file")
+    _expect_config_error(
+        _raw(), tmp_path, [f"eval.prompts_file={bad}", "eval.prompts=[]"], key="eval.prompts_file"
+    )
     bad.write_text("\n \n")
     _expect_config_error(_raw("ddpo"), tmp_path, [f"method.prompts={bad}"], key="method.prompts")
 
@@ -729,15 +902,37 @@ def test_a_bad_prompt_file_is_a_config_error(tmp_path):
 # ---- SePPO winners -------------------------------------------------------------------------------------
 _WINNER_READABLE = st.one_of(
     st.tuples(st.just("blank"), st.just(b"")),
-    st.tuples(st.just("good"), st.fixed_dictionaries({"prompt": st.text(max_size=8), "image": st.sampled_from(sorted(GOOD_IMAGES))})),
-    st.tuples(st.just("bad_image"), st.fixed_dictionaries({"prompt": st.text(max_size=8), "image": st.sampled_from(BAD_IMAGE_NAMES)})),
+    st.tuples(
+        st.just("good"),
+        st.fixed_dictionaries({"prompt": st.text(max_size=8), "image": st.sampled_from(sorted(GOOD_IMAGES))}),
+    ),
+    st.tuples(
+        st.just("bad_image"),
+        st.fixed_dictionaries({"prompt": st.text(max_size=8), "image": st.sampled_from(BAD_IMAGE_NAMES)}),
+    ),
 )
 _WINNER_BROKEN = st.one_of(
-    st.tuples(st.just("broken"), st.sampled_from([{"prompt": "p"}, {"image": "rgb.png"}, {"prompt": 3, "image": "rgb.png"},
-                                                  {"prompt": "p", "image": ["rgb.png"]}, {"prompt": "p", "image": "missing.png"},
-                                                  {"prompt": "p", "image": ""}, {"prompt": "p", "image": "b" * 300},
-                                                  [1], "text", 7])),
-    st.tuples(st.just("broken"), st.sampled_from([b"{not json", b"\xff\xfe\x00", b'{"prompt": "p", "image": "rgb.png"']),),
+    st.tuples(
+        st.just("broken"),
+        st.sampled_from(
+            [
+                {"prompt": "p"},
+                {"image": "rgb.png"},
+                {"prompt": 3, "image": "rgb.png"},
+                {"prompt": "p", "image": ["rgb.png"]},
+                {"prompt": "p", "image": "missing.png"},
+                {"prompt": "p", "image": ""},
+                {"prompt": "p", "image": "b" * 300},
+                [1],
+                "text",
+                7,
+            ]
+        ),
+    ),
+    st.tuples(
+        st.just("broken"),
+        st.sampled_from([b"{not json", b"\xff\xfe\x00", b'{"prompt": "p", "image": "rgb.png"']),
+    ),
 )
 
 
@@ -751,7 +946,11 @@ def test_generated_seppo_winner_files(lines, image_dir):
     _write_lines(path, lines)
     broken = _first_broken_line(lines)
     rows = [kind for kind, _ in lines if kind in ("good", "bad_image")]
-    event("rejected at open" if broken is not None or not rows else f"opened, {rows.count('bad_image')} bad image(s)")
+    event(
+        "rejected at open"
+        if broken is not None or not rows
+        else f"opened, {rows.count('bad_image')} bad image(s)"
+    )
     if broken is not None or not rows:
         with pytest.raises(DataError) as info:
             open_winners(DataConfig(source=str(path)))
@@ -768,8 +967,15 @@ def test_generated_seppo_winner_files(lines, image_dir):
 # ====================================================================================================
 # End to end: unreadable rows during `diffalign train` (fixed cases)
 # ====================================================================================================
-E2E = ["log.progress_bar=false", "log.validation_every_n_steps=0", "eval.enabled=false", "data.random_flip=false",
-       "train.batch_size=4", "log.every_n_steps=1", "checkpoint.keep_last=null"]
+E2E = [
+    "log.progress_bar=false",
+    "log.validation_every_n_steps=0",
+    "eval.enabled=false",
+    "data.random_flip=false",
+    "train.batch_size=4",
+    "log.every_n_steps=1",
+    "checkpoint.keep_last=null",
+]
 
 
 def _shapes_pairs_with_unreadable_images(tmp_path: Path, unreadable: int) -> tuple[Path, list[Path]]:
@@ -835,6 +1041,9 @@ def test_too_many_unreadable_pairs_stop_the_run_and_keep_its_checkpoints(tmp_pat
     fixed, _ = _shapes_pairs_with_unreadable_images(tmp_path / "fixed", unreadable=0)
     for file in broken:
         shutil.copy(fixed / file.relative_to(data), file)
-    assert main([*args, "data.max_bad_fraction=0.5", f"train.max_steps={steps[-1] + 1}", "--resume", "latest"]) == 0
+    assert (
+        main([*args, "data.max_bad_fraction=0.5", f"train.max_steps={steps[-1] + 1}", "--resume", "latest"])
+        == 0
+    )
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == steps[-1] + 1

@@ -38,7 +38,9 @@ def test_sample_rejects_bad_input_before_loading(argv, message, tmp_path, capsys
 def test_empty_prompt_file_and_unwritable_output(tmp_path, capsys, no_model_loading):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    assert main(["sample", "--model", "tiny-sdxl", "--prompts", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["sample", "--model", "tiny-sdxl", "--prompts", str(empty), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "has no prompts" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -50,16 +52,46 @@ def test_sample_writes_images_jsonl_and_trajectories(tmp_path, tiny_sdxl_path, c
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n{"prompt": "a blue square"}\n')
     out = tmp_path / "out"
-    argv = ["sample", "--model", str(tiny_sdxl_path), "--prompts", str(prompts), "--num-images", "2", "--steps", "4",
-            "--guidance", "4", "--eta", "1", "--seed", "7", "--batch-size", "3", "--out", str(out),
-            "--save-trajectories", "--scorer", "brightness", "--scorer", "jpeg_compressibility"]
+    argv = [
+        "sample",
+        "--model",
+        str(tiny_sdxl_path),
+        "--prompts",
+        str(prompts),
+        "--num-images",
+        "2",
+        "--steps",
+        "4",
+        "--guidance",
+        "4",
+        "--eta",
+        "1",
+        "--seed",
+        "7",
+        "--batch-size",
+        "3",
+        "--out",
+        str(out),
+        "--save-trajectories",
+        "--scorer",
+        "brightness",
+        "--scorer",
+        "jpeg_compressibility",
+    ]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["a red circle"] * 2 + ["a blue square"] * 2
     assert [r["seed"] for r in rows] == [7, 8, 9, 10]
-    assert all((out / r["file"]).exists() and set(r["scores"]) == {"brightness", "jpeg_compressibility"} for r in rows)
+    assert all(
+        (out / r["file"]).exists() and set(r["scores"]) == {"brightness", "jpeg_compressibility"}
+        for r in rows
+    )
     traj = Trajectory.load(out / "trajectories.safetensors")
-    assert traj.latents.shape == (4, 5, 4, 16, 16) and traj.log_probs.shape == (4, 4) and traj.timesteps.shape == (4,)
+    assert (
+        traj.latents.shape == (4, 5, 4, 16, 16)
+        and traj.log_probs.shape == (4, 4)
+        and traj.timesteps.shape == (4,)
+    )
     assert traj.step_rule == {"kind": "ddim", "eta": 1.0} and traj.guidance_scale == 4.0
     assert traj.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
     # the same seed reproduces the same image

@@ -46,9 +46,17 @@ def test_roundtrip_yaml(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(ROOT / "configs/tiny-sdxl/dpo.yaml",
-                      ["optim.learning_rate=1e-5", "train.max_steps=3", "method.loss_type=hinge",
-                       "lora.target_modules=[to_q,to_v]", "optim.max_grad_norm=null", "data.random_flip=false"])
+    cfg = load_config(
+        ROOT / "configs/tiny-sdxl/dpo.yaml",
+        [
+            "optim.learning_rate=1e-5",
+            "train.max_steps=3",
+            "method.loss_type=hinge",
+            "lora.target_modules=[to_q,to_v]",
+            "optim.max_grad_norm=null",
+            "data.random_flip=false",
+        ],
+    )
     assert cfg.optim.learning_rate == 1e-5 and isinstance(cfg.optim.learning_rate, float)
     assert cfg.train.max_steps == 3 and cfg.method.loss_type == "hinge"
     assert cfg.lora.target_modules == ["to_q", "to_v"] and cfg.optim.max_grad_norm is None
@@ -70,7 +78,11 @@ def test_switching_method_by_override():
         (_minimal(train={"max_steps": 1.5}), "train.max_steps", "an integer"),
         (_minimal(train={"mixed_precision": "fp8"}), "train.mixed_precision", "'no', 'fp16', 'bf16'"),
         (_minimal(data={"source": "x", "resolution": 30}), "data.resolution", "multiple of 8"),
-        (_minimal(data={"source": str(ROOT), "proportion_empty_prompts": 1.5}), "data.proportion_empty_prompts", "[0, 1]"),
+        (
+            _minimal(data={"source": str(ROOT), "proportion_empty_prompts": 1.5}),
+            "data.proportion_empty_prompts",
+            "[0, 1]",
+        ),
         (_minimal(data={"source": str(ROOT), "cache": True}), "data.random_flip", "false when data.cache"),
         (_minimal(method={"name": "dop"}), "method.name", "'dpo'"),
         (_minimal(method={"name": "mapo", "loss_type": "sigmoid"}), "method.loss_type", "no such key"),
@@ -81,7 +93,11 @@ def test_switching_method_by_override():
         (_minimal(lora={"rank": 0}), "lora.rank", ">= 1"),
         (_minimal(lora={"target_modules": "to_q"}), None, None),  # a single string becomes a list
         (_minimal(log={"report_to": ["mlflow"]}), "log.report_to[0]", "'tensorboard' or 'wandb'"),
-        (_minimal(eval={"scorers": ["no_such_scorer"], "prompts": ["p"]}), "eval.scorers[0]", "unknown scorer"),
+        (
+            _minimal(eval={"scorers": ["no_such_scorer"], "prompts": ["p"]}),
+            "eval.scorers[0]",
+            "unknown scorer",
+        ),
         (_minimal(train={"resume": "/no/such/checkpoint"}), "train.resume", "'latest'"),
         (_minimal(optim={"optimizer": "sgd"}), "optim.optimizer", "'adamw'"),
         (_minimal(optim={"learning_rate": True}), "optim.learning_rate", "a number"),
@@ -152,7 +168,9 @@ def test_shipped_configs_report_only_to_installed_trackers(path):
     import importlib.util
 
     for tracker in load_config(path, check=False).log.report_to:
-        assert importlib.util.find_spec(tracker) is not None, f"{path}: log.report_to names {tracker}, not installed"
+        assert importlib.util.find_spec(tracker) is not None, (
+            f"{path}: log.report_to names {tracker}, not installed"
+        )
 
 
 def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path, monkeypatch):
@@ -163,7 +181,10 @@ def test_relative_paths_in_a_config_resolve_against_its_folder(tmp_path, monkeyp
     assert Path(prdp.method.prompts) == ROOT / "data" / "tiny-prompts.txt"
     # an override is the user's own: relative to the current folder
     (tmp_path / "mine.txt").write_text("a red circle\n")
-    assert load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml", ["method.prompts=mine.txt"]).method.prompts == "mine.txt"
+    assert (
+        load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml", ["method.prompts=mine.txt"]).method.prompts
+        == "mine.txt"
+    )
     # a hub id or built-in id stays as written
     assert cfg.model.name == "toy-sdxl"
 

@@ -11,7 +11,9 @@ CUSTOM = Path(__file__).resolve().parents[1] / "pipelines" / "diffalign_sdxl"
 
 
 def test_custom_pipeline_via_stock_diffusers(tiny_sdxl_path):
-    pipe = DiffusionPipeline.from_pretrained(str(tiny_sdxl_path), custom_pipeline=str(CUSTOM), trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        str(tiny_sdxl_path), custom_pipeline=str(CUSTOM), trust_remote_code=True
+    )
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "DiffalignSDXLPipeline"
 
@@ -23,7 +25,9 @@ def test_custom_pipeline_via_stock_diffusers(tiny_sdxl_path):
     assert out.images.shape == (2, 3, 32, 32)
     assert out.trajectory.latents.shape == (2, 4, 4, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(recompute_log_probs(pipe.unet, out.trajectory), out.trajectory.log_probs, atol=1e-5)
+        assert torch.allclose(
+            recompute_log_probs(pipe.unet, out.trajectory), out.trajectory.log_probs, atol=1e-5
+        )
     # the pipeline's own scheduler is left as it was
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
 

@@ -124,7 +124,9 @@ def test_image_modes_are_converted(tmp_path, mode):
     suffix = ".jpg" if fmt == "JPEG" else ".png"
     image.save(tmp_path / f"w{suffix}", format=fmt)
     Image.new("RGB", (20, 12)).save(tmp_path / "l.png")
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": f"w{suffix}", "rejected": "l.png"}))
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": f"w{suffix}", "rejected": "l.png"})
+    )
     item = PreferenceDataset(open_pairs(str(tmp_path)), Preprocessing(resolution=8))[0]
     assert "bad" not in item and item["pixels"].shape == (2, 3, 8, 8)
     assert item["pixels"][0].mean() > -0.9  # not black: the content survived the conversion
@@ -214,7 +216,22 @@ def test_pairs_cli_rejects_bad_input_before_loading(tmp_path, capsys):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a\n")
-    assert main(["pairs", "--model", "tiny-sdxl", "--prompts", str(prompts), "--scorer", "nope", "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "pairs",
+                "--model",
+                "tiny-sdxl",
+                "--prompts",
+                str(prompts),
+                "--scorer",
+                "nope",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "unknown scorer 'nope'" in capsys.readouterr().err
     assert main(["pairs", "--model", "tiny-sdxl", "--prompts", str(prompts), "--scorer", "brightness",
                  "--out", str(tmp_path), "--images-per-prompt", "1"]) == 2
@@ -237,7 +254,9 @@ def test_bad_rows_are_named_by_file_and_row_and_counted_once(tmp_path, caplog):
         counter.update(collate_pairs([data[i] for i in range(len(data))]))
     warnings = [r.getMessage() for r in caplog.records if "skipping unreadable pair" in r.getMessage()]
     assert len(warnings) == 2
-    assert f"{folder / 'b.parquet'} row 3 (pair 4)" in warnings[0]  # pair 4 of the tie-free list is row 3 of b
+    assert (
+        f"{folder / 'b.parquet'} row 3 (pair 4)" in warnings[0]
+    )  # pair 4 of the tie-free list is row 3 of b
     assert f"{folder / 'b.parquet'} row 4" in warnings[1]
     assert counter.bad == 2 and counter.skips == 6 and counter.seen == 3 * len(data)
     assert "skipped 2 unreadable rows (6 skips in 18 rows read" in counter.summary()

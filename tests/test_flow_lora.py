@@ -92,7 +92,8 @@ def _check_round_trip(kind, export, tmp_path):
     finally:
         for name in ("diffusers", "peft"):
             logging.getLogger(name).removeHandler(records)
-    # (the text encoders' "no LoRA keys for CLIPTextModel..." notes are expected: only the transformer is adapted)
+    # (the text encoders' "no LoRA keys for CLIPTextModel..." notes are expected: only the transformer is
+    # adapted)
     transformer_class = type(transformer).__name__
     problems = [m for m in records.messages + [str(w.message) for w in caught]
                 if re.search(r"(missing|unexpected) (adapter )?keys|inconsisten", m, re.IGNORECASE)

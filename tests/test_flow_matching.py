@@ -46,7 +46,9 @@ def test_flux_sigmas_take_the_dynamic_shift_of_the_token_count():
     with pytest.raises(ValueError, match="pass mu"):
         fm.training_sigmas(scheduler, u)
     assert fm.packed_seq_len(128, 128) == 4096  # 1024 px FLUX
-    assert fm.flux_mu(256, FLUX_SCHEDULER) == pytest.approx(0.5) and fm.flux_mu(4096, FLUX_SCHEDULER) == pytest.approx(1.15)
+    assert fm.flux_mu(256, FLUX_SCHEDULER) == pytest.approx(0.5) and fm.flux_mu(
+        4096, FLUX_SCHEDULER
+    ) == pytest.approx(1.15)
     mu = fm.flux_mu(1024, FLUX_SCHEDULER)
     assert mu == pytest.approx(0.5 + 0.65 * (1024 - 256) / (4096 - 256))
     sigmas, timesteps = fm.training_sigmas(scheduler, u, mu=mu)
@@ -63,7 +65,9 @@ def test_flux_sigmas_take_the_dynamic_shift_of_the_token_count():
 
 def test_loss_weights():
     sigmas = torch.tensor([0.1, 0.5, 0.9])
-    torch.testing.assert_close(fm.loss_weights("cosmap", sigmas), 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2)))
+    torch.testing.assert_close(
+        fm.loss_weights("cosmap", sigmas), 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    )
     torch.testing.assert_close(fm.loss_weights("sigma_sqrt", sigmas), sigmas**-2)
     assert torch.equal(fm.loss_weights("none", sigmas), torch.ones(3))
     with pytest.raises(ValueError, match="loss weighting"):
@@ -93,7 +97,10 @@ def test_flux_packing_and_ids():
     for row in range(2):
         for col in range(3):
             # token (row, col) holds the 2x2 patch, channel-major: (C, 2, 2) flattened
-            assert torch.equal(packed[1, row * 3 + col], latents[1, :, 2 * row:2 * row + 2, 2 * col:2 * col + 2].reshape(-1))
+            assert torch.equal(
+                packed[1, row * 3 + col],
+                latents[1, :, 2 * row : 2 * row + 2, 2 * col : 2 * col + 2].reshape(-1),
+            )
     assert torch.equal(fm.unpack_latents(packed, 4, 6), latents)
     ids = fm.latent_image_ids(4, 6)
     assert ids.shape == (6, 3) and ids[:, 0].eq(0).all()

@@ -26,7 +26,11 @@ def _tensors(dtype=torch.float32, seed=0):
 
 def _gaussian(x, mean, std):
     # log N written out per element, then the mean over non-batch elements (Flow-GRPO / DanceGRPO)
-    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - torch.log(torch.sqrt(torch.as_tensor(2 * math.pi)))
+    lp = (
+        -((x - mean) ** 2) / (2 * std**2)
+        - torch.log(std)
+        - torch.log(torch.sqrt(torch.as_tensor(2 * math.pi)))
+    )
     return lp.mean(dim=(1, 2, 3))
 
 
@@ -42,7 +46,9 @@ def test_flow_grpo_sde_matches_its_formula(index):
     mean = x * (1 + std_t**2 / (2 * s) * dt) + v * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
     torch.testing.assert_close(out.mean, mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.std, (std_t * torch.sqrt(-dt)).expand(3), rtol=1e-6, atol=0)
-    torch.testing.assert_close(out.log_prob, _gaussian(out.prev_sample, mean, std_t * torch.sqrt(-dt)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(
+        out.log_prob, _gaussian(out.prev_sample, mean, std_t * torch.sqrt(-dt)), rtol=1e-6, atol=1e-5
+    )
     assert out.stochastic.all()
     if index == 0:
         assert s == 1 and torch.isfinite(out.std).all()
@@ -76,10 +82,16 @@ def test_cps_matches_flow_grpo_plus(index):
     std = s_next * math.sin(a * math.pi / 2)
     mean = (x - s * v) * (1 - s_next) + (x + v * (1 - s)) * torch.sqrt(s_next**2 - std**2)
     torch.testing.assert_close(out.mean, mean, rtol=0, atol=1e-6)
-    torch.testing.assert_close(out.prev_sample, mean + std * torch.randn(SHAPE, generator=gen()), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        out.prev_sample, mean + std * torch.randn(SHAPE, generator=gen()), rtol=0, atol=1e-6
+    )
     torch.testing.assert_close(out.log_prob, _gaussian(out.prev_sample, mean, std), rtol=1e-6, atol=1e-5)
-    plain = FlowCPSStep(noise_level=a, density="squared_error")(scheduler, v, t, x, prev_sample=out.prev_sample)
-    torch.testing.assert_close(plain.log_prob, (-((out.prev_sample - mean) ** 2)).mean(dim=(1, 2, 3)), rtol=1e-6, atol=1e-7)
+    plain = FlowCPSStep(noise_level=a, density="squared_error")(
+        scheduler, v, t, x, prev_sample=out.prev_sample
+    )
+    torch.testing.assert_close(
+        plain.log_prob, (-((out.prev_sample - mean) ** 2)).mean(dim=(1, 2, 3)), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_cps_last_step_has_no_density():
@@ -108,7 +120,9 @@ def test_cps_at_noise_zero_is_the_euler_step():
     scheduler, (x, v) = _scheduler(), _tensors()
     for t in scheduler.timesteps:
         euler = FlowEulerStep()(scheduler, v, t, x).prev_sample
-        torch.testing.assert_close(FlowCPSStep(noise_level=0.0)(scheduler, v, t, x).prev_sample, euler, rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            FlowCPSStep(noise_level=0.0)(scheduler, v, t, x).prev_sample, euler, rtol=0, atol=1e-5
+        )
 
 
 RULES = [FlowSDEStep(0.7), FlowSDEStep(0.3, "constant"), FlowCPSStep(0.8), FlowCPSStep(0.8, "squared_error"),
@@ -116,7 +130,9 @@ RULES = [FlowSDEStep(0.7), FlowSDEStep(0.3, "constant"), FlowCPSStep(0.8), FlowC
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.kind}-{'-'.join(str(v) for v in vars(r).values())}")
+@pytest.mark.parametrize(
+    "rule", RULES, ids=lambda r: f"{r.kind}-{'-'.join(str(v) for v in vars(r).values())}"
+)
 def test_recomputing_gives_the_stored_log_prob_exactly(rule, dtype):
     scheduler, (x, v) = _scheduler(), _tensors(dtype)
     for t in scheduler.timesteps[:-1]:

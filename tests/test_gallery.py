@@ -1,4 +1,5 @@
-"""Gallery runs: same noise across models, statistics, resume, failures, bad input, and the page in Chromium."""
+"""Gallery runs: same noise across models, statistics, resume, failures, bad input, and the page in
+Chromium."""
 
 from __future__ import annotations
 
@@ -50,10 +51,33 @@ def cli_gallery(tmp_path_factory, tiny_sdxl_path, tiny_sdxl_seed1):
     prompt_file = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path_factory.mktemp("gallery") / "out"
-    code = main(["gallery", "--model", f"base={tiny_sdxl_path}", "--model", f"tuned={tiny_sdxl_seed1}",
-                 "--prompts", str(prompt_file), "--scorer", "brightness", "--scorer", "jpeg_compressibility",
-                 "--images-per-prompt", "2", "--seed", "7", "--steps", "3", "--guidance", "3", "--batch-size", "4",
-                 "--out", str(out)])
+    code = main(
+        [
+            "gallery",
+            "--model",
+            f"base={tiny_sdxl_path}",
+            "--model",
+            f"tuned={tiny_sdxl_seed1}",
+            "--prompts",
+            str(prompt_file),
+            "--scorer",
+            "brightness",
+            "--scorer",
+            "jpeg_compressibility",
+            "--images-per-prompt",
+            "2",
+            "--seed",
+            "7",
+            "--steps",
+            "3",
+            "--guidance",
+            "3",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -112,7 +136,8 @@ def test_same_noise_for_every_model(tmp_path, tiny_sdxl_path, tiny_sdxl_seed1, t
         assert np.array_equal(pixels(file_a), pixels(file_again))  # same model, same noise: same image
         assert not np.array_equal(pixels(file_a), pixels(file_other))
     assert not np.array_equal(pixels(media["a"][0]), pixels(media["a"][1]))  # two images of a prompt differ
-    # image k of prompt p is exactly what sample() gives alone with seed SEED + p*K + k (batching does not matter)
+    # image k of prompt p is exactly what sample() gives alone with seed SEED + p*K + k (batching does not
+    # matter)
     alone = sample(tiny_sdxl, [PROMPTS[1]], seeds=[3 + 1 * 2 + 1], num_steps=3, guidance_scale=3.0, eta=1.0)
     expected = (alone.images[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(pixels(tmp_path / "media" / "a" / "00001_01.png"), expected)
@@ -127,7 +152,9 @@ def test_cli_outputs_and_stats_match_scores_csv(cli_gallery):
     assert len(rows) == 2 * 3 * 2
     for model in ("base", "tuned"):
         values = [float(r["brightness"]) for r in rows if r["model"] == model]
-        assert summary["stats"]["means"][model]["brightness"]["mean"] == pytest.approx(sum(values) / len(values))
+        assert summary["stats"]["means"][model]["brightness"]["mean"] == pytest.approx(
+            sum(values) / len(values)
+        )
         for r in rows:
             if r["model"] == model:  # the score is the saved file's
                 saved = make_scorer("brightness").score(Image.open(cli_gallery / r["file"]))
@@ -167,14 +194,18 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path, tiny_sdxl):
     assert summary["generated"] == {"base": 1, "again": 4}
     assert all(f.stat().st_mtime_ns == t for f, t in finished.items())  # written once
     rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
-    assert len(rows) == 8 and all(r["jpeg_incompressibility"] for r in rows)  # a new scorer scores saved files
+    assert len(rows) == 8 and all(
+        r["jpeg_incompressibility"] for r in rows
+    )  # a new scorer scores saved files
     by_key = {(r["model"], r["file"].rsplit("/", 1)[1]): r["brightness"] for r in rows}
     assert all(by_key[("base", k)] == by_key[("again", k)] for m, k in by_key if m == "base")
     # an image saved just before an interruption, but not yet in the manifest, is kept and scored
     manifest = Manifest.load(tmp_path / "manifest.json")
     del manifest.items["again"]["00001_01"]
     manifest.save(tmp_path / "manifest.json")
-    again = run_gallery(models, PROMPTS[:2], ["brightness"], tmp_path, images_per_prompt=2, write_page=False, **FAST)
+    again = run_gallery(
+        models, PROMPTS[:2], ["brightness"], tmp_path, images_per_prompt=2, write_page=False, **FAST
+    )
     assert again["generated"] == {"base": 0, "again": 0}
     assert again["stats"]["means"]["again"]["brightness"]["n_images"] == 4
     with pytest.raises(ValueError, match="other settings"):
@@ -184,10 +215,18 @@ def test_interrupted_run_resumes_without_regenerating(tmp_path, tiny_sdxl):
 def test_failing_model_is_reported_and_the_rest_runs(tmp_path, tiny_sdxl_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
-    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    (broken / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
     out = tmp_path / "out"
-    summary = run_gallery({"base": str(tiny_sdxl_path), "broken": str(broken)}, PROMPTS[:2], ["brightness"], out,
-                          images_per_prompt=1, **FAST)
+    summary = run_gallery(
+        {"base": str(tiny_sdxl_path), "broken": str(broken)},
+        PROMPTS[:2],
+        ["brightness"],
+        out,
+        images_per_prompt=1,
+        **FAST,
+    )
     assert summary["models"]["broken"]["status"] == "failed" and summary["models"]["broken"]["error"]
     assert summary["models"]["base"]["status"] == "done" and summary["models"]["base"]["images"] == 2
     assert "broken" not in summary["stats"]["means"] and summary["stats"]["win_rates"] == []
@@ -202,8 +241,12 @@ def test_lora_model_loads_on_the_base(tmp_path, tiny_sdxl_path):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")  # a LoRA as the trainer writes one
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]))
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"])
+    )
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet)
+    )
     out = tmp_path / "out"
     assert main(["gallery", "--model", f"base={tiny_sdxl_path}", "--model", f"tuned={tmp_path / 'lora'}:lora",
                  "--prompts", "smoke", "--max-prompts", "2", "--images-per-prompt", "1", "--steps", "3",
@@ -263,7 +306,9 @@ def test_bad_input_fails_before_loading(tmp_path, capsys, args, message):
     assert not (tmp_path / "out" / "media").exists()
 
 
-def test_num_frames_sets_the_clip_length_of_video_models_and_is_refused_for_image_models(tmp_path, tiny_sdxl_path):
+def test_num_frames_sets_the_clip_length_of_video_models_and_is_refused_for_image_models(
+    tmp_path, tiny_sdxl_path
+):
     from diffalign.tiny import cached_tiny
 
     out = tmp_path / "out"
@@ -328,7 +373,13 @@ class DevTools:
         self._from_chrome, from_chrome_w = os.pipe()
         # the child's ends go to fds 3 and 4: move them above 4 first so that the two dup2 cannot clash
         to_chrome_r, from_chrome_w = (self._above_four(fd) for fd in (to_chrome_r, from_chrome_w))
-        cmd = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"]
+        cmd = [
+            binary,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
 
         def give_child_fds_3_and_4():  # dup2'd fds are inheritable; Python's own fds close on exec
             os.dup2(to_chrome_r, 3)
@@ -439,17 +490,30 @@ def test_page_in_chromium(browser, cli_gallery):
     assert len(plots) == 3 and min(plots) > 100
     assert browser.evaluate("document.querySelectorAll('#means tr').length") == 3  # header + 2 models
 
-    shot = Image.open(io.BytesIO(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])))
-    box = browser.evaluate("(() => { const r = document.querySelector('#cards img').getBoundingClientRect();"
-                           " return [r.left, r.top, r.right, r.bottom].map((v) => Math.round(v * devicePixelRatio)); })()")
+    shot = Image.open(
+        io.BytesIO(base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"]))
+    )
+    box = browser.evaluate(
+        "(() => { const r = document.querySelector('#cards img').getBoundingClientRect();"
+        " return [r.left, r.top, r.right, r.bottom].map((v) => Math.round(v * devicePixelRatio)); })()"
+    )
     region = np.asarray(shot.convert("RGB").crop(tuple(box)), dtype=np.float32)
     assert region.size > 0 and region.std() > 10  # the noise image is drawn, not a blank box
     assert np.asarray(shot.convert("L")).std() > 10
 
     # sorting by the difference tuned - base on jpeg_compressibility reorders the cards as scores.csv says
     rows = list(csv.DictReader(open(cli_gallery / "scores.csv")))
-    mean = {(m, p): np.mean([float(r["jpeg_compressibility"]) for r in rows if r["model"] == m and int(r["prompt_index"]) == p])
-            for m in ("base", "tuned") for p in range(3)}
+    mean = {
+        (m, p): np.mean(
+            [
+                float(r["jpeg_compressibility"])
+                for r in rows
+                if r["model"] == m and int(r["prompt_index"]) == p
+            ]
+        )
+        for m in ("base", "tuned")
+        for p in range(3)
+    }
     expected = sorted(range(3), key=lambda p: -(mean["tuned", p] - mean["base", p]))
     order = browser.evaluate("""(() => {
         const set = (id, value, event) => { const n = document.getElementById(id); n.value = value;
@@ -464,7 +528,8 @@ def test_page_in_chromium(browser, cli_gallery):
     assert ascending == expected[::-1]
     visible = browser.evaluate("""(() => { const n = document.getElementById('filter'); n.value = 'BLUE';
         n.dispatchEvent(new Event('input'));
-        return [...document.querySelectorAll('#cards .card:not(.hidden) .prompt')].map((p) => p.textContent); })()""")
+        return [...document.querySelectorAll('#cards .card:not(.hidden) .prompt')]
+            .map((p) => p.textContent); })()""")
     assert visible == ["#1a blue square"]
     assert "sort=diff-asc" in browser.evaluate("location.hash")
     assert browser.errors() == []
@@ -473,9 +538,20 @@ def test_page_in_chromium(browser, cli_gallery):
 @pytest.mark.slow
 def test_failures_and_videos_in_chromium(browser, tmp_path):
     """A failed model shows its error; an animated (video) item plays inline as an image."""
-    manifest = Manifest(settings={"images_per_prompt": 1, "seed": 0, "steps": 2, "guidance": 1.0, "eta": 1.0,
-                                  "guidance_rescale": 0.0, "height": None, "width": None, "negative_prompt": None},
-                        prompts=["a video prompt </script><b>not bold</b>"])
+    manifest = Manifest(
+        settings={
+            "images_per_prompt": 1,
+            "seed": 0,
+            "steps": 2,
+            "guidance": 1.0,
+            "eta": 1.0,
+            "guidance_rescale": 0.0,
+            "height": None,
+            "width": None,
+            "negative_prompt": None,
+        },
+        prompts=["a video prompt </script><b>not bold</b>"],
+    )
     frames = torch.linspace(0, 1, 5).view(5, 1, 1, 1).expand(5, 3, 24, 24)
     file = save_media(frames, tmp_path / "media" / "vid" / "00000_00")
     manifest.models = {"vid": {"source": "x", "lora": False, "base": None, "status": "done", "error": None},

@@ -1,4 +1,5 @@
-"""GRPO (Flow-GRPO / DanceGRPO) math on fixed tensors: advantages, the clipped loss, KL, step selection, EMA."""
+"""GRPO (Flow-GRPO / DanceGRPO) math on fixed tensors: advantages, the clipped loss, KL, step selection,
+EMA."""
 
 import math
 import statistics
@@ -44,8 +45,12 @@ def _expected_advantages(global_std, eps, unbiased, clip):
 @pytest.mark.parametrize("global_std", [True, False])
 @pytest.mark.parametrize("unbiased", [True, False])
 def test_group_advantages_match_a_direct_computation(global_std, unbiased):
-    got = group_advantages(REWARDS, GROUPS, global_std=global_std, eps=1e-4, unbiased=unbiased, adv_clip_max=5.0)
-    assert got.tolist() == pytest.approx(_expected_advantages(global_std, 1e-4, unbiased, 5.0), rel=1e-5, abs=1e-6)
+    got = group_advantages(
+        REWARDS, GROUPS, global_std=global_std, eps=1e-4, unbiased=unbiased, adv_clip_max=5.0
+    )
+    assert got.tolist() == pytest.approx(
+        _expected_advantages(global_std, 1e-4, unbiased, 5.0), rel=1e-5, abs=1e-6
+    )
     assert got[3:6].abs().max().item() == 0.0  # the equal-reward group
 
 
@@ -81,7 +86,9 @@ def test_grpo_loss_equals_the_formula_by_direct_loop():
             clipped += abs(rho - 1) > c
     assert out.loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-6)
     assert out.extra["clipfrac"].item() == pytest.approx(clipped / 6)
-    ratios = [math.exp(a - b) for a, b in zip(logp.flatten().tolist(), logp_old.flatten().tolist(), strict=True)]
+    ratios = [
+        math.exp(a - b) for a, b in zip(logp.flatten().tolist(), logp_old.flatten().tolist(), strict=True)
+    ]
     assert out.extra["ratio_mean"].item() == pytest.approx(sum(ratios) / 6, rel=1e-6)
     diffs = [a - b for a, b in zip(logp.flatten().tolist(), logp_old.flatten().tolist(), strict=True)]
     assert out.extra["approx_kl"].item() == pytest.approx(0.5 * sum(d * d for d in diffs) / 6, rel=1e-5)
@@ -185,7 +192,9 @@ def test_validate_names_the_key():
     validate_grpo_settings(GRPOConfig(timestep_fraction=0.05, clip_range=0), require, 10)
     assert problems == ["method.clip_range", "method.timestep_fraction"]
     problems.clear()
-    validate_grpo_settings(GRPOConfig(timestep_selection="window", window_size=4, window_range=(0, 12)), require, 10)
+    validate_grpo_settings(
+        GRPOConfig(timestep_selection="window", window_size=4, window_range=(0, 12)), require, 10
+    )
     assert problems == ["method.window_range"]
 
 

@@ -38,7 +38,9 @@ def test_dpo_sigmoid_equals_diffusers_form():
     # diffusers' script: -logsigmoid(beta' * (ref_diff - model_diff)) with beta' = beta / 2
     out = dpo_loss(MODEL_W, MODEL_L, REF_W, REF_L, beta=5000)
     model_diff, ref_diff = MODEL_W - MODEL_L, REF_W - REF_L
-    assert out.loss.item() == pytest.approx((-torch.nn.functional.logsigmoid(2500 * (ref_diff - model_diff))).mean().item())
+    assert out.loss.item() == pytest.approx(
+        (-torch.nn.functional.logsigmoid(2500 * (ref_diff - model_diff))).mean().item()
+    )
 
 
 def test_dpo_hinge_and_ipo():

@@ -64,9 +64,16 @@ def test_sample_and_gallery_take_the_lora_spec(lora_run, tmp_path, capsys):
 
 
 def test_a_config_can_start_from_a_lora_run(lora_run, tmp_path):
-    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
-                      [f"train.output_dir={tmp_path}", f"model.name={lora_run}:lora", *FAST, "train.max_steps=1",
-                       "checkpoint.every_n_steps=0"])
+    cfg = load_config(
+        ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
+        [
+            f"train.output_dir={tmp_path}",
+            f"model.name={lora_run}:lora",
+            *FAST,
+            "train.max_steps=1",
+            "checkpoint.every_n_steps=0",
+        ],
+    )
     assert train(cfg) == tmp_path
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     # its own spec merges the run it started from, then its LoRA
@@ -90,7 +97,10 @@ def test_the_model_card_loads_as_written(lora_run):
     (lambda p: p / "text_encoder", "holds one component"),
 ])
 def test_a_component_folder_is_not_a_pipeline(make, message, tiny_sdxl_path, tmp_path, capsys):
-    assert main(["sample", "--model", str(make(tiny_sdxl_path)), "--prompt", "x", "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(["sample", "--model", str(make(tiny_sdxl_path)), "--prompt", "x", "--out", str(tmp_path / "s")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
@@ -98,14 +108,19 @@ def test_a_component_folder_is_not_a_pipeline(make, message, tiny_sdxl_path, tmp
 def test_a_scorer_folder_is_not_a_pipeline(tmp_path, capsys):
     assert main(["tiny", "pickscore", str(tmp_path / "pick")]) == 0
     capsys.readouterr()
-    assert main(["sample", "--model", str(tmp_path / "pick"), "--prompt", "x", "--out", str(tmp_path / "s")]) == 2
+    assert (
+        main(["sample", "--model", str(tmp_path / "pick"), "--prompt", "x", "--out", str(tmp_path / "s")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a transformers model" in err and "--scorer NAME:model=" in err
 
 
 def test_an_offline_hub_id_is_one_line_with_status_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code = main(["sample", "--model", "nobody-here/no-such-model", "--prompt", "x", "--out", str(tmp_path / "s")])
+    code = main(
+        ["sample", "--model", "nobody-here/no-such-model", "--prompt", "x", "--out", str(tmp_path / "s")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "could not load 'nobody-here/no-such-model'" in err
     assert "stacktrace" not in err

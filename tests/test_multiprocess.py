@@ -37,8 +37,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "mp_launch.py"
 CPU_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
-FAST = ["log.progress_bar=false", "log.validation_every_n_steps=0", "checkpoint.every_n_steps=0", "eval.enabled=false",
-        "log.every_n_steps=1", "data.random_flip=true"]
+FAST = [
+    "log.progress_bar=false",
+    "log.validation_every_n_steps=0",
+    "checkpoint.every_n_steps=0",
+    "eval.enabled=false",
+    "log.every_n_steps=1",
+    "data.random_flip=true",
+]
 WEIGHT_TOLERANCE = 5e-4
 LOSS_RTOL = 1e-3
 
@@ -49,7 +55,9 @@ def _env(guard_dirs) -> dict[str, str]:
                          "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _launch(launch_args: list[str], config: str, out: Path, overrides: list[str], guard_dirs=()) -> list[dict]:
+def _launch(
+    launch_args: list[str], config: str, out: Path, overrides: list[str], guard_dirs=()
+) -> list[dict]:
     """Run the trainer under ``accelerate launch``; return the ranks' loss traces (in call order)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, str(LAUNCHER), "train",
                str(ROOT / "configs" / config), f"train.output_dir={out}", *FAST, *overrides]
@@ -99,16 +107,20 @@ def test_write_guard_stops_a_non_main_rank(tmp_path, write):
     root.mkdir(), outside.mkdir()
     (root / "in.txt").write_text("read me")
     (outside / "x").write_text("x")
-    script = (f"import os, sys, torch; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-              "from safetensors.torch import save_file; import mp_launch\n"
-              f"root, outside = Path({str(root)!r}), Path({str(outside)!r})\n"
-              "mp_launch.install_write_guard([root])\n"
-              "assert (root / 'in.txt').read_text() == 'read me'\n"
-              "(outside / 'y.txt').write_text('fine'); save_file({'a': torch.zeros(1)}, str(outside / 'ok.safetensors'))\n"
-              "print('READY', flush=True)\n"
-              f"{write}\n")
-    result = subprocess.run([sys.executable, "-c", script], env=os.environ | {"RANK": "1"}, capture_output=True,
-                            text=True, timeout=120)
+    script = (
+        f"import os, sys, torch; from pathlib import Path; sys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom "
+        f"safetensors.torch import save_file; import mp_launch\nroot, outside = Path({str(root)!r}), "
+        f"Path({str(outside)!r})\nmp_launch.install_write_guard([root])\nassert (root / "
+        "'in.txt').read_text() == 'read me'\n(outside / 'y.txt').write_text('fine'); save_file({'a': "
+        f"torch.zeros(1)}}, str(outside / 'ok.safetensors'))\nprint('READY', flush=True)\n{write}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=os.environ | {"RANK": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "READY" in result.stdout, result.stderr[-3000:]
     assert result.returncode == 86, result.stderr[-3000:]
     assert "GUARD: rank 1" in result.stderr
@@ -155,9 +167,17 @@ def test_two_processes_with_batch_b_match_one_with_2b(method, tmp_path, tiny_sdx
 
     common = ["train.max_steps=3", "optim.lr_warmup_steps=0", "data.max_pairs=8", *FAST]
     if method == "dpo":  # the main process also evaluates (images, scores) and validates
-        extra = ["eval.enabled=true", "eval.prompts=[a red circle on a blue background]", "eval.seeds=[0]",
-                 "eval.num_inference_steps=2", "eval.train_pairs=4", "eval.train_pair_draws=1",
-                 "log.validation_every_n_steps=3", "log.validation_prompts=[a red circle]", "checkpoint.every_n_steps=3"]
+        extra = [
+            "eval.enabled=true",
+            "eval.prompts=[a red circle on a blue background]",
+            "eval.seeds=[0]",
+            "eval.num_inference_steps=2",
+            "eval.train_pairs=4",
+            "eval.train_pair_draws=1",
+            "log.validation_every_n_steps=3",
+            "log.validation_prompts=[a red circle]",
+            "checkpoint.every_n_steps=3",
+        ]
     else:  # the main process builds the latent cache, the other waits and reads it
         extra = ["data.cache=true", "data.random_flip=false"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -165,10 +185,25 @@ def test_two_processes_with_batch_b_match_one_with_2b(method, tmp_path, tiny_sdx
 
     # the reference run without the evaluation (which draws nothing from the training streams)
     reference = extra if method == "mapo" else []
-    train(load_config(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml",
-                      [f"train.output_dir={one}", *common, "train.batch_size=4", *reference, f"data.cache_dir={cache_one}"]))
-    traces = _launch(["--config_file", str(CPU_CONFIG)], f"tiny-sdxl/{method}.yaml", two,
-                     [*common, "train.batch_size=2", *extra, f"data.cache_dir={cache_two}"], guard_dirs=[cache_two])
+    train(
+        load_config(
+            ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml",
+            [
+                f"train.output_dir={one}",
+                *common,
+                "train.batch_size=4",
+                *reference,
+                f"data.cache_dir={cache_one}",
+            ],
+        )
+    )
+    traces = _launch(
+        ["--config_file", str(CPU_CONFIG)],
+        f"tiny-sdxl/{method}.yaml",
+        two,
+        [*common, "train.batch_size=2", *extra, f"data.cache_dir={cache_two}"],
+        guard_dirs=[cache_two],
+    )
 
     _check_reduced(two, traces, steps=3)
     for m1, m2 in zip(_metrics(one), _metrics(two), strict=True):
@@ -176,7 +211,9 @@ def test_two_processes_with_batch_b_match_one_with_2b(method, tmp_path, tiny_sdx
         assert m2["loss_w"] == pytest.approx(m1["loss_w"], rel=1e-4)  # the winners' MSE, before beta
     w1, w2 = _lora(one), _lora(two)
     assert w1.keys() == w2.keys()
-    moved = max(w.abs().max().item() for k, w in w1.items() if "lora_B" in k or "lora.up" in k)  # B starts at 0
+    moved = max(
+        w.abs().max().item() for k, w in w1.items() if "lora_B" in k or "lora.up" in k
+    )  # B starts at 0
     assert moved > 4 * WEIGHT_TOLERANCE  # training moved the weights well past the tolerance
     difference = max((w1[k] - w2[k]).abs().max().item() for k in w1)
     assert difference < WEIGHT_TOLERANCE, f"1 vs 2 processes: max weight difference {difference:.3g}"
@@ -196,12 +233,30 @@ def test_two_processes_with_batch_b_match_one_with_2b(method, tmp_path, tiny_sdx
 # ----------------------------------------------------------------------------------------------------
 ONLINE = {
     # a full fine-tune: SePPO's pool is then written to disk (by the main process only), one file dropped
-    "seppo": ["model.finetune=full", "optim.learning_rate=1e-4", "optim.lr_warmup_steps=0", "method.pool_interval=1",
-              "method.pool_size=1", "method.ref_num_inference_steps=2", "train.batch_size=2", "data.max_pairs=4"],
-    "prdp": ["method.num_prompts=1", "method.samples_per_prompt=2", "method.num_inference_steps=3",
-             "method.train_timesteps=2", "method.sample_batch_size=2"],
-    "ddpo": ["method.num_prompts=1", "method.samples_per_prompt=2", "method.num_inference_steps=3",
-             "method.train_timesteps=2", "method.sample_batch_size=2"],
+    "seppo": [
+        "model.finetune=full",
+        "optim.learning_rate=1e-4",
+        "optim.lr_warmup_steps=0",
+        "method.pool_interval=1",
+        "method.pool_size=1",
+        "method.ref_num_inference_steps=2",
+        "train.batch_size=2",
+        "data.max_pairs=4",
+    ],
+    "prdp": [
+        "method.num_prompts=1",
+        "method.samples_per_prompt=2",
+        "method.num_inference_steps=3",
+        "method.train_timesteps=2",
+        "method.sample_batch_size=2",
+    ],
+    "ddpo": [
+        "method.num_prompts=1",
+        "method.samples_per_prompt=2",
+        "method.num_inference_steps=3",
+        "method.train_timesteps=2",
+        "method.sample_batch_size=2",
+    ],
 }
 
 
@@ -209,24 +264,36 @@ ONLINE = {
 @pytest.mark.parametrize("method", sorted(ONLINE))
 def test_online_method_runs_on_two_processes(method, tmp_path, tiny_sdxl_path):
     out = tmp_path / "run"
-    # the documented command line, accelerate launch --multi_gpu --num_processes 2 (a free port: tests share the machine)
+    # the documented command line, accelerate launch --multi_gpu --num_processes 2 (a free port: tests share
+    # the machine)
     launch = ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
     overrides = [*ONLINE[method]]
     if method == "ddpo" and not torch.accelerator.is_available():
         overrides.append("train.device=null")  # no device named, no GPU: the trainer picks the CPU itself
-    if method == "seppo":  # step 1, a checkpoint, then resumed for step 2 (the pool's files restored by the main)
-        traces = _launch(launch, "tiny-sdxl/seppo.yaml", out, [*overrides, "train.max_steps=1", "checkpoint.every_n_steps=1"])
+    # step 1, a checkpoint, then resumed for step 2 (the pool's files restored by the main)
+    if method == "seppo":
+        traces = _launch(
+            launch,
+            "tiny-sdxl/seppo.yaml",
+            out,
+            [*overrides, "train.max_steps=1", "checkpoint.every_n_steps=1"],
+        )
         assert (out / "checkpoints" / "checkpoint-1").is_dir()
         resume = ["checkpoint.every_n_steps=1", "--resume", "latest"]
     else:
         traces, resume = [], []
     traces += _launch(launch, f"tiny-sdxl/{method}.yaml", out, [*overrides, "train.max_steps=2", *resume])
     ranks = _check_reduced(out, traces, steps=2)
-    assert ranks[0] != ranks[1]  # per-process sampling: the ranks trained on different samples (loss or metrics)
+    assert (
+        ranks[0] != ranks[1]
+    )  # per-process sampling: the ranks trained on different samples (loss or metrics)
     assert (out / "README.md").is_file()
     if method == "seppo":
         assert (out / "unet").is_dir()  # the full fine-tune's pipeline folder
         # pool: the initial model, step 1 (dropped at step 2: pool_size=1) and step 2
-        assert sorted(p.name for p in (out / "seppo_pool").iterdir()) == ["step-0.safetensors", "step-2.safetensors"]
+        assert sorted(p.name for p in (out / "seppo_pool").iterdir()) == [
+            "step-0.safetensors",
+            "step-2.safetensors",
+        ]
     else:
         assert (out / "pytorch_lora_weights.safetensors").is_file()

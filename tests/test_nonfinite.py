@@ -15,9 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(out: Path, *extra: str) -> list[str]:
-    return [f"train.output_dir={out}", "train.max_steps=4", "eval.enabled=false", "log.validation_every_n_steps=0",
-            "log.progress_bar=false", "log.every_n_steps=1", "checkpoint.every_n_steps=1", "checkpoint.keep_last=null",
-            *extra]
+    return [
+        f"train.output_dir={out}",
+        "train.max_steps=4",
+        "eval.enabled=false",
+        "log.validation_every_n_steps=0",
+        "log.progress_bar=false",
+        "log.every_n_steps=1",
+        "checkpoint.every_n_steps=1",
+        "checkpoint.keep_last=null",
+        *extra,
+    ]
 
 
 def poison(monkeypatch, objective_class, calls: set[int], kind: str) -> None:
@@ -63,7 +71,9 @@ def test_a_nonfinite_step_is_skipped_counted_and_the_run_goes_on(kind, tmp_path,
     assert same(weights(out, 1), weights(out, 3))  # steps 2 and 3 changed nothing
     assert not same(weights(out, 3), weights(out, 4))  # step 4 trained again
     assert [m["nonfinite_skipped"] for m in metrics(out)] == [0, 1, 2, 2]
-    assert all(torch.isfinite(v).all() for v in load_file(str(out / "pytorch_lora_weights.safetensors")).values())
+    assert all(
+        torch.isfinite(v).all() for v in load_file(str(out / "pytorch_lora_weights.safetensors")).values()
+    )
 
 
 def test_with_accumulation_one_bad_micro_batch_skips_its_whole_step(tmp_path, monkeypatch):
@@ -72,8 +82,12 @@ def test_with_accumulation_one_bad_micro_batch_skips_its_whole_step(tmp_path, mo
 
     poison(monkeypatch, PairObjective, {3}, "loss")  # micro-batches 3 and 4 make step 2
     out = tmp_path / "run"
-    train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
-                      settings(out, "train.max_steps=3", "train.gradient_accumulation_steps=2", "train.batch_size=2")))
+    train(
+        load_config(
+            ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
+            settings(out, "train.max_steps=3", "train.gradient_accumulation_steps=2", "train.batch_size=2"),
+        )
+    )
     assert same(weights(out, 1), weights(out, 2))
     assert not same(weights(out, 2), weights(out, 3))
     assert metrics(out)[-1]["nonfinite_skipped"] == 1
@@ -86,8 +100,13 @@ def test_n_nonfinite_steps_in_a_row_stop_the_run_with_a_clear_message(tmp_path, 
 
     poison(monkeypatch, PairObjective, {2, 3, 4}, "loss")
     out = tmp_path / "run"
-    cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", settings(out, "train.max_steps=6", "train.max_nonfinite_steps=3"))
-    with pytest.raises(NonFiniteError, match=r"stopped at step 4: 3 optimizer steps in a row had a NaN/inf loss"):
+    cfg = load_config(
+        ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
+        settings(out, "train.max_steps=6", "train.max_nonfinite_steps=3"),
+    )
+    with pytest.raises(
+        NonFiniteError, match=r"stopped at step 4: 3 optimizer steps in a row had a NaN/inf loss"
+    ):
         train(cfg)
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     for checkpoint in complete_checkpoints(out / "checkpoints"):
@@ -116,8 +135,15 @@ def test_a_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(CheckpointError, match="parameters are not finite"):
-        save_checkpoint(tmp_path / "checkpoint-1", accelerator=Accelerator(cpu=True), model=model, optimizer=optimizer,
-                        lr_scheduler=scheduler, trainer_state={"global_step": 1}, rank_state={})
+        save_checkpoint(
+            tmp_path / "checkpoint-1",
+            accelerator=Accelerator(cpu=True),
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            trainer_state={"global_step": 1},
+            rank_state={},
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -130,10 +156,25 @@ def test_two_processes_agree_to_skip_when_only_one_sees_a_nan(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFALIGN_TEST_FAULT": '{"nan_loss_calls": [2], "rank": 1}'}
     result = subprocess.run(
-        ["accelerate", "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu.yaml"),
-         str(ROOT / "tests" / "helpers" / "fault_run.py"), "train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"),
-         *settings(out, "train.max_steps=3")], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        [
+            "accelerate",
+            "launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu.yaml"),
+            str(ROOT / "tests" / "helpers" / "fault_run.py"),
+            "train",
+            str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"),
+            *settings(out, "train.max_steps=3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("step 2: non-finite loss or gradient, update skipped") == 2  # one line per rank
+    assert (
+        result.stderr.count("step 2: non-finite loss or gradient, update skipped") == 2
+    )  # one line per rank
     assert [m["nonfinite_skipped"] for m in metrics(out)] == [0, 1, 1]
     assert same(weights(out, 1), weights(out, 2)) and not same(weights(out, 2), weights(out, 3))

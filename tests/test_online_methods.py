@@ -59,7 +59,11 @@ def test_reward_pairs_ordered_within_groups_only():
     rewards = torch.tensor([1.0, 1.0, 0.0, 3.0, 2.0])
     groups = torch.tensor([0, 0, 0, 1, 1])
     a, b = reward_pairs(rewards, groups)
-    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [(0, 2), (1, 2), (3, 4)]  # the tie (0, 1) gives no pair
+    assert sorted(zip(a.tolist(), b.tolist(), strict=True)) == [
+        (0, 2),
+        (1, 2),
+        (3, 4),
+    ]  # the tie (0, 1) gives no pair
 
 
 def test_prdp_loss_without_pairs_is_a_zero_with_graph():
@@ -196,8 +200,15 @@ def online_ctx(tiny_sdxl):
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     pipe.unet = unet
-    cfg = load_config("configs/tiny-sdxl/prdp.yaml", ["method.num_prompts=2", "method.samples_per_prompt=3",
-                                                      "method.num_inference_steps=4", "method.train_timesteps=null"])
+    cfg = load_config(
+        "configs/tiny-sdxl/prdp.yaml",
+        [
+            "method.num_prompts=2",
+            "method.samples_per_prompt=3",
+            "method.num_inference_steps=4",
+            "method.train_timesteps=null",
+        ],
+    )
     accelerator = Accelerator(cpu=True)
     ctx = TrainContext(cfg, METHODS["prdp"], accelerator, pipe, family_of(pipe), unet, None, torch.float32)
     return ctx
@@ -238,7 +249,9 @@ def test_micro_batch_and_step_chunked_gradients_equal_one_batch(online_ctx):
     assert out.loss.item() == pytest.approx(loss_whole, rel=1e-5)
     assert torch.allclose(_grads(unet), g_whole, rtol=1e-4, atol=1e-5 * g_whole.abs().max().item())
     # two passes, 1 step per graph: d loss / d log π first, then one step at a time
-    chunked = _objective(online_ctx, "prdp", micro_batch_prompts=1, steps_per_backward=1, beta=0.05, clip_epsilon=1.0)
+    chunked = _objective(
+        online_ctx, "prdp", micro_batch_prompts=1, steps_per_backward=1, beta=0.05, clip_epsilon=1.0
+    )
     unet.zero_grad()
     out = chunked(batch)
     out.loss.backward()
@@ -288,10 +301,21 @@ def test_train_from_shipped_config_writes_loadable_lora(name, tmp_path, tiny_sdx
     from diffalign.config import load_config
     from diffalign.train import train
 
-    cfg = load_config(f"configs/tiny-sdxl/{name}.yaml", [
-        f"train.output_dir={tmp_path / name}", "train.max_steps=2", "method.gradient_steps_per_epoch=1",
-        "method.num_prompts=1", "method.samples_per_prompt=3", "method.num_inference_steps=4",
-        "method.train_timesteps=2", "eval.enabled=false", "log.every_n_steps=1", f"model.name={tiny_sdxl_path}"])
+    cfg = load_config(
+        f"configs/tiny-sdxl/{name}.yaml",
+        [
+            f"train.output_dir={tmp_path / name}",
+            "train.max_steps=2",
+            "method.gradient_steps_per_epoch=1",
+            "method.num_prompts=1",
+            "method.samples_per_prompt=3",
+            "method.num_inference_steps=4",
+            "method.train_timesteps=2",
+            "eval.enabled=false",
+            "log.every_n_steps=1",
+            f"model.name={tiny_sdxl_path}",
+        ],
+    )
     out = train(cfg)
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "README.md").is_file()
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -154,10 +154,22 @@ def test_stock_loaded_run_samples_what_the_trainer_evaluated(family, tmp_path):
     rounding; and the tuned model is not the base one."""
     config, extra = E2E[family]
     out = tmp_path / "run"
-    cfg = load_config(ROOT / "configs" / config, [
-        f"train.output_dir={out}", "train.max_steps=3", "optim.learning_rate=2e-2", "optim.lr_warmup_steps=0",
-        f"lora.target_modules=[{','.join(MIXED)}]", "log.validation_every_n_steps=0", "log.progress_bar=false",
-        "checkpoint.every_n_steps=0", "eval.seeds=[0]", "eval.train_pairs=0", *extra])
+    cfg = load_config(
+        ROOT / "configs" / config,
+        [
+            f"train.output_dir={out}",
+            "train.max_steps=3",
+            "optim.learning_rate=2e-2",
+            "optim.lr_warmup_steps=0",
+            f"lora.target_modules=[{','.join(MIXED)}]",
+            "log.validation_every_n_steps=0",
+            "log.progress_bar=false",
+            "checkpoint.every_n_steps=0",
+            "eval.seeds=[0]",
+            "eval.train_pairs=0",
+            *extra,
+        ],
+    )
     cfg.eval.prompts = cfg.eval.prompts[:1]
     train(cfg)
 
@@ -171,7 +183,9 @@ def test_stock_loaded_run_samples_what_the_trainer_evaluated(family, tmp_path):
     saved = read_sample(tuned_file)
     assert np.abs(as_saved(ours) - saved).max() <= 1.5 / 255
     base = read_sample(next((out / "eval" / "base").glob("0000.*")))
-    assert np.abs(saved - base).max() > 4 / 255, "training changed nothing visible: the comparison proves nothing"
+    assert np.abs(saved - base).max() > 4 / 255, (
+        "training changed nothing visible: the comparison proves nothing"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,17 +212,32 @@ def test_outputs_keep_the_umask(tmp_path):
 
     with umask(0o027):
         out = tmp_path / "run"
-        cfg = load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", [
-            f"train.output_dir={out}", "train.max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.keep_last=1",
-            "eval.enabled=false", "log.validation_every_n_steps=0", "log.progress_bar=false"])
+        cfg = load_config(
+            ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
+            [
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "checkpoint.every_n_steps=1",
+                "checkpoint.keep_last=1",
+                "eval.enabled=false",
+                "log.validation_every_n_steps=0",
+                "log.progress_bar=false",
+            ],
+        )
         train(cfg)
         save_tiny("sdxl", tmp_path / "tiny-sdxl")
         save_tiny_scorer("pickscore", tmp_path / "pickscore")
         pipe = stock_pipeline("tiny-sdxl")
-        sample(pipe, ["a red circle"], seeds=[0], num_steps=2).trajectory.save(tmp_path / "trajectories.safetensors")
+        sample(pipe, ["a red circle"], seeds=[0], num_steps=2).trajectory.save(
+            tmp_path / "trajectories.safetensors"
+        )
     found = modes(tmp_path)
-    assert f"run/{LORA_WEIGHTS_FILE}" in found and "run/checkpoints/checkpoint-2/trainable.safetensors" in found
-    assert "tiny-sdxl/unet/diffusion_pytorch_model.safetensors" in found and "trajectories.safetensors" in found
+    assert (
+        f"run/{LORA_WEIGHTS_FILE}" in found and "run/checkpoints/checkpoint-2/trainable.safetensors" in found
+    )
+    assert (
+        "tiny-sdxl/unet/diffusion_pytorch_model.safetensors" in found and "trajectories.safetensors" in found
+    )
     wrong = {name: oct(mode) for name, mode in found.items()
              if mode != (0o750 if (tmp_path / name).is_dir() else 0o640)}
     assert not wrong, wrong
@@ -219,15 +248,28 @@ def test_outputs_keep_the_umask(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "diffalign", *args], capture_output=True, text=True, timeout=600,
-                          env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "diffalign", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
 def test_resume_refuses_a_finished_run_and_says_what_latest_does(tmp_path):
     out = tmp_path / "run"
-    common = ["train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
-              "eval.enabled=false", "log.validation_every_n_steps=0", "log.progress_bar=false"]
+    common = [
+        "train",
+        str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"),
+        f"train.output_dir={out}",
+        "train.max_steps=2",
+        "eval.enabled=false",
+        "log.validation_every_n_steps=0",
+        "log.progress_bar=false",
+    ]
     # no checkpoint yet, checkpoints disabled: starts from scratch, and says so (with why none will appear)
     first = cli(*common, "checkpoint.every_n_steps=0", "--resume", "latest")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -238,7 +280,9 @@ def test_resume_refuses_a_finished_run_and_says_what_latest_does(tmp_path):
     # finished, no checkpoint: refused with one line before anything loads, and the run is untouched
     again = cli(*common, "checkpoint.every_n_steps=0", "--resume", "latest")
     assert again.returncode == 2
-    assert again.stderr.strip().count("\n") == 0 and "holds a finished run" in again.stderr, again.stderr[-2000:]
+    assert again.stderr.strip().count("\n") == 0 and "holds a finished run" in again.stderr, again.stderr[
+        -2000:
+    ]
     assert (out / LORA_WEIGHTS_FILE).read_bytes() == weights
 
     # a finished run whose last checkpoint is at its end: refused; with train.max_steps raised: continues

@@ -1,4 +1,5 @@
-"""Every command in README.md runs as written (shortened), and every Python snippet names only what it defines.
+"""Every command in README.md runs as written (shortened), and every Python snippet names only what it
+defines.
 
 The commands run in order in one scratch folder that sees the repository's ``configs/``, ``data/`` and
 ``gallery/``, so a later command can use an earlier one's output (the gallery compares the LoRA the main job
@@ -33,8 +34,13 @@ SHORT = {
     "toy pretrain": ["--num-images", "16", "--vae-steps", "2", "--vae-batch-size", "4", "--unet-steps", "2",
                      "--unet-batch-size", "4", "--warmup-steps", "1"],
 }
-TRAIN_SHORT = ["train.max_steps=2", "eval.enabled=false", "log.progress_bar=false", "checkpoint.every_n_steps=1",
-               "data.max_pairs=8"]
+TRAIN_SHORT = [
+    "train.max_steps=2",
+    "eval.enabled=false",
+    "log.progress_bar=false",
+    "checkpoint.every_n_steps=1",
+    "data.max_pairs=8",
+]
 ONLINE_SHORT = ["method.num_inference_steps=2", "method.samples_per_prompt=2", "method.num_prompts=1",
                 "method.gradient_steps_per_epoch=1", "method.train_timesteps=1"]
 
@@ -79,8 +85,11 @@ def shortened(tokens: list[str]) -> list[str] | None:
             extra += ONLINE_SHORT
         if cfg.model.name in ("tiny-animatediff", "tiny-wan"):
             frames = 2 if "animatediff" in cfg.model.name else 5
-            extra += [f"method.num_frames={frames}", "method.height=16", "method.width=16"] \
-                if cfg.method.name in ("prdp", "ddpo") else [f"data.num_frames={frames}", "data.resolution=16"]
+            extra += (
+                [f"method.num_frames={frames}", "method.height=16", "method.width=16"]
+                if cfg.method.name in ("prdp", "ddpo")
+                else [f"data.num_frames={frames}", "data.resolution=16"]
+            )
         # after the README's own overrides (the last one wins), before any option (argparse takes no
         # positional overrides after one)
         cut = next((i for i, a in enumerate(args) if a.startswith("--")), len(args))
@@ -114,7 +123,9 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
             continue
         code = main(args)
         err = capsys.readouterr().err
-        assert code == 0, f"README command failed: {' '.join(tokens)}\n(ran: diffalign {' '.join(args)})\n{err}"
+        assert code == 0, (
+            f"README command failed: {' '.join(tokens)}\n(ran: diffalign {' '.join(args)})\n{err}"
+        )
         ran.append(args[0])
     assert {"tiny", "sample", "score", "train", "pairs", "gallery", "toy"} <= set(ran)
     assert (tmp_path / "runs" / "toy-sdxl-dpo" / "pytorch_lora_weights.safetensors").is_file()

@@ -1,4 +1,5 @@
-"""The real-size random-weight architectures behind the GPU benchmarks match the public checkpoints' shapes."""
+"""The real-size random-weight architectures behind the GPU benchmarks match the public checkpoints'
+shapes."""
 
 import importlib.util
 from pathlib import Path

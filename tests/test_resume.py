@@ -64,7 +64,9 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None
     while not predicate():
         if process.poll() is not None:
             out, err = process.communicate()
-            raise AssertionError(f"the run ended (status {process.returncode}) before the awaited state:\n{err[-3000:]}")
+            raise AssertionError(
+                f"the run ended (status {process.returncode}) before the awaited state:\n{err[-3000:]}"
+            )
         if time.time() > deadline:
             process.kill()
             raise AssertionError("timed out waiting for the run")
@@ -73,7 +75,8 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 240) -> None
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """``uninterrupted(method)``: the final LoRA weights of an uninterrupted 8-step run (run once per method)."""
+    """``uninterrupted(method)``: the final LoRA weights of an uninterrupted 8-step run (run once per
+    method)."""
     weights = {}
 
     def get(method):
@@ -95,8 +98,14 @@ def test_sigkill_then_resume_latest_reaches_the_same_weights(method, tmp_path, u
     epoch), across the epoch boundary after step 6 and the checkpoint rotation."""
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(command(method, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        command(method, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     wait_for(lambda: any(complete_checkpoints(out / "checkpoints")), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -112,7 +121,9 @@ def test_sigkill_then_resume_latest_reaches_the_same_weights(method, tmp_path, u
 @pytest.mark.slow
 def test_killed_during_a_save_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    killed = run(command("dpo", out, runner=(str(FAULT_RUN),)), env={"DIFFALIGN_TEST_FAULT": '{"kill_during_save": 4}'})
+    killed = run(
+        command("dpo", out, runner=(str(FAULT_RUN),)), env={"DIFFALIGN_TEST_FAULT": '{"kill_during_save": 4}'}
+    )
     assert killed.returncode == -signal.SIGKILL
     checkpoints = out / "checkpoints"
     assert (checkpoints / "checkpoint-4.partial").is_dir() and not (checkpoints / "checkpoint-4").exists()
@@ -123,14 +134,23 @@ def test_killed_during_a_save_leaves_the_previous_checkpoint_and_resumes_exactly
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(uninterrupted("dpo"), lora(out))
     assert not (checkpoints / "checkpoint-4.partial").exists()  # the next save of step 4 replaced it
-    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-6", "checkpoint-8"]  # keep_last=2
+    assert [p.name for p in complete_checkpoints(checkpoints)] == [
+        "checkpoint-6",
+        "checkpoint-8",
+    ]  # keep_last=2
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_stops_cleanly_and_resumes_exactly(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    process = subprocess.Popen(command("mapo", out, "checkpoint.every_n_steps=0"), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        command("mapo", out, "checkpoint.every_n_steps=0"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     metrics = out / "metrics.jsonl"
     wait_for(lambda: metrics.is_file() and metrics.read_text().count("\n") >= 2, process)
     process.send_signal(signal.SIGTERM)
@@ -159,7 +179,9 @@ def train_in_process(tmp_path, *extra, method="dpo", name="run"):
 
 
 def test_keep_last_rotates_and_every_checkpoint_holds_only_safetensors_and_json(tmp_path):
-    out = train_in_process(tmp_path, "train.max_steps=4", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2")
+    out = train_in_process(
+        tmp_path, "train.max_steps=4", "checkpoint.every_n_steps=1", "checkpoint.keep_last=2"
+    )
     saved = complete_checkpoints(out / "checkpoints")
     assert [p.name for p in saved] == ["checkpoint-3", "checkpoint-4"]
     assert not list((out / "checkpoints").glob("*.partial"))
@@ -199,7 +221,9 @@ def test_disk_full_during_a_save_is_a_clear_error_and_the_previous_checkpoint_st
     assert f"previous checkpoint {out / 'checkpoints' / 'checkpoint-2'} is intact" in message
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2"]  # the partial folder is gone
     monkeypatch.setattr(safetensors.torch, "save_file", real_save)
-    train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", overrides("dpo", out, "train.resume=latest")))
+    train(
+        load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml", overrides("dpo", out, "train.resume=latest"))
+    )
     assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -207,7 +231,9 @@ def test_unwritable_checkpoint_folder_is_a_clear_error(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("a file where the checkpoint folder should be")
-    with pytest.raises(CheckpointError, match="could not write checkpoint .*checkpoint-2.*no earlier checkpoint"):
+    with pytest.raises(
+        CheckpointError, match="could not write checkpoint .*checkpoint-2.*no earlier checkpoint"
+    ):
         train_in_process(tmp_path)
 
 
@@ -230,7 +256,9 @@ def _resume_copy(finished_run, tmp_path, damage):
     return checkpoint, lambda: train(cfg)
 
 
-@pytest.mark.parametrize("file", ["trainable.safetensors", "optimizer.safetensors", "rank-0.json", "optimizer.json"])
+@pytest.mark.parametrize(
+    "file", ["trainable.safetensors", "optimizer.safetensors", "rank-0.json", "optimizer.json"]
+)
 def test_a_corrupt_checkpoint_file_is_named_on_resume(finished_run, tmp_path, file):
     def truncate(checkpoint):
         path = checkpoint / file
@@ -242,7 +270,9 @@ def test_a_corrupt_checkpoint_file_is_named_on_resume(finished_run, tmp_path, fi
 
 
 def test_a_missing_checkpoint_file_or_marker_is_named_on_resume(finished_run, tmp_path):
-    checkpoint, resume = _resume_copy(finished_run, tmp_path, lambda c: (c / "trainable.safetensors").unlink())
+    checkpoint, resume = _resume_copy(
+        finished_run, tmp_path, lambda c: (c / "trainable.safetensors").unlink()
+    )
     with pytest.raises(CheckpointError, match="missing trainable.safetensors"):
         resume()
     with pytest.raises(CheckpointError, match="incomplete or not a diffalign checkpoint"):
@@ -270,7 +300,9 @@ def test_seppo_full_finetune_pool_files_travel_with_the_checkpoint_and_resume_ex
     extra = ("model.finetune=full", "train.max_steps=5")
     full = train_in_process(tmp_path, *extra, method="seppo", name="full")
     saved = full / "checkpoints" / "checkpoint-4"
-    assert len(list(saved.glob("file*objective-pool-entries-*.safetensors"))) == 3  # initial model, steps 2 and 4
+    assert (
+        len(list(saved.glob("file*objective-pool-entries-*.safetensors"))) == 3
+    )  # initial model, steps 2 and 4
     resumed = tmp_path / "resumed"
     shutil.copytree(saved, resumed / "checkpoints" / "checkpoint-4")
     train_in_process(tmp_path, *extra, "train.resume=latest", method="seppo", name="resumed")

@@ -1,5 +1,6 @@
 """Reward-gradient methods (DRaFT, DRaFT-K, DRaFT-LV, AlignProp, ReFL): which steps carry gradients, gradients
-through the differentiable sampler against finite differences, checkpointing, the losses and the scorer check."""
+through the differentiable sampler against finite differences, checkpointing, the losses and the scorer
+check."""
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ TIMESTEPS = list(range(N))
 
 
 class TinyDenoiser(torch.nn.Module):
-    """A real (tiny) module, plus one gain per sampler step so each step's share of the gradient is visible."""
+    """A real (tiny) module, plus one gain per sampler step so each step's share of the gradient is
+    visible."""
 
     def __init__(self, dim=3, steps=N):
         super().__init__()
@@ -177,7 +179,9 @@ def test_checkpointing_bounds_the_memory_saved_for_backward():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = differentiable_sample(step, x_T, list(range(20)), range(20 - num_grad_steps, 20), checkpoint)
+            out = differentiable_sample(
+                step, x_T, list(range(20)), range(20 - num_grad_steps, 20), checkpoint
+            )
         out.sum().backward()
         return total
 

@@ -38,12 +38,22 @@ def test_eta0_final_latents_equal_plain_diffusers(pipe_name, guidance, request):
 
 def test_eta1_matches_diffusers_ddim_noise_draw(tiny_sdxl):
     """Same generator, same draws: with eta > 0 our step reproduces DDIMScheduler.step sample for sample."""
-    out = sample(tiny_sdxl, PROMPTS[:2], seeds=SEEDS[:2], num_steps=4, guidance_scale=3.0, eta=0.7, decode=False)
+    out = sample(
+        tiny_sdxl, PROMPTS[:2], seeds=SEEDS[:2], num_steps=4, guidance_scale=3.0, eta=0.7, decode=False
+    )
     original = tiny_sdxl.scheduler
-    tiny_sdxl.scheduler = DDIMScheduler.from_config(original.config, clip_sample=False, set_alpha_to_one=False)
+    tiny_sdxl.scheduler = DDIMScheduler.from_config(
+        original.config, clip_sample=False, set_alpha_to_one=False
+    )
     try:
-        plain = tiny_sdxl(PROMPTS[:2], num_inference_steps=4, guidance_scale=3.0, eta=0.7, output_type="latent",
-                          generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]]).images
+        plain = tiny_sdxl(
+            PROMPTS[:2],
+            num_inference_steps=4,
+            guidance_scale=3.0,
+            eta=0.7,
+            output_type="latent",
+            generator=[torch.Generator().manual_seed(s) for s in SEEDS[:2]],
+        ).images
     finally:
         tiny_sdxl.scheduler = original
     assert torch.allclose(out.trajectory.latents[:, -1], plain, atol=1e-5)
@@ -52,7 +62,9 @@ def test_eta1_matches_diffusers_ddim_noise_draw(tiny_sdxl):
 def test_record_shapes_and_conditioning(sdxl_run, tiny_sdxl):
     traj = sdxl_run.trajectory
     b, t = len(PROMPTS), 6
-    assert sdxl_run.images.shape == (b, 3, 32, 32) and 0 <= sdxl_run.images.min() and sdxl_run.images.max() <= 1
+    assert (
+        sdxl_run.images.shape == (b, 3, 32, 32) and 0 <= sdxl_run.images.min() and sdxl_run.images.max() <= 1
+    )
     assert traj.latents.shape == (b, t + 1, 4, 16, 16)
     assert traj.log_probs.shape == (b, t) and traj.log_probs.dtype == torch.float32
     assert traj.timesteps.tolist() == [831, 665, 499, 333, 167, 1]
@@ -61,24 +73,39 @@ def test_record_shapes_and_conditioning(sdxl_run, tiny_sdxl):
     assert traj.cond["text_embeds"].shape == (b, 32) and traj.cond["time_ids"].shape == (b, 6)
     assert traj.cond["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
     # conditioning equals the pipeline's own prompt encoding
-    pe, npe, pooled, npooled = tiny_sdxl.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
-    assert torch.allclose(traj.cond["encoder_hidden_states"], pe) and torch.allclose(traj.uncond["encoder_hidden_states"], npe)
-    assert torch.allclose(traj.cond["text_embeds"], pooled) and torch.allclose(traj.uncond["text_embeds"], npooled)
+    pe, npe, pooled, npooled = tiny_sdxl.encode_prompt(
+        PROMPTS, device="cpu", do_classifier_free_guidance=True
+    )
+    assert torch.allclose(traj.cond["encoder_hidden_states"], pe) and torch.allclose(
+        traj.uncond["encoder_hidden_states"], npe
+    )
+    assert torch.allclose(traj.cond["text_embeds"], pooled) and torch.allclose(
+        traj.uncond["text_embeds"], npooled
+    )
 
 
 def test_stored_log_probs_equal_independent_gaussian(sdxl_run, tiny_sdxl):
-    """Recompute each step with diffusers' DDIMScheduler (zero noise gives the mean) and torch.distributions."""
+    """Recompute each step with diffusers' DDIMScheduler (zero noise gives the mean) and
+    torch.distributions."""
     traj = sdxl_run.trajectory
-    scheduler = DDIMScheduler.from_config(tiny_sdxl.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    scheduler = DDIMScheduler.from_config(
+        tiny_sdxl.scheduler.config, clip_sample=False, set_alpha_to_one=False
+    )
     scheduler.set_timesteps(traj.num_steps)
-    pe, npe, pooled, npooled = tiny_sdxl.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=True)
+    pe, npe, pooled, npooled = tiny_sdxl.encode_prompt(
+        PROMPTS, device="cpu", do_classifier_free_guidance=True
+    )
     time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(2 * len(PROMPTS), 1)
     eta = traj.step_rule["eta"]
     for i, t in enumerate(scheduler.timesteps):
         x_t = traj.latents[:, i]
         with torch.no_grad():
-            out = tiny_sdxl.unet(torch.cat([x_t, x_t]), t, encoder_hidden_states=torch.cat([npe, pe]),
-                                 added_cond_kwargs={"text_embeds": torch.cat([npooled, pooled]), "time_ids": time_ids}).sample
+            out = tiny_sdxl.unet(
+                torch.cat([x_t, x_t]),
+                t,
+                encoder_hidden_states=torch.cat([npe, pe]),
+                added_cond_kwargs={"text_embeds": torch.cat([npooled, pooled]), "time_ids": time_ids},
+            ).sample
         uncond, cond = out.chunk(2)
         eps = uncond + traj.guidance_scale * (cond - uncond)
         mean = scheduler.step(eps, t, x_t, eta=eta, variance_noise=torch.zeros_like(x_t)).prev_sample
@@ -112,7 +139,15 @@ def test_sd_recompute_equals_stored(tiny_sd):
 
 
 def test_guidance_rescale_recorded_and_reproduced(tiny_sdxl):
-    out = sample(tiny_sdxl, PROMPTS[:2], seeds=SEEDS[:2], num_steps=3, guidance_scale=6.0, guidance_rescale=0.7, decode=False)
+    out = sample(
+        tiny_sdxl,
+        PROMPTS[:2],
+        seeds=SEEDS[:2],
+        num_steps=3,
+        guidance_scale=6.0,
+        guidance_rescale=0.7,
+        decode=False,
+    )
     assert out.trajectory.guidance_rescale == 0.7
     with torch.no_grad():
         lp = recompute_log_probs(tiny_sdxl.unet, out.trajectory, chunk_size=3)
@@ -201,6 +236,7 @@ def test_keep_steps_stores_less_and_recomputes_the_kept_steps(sdxl_run, tiny_sdx
     half = traj.keep_steps([2], dtype=torch.bfloat16)
     assert half.latents.dtype == torch.bfloat16 and half.cond["encoder_hidden_states"].dtype == torch.bfloat16
     assert half.nbytes() < compact.nbytes()
-    with torch.no_grad():  # rounded latents: close to (~1e-3 at a mid step), not equal to, the stored log-probs
+    # rounded latents: close to (~1e-3 at a mid step), not equal to, the stored log-probs
+    with torch.no_grad():
         lp_half = recompute_log_probs(tiny_sdxl.unet, half, steps=[2])
     assert torch.allclose(lp_half, traj.log_probs[:, [2]], atol=5e-3)

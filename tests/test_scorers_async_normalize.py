@@ -54,10 +54,23 @@ def test_async_sample_epoch_gives_the_same_rewards_as_synchronous(tiny_sdxl):
     prompts = ["a red cube", "a blue ball"]
     results = {}
     for async_scoring in (False, True):
-        settings = OnlineSettings(num_prompts=2, samples_per_prompt=3, num_inference_steps=2, guidance_scale=1.0,
-                                  height=32, width=32, sample_batch_size=2, async_scoring=async_scoring)
-        trajectory, rewards, groups, timings = sample_epoch(tiny_sdxl, prompts, settings, list(range(6)),
-                                                            make_reward("brightness + 0.5*jpeg_incompressibility"))
+        settings = OnlineSettings(
+            num_prompts=2,
+            samples_per_prompt=3,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            height=32,
+            width=32,
+            sample_batch_size=2,
+            async_scoring=async_scoring,
+        )
+        trajectory, rewards, groups, timings = sample_epoch(
+            tiny_sdxl,
+            prompts,
+            settings,
+            list(range(6)),
+            make_reward("brightness + 0.5*jpeg_incompressibility"),
+        )
         results[async_scoring] = (trajectory.latents, rewards, groups)
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][1])  # bitwise: same scorer calls on the same images
@@ -72,7 +85,9 @@ def test_zscore_normalises_each_term_with_running_statistics():
     first, second = torch.rand(8, 3, 4, 4), torch.rand(8, 3, 4, 4) * 0.5
     value = scorer.score(first)
     brightness = make_scorer("brightness").score(first)
-    expected = (brightness - brightness.mean()) / brightness.std() + 0.5 * make_scorer("toy_saturation").score(first)
+    expected = (brightness - brightness.mean()) / brightness.std() + 0.5 * make_scorer(
+        "toy_saturation"
+    ).score(first)
     assert torch.allclose(value, expected, atol=1e-5)
     both = torch.cat([brightness, make_scorer("brightness").score(second)])
     # the second batch is standardised with the statistics of all 16 scores so far (a running z-score)

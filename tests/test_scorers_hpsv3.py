@@ -39,7 +39,9 @@ def test_batched_scores_equal_one_at_a_time_with_different_prompt_lengths(tiny_h
     single = torch.cat([scorer.score(images[i : i + 1], prompts[i : i + 1]) for i in range(3)])
     assert torch.allclose(batched, single, atol=1e-5)
     assert len(set(batched.tolist())) == 3  # images and prompts change the score
-    assert scorer.score(images[:1], ["a cat"]).item() != pytest.approx(scorer.score(images[:1], ["a dog"]).item(), abs=1e-9)
+    assert scorer.score(images[:1], ["a cat"]).item() != pytest.approx(
+        scorer.score(images[:1], ["a dog"]).item(), abs=1e-9
+    )
 
 
 def test_legacy_and_modern_checkpoint_layouts_give_the_same_scores(tiny_hpsv3, tmp_path):
@@ -50,7 +52,9 @@ def test_legacy_and_modern_checkpoint_layouts_give_the_same_scores(tiny_hpsv3, t
     save_file({modern_key(k): v for k, v in legacy.items()}, str(modern_dir / HPSV3_FILE))
     images, prompts = _images(2, seed=1), ["a red cube", "a blue ball"]
     a = make_scorer(f"hpsv3:model={tiny_hpsv3},dtype=float32").score(images, prompts)
-    b = make_scorer(f"hpsv3:model={modern_dir / HPSV3_FILE},base={tiny_hpsv3},dtype=float32").score(images, prompts)
+    b = make_scorer(f"hpsv3:model={modern_dir / HPSV3_FILE},base={tiny_hpsv3},dtype=float32").score(
+        images, prompts
+    )
     assert torch.equal(a, b)
 
 
@@ -58,8 +62,14 @@ def test_broken_or_missing_checkpoints_are_clear_errors(tiny_hpsv3, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_hpsv3, broken)
     state = load_file(str(broken / HPSV3_FILE))
-    save_file({k: v for k, v in state.items() if not k.startswith("visual.blocks.1.")}, str(broken / HPSV3_FILE))
-    with pytest.raises(ValueError, match=r"does not match the Qwen2-VL architecture.*missing \['model.visual.blocks.1"):
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("visual.blocks.1.")}, str(broken / HPSV3_FILE)
+    )
+    with pytest.raises(
+        ValueError, match=r"does not match the Qwen2-VL architecture.*missing \['model.visual.blocks.1"
+    ):
         make_scorer(f"hpsv3:model={broken}")
-    with pytest.raises(FileNotFoundError, match=r"HPSv3 checkpoint.*MizzenAI/HPSv3/HPSv3.safetensors.*hpsv3:model=PATH"):
+    with pytest.raises(
+        FileNotFoundError, match=r"HPSv3 checkpoint.*MizzenAI/HPSv3/HPSv3.safetensors.*hpsv3:model=PATH"
+    ):
         make_scorer("hpsv3")  # the tests run offline: the hub checkpoint cannot be fetched

@@ -57,7 +57,9 @@ def test_brightness_is_differentiable():
     scores.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     white, black = torch.ones(1, 3, 8, 8), torch.zeros(1, 3, 8, 8)
-    assert scorer.score(white).item() == pytest.approx(1.0) and scorer.score(black).item() == pytest.approx(0.0)
+    assert scorer.score(white).item() == pytest.approx(1.0) and scorer.score(black).item() == pytest.approx(
+        0.0
+    )
 
 
 def test_bad_input():

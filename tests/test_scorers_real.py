@@ -43,7 +43,9 @@ def pil_image(h: int, w: int, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-scorers")
-    return {kind: save_tiny_scorer(kind, root / kind) for kind in ("pickscore", "clipscore", "hpsv2", "aesthetic")}
+    return {
+        kind: save_tiny_scorer(kind, root / kind) for kind in ("pickscore", "clipscore", "hpsv2", "aesthetic")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +59,16 @@ def test_crop_preprocessing_equals_openai_clip_transform(h, w):
     from open_clip.transform import image_transform
 
     image = pil_image(h, w)
-    reference = image_transform(224, is_train=False, resize_mode="shortest")(image)[None]  # Resize + CenterCrop
+    reference = image_transform(224, is_train=False, resize_mode="shortest")(image)[
+        None
+    ]  # Resize + CenterCrop
     torch.testing.assert_close(preprocess_pil([image], 224, "crop"), reference, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("h,w", SIZES)
 def test_pickscore_preprocessing_equals_transformers_clip_processor_steps(h, w):
-    # PickScore's published processor: PIL bicubic resize of the short side, crop offset floored, rescale, normalize.
+    # PickScore's published processor: PIL bicubic resize of the short side, crop offset floored, rescale,
+    # normalize.
     from transformers.image_transforms import center_crop, normalize, resize
     from transformers.image_utils import ChannelDimension, PILImageResampling
 
@@ -73,7 +78,9 @@ def test_pickscore_preprocessing_equals_transformers_clip_processor_steps(h, w):
     array = np.asarray(image)
     resized = resize(array, resized_size(h, w, 224, "crop"), resample=PILImageResampling.BICUBIC,
                      input_data_format=ChannelDimension.LAST)
-    cropped = center_crop(resized, (224, 224), input_data_format=ChannelDimension.LAST).astype(np.float32) / 255.0
+    cropped = (
+        center_crop(resized, (224, 224), input_data_format=ChannelDimension.LAST).astype(np.float32) / 255.0
+    )
     reference = normalize(cropped, CLIP_MEAN, CLIP_STD, input_data_format=ChannelDimension.LAST)
     reference = torch.from_numpy(np.ascontiguousarray(reference)).permute(2, 0, 1)[None].float()
     ours = preprocess_pil([image], 224, "crop", crop_rounding="floor")
@@ -85,7 +92,9 @@ def test_pad_preprocessing_equals_hpsv2_transform(h, w):
     from open_clip.transform import image_transform
 
     image = pil_image(h, w)
-    reference = image_transform(224, is_train=False, resize_mode="longest")(image)[None]  # HPSv2's ResizeMaxSize + pad
+    reference = image_transform(224, is_train=False, resize_mode="longest")(image)[
+        None
+    ]  # HPSv2's ResizeMaxSize + pad
     ours = preprocess_pil([image], 224, "pad")
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
     if h != w:  # the padding is black before normalization: (0 - mean) / std
@@ -158,7 +167,9 @@ def test_hpsv2_is_plain_cosine_and_versions_differ(scorers, folders):
     torch.testing.assert_close(scorer.score(images, PROMPTS), expected, atol=1e-5, rtol=1e-5)
     # The checkpoint is the fp16 state dict under "state_dict", read with weights_only=True.
     checkpoint = torch.load(folders["hpsv2"] / "HPS_v2.1_compressed.pt", weights_only=True)
-    assert set(checkpoint) == {"state_dict"} and checkpoint["state_dict"]["logit_scale"].dtype == torch.float16
+    assert (
+        set(checkpoint) == {"state_dict"} and checkpoint["state_dict"]["logit_scale"].dtype == torch.float16
+    )
     v21 = make_scorer(f"hpsv2:model={folders['hpsv2']},version=v2.1")
     assert not torch.allclose(v21.score(images, PROMPTS), scorer.score(images, PROMPTS))
     with pytest.raises(ValueError, match="unknown version"):
@@ -178,10 +189,12 @@ def test_aesthetic_head_reads_the_normalized_embedding(scorers):
     scores = scorer.score(images)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(scores, unnormalized, atol=1e-4)
-    assert [name for name, _ in scorer.head.named_parameters()][0] == "layers.0.weight"  # the published key layout
+    assert [name for name, _ in scorer.head.named_parameters()][
+        0
+    ] == "layers.0.weight"  # the published key layout
 
 
-# ---------------------------------------------------------------------------------------------- batching, gradients
+# ---------------------------------------------------------------------------------------- batching, gradients
 @pytest.mark.parametrize("kind", ["pickscore", "clipscore", "hpsv2", "aesthetic"])
 def test_batch_equals_one_by_one(scorers, kind):
     scorer = scorers[kind]
@@ -197,14 +210,20 @@ def test_batch_equals_one_by_one(scorers, kind):
     assert batched.shape == (5,)
     torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-4)
     tensors = torch.stack([smooth_image(96, 64, seed=i) for i in range(4)])
-    torch.testing.assert_close(scorer.score(tensors, prompts[:4]),
-                               torch.cat([scorer.score(t, prompts[i]) for i, t in enumerate(tensors)]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        scorer.score(tensors, prompts[:4]),
+        torch.cat([scorer.score(t, prompts[i]) for i, t in enumerate(tensors)]),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("kind", ["pickscore", "clipscore", "hpsv2", "aesthetic"])
 def test_differentiable_path_agrees_with_pil_path_and_has_gradients(scorers, kind):
     scorer = scorers[kind]
-    x = torch.stack([smooth_image(h, w, seed=1) for h, w in [(256, 256)]] * 1 + [smooth_image(256, 256, seed=2)])
+    x = torch.stack(
+        [smooth_image(h, w, seed=1) for h, w in [(256, 256)]] * 1 + [smooth_image(256, 256, seed=2)]
+    )
     x = to_pil_roundtrip(x).requires_grad_(True)
     prompts = PROMPTS[:2]
     differentiable = scorer.score(x, prompts)
@@ -221,7 +240,7 @@ def to_pil_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return (x * 255).round() / 255
 
 
-# ---------------------------------------------------------------------------------------------- combined, video
+# -------------------------------------------------------------------------------------------- combined, video
 def test_combined_scorer_is_the_weighted_sum(scorers, folders):
     spec = (f"10*pickscore:model={folders['pickscore']} + 2*hpsv2:model={folders['hpsv2']}"
             f"+0.05*aesthetic:model={folders['aesthetic']}")
@@ -235,11 +254,15 @@ def test_combined_scorer_is_the_weighted_sum(scorers, folders):
 
 
 def test_spec_parsing_keeps_plus_inside_a_path_and_rejects_bad_specs():
-    terms = parse_scorer_spec("10*pickscore:model=/m,dtype=float16 + 0.05*aesthetic:head=/h/sac+logos+ava1-l14-linearMSE.pth")
+    terms = parse_scorer_spec(
+        "10*pickscore:model=/m,dtype=float16 + 0.05*aesthetic:head=/h/sac+logos+ava1-l14-linearMSE.pth"
+    )
     assert terms == [(10.0, "pickscore", {"model": "/m", "dtype": "float16"}),
                      (0.05, "aesthetic", {"head": "/h/sac+logos+ava1-l14-linearMSE.pth"})]
     assert parse_scorer_spec("brightness") == [(None, "brightness", {})]
-    with pytest.raises(ValueError, match="unknown scorer 'pickscor'.*known scorers: .*aesthetic.*hpsv2.*pickscore"):
+    with pytest.raises(
+        ValueError, match="unknown scorer 'pickscor'.*known scorers: .*aesthetic.*hpsv2.*pickscore"
+    ):
         check_scorer_names(["10*pickscor+2*hpsv2"])
     with pytest.raises(ValueError, match="unknown scorer 'hpsv9'"):  # hpsv3 is registered now
         make_scorer("pickscore+hpsv9")
@@ -253,7 +276,9 @@ def test_spec_parsing_keeps_plus_inside_a_path_and_rejects_bad_specs():
 
 def test_video_scores_average_over_all_or_k_evenly_spaced_frames(scorers):
     scorer = scorers["aesthetic"]
-    videos = torch.stack([torch.stack([smooth_image(64, 96, seed=10 * v + f) for f in range(5)]) for v in range(2)])
+    videos = torch.stack(
+        [torch.stack([smooth_image(64, 96, seed=10 * v + f) for f in range(5)]) for v in range(2)]
+    )
     per_frame = scorer.score(videos.flatten(0, 1)).view(2, 5)
     torch.testing.assert_close(scorer.score(videos), per_frame.mean(1))
     scorer.video_frames = 3
@@ -273,7 +298,9 @@ def test_odd_image_modes_and_sizes(scorers):
     rgba = rgb.convert("RGBA")
     rgba.putalpha(255)
     gray = rgb.convert("L")
-    gray16 = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)  # 16-bit ("I;16") with the same content
+    gray16 = Image.fromarray(
+        np.asarray(gray).astype(np.uint16) * 257
+    )  # 16-bit ("I;16") with the same content
     assert gray16.mode == "I;16"
     cmyk = rgb.convert("CMYK")
     palette = rgb.convert("P")
@@ -285,7 +312,9 @@ def test_odd_image_modes_and_sizes(scorers):
     assert scores[3] == pytest.approx(scores[2], abs=1e-6)  # 16-bit == 8-bit of the same picture
     transparent = Image.new("RGBA", (50, 50), (0, 0, 0, 0))  # composited on white
     white = Image.new("RGB", (50, 50), (255, 255, 255))
-    assert scorer.score([transparent], "x").item() == pytest.approx(scorer.score([white], "x").item(), abs=1e-6)
+    assert scorer.score([transparent], "x").item() == pytest.approx(
+        scorer.score([white], "x").item(), abs=1e-6
+    )
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         scorer.score(torch.rand(2, 4, 32, 32), ["x", "y"])
     with pytest.raises(ValueError, match="needs one prompt per image"):

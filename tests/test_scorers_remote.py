@@ -20,7 +20,8 @@ from diffalign.scorers.server import ScorerServer
 from diffalign.scorers.transport import TOKEN_HEADER, ServiceError
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = "retries=1,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=2"  # tests stop by themselves quickly
+# tests stop by themselves quickly
+FAST = "retries=1,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=2"
 
 
 def _images(n=6, size=16, seed=0):
@@ -65,14 +66,20 @@ def test_server_refusals_are_clear_errors_not_retries():
                 remote.score(_images(2, size=64))
         finally:
             del os.environ["TEST_SCORER_TOKEN"]
-        with pytest.raises(ValueError, match="token_env=NOT_SET_ANYWHERE names an environment variable that is not set"):
+        with pytest.raises(
+            ValueError, match="token_env=NOT_SET_ANYWHERE names an environment variable that is not set"
+        ):
             make_scorer(f"remote:{server.url},token_env=NOT_SET_ANYWHERE")
         headers = {TOKEN_HEADER: "s3cret"}
         bad = requests.post(server.url + "/score", data=b"not safetensors", headers={**headers,
                             "Content-Type": "application/x-safetensors"}, timeout=2)
         assert bad.status_code == 400 and "not a safetensors file" in bad.json()["error"]
-        not_image = requests.post(server.url + "/score", files=[("images", ("a.png", b"GIF89a nope", "image/png"))],
-                                  headers=headers, timeout=2)
+        not_image = requests.post(
+            server.url + "/score",
+            files=[("images", ("a.png", b"GIF89a nope", "image/png"))],
+            headers=headers,
+            timeout=2,
+        )
         assert not_image.status_code == 400 and "image 0 (a.png) cannot be read" in not_image.json()["error"]
 
 
@@ -90,7 +97,9 @@ def test_server_accepts_plain_multipart_pngs(tmp_path):
     assert answer["scores"] == pytest.approx(expected, abs=1e-6)
 
 
-@pytest.mark.parametrize("mode,why", [("wrong_count", "wrong_count"), ("not_json", "not_json"), ("nan", "nonfinite")])
+@pytest.mark.parametrize(
+    "mode,why", [("wrong_count", "wrong_count"), ("not_json", "not_json"), ("nan", "nonfinite")]
+)
 def test_bad_answers_score_nan_and_are_counted(mode, why):
     with ThreadServer(misbehaving_scorer_app(mode)) as server:
         remote = make_scorer(f"remote:{server.url},batch_size=4,{FAST}")
@@ -104,7 +113,9 @@ def test_bad_answers_score_nan_and_are_counted(mode, why):
 
 def test_timeouts_are_bounded_counted_and_hit_the_bad_reward_threshold():
     with ThreadServer(misbehaving_scorer_app("slow", sleep_s=1.5)) as server:
-        remote = make_scorer(f"remote:{server.url},retries=1,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=0.3")
+        remote = make_scorer(
+            f"remote:{server.url},retries=1,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=0.3"
+        )
         start = time.perf_counter()
         rewards = remote.score(_images(4))
         elapsed = time.perf_counter() - start
@@ -117,7 +128,9 @@ def test_timeouts_are_bounded_counted_and_hit_the_bad_reward_threshold():
 def test_retries_with_backoff_recover_from_503s():
     app = misbehaving_scorer_app("flaky", fail_times=2)
     with ThreadServer(app) as server:
-        remote = make_scorer(f"remote:{server.url},retries=3,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=2")
+        remote = make_scorer(
+            f"remote:{server.url},retries=3,backoff=0.05,max_backoff=0.1,connect_timeout=0.5,timeout=2"
+        )
         scores = remote.score(_images(3))
     assert app.config["calls"] == 3 and torch.isfinite(scores).all() and not remote.bad_batches
     with ThreadServer(misbehaving_scorer_app("flaky", fail_times=99)) as server:
@@ -127,8 +140,13 @@ def test_retries_with_backoff_recover_from_503s():
 
 def _start_cli_server(spec: str, *extra: str) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "diffalign", "serve-scorer", spec, "--port", "0", *extra],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diffalign", "serve-scorer", spec, "--port", "0", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     line = process.stdout.readline()  # "serving SPEC on URL (...)" once it listens
     assert " on http://" in line, line
     return process, line.split(" on ")[1].split()[0]
@@ -144,7 +162,9 @@ def test_cli_server_killed_mid_run_stops_with_a_clear_error_naming_the_url():
         process.kill()
         process.wait()
     start = time.perf_counter()
-    with pytest.raises(RewardError, match=rf"cannot reach {url}/score after 2 tries.*Connection refused.*--resume latest"):
+    with pytest.raises(
+        RewardError, match=rf"cannot reach {url}/score after 2 tries.*Connection refused.*--resume latest"
+    ):
         reward(_images(4), ["a"] * 4)
     assert time.perf_counter() - start < 5  # refused connections are retried a bounded number of times
 
@@ -173,11 +193,25 @@ def test_prdp_trains_from_a_reward_served_by_another_process(tmp_path, tiny_sdxl
     server, url = _start_cli_server("brightness")
     try:
         out = tmp_path / "prdp-remote"
-        code = main(["train", str(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml"), f"train.output_dir={out}",
-                     "train.max_steps=2", "method.gradient_steps_per_epoch=1", "method.num_prompts=1",
-                     "method.samples_per_prompt=3", "method.sample_batch_size=2", "method.num_inference_steps=4",
-                     "method.train_timesteps=2", "method.async_scoring=true", f"method.reward=remote:{url},{FAST}",
-                     "eval.enabled=false", "log.every_n_steps=1", f"model.name={tiny_sdxl_path}"])
+        code = main(
+            [
+                "train",
+                str(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml"),
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "method.gradient_steps_per_epoch=1",
+                "method.num_prompts=1",
+                "method.samples_per_prompt=3",
+                "method.sample_batch_size=2",
+                "method.num_inference_steps=4",
+                "method.train_timesteps=2",
+                "method.async_scoring=true",
+                f"method.reward=remote:{url},{FAST}",
+                "eval.enabled=false",
+                "log.every_n_steps=1",
+                f"model.name={tiny_sdxl_path}",
+            ]
+        )
         health = requests.get(url + "/health", timeout=2).json()
     finally:
         server.kill()
@@ -187,9 +221,22 @@ def test_prdp_trains_from_a_reward_served_by_another_process(tmp_path, tiny_sdxl
     assert len(metrics) == 2 and all(0 < m["reward_mean"] < 1 for m in metrics)  # brightness, scored remotely
     assert health["images"] == 2 * 3 and health["requests"] == 2 * 2  # 2 epochs x (2 + 1) samples in 2 calls
     # the server is gone now: the next run stops with the URL named, exit status 1, no traceback
-    assert main(["train", str(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml"), f"train.output_dir={tmp_path / 'down'}",
-                 "train.max_steps=1", "method.num_prompts=1", "method.samples_per_prompt=2",
-                 "method.num_inference_steps=2", "method.train_timesteps=1", f"method.reward=remote:{url},{FAST}",
-                 "eval.enabled=false",
-                 f"model.name={tiny_sdxl_path}"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml"),
+                f"train.output_dir={tmp_path / 'down'}",
+                "train.max_steps=1",
+                "method.num_prompts=1",
+                "method.samples_per_prompt=2",
+                "method.num_inference_steps=2",
+                "method.train_timesteps=1",
+                f"method.reward=remote:{url},{FAST}",
+                "eval.enabled=false",
+                f"model.name={tiny_sdxl_path}",
+            ]
+        )
+        == 1
+    )
     assert f"cannot reach {url}/health" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The vlm_judge scorer against a real OpenAI-compatible server on loopback (answers follow from the request)."""
+"""The vlm_judge scorer against a real OpenAI-compatible server on loopback (answers follow from the
+request)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ def test_judge_sends_images_and_prompts_and_parses_the_rating():
     assert judge.unparsable == 0 and judge.last_answers[-1].startswith("Rating: ")
     sent = app.config["requests"]
     assert len(sent) == 5 and {r["model"] for r in sent} == {"tiny-vlm"} and sent[0]["temperature"] == 0.0
-    texts = sorted(part["text"] for r in sent for part in r["messages"][0]["content"] if part["type"] == "text")
+    texts = sorted(
+        part["text"] for r in sent for part in r["messages"][0]["content"] if part["type"] == "text"
+    )
     assert texts == sorted(f"Rate, 0 to 10: {p}" for p in prompts)  # the quoted prompt kept its comma
 
 
@@ -46,7 +49,9 @@ def test_unparsable_and_out_of_range_answers_score_nan_and_are_counted():
         assert judge.unparsable == 2 and UNPARSABLE in judge.last_answers
     with ThreadServer(openai_compatible_app("Score: {score:.1f}00 / 10")) as server:  # e.g. "5.300" -> 5.3 ok
         judge = make_scorer(f"vlm_judge:url={server.url},model=m,max_score=1,{FAST}")
-        assert torch.isnan(judge.score(_images(2), ["a", "b"])).all() and judge.unparsable == 2  # above max_score
+        assert (
+            torch.isnan(judge.score(_images(2), ["a", "b"])).all() and judge.unparsable == 2
+        )  # above max_score
 
 
 def test_judge_errors_are_clear():
@@ -57,12 +62,24 @@ def test_judge_errors_are_clear():
     with pytest.raises(ValueError, match="unbalanced"):
         check_scorer_names(['vlm_judge:url=http://x,model=m,prompt="Rate {prompt}'])
     judge = make_scorer(f"vlm_judge:url=http://127.0.0.1:9,model=m,{FAST}")  # nothing listens on port 9
-    with pytest.raises(ServiceError, match=r"cannot reach http://127.0.0.1:9/v1/chat/completions after 2 tries"):
+    with pytest.raises(
+        ServiceError, match=r"cannot reach http://127.0.0.1:9/v1/chat/completions after 2 tries"
+    ):
         judge.score(_images(1), ["a"])
 
 
-@pytest.mark.parametrize("answer,value", [("7", 7.0), ("Rating: 8.5/10", 8.5), ("I'd say 3", 3.0), ("-1 bad", -1.0),
-                                          ("none", math.nan), ("", math.nan), (None, math.nan)])
+@pytest.mark.parametrize(
+    "answer,value",
+    [
+        ("7", 7.0),
+        ("Rating: 8.5/10", 8.5),
+        ("I'd say 3", 3.0),
+        ("-1 bad", -1.0),
+        ("none", math.nan),
+        ("", math.nan),
+        (None, math.nan),
+    ],
+)
 def test_parse_rating_takes_the_first_number(answer, value):
     parsed = parse_rating(answer)
     assert (math.isnan(parsed) and math.isnan(value)) or parsed == value

@@ -21,8 +21,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SCANNED = [ROOT / "diffalign", ROOT / "pipelines"]
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
 PICKLE_LOADERS = {"load", "loads", "Unpickler", "open", "read_pickle"}
-SAFE_OUTPUT_SUFFIXES = {".safetensors", ".json", ".jsonl", ".yaml", ".md", ".txt", ".png", ".webp", ".gif", ".html",
-                        ".csv", ".log"}
+SAFE_OUTPUT_SUFFIXES = {
+    ".safetensors",
+    ".json",
+    ".jsonl",
+    ".yaml",
+    ".md",
+    ".txt",
+    ".png",
+    ".webp",
+    ".gif",
+    ".html",
+    ".csv",
+    ".log",
+}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,18 +95,26 @@ def unsafe_loads(source: str, filename: str = "<source>") -> list[str]:
                 report(node, "numpy.load with allow_pickle=True")
             if _is_true(keywords.get("trust_remote_code")):
                 report(node, f"{full}(trust_remote_code=True) written in the code")
-            if isinstance(keywords.get("safe_serialization"), ast.Constant) and keywords["safe_serialization"].value is False:
+            if (
+                isinstance(keywords.get("safe_serialization"), ast.Constant)
+                and keywords["safe_serialization"].value is False
+            ):
                 report(node, f"{full}(safe_serialization=False)")
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             args = node.args
             positional = args.posonlyargs + args.args
             defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
-            for arg, default in [*zip(positional, defaults, strict=True), *zip(args.kwonlyargs, args.kw_defaults, strict=True)]:
+            for arg, default in [
+                *zip(positional, defaults, strict=True),
+                *zip(args.kwonlyargs, args.kw_defaults, strict=True),
+            ]:
                 if arg.arg == "trust_remote_code" and _is_true(default):
                     report(node, f"{node.name}(trust_remote_code=True) as a default")
         elif isinstance(node, ast.AnnAssign | ast.Assign):
             targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
-            if any(isinstance(t, ast.Name) and t.id == "trust_remote_code" for t in targets) and _is_true(node.value):
+            if any(isinstance(t, ast.Name) and t.id == "trust_remote_code" for t in targets) and _is_true(
+                node.value
+            ):
                 report(node, "trust_remote_code = True as a default setting")
     return problems
 
@@ -127,18 +147,23 @@ model.save_pretrained("x", safe_serialization=False)
                  "safe_serialization=False"]:
         assert any(what in problem for problem in found), (what, found)
     assert len([p for p in found if "torch.load without" in p]) == 2
-    safe = """
-import torch
-state = torch.load(path, map_location="cpu", weights_only=True)
-def load_pipeline(model, trust_remote_code: bool = False): return from_pretrained(model, trust_remote_code=trust_remote_code)
-"""
+    safe = (
+        "\nimport torch\n"
+        'state = torch.load(path, map_location="cpu", weights_only=True)\n'
+        "def load_pipeline(model, trust_remote_code: bool = False): "
+        "return from_pretrained(model, trust_remote_code=trust_remote_code)\n"
+    )
     assert unsafe_loads(safe) == []
 
 
 def test_package_and_pipelines_load_no_pickles_and_trust_no_remote_code():
     files = _python_files()
     assert len(files) > 20 and any(p.parts[-2] == "diffalign_sdxl" for p in files)
-    problems = [problem for p in files for problem in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))]
+    problems = [
+        problem
+        for p in files
+        for problem in unsafe_loads(p.read_text(encoding="utf-8"), str(p.relative_to(ROOT)))
+    ]
     assert problems == []
 
 
@@ -195,11 +220,29 @@ def test_a_training_run_writes_no_pickles(tmp_path):
     from diffalign.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"), f"train.output_dir={out}", "train.max_steps=2",
-                 "checkpoint.every_n_steps=1", "checkpoint.keep_last=null", "log.every_n_steps=1", "log.progress_bar=false",
-                 "log.validation_every_n_steps=2", "log.validation_prompts=[a red circle]", "data.max_pairs=4",
-                 "eval.prompts=[a red circle]", "eval.seeds=[0]", "eval.num_inference_steps=2",
-                 "eval.train_pairs=2", "eval.train_pair_draws=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml"),
+                f"train.output_dir={out}",
+                "train.max_steps=2",
+                "checkpoint.every_n_steps=1",
+                "checkpoint.keep_last=null",
+                "log.every_n_steps=1",
+                "log.progress_bar=false",
+                "log.validation_every_n_steps=2",
+                "log.validation_prompts=[a red circle]",
+                "data.max_pairs=4",
+                "eval.prompts=[a red circle]",
+                "eval.seeds=[0]",
+                "eval.num_inference_steps=2",
+                "eval.train_pairs=2",
+                "eval.train_pair_draws=1",
+            ]
+        )
+        == 0
+    )
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.match("checkpoints/checkpoint-2/*") for p in files), "expected a checkpoint folder"
     assert any(p.suffix == ".png" for p in files) and (out / "README.md").is_file()

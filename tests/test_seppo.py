@@ -69,19 +69,31 @@ def lora_unet(tiny_sdxl):
     from peft import LoraConfig
 
     unet = copy.deepcopy(tiny_sdxl.unet).requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    unet.add_adapter(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", target_modules=["to_q", "to_v"])
+    )
     return unet
 
 
 def _forward(unet):
     torch.manual_seed(0)
     x = torch.randn(1, 4, 16, 16)
-    cond = {"encoder_hidden_states": torch.randn(1, 77, 64), "text_embeds": torch.randn(1, 32), "time_ids": torch.zeros(1, 6)}
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 77, 64),
+        "text_embeds": torch.randn(1, 32),
+        "time_ids": torch.zeros(1, 6),
+    }
     cond["encoder_hidden_states"] = torch.randn(1, 77, unet.config.cross_attention_dim)
-    cond["text_embeds"] = torch.randn(1, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim)
+    cond["text_embeds"] = torch.randn(
+        1, unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    )
     with torch.no_grad():
-        return unet(x, torch.tensor([500]), encoder_hidden_states=cond["encoder_hidden_states"],
-                    added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}).sample
+        return unet(
+            x,
+            torch.tensor([500]),
+            encoder_hidden_states=cond["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]},
+        ).sample
 
 
 def _perturb_lora(unet, value):
@@ -112,7 +124,11 @@ def test_lora_pool_swaps_and_restores(lora_unet, tmp_path):
     assert torch.allclose(_forward(lora_unet), policy_now, atol=1e-6)  # restored
     pool.add(10)
     pool.add(15)
-    assert [e.step for e in pool.entries] == [0, 10, 15]  # size 2: the oldest saved policy goes, the initial stays
+    assert [e.step for e in pool.entries] == [
+        0,
+        10,
+        15,
+    ]  # size 2: the oldest saved policy goes, the initial stays
     drawn = {pool.choose("uniform", rng).step for _ in range(60)}
     assert drawn == {0, 10, 15}
 
@@ -127,7 +143,10 @@ def test_full_finetune_pool_keeps_weights_on_disk(tiny_sdxl, tmp_path):
         next(unet.parameters()).add_(0.1)
     pool.add(3)
     changed = _forward(unet)
-    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == ["step-0.safetensors", "step-3.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "pool").iterdir()) == [
+        "step-0.safetensors",
+        "step-3.safetensors",
+    ]
     with pool.use(pool.entries[-1]) as ref:
         assert ref is ref_unet and pipe.unet is ref_unet
         assert torch.allclose(_forward(ref), changed, atol=1e-6)
@@ -149,14 +168,18 @@ def test_open_winners_formats(tmp_path):
     _image(tmp_path / "a.png", (255, 0, 0))
     _image(tmp_path / "b.png", (0, 0, 255))
     (tmp_path / "winners.jsonl").write_text(json.dumps({"prompt": "red", "image": "a.png"}) + "\n")
-    data = SimpleNamespace(source=str(tmp_path / "winners.jsonl"), format="auto", split="train", max_pairs=None)
+    data = SimpleNamespace(
+        source=str(tmp_path / "winners.jsonl"), format="auto", split="train", max_pairs=None
+    )
     winners = open_winners(data)
     assert isinstance(winners, ImagePrompts) and winners.caption(0) == "red"
     item = WinnersDataset(winners, 16, random_flip=False, seed=0)[0]
     assert item["pixels"].shape == (3, 16, 16) and item["pixels"][0].mean() > 0.9
     assert item["time_ids"].tolist() == [24, 40, 0, 6, 16, 16]  # 40x24 -> 27x16, centre crop from x = 6
 
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "blue", "chosen": "b.png", "rejected": "a.png"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "blue", "chosen": "b.png", "rejected": "a.png"}) + "\n"
+    )
     winners = open_winners(SimpleNamespace(**{**vars(data), "source": str(tmp_path / "pairs.jsonl")}))
     assert isinstance(winners, PairWinners) and winners.winner(0).image.getpixel((0, 0)) == (0, 0, 255)
 
@@ -182,10 +205,20 @@ def test_train_seppo_from_shipped_config(tmp_path, tiny_sdxl_path):
     from diffalign.config import load_config
     from diffalign.train import train
 
-    cfg = load_config("configs/tiny-sdxl/seppo.yaml", [
-        f"train.output_dir={tmp_path / 'seppo'}", "train.max_steps=3", "train.batch_size=2", "method.pool_interval=1",
-        "method.reference=latest", "method.ref_num_inference_steps=3", "eval.enabled=false", "log.every_n_steps=1",
-        f"model.name={tiny_sdxl_path}"])
+    cfg = load_config(
+        "configs/tiny-sdxl/seppo.yaml",
+        [
+            f"train.output_dir={tmp_path / 'seppo'}",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "method.pool_interval=1",
+            "method.reference=latest",
+            "method.ref_num_inference_steps=3",
+            "eval.enabled=false",
+            "log.every_n_steps=1",
+            f"model.name={tiny_sdxl_path}",
+        ],
+    )
     out = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["pool_size"] for r in rows] == [1, 2, 3]  # the initial model, then one policy per step

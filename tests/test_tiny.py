@@ -43,7 +43,11 @@ def test_clip_tokenizer_matches_open_clip(pad_token):
 
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_same_seed_same_weights_and_round_trip(kind, tmp_path):
-    a, b, c = save_tiny(kind, tmp_path / "a", seed=3), save_tiny(kind, tmp_path / "b", seed=3), save_tiny(kind, tmp_path / "c", seed=4)
+    a, b, c = (
+        save_tiny(kind, tmp_path / "a", seed=3),
+        save_tiny(kind, tmp_path / "b", seed=3),
+        save_tiny(kind, tmp_path / "c", seed=4),
+    )
     wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
     wc = load_file(c / "unet" / "diffusion_pytorch_model.safetensors")
@@ -58,7 +62,9 @@ def test_same_seed_same_weights_and_round_trip(kind, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     expected = "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline"
     assert type(pipe).__name__ == expected
-    image = pipe("a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0)
+    ).images
     assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
     # saving the loaded pipeline again gives identical weights
     pipe.save_pretrained(tmp_path / "again")

@@ -10,11 +10,23 @@ from diffalign.models import load_pipeline, resolve_model
 from diffalign.tiny import build_tiny_t5_tokenizer
 
 CLASSES = {
-    "sd3": {"pipeline": "StableDiffusion3Pipeline", "transformer": "SD3Transformer2DModel",
-            "text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
-            "text_encoder_3": "T5EncoderModel", "vae": "AutoencoderKL", "scheduler": "FlowMatchEulerDiscreteScheduler"},
-    "flux": {"pipeline": "FluxPipeline", "transformer": "FluxTransformer2DModel", "text_encoder": "CLIPTextModel",
-             "text_encoder_2": "T5EncoderModel", "vae": "AutoencoderKL", "scheduler": "FlowMatchEulerDiscreteScheduler"},
+    "sd3": {
+        "pipeline": "StableDiffusion3Pipeline",
+        "transformer": "SD3Transformer2DModel",
+        "text_encoder": "CLIPTextModelWithProjection",
+        "text_encoder_2": "CLIPTextModelWithProjection",
+        "text_encoder_3": "T5EncoderModel",
+        "vae": "AutoencoderKL",
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+    },
+    "flux": {
+        "pipeline": "FluxPipeline",
+        "transformer": "FluxTransformer2DModel",
+        "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "T5EncoderModel",
+        "vae": "AutoencoderKL",
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+    },
 }
 
 
@@ -25,7 +37,9 @@ def _call(pipe, seed, **kwargs):
 
 def _build(kind, tmp_path_factory):
     out = tmp_path_factory.mktemp(kind) / "pipe"
-    assert main(["tiny", kind, str(out), "--seed", "3"]) == 0  # the CLI, offline (conftest sets HF_HUB_OFFLINE)
+    assert (
+        main(["tiny", kind, str(out), "--seed", "3"]) == 0
+    )  # the CLI, offline (conftest sets HF_HUB_OFFLINE)
     pipe = DiffusionPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     return kind, out, pipe
@@ -79,9 +93,16 @@ def test_same_seed_same_weights(built, tmp_path):
 def test_sd3_wiring_is_sd3(built_sd3):
     _, _, pipe = built_sd3
     t = pipe.transformer.config
-    assert t.joint_attention_dim == pipe.text_encoder_3.config.d_model  # CLIP states zero-padded to T5's width
-    assert t.joint_attention_dim >= pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
-    assert t.pooled_projection_dim == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    assert (
+        t.joint_attention_dim == pipe.text_encoder_3.config.d_model
+    )  # CLIP states zero-padded to T5's width
+    assert (
+        t.joint_attention_dim >= pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    )
+    assert (
+        t.pooled_projection_dim
+        == pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    )
     assert t.in_channels == pipe.vae.config.latent_channels and t.qk_norm == "rms_norm"
     assert pipe.tokenizer_2.pad_token == "!"
     # CFG changes the image (SD3 has no guidance embedding)

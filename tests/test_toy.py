@@ -1,4 +1,5 @@
-"""The toy world: dataset, caption parser, reader, toy scorers, pretraining script and the shipped toy-sdxl."""
+"""The toy world: dataset, caption parser, reader, toy scorers, pretraining script and the shipped
+toy-sdxl."""
 
 from __future__ import annotations
 
@@ -38,8 +39,12 @@ def test_captions_parse_back_to_their_attributes():
     scene = data.parse_caption("three large blue squares on a black background")
     assert (scene.count, scene.size, scene.color, scene.shape, scene.position, scene.background) == (
         3, "large", "blue", "square", None, "black")
-    for bad in ("a photo of a cat", "a small pink circle on the left on a white background",
-                "two small red circles on the left on a white background", "a small red circle on a white background"):
+    for bad in (
+        "a photo of a cat",
+        "a small pink circle on the left on a white background",
+        "two small red circles on the left on a white background",
+        "a small red circle on a white background",
+    ):
         with pytest.raises(ValueError, match="caption"):
             data.parse_caption(bad)
 
@@ -123,7 +128,9 @@ def test_toy_scorers_give_gradients(name):
 
     scorer = make_scorer(name)
     assert scorer.differentiable
-    images = (_scene_image("two small orange triangles on a white background") * 0.8 + 0.1).requires_grad_(True)
+    images = (_scene_image("two small orange triangles on a white background") * 0.8 + 0.1).requires_grad_(
+        True
+    )
     score = scorer(images, ["two small orange triangles on a white background"])
     score.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
@@ -186,7 +193,9 @@ def test_shipped_toy_sdxl_follows_its_captions(toy_pipe, one_thread):
     from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
 
     prompts = data.toy_prompts("heldout", 48, seed=0)
-    result = caption_accuracy(toy_pipe, prompts, seed=0, num_steps=DEFAULT_NUM_STEPS, guidance_scale=DEFAULT_GUIDANCE)
+    result = caption_accuracy(
+        toy_pipe, prompts, seed=0, num_steps=DEFAULT_NUM_STEPS, guidance_scale=DEFAULT_GUIDANCE
+    )
     accuracy = result["accuracy"]
     assert accuracy["color"] >= MIN_COLOR_ACCURACY, accuracy
     assert accuracy["background"] >= MIN_BACKGROUND_ACCURACY, accuracy

@@ -1,5 +1,6 @@
-"""The toy GenEval: the ``toy_geneval`` reward on scenes drawn with known attributes, and ``diffalign toy eval``
-(several seeds, both splits, 95 % intervals, the change against a base on the same noise, LoRA runs)."""
+"""The toy GenEval: the ``toy_geneval`` reward on scenes drawn with known attributes, and
+``diffalign toy eval`` (several seeds, both splits, 95 % intervals, the change against a base on the same
+noise, LoRA runs)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ SCENES = [
 
 
 def _render(scene: data.Scene, seed: int = 1) -> torch.Tensor:
-    # The reader reads about 98 % of renders fully right (test_toy.py); with this jitter seed it reads all of these.
+    # The reader reads about 98 % of renders fully right (test_toy.py); with this jitter seed it reads all of
+    # these.
     return to_tensor(data.render(scene, random.Random(seed)))
 
 
@@ -37,7 +39,9 @@ def _other_value(scene: data.Scene, name: str):
     if name == "count":  # several objects stay several (a single object names a position, several do not)
         values = (2, 3) if scene.count > 1 else ()
     current = getattr(scene, name)
-    return values[(values.index(current) + 1) % len(values)] if current in values and len(values) > 1 else None
+    return (
+        values[(values.index(current) + 1) % len(values)] if current in values and len(values) > 1 else None
+    )
 
 
 def test_a_correctly_drawn_scene_scores_one_and_each_wrong_attribute_drops_exactly_that_attribute():
@@ -48,7 +52,9 @@ def test_a_correctly_drawn_scene_scores_one_and_each_wrong_attribute_drops_exact
         right = _render(scene)
         assert geneval(right, [caption]).item() == 1.0 and fraction(right, [caption]).item() == 1.0, caption
         named = geneval.hits(right, [caption])[0]
-        assert set(named) == {"color", "shape", "background", "size", "count"} | ({"position"} if scene.count == 1 else set())
+        assert set(named) == {"color", "shape", "background", "size", "count"} | (
+            {"position"} if scene.count == 1 else set()
+        )
         for name in named:
             value = _other_value(scene, name)
             if value is None:
@@ -88,7 +94,9 @@ def test_toy_geneval_scores_batches_pil_images_and_rejects_bad_input():
 def test_toy_geneval_reads_videos_frame_by_frame_and_their_motion():
     geneval, fraction = make_scorer("toy_geneval"), make_scorer("toy_geneval:measure=fraction")
     clip = video_data.Clip("large", "red", "circle", "left", "white")
-    frames = torch.stack([to_tensor(f)[0] for f in video_data.render_clip(clip, random.Random(0))]).unsqueeze(0)
+    frames = torch.stack([to_tensor(f)[0] for f in video_data.render_clip(clip, random.Random(0))]).unsqueeze(
+        0
+    )
     assert geneval(frames, [clip.caption()]).item() == 1.0
     hits = geneval.hits(frames, [clip.caption()])[0]
     assert hits == dict.fromkeys(("color", "shape", "background", "size", "count", "direction"), 1.0)
@@ -171,13 +179,33 @@ def _eval(argv, tmp_path, capsys):
     return json.loads(out.read_text()), capsys.readouterr().out
 
 
-def test_toy_eval_of_a_model_against_itself_changes_nothing_and_seed_0_is_the_old_eval(tmp_path, capsys, one_thread):
+def test_toy_eval_of_a_model_against_itself_changes_nothing_and_seed_0_is_the_old_eval(
+    tmp_path, capsys, one_thread
+):
     from diffalign.models import load_pipeline
     from diffalign.toy.evaluate import caption_accuracy
 
-    report, text = _eval(["--model", "toy-sdxl", "--base", "toy-sdxl", "--split", "both", "--num-prompts", "3",
-                          "--seeds", "0", "2"], tmp_path, capsys)
-    assert set(report["splits"]) == {"train", "heldout"} and report["models"] == {"base": "toy-sdxl", "model": "toy-sdxl"}
+    report, text = _eval(
+        [
+            "--model",
+            "toy-sdxl",
+            "--base",
+            "toy-sdxl",
+            "--split",
+            "both",
+            "--num-prompts",
+            "3",
+            "--seeds",
+            "0",
+            "2",
+        ],
+        tmp_path,
+        capsys,
+    )
+    assert set(report["splits"]) == {"train", "heldout"} and report["models"] == {
+        "base": "toy-sdxl",
+        "model": "toy-sdxl",
+    }
     assert len(report["images"]) == 2 * 2 * 3
     assert len({(r["split"], r["noise_seed"]) for r in report["images"]}) == 12
     for entry in report["splits"].values():
@@ -199,8 +227,9 @@ def test_toy_eval_of_a_model_against_itself_changes_nothing_and_seed_0_is_the_ol
         assert (sum(named) / len(named) if named else float("nan")) == pytest.approx(value, nan_ok=True), name
 
 
-def test_toy_eval_loads_a_lora_run_onto_its_recorded_base_and_reports_the_paired_change(lora_run, tmp_path, capsys,
-                                                                                      one_thread):
+def test_toy_eval_loads_a_lora_run_onto_its_recorded_base_and_reports_the_paired_change(
+    lora_run, tmp_path, capsys, one_thread
+):
     from diffalign.models import load_pipeline, resolve_model
     from diffalign.sampler import sample
 
@@ -212,8 +241,11 @@ def test_toy_eval_loads_a_lora_run_onto_its_recorded_base_and_reports_the_paired
     b = sample(base, prompt, seeds=[0], num_steps=2, guidance_scale=3.0).images
     assert (a - b).abs().max() > 0.05  # the adapters are on: same noise, another image
 
-    report, text = _eval(["--model", f"{lora_run}:lora", "--base", "toy-sdxl", "--num-prompts", "4", "--seeds", "0",
-                          "1"], tmp_path, capsys)
+    report, text = _eval(
+        ["--model", f"{lora_run}:lora", "--base", "toy-sdxl", "--num-prompts", "4", "--seeds", "0", "1"],
+        tmp_path,
+        capsys,
+    )
     entry = report["splits"]["heldout"]
     rows = [r for r in report["images"] if r["split"] == "heldout"]
     for name, stat in entry["change"]["model"].items():
@@ -224,10 +256,19 @@ def test_toy_eval_loads_a_lora_run_onto_its_recorded_base_and_reports_the_paired
 
 
 def test_toy_eval_reads_video_models_with_motion(tmp_path, capsys, one_thread):
-    report, text = _eval(["--model", "toy-animatediff", "--num-prompts", "2", "--batch-size", "2"], tmp_path, capsys)
+    report, text = _eval(
+        ["--model", "toy-animatediff", "--num-prompts", "2", "--batch-size", "2"], tmp_path, capsys
+    )
     assert report["video"] is True
-    assert set(report["splits"]["heldout"]["accuracy"]["model"]) == {"color", "shape", "background", "size", "count",
-                                                                       "direction", "all"}
+    assert set(report["splits"]["heldout"]["accuracy"]["model"]) == {
+        "color",
+        "shape",
+        "background",
+        "size",
+        "count",
+        "direction",
+        "all",
+    }
     assert "2 clips" in text
 
 

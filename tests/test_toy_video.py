@@ -1,4 +1,5 @@
-"""The toy video world: moving-shape clips, their reader, the pretraining script and the shipped toy-animatediff."""
+"""The toy video world: moving-shape clips, their reader, the pretraining script and the shipped
+toy-animatediff."""
 
 from __future__ import annotations
 
@@ -120,7 +121,10 @@ def test_pretrain_video_runs_and_resumes_exactly(tmp_path, one_thread):
     assert state["stage"] == "unet" and state["step"] == 2
     first = pretrain_video(tmp_path / "a", config, final_samples=False)
     second = pretrain_video(tmp_path / "b", config, final_samples=False)
-    for name in ("unet/diffusion_pytorch_model.safetensors", "motion_adapter/diffusion_pytorch_model.safetensors"):
+    for name in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "motion_adapter/diffusion_pytorch_model.safetensors",
+    ):
         a, b = load_file(str(first / name)), load_file(str(second / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     log = (tmp_path / "a" / "train.log").read_text()
@@ -152,8 +156,18 @@ def test_shipped_toy_animatediff_loads_with_stock_diffusers_and_samples_videos(t
     stock = AnimateDiffPipeline.from_pretrained(str(TOY_ANIMATEDIFF_DIR))
     assert type(stock.unet).__name__ == "UNetMotionModel"
     assert stock.unet.config.cross_attention_dim == stock.text_encoder.config.hidden_size
-    prompts = ["a large red circle moving left on a white background", "a small blue square moving up on a black background"]
-    out = sample(toy_video_pipe, prompts, seeds=[0, 1], num_steps=4, guidance_scale=3.0, num_frames=video_data.NUM_FRAMES)
+    prompts = [
+        "a large red circle moving left on a white background",
+        "a small blue square moving up on a black background",
+    ]
+    out = sample(
+        toy_video_pipe,
+        prompts,
+        seeds=[0, 1],
+        num_steps=4,
+        guidance_scale=3.0,
+        num_frames=video_data.NUM_FRAMES,
+    )
     assert out.images.shape == (2, video_data.NUM_FRAMES, 3, 32, 32) and torch.isfinite(out.images).all()
     assert out.trajectory.latents.shape == (2, 5, 4, video_data.NUM_FRAMES, 16, 16)
 
@@ -165,12 +179,21 @@ def test_shipped_toy_animatediff_follows_background_and_colour_words(toy_video_p
     from diffalign.toy.video_model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
 
     n = 4
-    prompts = ["a large red circle moving left on a white background", "a large red circle moving left on a black background",
-               "a large red square moving up on a grey background", "a large blue square moving up on a grey background"]
+    prompts = [
+        "a large red circle moving left on a white background",
+        "a large red circle moving left on a black background",
+        "a large red square moving up on a grey background",
+        "a large blue square moving up on a grey background",
+    ]
     # One batch; per-sample seeds make each clip what it would be alone.
-    videos = sample(toy_video_pipe, [p for p in prompts for _ in range(n)], seeds=list(range(n)) * len(prompts),
-                    num_steps=DEFAULT_NUM_STEPS, guidance_scale=DEFAULT_GUIDANCE,
-                    num_frames=video_data.NUM_FRAMES).images
+    videos = sample(
+        toy_video_pipe,
+        [p for p in prompts for _ in range(n)],
+        seeds=list(range(n)) * len(prompts),
+        num_steps=DEFAULT_NUM_STEPS,
+        guidance_scale=DEFAULT_GUIDANCE,
+        num_frames=video_data.NUM_FRAMES,
+    ).images
     white, black, red, blue = videos.split(n)
     border = lambda v: torch.cat([v[..., 0, :], v[..., -1, :]], dim=-1).mean(dim=(1, 2, 3))  # noqa: E731
     assert (border(white) - border(black)).mean() > MIN_BACKGROUND_MARGIN, (border(white), border(black))

@@ -88,7 +88,10 @@ def test_mapo_full_finetune_run_loads_as_a_pipeline(tmp_path):
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet")
     base = UNet2DConditionModel.from_pretrained(_tiny_path(), subfolder="unet")
-    assert any(not torch.equal(a, b) for a, b in zip(unet.state_dict().values(), base.state_dict().values(), strict=True))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(unet.state_dict().values(), base.state_dict().values(), strict=True)
+    )
     card = (out / "README.md").read_text()
     assert "mapo" in card.lower() and "base_model: tiny-sdxl" in card and "implicit accuracy" in card
     assert (out / "eval" / "base_vs_tuned.png").is_file()
@@ -150,8 +153,15 @@ def test_cached_and_uncached_paths_give_the_same_loss(tmp_path):
     first = {}
     for cache in (False, True):
         out = tmp_path / f"cache-{cache}"
-        cfg = _config("tiny-sdxl/dpo.yaml", out, "eval.enabled=false", "train.max_steps=1", f"data.cache={cache}",
-                      f"data.cache_dir={tmp_path / 'cache'}", "optim.lr_warmup_steps=0")
+        cfg = _config(
+            "tiny-sdxl/dpo.yaml",
+            out,
+            "eval.enabled=false",
+            "train.max_steps=1",
+            f"data.cache={cache}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "optim.lr_warmup_steps=0",
+        )
         train(cfg)
         first[cache] = _metrics(out)[0]
     assert first[True]["loss"] == pytest.approx(first[False]["loss"], rel=1e-4, abs=1e-6)
@@ -160,7 +170,8 @@ def test_cached_and_uncached_paths_give_the_same_loss(tmp_path):
 
 @pytest.fixture(scope="module")
 def toy_pairs(tmp_path_factory):
-    """AI-feedback pairs from the shipped toy-sdxl, labelled by a toy reward (the learning benchmark, small)."""
+    """AI-feedback pairs from the shipped toy-sdxl, labelled by a toy reward (the learning benchmark,
+    small)."""
     from diffalign.models import load_pipeline
     from diffalign.pairs import generate_pairs
     from diffalign.sampling import SamplingSettings
@@ -181,10 +192,20 @@ def toy_pairs(tmp_path_factory):
 def test_short_toy_run_loss_falls_and_implicit_accuracy_rises(method, toy_pairs, tmp_path):
     """A short LoRA run on toy-sdxl: on fresh fixed noise draws over the training pairs (a seed stream the
     training never used), the method's loss falls and its implicit accuracy rises."""
-    cfg = load_config(ROOT / "configs" / "toy-sdxl" / f"{method}.yaml", [
-        f"train.output_dir={tmp_path}", f"data.source={toy_pairs}", "train.max_steps=40", "log.progress_bar=false",
-        "eval.prompts=[a large red circle in the center on a white background]", "eval.seeds=[0]",
-        "eval.num_inference_steps=4", "eval.train_pairs=16", "eval.train_pair_draws=4"])
+    cfg = load_config(
+        ROOT / "configs" / "toy-sdxl" / f"{method}.yaml",
+        [
+            f"train.output_dir={tmp_path}",
+            f"data.source={toy_pairs}",
+            "train.max_steps=40",
+            "log.progress_bar=false",
+            "eval.prompts=[a large red circle in the center on a white background]",
+            "eval.seeds=[0]",
+            "eval.num_inference_steps=4",
+            "eval.train_pairs=16",
+            "eval.train_pair_draws=4",
+        ],
+    )
     scores = json.loads((train(cfg) / "eval" / "scores.json").read_text())
     before, after = scores["train_pairs"]["before"], scores["train_pairs"]["after"]
     assert after["loss"] < before["loss"]

@@ -59,7 +59,9 @@ def test_toy_animatediff_prdp_config_runs_end_to_end(tmp_path, toy_video_model, 
         "method.num_prompts=1", "method.samples_per_prompt=2", "method.num_inference_steps=2",
         "method.num_frames=4", "method.train_timesteps=1", "method.gradient_steps_per_epoch=1",
         "method.micro_batch_prompts=1", "method.recompute_chunk_size=1", heldout_eval(path), *SMALL_EVAL])
-    assert cfg.method.reward == "toy_saturation" and cfg.method.prompts.endswith("toy-video-train-prompts.txt")
+    assert cfg.method.reward == "toy_saturation" and cfg.method.prompts.endswith(
+        "toy-video-train-prompts.txt"
+    )
     train(cfg)
     check_run(tmp_path / "prdp")
     metrics = [json.loads(line) for line in (tmp_path / "prdp" / "metrics.jsonl").read_text().splitlines()]
@@ -67,7 +69,9 @@ def test_toy_animatediff_prdp_config_runs_end_to_end(tmp_path, toy_video_model, 
 
 
 @pytest.mark.slow
-def test_toy_animatediff_mapo_config_runs_end_to_end_on_generated_video_pairs(tmp_path, toy_video_model, one_thread):
+def test_toy_animatediff_mapo_config_runs_end_to_end_on_generated_video_pairs(
+    tmp_path, toy_video_model, one_thread
+):
     from diffalign.models import load_pipeline
     from diffalign.pairs import generate_pairs
     from diffalign.sampling import SamplingSettings
@@ -77,15 +81,32 @@ def test_toy_animatediff_mapo_config_runs_end_to_end_on_generated_video_pairs(tm
 
     pipe = load_pipeline(toy_video_model)
     pipe.set_progress_bar_config(disable=True)
-    info = generate_pairs(pipe, video_prompts("train", n=2, seed=0), make_scorer("toy_saturation"), tmp_path / "pairs",
-                          images_per_prompt=2, seed=0, progress=False,
-                          sampling=SamplingSettings(num_steps=2, guidance_scale=3.0, num_frames=4))
+    info = generate_pairs(
+        pipe,
+        video_prompts("train", n=2, seed=0),
+        make_scorer("toy_saturation"),
+        tmp_path / "pairs",
+        images_per_prompt=2,
+        seed=0,
+        progress=False,
+        sampling=SamplingSettings(num_steps=2, guidance_scale=3.0, num_frames=4),
+    )
     assert info["pairs"] >= 1
     path = ROOT / "configs" / "toy-animatediff" / "mapo.yaml"
-    cfg = load_config(path, [
-        f"model.name={toy_video_model}", f"data.source={tmp_path / 'pairs'}", f"train.output_dir={tmp_path / 'mapo'}",
-        "train.max_steps=2", "train.batch_size=1", "data.num_frames=4", "eval.train_pairs=1",
-        heldout_eval(path), *SMALL_EVAL])
+    cfg = load_config(
+        path,
+        [
+            f"model.name={toy_video_model}",
+            f"data.source={tmp_path / 'pairs'}",
+            f"train.output_dir={tmp_path / 'mapo'}",
+            "train.max_steps=2",
+            "train.batch_size=1",
+            "data.num_frames=4",
+            "eval.train_pairs=1",
+            heldout_eval(path),
+            *SMALL_EVAL,
+        ],
+    )
     assert cfg.method.name == "mapo"
     train(cfg)
     check_run(tmp_path / "mapo")

@@ -63,11 +63,16 @@ def test_stochastic_video_trajectory_recomputes_exactly(name, request):
     traj = out.trajectory
     assert out.images.shape == (2, FRAMES[name], 3, 32, 32)
     assert traj.latents.shape[:2] == (2, 5) and traj.log_probs.shape == (2, 4)
-    assert traj.cond["encoder_hidden_states"].shape[0] == 2 and traj.uncond["encoder_hidden_states"].shape[0] == 2
+    assert (
+        traj.cond["encoder_hidden_states"].shape[0] == 2
+        and traj.uncond["encoder_hidden_states"].shape[0] == 2
+    )
     with torch.no_grad():
         one = recompute_log_probs(_denoiser(pipe), traj, chunk_size=1)
         batched = recompute_log_probs(_denoiser(pipe), traj, chunk_size=4)
-    assert torch.allclose(one, traj.log_probs, atol=1e-5) and torch.allclose(batched, traj.log_probs, atol=1e-5)
+    assert torch.allclose(one, traj.log_probs, atol=1e-5) and torch.allclose(
+        batched, traj.log_probs, atol=1e-5
+    )
 
 
 def test_flow_sde_log_prob_matches_formula(tiny_wan):
@@ -76,20 +81,31 @@ def test_flow_sde_log_prob_matches_formula(tiny_wan):
     out = sample(tiny_wan, PROMPTS[:1], seeds=SEEDS[:1], num_steps=3, guidance_scale=1.0, eta=a, num_frames=5,
                  height=32, width=32, decode=False)
     traj = out.trajectory
-    assert traj.step_rule == {"kind": "flow_sde", "noise_level": a, "noise_schedule": "flow_grpo", "reduction": "mean"}
+    assert traj.step_rule == {
+        "kind": "flow_sde",
+        "noise_level": a,
+        "noise_schedule": "flow_grpo",
+        "reduction": "mean",
+    }
     scheduler = FlowSDEStep.make_scheduler(traj.scheduler_config)
     scheduler.set_timesteps(3)
     sigmas = scheduler.sigmas.tolist()
     for i in range(3):
         x = traj.latents[:, i]
         with torch.no_grad():
-            v = tiny_wan.transformer(hidden_states=x, timestep=traj.timesteps[i : i + 1],
-                                     encoder_hidden_states=traj.cond["encoder_hidden_states"], return_dict=False)[0]
+            v = tiny_wan.transformer(
+                hidden_states=x,
+                timestep=traj.timesteps[i : i + 1],
+                encoder_hidden_states=traj.cond["encoder_hidden_states"],
+                return_dict=False,
+            )[0]
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         dt = sigma_next - sigma
         std_t = a * math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma)))
         mean = x * (1 + std_t**2 / (2 * sigma) * dt) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
-        expected = torch.distributions.Normal(mean, std_t * math.sqrt(-dt)).log_prob(traj.latents[:, i + 1]).mean()
+        expected = (
+            torch.distributions.Normal(mean, std_t * math.sqrt(-dt)).log_prob(traj.latents[:, i + 1]).mean()
+        )
         assert traj.log_probs[0, i].item() == pytest.approx(expected.item(), abs=1e-4)
 
 
@@ -100,7 +116,9 @@ def test_trajectory_file_round_trip_keeps_float_timesteps(tiny_wan, tmp_path):
     loaded = Trajectory.load(tmp_path / "t.safetensors")
     assert loaded.timesteps.dtype == torch.float32 and torch.equal(loaded.timesteps, out.trajectory.timesteps)
     with torch.no_grad():
-        assert torch.allclose(recompute_log_probs(tiny_wan.transformer, loaded), out.trajectory.log_probs, atol=1e-5)
+        assert torch.allclose(
+            recompute_log_probs(tiny_wan.transformer, loaded), out.trajectory.log_probs, atol=1e-5
+        )
 
 
 @pytest.mark.slow
@@ -108,8 +126,29 @@ def test_cli_tiny_and_sample_write_videos(tmp_path):
     assert main(["tiny", "wan", str(tmp_path / "wan")]) == 0
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "wan")).__name__ == "WanPipeline"
     out = tmp_path / "out"
-    assert main(["sample", "--model", str(tmp_path / "wan"), "--prompt", "a cat", "--num-frames", "5", "--steps", "2",
-                 "--height", "32", "--width", "32", "--out", str(out), "--save-trajectories"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tmp_path / "wan"),
+                "--prompt",
+                "a cat",
+                "--num-frames",
+                "5",
+                "--steps",
+                "2",
+                "--height",
+                "32",
+                "--width",
+                "32",
+                "--out",
+                str(out),
+                "--save-trajectories",
+            ]
+        )
+        == 0
+    )
     from PIL import Image
 
     video = Image.open(out / "00000.webp")

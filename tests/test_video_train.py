@@ -26,8 +26,15 @@ TINY_VIDEO_CONFIGS = sorted(f"{p.parent.name}/{p.name}" for p in (ROOT / "config
 # store 4: this also exercises resampling), Wan 5 (its VAE needs 4k+1 frames).
 COMMON = ["train.max_steps=2", "train.batch_size=1", "eval.enabled=false", "log.progress_bar=false"]
 PAIRS = ["data.resolution=16"]
-ONLINE = ["method.num_inference_steps=2", "method.samples_per_prompt=2", "method.num_prompts=1",
-          "method.gradient_steps_per_epoch=1", "method.train_timesteps=1", "method.height=16", "method.width=16"]
+ONLINE = [
+    "method.num_inference_steps=2",
+    "method.samples_per_prompt=2",
+    "method.num_prompts=1",
+    "method.gradient_steps_per_epoch=1",
+    "method.train_timesteps=1",
+    "method.height=16",
+    "method.width=16",
+]
 
 
 def fast_overrides(name: str) -> list[str]:
@@ -97,7 +104,9 @@ def test_video_pairs_resample_evenly_or_reject_with_a_counted_skip(video_pairs, 
     longer = PreferenceDataset(source, Preprocessing(16, random_flip=False, num_frames=6))[0]
     assert _frame_index(longer["pixels"][1]) == [0, 1, 1, 2, 2, 3]  # 4 frames -> 6: frames repeat
 
-    rejecting = PreferenceDataset(source, Preprocessing(16, random_flip=False, num_frames=4, frame_policy="reject"))
+    rejecting = PreferenceDataset(
+        source, Preprocessing(16, random_flip=False, num_frames=4, frame_policy="reject")
+    )
     batch = collate_pairs([rejecting[0], rejecting[1]])
     assert batch["size"] == 1 and len(batch["bad"]) == 1
     assert "pair 1" in batch["bad"][0] and "has 7 frames, expected 4" in batch["bad"][0]
@@ -124,7 +133,9 @@ def test_video_pairs_file_errors_come_before_any_model(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "a.gif"}) + "\n")
     with pytest.raises(DataError, match=r"pairs.jsonl:1: missing key\(s\) rejected"):
         open_pairs(str(tmp_path))
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "x", "chosen": "nope", "rejected": "a.gif"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "x", "chosen": "nope", "rejected": "a.gif"}) + "\n"
+    )
     with pytest.raises(DataError, match="does not exist"):
         open_pairs(str(tmp_path))
 
@@ -149,7 +160,9 @@ def test_flow_matching_loss_is_velocity_regression_on_the_shifted_schedule(tiny_
     sigmas, t = noise_process.sigmas_and_timesteps(index)
     plain = (n - index.double()) / n  # the unshifted training sigmas, 1 -> 1/N
     expected_sigmas = shift * plain / (1 + (shift - 1) * plain)
-    assert torch.allclose(sigmas.double(), expected_sigmas, atol=1e-6) and torch.allclose(t, sigmas * n, atol=1e-3)
+    assert torch.allclose(sigmas.double(), expected_sigmas, atol=1e-6) and torch.allclose(
+        t, sigmas * n, atol=1e-3
+    )
 
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 16, 2, 4, 4, generator=generator)
@@ -160,8 +173,12 @@ def test_flow_matching_loss_is_velocity_regression_on_the_shifted_schedule(tiny_
         for i in range(3):
             s = float(expected_sigmas[i])
             x_t = (1 - s) * x0[i : i + 1] + s * eps[i : i + 1]
-            v = tiny_wan.transformer(hidden_states=x_t, timestep=torch.tensor([s * n]),
-                                     encoder_hidden_states=cond["encoder_hidden_states"][i : i + 1], return_dict=False)[0]
+            v = tiny_wan.transformer(
+                hidden_states=x_t,
+                timestep=torch.tensor([s * n]),
+                encoder_hidden_states=cond["encoder_hidden_states"][i : i + 1],
+                return_dict=False,
+            )[0]
             assert losses[i].item() == pytest.approx((v - (eps[i] - x0[i])).pow(2).mean().item(), rel=1e-4)
 
 
@@ -174,11 +191,14 @@ def test_logit_normal_timestep_sampling_maps_uniform_draws_to_the_logit_normal(t
     u_sigmas, _ = uniform.sigmas_and_timesteps(index)
     l_sigmas, _ = logit.sigmas_and_timesteps(index)
     assert torch.equal(u_sigmas, uniform.scheduler.sigmas[:1000].float())
-    # every draw maps to a table entry; u = index / N follows sigmoid(N(0.5, 0.8)): its logit has that mean/std
+    # every draw maps to a table entry; u = index / N follows sigmoid(N(0.5, 0.8)): its logit has that
+    # mean/std
     positions = (logit.scheduler.sigmas[:1000].float()[None] == l_sigmas[:, None]).float().argmax(dim=1)
     u = (positions.double() + 0.5) / 1000
     logits = torch.log(u / (1 - u))
-    assert logits.mean().item() == pytest.approx(0.5, abs=0.05) and logits.std().item() == pytest.approx(0.8, abs=0.05)
+    assert logits.mean().item() == pytest.approx(0.5, abs=0.05) and logits.std().item() == pytest.approx(
+        0.8, abs=0.05
+    )
     with pytest.raises(ValueError, match="uniform or logit_normal"):
         FlowMatchingNoise.from_pipeline_config(tiny_wan.scheduler.config, "cosine")
 
@@ -194,7 +214,9 @@ def test_video_latents_use_the_pipelines_normalisation(tiny_wan):
     latents = sample_latents(tiny_wan.vae, params)
     config = tiny_wan.vae.config
     # WanPipeline decodes latents * std + mean: the sample must invert exactly that around the posterior mean
-    back = latents * torch.tensor(config.latents_std).view(1, -1, 1, 1, 1) + torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1)
+    back = latents * torch.tensor(config.latents_std).view(1, -1, 1, 1, 1) + torch.tensor(
+        config.latents_mean
+    ).view(1, -1, 1, 1, 1)
     assert (back - mean).abs().max() < 6 * params[:, 16:].mul(0.5).exp().max()
 
 
@@ -208,7 +230,10 @@ def trained(tmp_path_factory, _offline_cache):
     outputs = {}
     for name in TINY_VIDEO_CONFIGS:
         out = root / name.removesuffix(".yaml").replace("/", "-")
-        assert main(["train", str(ROOT / "configs" / name), f"train.output_dir={out}", *fast_overrides(name)]) == 0
+        assert (
+            main(["train", str(ROOT / "configs" / name), f"train.output_dir={out}", *fast_overrides(name)])
+            == 0
+        )
         outputs[name] = out
     return outputs
 
@@ -232,7 +257,14 @@ def test_video_lora_loads_in_stock_diffusers_and_changes_the_output(kind, traine
     cls, frames = (AnimateDiffPipeline, 2) if kind == "animatediff" else (WanPipeline, 5)
     pipe = cls.from_pretrained(cached_tiny(kind))
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt="a red circle", num_frames=frames, height=16, width=16, num_inference_steps=2, output_type="latent")
+    kw = dict(
+        prompt="a red circle",
+        num_frames=frames,
+        height=16,
+        width=16,
+        num_inference_steps=2,
+        output_type="latent",
+    )
     before = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
     pipe.load_lora_weights(trained[f"tiny-{kind}/dpo.yaml"])
     after = pipe(generator=torch.Generator().manual_seed(0), **kw)[0]
@@ -246,9 +278,24 @@ def test_wan_full_finetune_saves_a_pipeline_folder_stock_diffusers_loads(tmp_pat
     from diffalign.tiny import cached_tiny
 
     out = tmp_path / "full"
-    assert main(["train", str(ROOT / "configs/tiny-wan/dpo.yaml"), f"train.output_dir={out}", "model.finetune=full", "optim.lr_warmup_steps=0",
-                 "train.max_steps=1", "train.batch_size=1", "eval.enabled=false", "log.progress_bar=false",
-                 "data.resolution=16", "train.flow_timestep_sampling=logit_normal"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs/tiny-wan/dpo.yaml"),
+                f"train.output_dir={out}",
+                "model.finetune=full",
+                "optim.lr_warmup_steps=0",
+                "train.max_steps=1",
+                "train.batch_size=1",
+                "eval.enabled=false",
+                "log.progress_bar=false",
+                "data.resolution=16",
+                "train.flow_timestep_sampling=logit_normal",
+            ]
+        )
+        == 0
+    )
     pipe = WanPipeline.from_pretrained(out)
 
     original = WanPipeline.from_pretrained(cached_tiny("wan")).transformer.state_dict()
@@ -259,9 +306,25 @@ def test_wan_full_finetune_saves_a_pipeline_folder_stock_diffusers_loads(tmp_pat
 @pytest.mark.slow
 def test_training_eval_writes_videos_and_scores(tmp_path):
     out = tmp_path / "eval"
-    assert main(["train", str(ROOT / "configs/tiny-wan/mapo.yaml"), f"train.output_dir={out}", "train.max_steps=1",
-                 "train.batch_size=1", "log.progress_bar=false", "data.resolution=16", "eval.prompts=[a cat]",
-                 "eval.num_inference_steps=2", "eval.height=16", "eval.width=16", "eval.train_pairs=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs/tiny-wan/mapo.yaml"),
+                f"train.output_dir={out}",
+                "train.max_steps=1",
+                "train.batch_size=1",
+                "log.progress_bar=false",
+                "data.resolution=16",
+                "eval.prompts=[a cat]",
+                "eval.num_inference_steps=2",
+                "eval.height=16",
+                "eval.width=16",
+                "eval.train_pairs=0",
+            ]
+        )
+        == 0
+    )
     scores = json.loads((out / "eval" / "scores.json").read_text())
     assert set(scores["scorers"]) == {"brightness"}
     video = Image.open(out / "eval" / "tuned" / "0000.webp")
@@ -274,12 +337,27 @@ def test_validation_grid_and_gallery_show_clips_of_eval_num_frames(tmp_path):
     from diffalign.gallery.run import load_media
 
     out = tmp_path / "run"
-    assert main(["train", str(ROOT / "configs/tiny-animatediff/dpo.yaml"), f"train.output_dir={out}",
-                 *fast_overrides("tiny-animatediff/dpo.yaml"), "eval.num_frames=3", "data.num_frames=2",
-                 "eval.num_inference_steps=2", "log.validation_every_n_steps=2", "log.validation_gallery=true",
-                 "log.validation_prompts=[a red circle]"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(ROOT / "configs/tiny-animatediff/dpo.yaml"),
+                f"train.output_dir={out}",
+                *fast_overrides("tiny-animatediff/dpo.yaml"),
+                "eval.num_frames=3",
+                "data.num_frames=2",
+                "eval.num_inference_steps=2",
+                "log.validation_every_n_steps=2",
+                "log.validation_gallery=true",
+                "log.validation_prompts=[a red circle]",
+            ]
+        )
+        == 0
+    )
     grid = Image.open(out / "validation" / "step-000002.png")
-    clip = load_media(next((out / "validation" / "gallery-step-000002" / "media" / "step-2").glob("*.anim.webp")))
+    clip = load_media(
+        next((out / "validation" / "gallery-step-000002" / "media" / "step-2").glob("*.anim.webp"))
+    )
     assert clip.shape[0] == 3 and grid.size == (3 * clip.shape[-1], clip.shape[-2])  # frames side by side
     summary = json.loads((out / "validation" / "gallery-step-000002" / "summary.json").read_text())
     assert summary["models"]["step-2"]["status"] == "done"
@@ -289,8 +367,30 @@ def test_diffalign_pairs_writes_video_pairs_the_trainer_reads(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = tmp_path / "pairs"
-    assert main(["pairs", "--model", "tiny-animatediff", "--prompts", str(prompts), "--scorer", "brightness",
-                 "--out", str(out), "--num-frames", "3", "--steps", "1", "--height", "16", "--width", "16"]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                "--model",
+                "tiny-animatediff",
+                "--prompts",
+                str(prompts),
+                "--scorer",
+                "brightness",
+                "--out",
+                str(out),
+                "--num-frames",
+                "3",
+                "--steps",
+                "1",
+                "--height",
+                "16",
+                "--width",
+                "16",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["chosen"].endswith(".webp")
     assert Image.open(out / rows[0]["chosen"]).n_frames == 3
@@ -302,8 +402,28 @@ def test_diffalign_pairs_writes_video_pairs_the_trainer_reads(tmp_path):
 @pytest.mark.slow
 def test_diffalign_sample_writes_animatediff_videos(tmp_path):
     out = tmp_path / "out"
-    assert main(["sample", "--model", "tiny-animatediff", "--prompt", "a cat", "--num-frames", "3", "--steps", "2",
-                 "--height", "16", "--width", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "tiny-animatediff",
+                "--prompt",
+                "a cat",
+                "--num-frames",
+                "3",
+                "--steps",
+                "2",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert Image.open(out / "00000.webp").n_frames == 3
 
 
@@ -320,7 +440,9 @@ def test_mp4_written_by_save_video_reads_back_as_a_training_clip(tmp_path):
     assert len(read) == 6 and read[0].size == (48, 32) and read[0].mode == "RGB"
 
     _write_gif(tmp_path / "four.gif", 4)
-    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "clip.mp4", "rejected": "four.gif"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"prompt": "p", "chosen": "clip.mp4", "rejected": "four.gif"}) + "\n"
+    )
     item = PreferenceDataset(open_pairs(str(tmp_path)), Preprocessing(16, random_flip=False, num_frames=3))[0]
     assert item["pixels"].shape == (2, 3, 3, 16, 16)
     assert _frame_index(item["pixels"][0]) == [0, 2, 5]  # 6 frames -> 3 evenly spaced (0, 2.5 -> 2, 5)

@@ -22,43 +22,70 @@ def add_parser(sub):
         description="Every model gets the same initial noise per (prompt, image). Rerun the same command "
                     "to resume an interrupted gallery.",
     )
-    p.add_argument("--model", action="append", required=True, metavar="NAME=SPEC",
-                   help="a model to compare (repeatable; the first is the baseline). SPEC is a model spec: an id, "
-                        "a pipeline folder, or FOLDER:lora (a LoRA on top of --lora-base, else the base its run "
-                        "recorded, else the first non-LoRA model)")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=SPEC",
+        help="a model to compare (repeatable; the first is the baseline). SPEC is a model spec: an id, "
+        "a pipeline folder, or FOLDER:lora (a LoRA on top of --lora-base, else the base its run "
+        "recorded, else the first non-LoRA model)",
+    )
     p.add_argument("--lora-base", default=None, help="base model for the LoRA models (default: each run's "
                                                      "recorded base, else the first non-LoRA --model)")
-    p.add_argument("--prompts", required=True,
-                   help="a prompt file (.txt, .jsonl, .json, .tsv) or a set: smoke, toy, toy-train, toy-heldout, "
-                        "parti, ddpo-animals, hpdv2, hpdv2-<style>, drawbench, pickapic")
-    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts, evenly spaced")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help="a prompt file (.txt, .jsonl, .json, .tsv) or a set: smoke, toy, toy-train, toy-heldout, "
+        "parti, ddpo-animals, hpdv2, hpdv2-<style>, drawbench, pickapic",
+    )
+    p.add_argument(
+        "--max-prompts", type=int, default=None, help="use at most this many prompts, evenly spaced"
+    )
     p.add_argument("--scorer", action="append", default=[], help="scorer name (repeatable)")
     p.add_argument("--images-per-prompt", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="image k of prompt p gets seed SEED + p * K + k")
-    p.add_argument("--steps", type=int, default=None, help="default: the baseline model's own (toy-sdxl: 20), else 30")
-    p.add_argument("--guidance", type=float, default=None, help="default: the baseline model's own (toy-sdxl: 3), else 5")
+    p.add_argument(
+        "--steps", type=int, default=None, help="default: the baseline model's own (toy-sdxl: 20), else 30"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=None, help="default: the baseline model's own (toy-sdxl: 3), else 5"
+    )
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM noise: 0 deterministic, 1 DDPM ancestral")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
-    p.add_argument("--num-frames", type=int, default=None, help="video models: frames per clip (default: the pipeline's)")
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="video models: frames per clip (default: the pipeline's)"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True, help="output folder (index.html, scores.csv, summary.json, media/)")
+    p.add_argument(
+        "--out", required=True, help="output folder (index.html, scores.csv, summary.json, media/)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args):
     # every check before any model loads
-    sampling = SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale,
-                                eta=args.eta, height=args.height, width=args.width, num_frames=args.num_frames,
-                                negative_prompt=args.negative_prompt)
+    sampling = SamplingSettings(
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale,
+        eta=args.eta,
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        negative_prompt=args.negative_prompt,
+    )
     if args.images_per_prompt < 1:
         raise UsageError(f"images_per_prompt must be >= 1, got {args.images_per_prompt}")
     sampling.check()
-    specs = validate_models([parse_model_arg(m) for m in args.model], args.lora_base, num_frames=args.num_frames)
+    specs = validate_models(
+        [parse_model_arg(m) for m in args.model], args.lora_base, num_frames=args.num_frames
+    )
     check_scorer_names(args.scorer)
     check_prompt_spec(args.prompts)
     parse_dtype(args.dtype)
@@ -78,7 +105,10 @@ def run(args):
                               seed=args.seed, sampling=sampling, batch_size=args.batch_size, dtype=args.dtype,
                               device=args.device, lora_base=args.lora_base)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished images are kept in {out}; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"\ninterrupted: finished images are kept in {out}; rerun the same command to resume",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
     print(summary["table"])
     failed = {m: v["error"] for m, v in summary["models"].items() if v["status"] == "failed"}

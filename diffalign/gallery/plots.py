@@ -14,7 +14,8 @@ def _safe(name: str) -> str:
 
 def write_plots(out: Path, rows: Sequence[dict], stats: dict, models: Sequence[str],
                 scorers: Sequence[str]) -> list[str]:
-    """Write ``plots/scores_<scorer>.png`` and ``plots/win_rates.png``; return their paths relative to ``out``."""
+    """Write ``plots/scores_<scorer>.png`` and ``plots/win_rates.png``; return their paths relative to
+    ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,13 +25,17 @@ def write_plots(out: Path, rows: Sequence[dict], stats: dict, models: Sequence[s
     folder.mkdir(exist_ok=True)
     written = []
     for scorer in scorers:
-        data = [[r["scores"][scorer] for r in rows if r["model"] == m and scorer in r["scores"]] for m in models]
+        data = [
+            [r["scores"][scorer] for r in rows if r["model"] == m and scorer in r["scores"]] for m in models
+        ]
         if not any(data):
             continue
         fig, ax = plt.subplots(figsize=(max(3.8, 1.6 + 1.3 * len(models)), 3.4), dpi=110)
         present = [(m, d) for m, d in zip(models, data, strict=True) if d]
         positions = range(1, len(present) + 1)
-        parts = ax.violinplot([d for _, d in present], positions=positions, showmeans=False, showextrema=False)
+        parts = ax.violinplot(
+            [d for _, d in present], positions=positions, showmeans=False, showextrema=False
+        )
         for i, body in enumerate(parts["bodies"]):
             body.set_facecolor(COLORS[i % len(COLORS)])
             body.set_alpha(0.35)

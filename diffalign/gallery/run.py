@@ -93,7 +93,9 @@ def validate_models(specs: Sequence[ModelSpec], lora_base: str | None = None,
     seen = set()
     for spec in specs:
         if not _NAME.match(spec.name):
-            raise ValueError(f"model name {spec.name!r}: use letters, digits, '_', '.', '-' (it names a folder)")
+            raise ValueError(
+                f"model name {spec.name!r}: use letters, digits, '_', '.', '-' (it names a folder)"
+            )
         if spec.name in seen:
             raise ValueError(f"model name {spec.name!r} is given twice")
         seen.add(spec.name)
@@ -177,7 +179,9 @@ class Manifest:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err.msg}); remove it to start the gallery afresh") from None
+            raise ValueError(
+                f"{path} is not valid JSON ({err.msg}); remove it to start the gallery afresh"
+            ) from None
         if data.pop("format", None) != MANIFEST_FORMAT:
             raise ValueError(f"{path} is not a diffalign gallery manifest")
         return cls(**data)
@@ -374,7 +378,9 @@ def _generate_model(spec, pipe, todo, prompts, settings, scorers, out, manifest,
         pipe = load_model(spec, dtype=dtype, device=device or default_device())
     frames = settings.sampling.num_frames
     if frames is not None and not family_of(pipe).video:
-        raise ValueError(f"num_frames={frames} is for video pipelines; {spec.name} is a {type(pipe).__name__}")
+        raise ValueError(
+            f"num_frames={frames} is for video pipelines; {spec.name} is a {type(pipe).__name__}"
+        )
     progress_config = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one gallery bar instead of one per batch
@@ -382,8 +388,14 @@ def _generate_model(spec, pipe, todo, prompts, settings, scorers, out, manifest,
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
     try:
-        batches = sample_batches(pipe, [prompts[p] for p, _ in todo], [settings.seed_for(p, k) for p, k in todo],
-                                 settings.sampling, batch_size=batch_size, model_name=spec.name)
+        batches = sample_batches(
+            pipe,
+            [prompts[p] for p, _ in todo],
+            [settings.seed_for(p, k) for p, k in todo],
+            settings.sampling,
+            batch_size=batch_size,
+            model_name=spec.name,
+        )
         for start, result in batches:
             batch = todo[start : start + batch_size]
             batch_prompts = [prompts[p] for p, _ in batch]
@@ -413,7 +425,11 @@ def _score_missing(out: Path, manifest: Manifest, specs, prompts, scorers) -> No
     """Score saved files that lack a score (a scorer added on resume, files adopted after an interruption)."""
     for scorer in scorers:
         for spec in specs:
-            missing = [(key, item) for key, item in manifest.items[spec.name].items() if scorer.name not in item["scores"]]
+            missing = [
+                (key, item)
+                for key, item in manifest.items[spec.name].items()
+                if scorer.name not in item["scores"]
+            ]
             for start in range(0, len(missing), 16):
                 chunk = missing[start : start + 16]
                 media = [load_media(out / item["file"]) for _, item in chunk]
@@ -442,20 +458,37 @@ def write_results(out: Path, manifest: Manifest, models: Sequence[str], scorers:
         writer = csv.writer(f)
         writer.writerow(["model", "prompt_index", "image_index", "seed", "prompt", "file", *scorers])
         for r in rows:
-            writer.writerow([r["model"], r["prompt_index"], r["image_index"], r["seed"], r["prompt"], r["file"],
-                             *(r["scores"].get(s, "") for s in scorers)])
+            writer.writerow(
+                [
+                    r["model"],
+                    r["prompt_index"],
+                    r["image_index"],
+                    r["seed"],
+                    r["prompt"],
+                    r["file"],
+                    *(r["scores"].get(s, "") for s in scorers),
+                ]
+            )
     ok = [m for m in models if any(r["model"] == m for r in rows)]
     # the later model is compared against the earlier ones: the first --model is the baseline
-    stats = compute_stats(rows, list(reversed(ok)), {s: manifest.scorers[s]["higher_is_better"] for s in scorers})
+    stats = compute_stats(
+        rows, list(reversed(ok)), {s: manifest.scorers[s]["higher_is_better"] for s in scorers}
+    )
     stats["means"] = {m: stats["means"][m] for m in ok}
     summary = {
         "settings": manifest.settings,
         "n_prompts": len(manifest.prompts),
-        "models": {m: {**manifest.models[m], "images": sum(1 for r in rows if r["model"] == m)} for m in models},
+        "models": {
+            m: {**manifest.models[m], "images": sum(1 for r in rows if r["model"] == m)} for m in models
+        },
         "scorers": {s: manifest.scorers[s] for s in scorers},
         "stats": stats,
         "generated": generated or {},
-        "files": {"scores": "scores.csv", "manifest": "manifest.json", "page": "index.html" if write_page else None},
+        "files": {
+            "scores": "scores.csv",
+            "manifest": "manifest.json",
+            "page": "index.html" if write_page else None,
+        },
     }
     plots = []
     if write_page:

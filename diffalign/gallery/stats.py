@@ -44,7 +44,9 @@ def student_t_quantile(p: float, df: int) -> float:
     return x
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float | None, float | None]:
+def t_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float | None, float | None]:
     """(mean, low, high) of ``values`` with a Student-t interval; no interval for fewer than 2 values."""
     n = len(values)
     if n == 0:
@@ -74,7 +76,8 @@ def per_prompt_means(scores: dict[int, list[float]]) -> dict[int, float]:
 
 
 def mean_ci(scores: dict[int, list[float]], confidence: float = CONFIDENCE) -> dict:
-    """Mean over all images of one model and scorer, with an interval over prompts. ``scores``: prompt -> values."""
+    """Mean over all images of one model and scorer, with an interval over prompts. ``scores``: prompt ->
+    values."""
     values = [v for vs in scores.values() for v in vs]
     if not values:
         raise ValueError("no scores")
@@ -99,8 +102,18 @@ def win_rate(a: dict[int, list[float]], b: dict[int, list[float]], higher_is_bet
     rate = (wins + 0.5 * ties) / len(prompts)
     low, high = wilson_interval(wins + 0.5 * ties, len(prompts), confidence)
     diff_mean, diff_low, diff_high = t_interval(diffs, confidence)
-    return {"win_rate": rate, "ci_low": low, "ci_high": high, "wins": wins, "ties": ties, "losses": losses,
-            "n_prompts": len(prompts), "mean_diff": diff_mean, "diff_ci_low": diff_low, "diff_ci_high": diff_high}
+    return {
+        "win_rate": rate,
+        "ci_low": low,
+        "ci_high": high,
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
+        "n_prompts": len(prompts),
+        "mean_diff": diff_mean,
+        "diff_ci_low": diff_low,
+        "diff_ci_high": diff_high,
+    }
 
 
 def compute_stats(rows: Sequence[dict], models: Sequence[str], scorers: dict[str, bool],
@@ -143,10 +156,15 @@ def format_tables(stats: dict) -> str:
             lines.append(f"{model:<20} {scorer:<24} {m['mean']:>10.4f}  {ci:<30} {m['n_images']:>6}")
     if stats["win_rates"]:
         lines.append("")
-        lines.append(f"{'A vs B':<32} {'scorer':<24} {'win rate A':>10}  {level}% CI          W/T/L      mean A-B")
+        lines.append(
+            f"{'A vs B':<32} {'scorer':<24} {'win rate A':>10}  {level}% CI          W/T/L      mean A-B"
+        )
         for w in stats["win_rates"]:
             pair = f"{w['a']} vs {w['b']}"
             ci = f"[{w['ci_low']:.3f}, {w['ci_high']:.3f}]"
             wtl = f"{w['wins']}/{w['ties']}/{w['losses']}"
-            lines.append(f"{pair:<32} {w['scorer']:<24} {w['win_rate']:>10.3f}  {ci:<16} {wtl:<10} {w['mean_diff']:+.4f}")
+            lines.append(
+                f"{pair:<32} {w['scorer']:<24} {w['win_rate']:>10.3f}  {ci:<16} {wtl:<10} "
+                f"{w['mean_diff']:+.4f}"
+            )
     return "\n".join(lines)

@@ -45,7 +45,8 @@ def ddpo_loss(
     clip_range: float = 1e-4,
     adv_clip_max: float = 5.0,
 ) -> LossOutput:
-    """PPO-clip loss on ``n`` trajectories at ``S`` steps: ``logp``/``logp_old`` [n, S], ``advantages`` [n]."""
+    """PPO-clip loss on ``n`` trajectories at ``S`` steps: ``logp``/``logp_old`` [n, S], ``advantages``
+    [n]."""
     adv = advantages.clamp(-adv_clip_max, adv_clip_max)[:, None]
     log_ratio = logp - logp_old.detach()
     ratio = torch.exp(log_ratio)

@@ -63,11 +63,15 @@ def dpo_loss(
 
 
 def _pair_loss(cfg: DPOConfig, pair: PairLosses) -> LossOutput:
-    return dpo_loss(pair.model_w, pair.model_l, pair.ref_w, pair.ref_l, beta=cfg.beta, loss_type=cfg.loss_type)
+    return dpo_loss(
+        pair.model_w, pair.model_l, pair.ref_w, pair.ref_l, beta=cfg.beta, loss_type=cfg.loss_type
+    )
 
 
 def _validate(cfg: DPOConfig, require) -> None:
     require(cfg.beta > 0, "method.beta", cfg.beta, "a number > 0 (the paper uses 5000)")
 
 
-register_method(MethodSpec("dpo", DPOConfig, kind="pairs", needs_reference=True, pair_loss=_pair_loss, validate=_validate))
+register_method(
+    MethodSpec("dpo", DPOConfig, kind="pairs", needs_reference=True, pair_loss=_pair_loss, validate=_validate)
+)

@@ -10,7 +10,8 @@ Fast variant), DG = XueZeyue/DanceGRPO@15cc71d (fastvideo/train_grpo_flux.py). E
     L_clip = mean over samples and trained steps of max(-A ρ_t, -A clip(ρ_t, 1 ± clip_range))
     KL_t   = ⟨(μ_θ - μ_ref)²⟩ / (2 σ_t²)                            σ_t: the step's std (StepResult.std;
                                                                     FG's std_dev_t·√-Δ), μ: the step's mean
-    L      = L_clip + beta · mean KL_t                              beta 0 (FG base); .04 geneval/ocr, .004 wan
+    L      = L_clip + beta · mean KL_t                              beta 0 (FG base); .04 geneval/ocr,
+                                                                    .004 wan
 
 Groups whose rewards are all equal have A = 0 everywhere and are skipped (and counted). The trained steps
 are the first ``int(T · timestep_fraction)`` (FG), a random ``int(T' · timestep_fraction)`` per sample
@@ -55,7 +56,10 @@ class GRPOConfig:
     timestep_fraction: float = 0.99  # FG .99 (10 steps -> 9); DG .6
     drop_last_step: bool = False  # DG --ignore_last: the last step is never trained (random selection)
     window_size: int = 2  # Fast: SDE steps per trajectory (FG+ default 2; *_fast_nocfg 3)
-    window_range: tuple[int, int] = (0, 10)  # Fast: the window lies in steps [lo, hi) (FG+ (0, 10); nocfg (0, 5))
+    window_range: tuple[int, int] = (
+        0,
+        10,
+    )  # Fast: the window lies in steps [lo, hi) (FG+ (0, 10); nocfg (0, 5))
     # flow families' stochastic step: FG's SDE, DG's constant-noise SDE, or FG+'s CPS (diffalign.steps)
     sde: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
     shared_group_noise: bool = False  # DG --init_same_noise: one initial noise per prompt group
@@ -73,7 +77,9 @@ def validate_grpo_settings(cfg: GRPOConfig, require, num_inference_steps: int) -
     require(cfg.beta >= 0, "method.beta", cfg.beta, "a number >= 0")
     require(cfg.timestep_selection in ("fraction", "random", "window"), "method.timestep_selection",
             cfg.timestep_selection, "one of fraction, random, window")
-    require(cfg.sde in ("flow_grpo", "dance_grpo", "cps"), "method.sde", cfg.sde, "flow_grpo, dance_grpo or cps")
+    require(
+        cfg.sde in ("flow_grpo", "dance_grpo", "cps"), "method.sde", cfg.sde, "flow_grpo, dance_grpo or cps"
+    )
     if cfg.timestep_selection in ("fraction", "random"):
         candidates = num_inference_steps - int(cfg.drop_last_step and cfg.timestep_selection == "random")
         require(0 < cfg.timestep_fraction <= 1 and int(candidates * cfg.timestep_fraction) >= 1,
@@ -85,7 +91,9 @@ def validate_grpo_settings(cfg: GRPOConfig, require, num_inference_steps: int) -
                 f"[lo, hi] with 0 <= lo < hi <= num_inference_steps ({num_inference_steps})")
         require(1 <= cfg.window_size <= hi - lo, "method.window_size", cfg.window_size,
                 f"an integer in [1, hi - lo] = [1, {hi - lo}]")
-    require(cfg.ema_update_interval >= 1, "method.ema_update_interval", cfg.ema_update_interval, "an integer >= 1")
+    require(
+        cfg.ema_update_interval >= 1, "method.ema_update_interval", cfg.ema_update_interval, "an integer >= 1"
+    )
     require(0 <= cfg.ema_max_decay < 1, "method.ema_max_decay", cfg.ema_max_decay, "a number in [0, 1)")
 
 
@@ -101,7 +109,8 @@ def group_advantages(
     unbiased: bool = False,
     adv_clip_max: float = 5.0,
 ) -> torch.Tensor:
-    """``clip((r - mean_group) / (std + eps), ±adv_clip_max)`` [n] fp32; std of all rewards or of the group."""
+    """``clip((r - mean_group) / (std + eps), ±adv_clip_max)`` [n] fp32; std of all rewards or of the
+    group."""
     r = rewards.float()
     centered = torch.zeros_like(r)
     scale = torch.zeros_like(r)
@@ -132,7 +141,8 @@ def informative_groups(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[tor
 # The loss
 # ----------------------------------------------------------------------------------------------------
 def flow_grpo_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's per-step KL ``⟨(μ_θ - μ_ref)²⟩ / (2 σ²)``: ``mean``/``mean_ref`` [n, S, ...], ``std`` [n, S]."""
+    """Flow-GRPO's per-step KL ``⟨(μ_θ - μ_ref)²⟩ / (2 σ²)``: ``mean``/``mean_ref`` [n, S, ...], ``std`` [n,
+    S]."""
     squared = (mean.float() - mean_ref.detach().float()) ** 2
     return squared.flatten(2).mean(dim=2) / (2 * std.detach().float() ** 2)
 
@@ -216,24 +226,35 @@ def train_step_indices(cfg: GRPOConfig, num_samples: int, num_steps: int, *, win
         if window is None:
             raise ValueError("timestep_selection 'window' needs the SDEWindow the samples were drawn with")
         return window.train_steps.expand(num_samples, -1)
-    raise ValueError(f"unknown timestep_selection {cfg.timestep_selection!r}; expected fraction, random or window")
+    raise ValueError(
+        f"unknown timestep_selection {cfg.timestep_selection!r}; expected fraction, random or window"
+    )
 
 
 def flow_step_rule(cfg: GRPOConfig, noise_level: float):
     """The flow families' sampling step of ``cfg.sde`` (DanceGRPO's SDE is the constant-noise one)."""
     if cfg.sde == "cps":
         return FlowCPSStep(noise_level=noise_level)
-    return FlowSDEStep(noise_level=noise_level, noise_schedule={"flow_grpo": "flow_grpo", "dance_grpo": "constant"}[cfg.sde])
+    return FlowSDEStep(
+        noise_level=noise_level, noise_schedule={"flow_grpo": "flow_grpo", "dance_grpo": "constant"}[cfg.sde]
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Initial noise shared within a group (DanceGRPO --init_same_noise)
 # ----------------------------------------------------------------------------------------------------
-def initial_noise(shape: tuple[int, ...], groups: torch.Tensor, seeds: list[int], *, shared_within_group: bool,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def initial_noise(
+    shape: tuple[int, ...],
+    groups: torch.Tensor,
+    seeds: list[int],
+    *,
+    shared_within_group: bool,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Initial latents ``[n, *shape]``: sample ``i``'s from ``seeds[i]``, or (shared) every member of a group
     gets the noise of the group's first sample's seed. Pass them to the sampler as ``latents`` while the
-    per-sample seeds still drive the SDE's step noise, so a group's trajectories start equal and then differ."""
+    per-sample seeds still drive the SDE's step noise, so a group's trajectories start equal and then
+    differ."""
     if len(seeds) != len(groups):
         raise ValueError(f"got {len(seeds)} seeds for {len(groups)} samples")
     first_of_group: dict[int, int] = {}

@@ -63,4 +63,8 @@ def _validate(cfg: MaPOConfig, require) -> None:
     require(cfg.snr_value > 0, "method.snr_value", cfg.snr_value, "a number > 0 (the paper uses 0.5)")
 
 
-register_method(MethodSpec("mapo", MaPOConfig, kind="pairs", needs_reference=False, pair_loss=_pair_loss, validate=_validate))
+register_method(
+    MethodSpec(
+        "mapo", MaPOConfig, kind="pairs", needs_reference=False, pair_loss=_pair_loss, validate=_validate
+    )
+)

@@ -56,9 +56,16 @@ def validate_nft_settings(cfg: NFTConfig, require) -> None:
     require(cfg.beta > 0, "method.beta", cfg.beta, "a number > 0 (DiffusionNFT uses 1, or .1 for OCR)")
     require(cfg.loss_scale > 0, "method.loss_scale", cfg.loss_scale, "a number > 0 (DiffusionNFT uses 5)")
     require(cfg.kl_weight >= 0, "method.kl_weight", cfg.kl_weight, "a number >= 0 (DiffusionNFT uses 1e-4)")
-    require(cfg.adv_clip_max > 0, "method.adv_clip_max", cfg.adv_clip_max, "a number > 0 (DiffusionNFT uses 5)")
+    require(
+        cfg.adv_clip_max > 0, "method.adv_clip_max", cfg.adv_clip_max, "a number > 0 (DiffusionNFT uses 5)"
+    )
     require(cfg.norm_floor > 0, "method.norm_floor", cfg.norm_floor, "a number > 0")
-    require(0 < cfg.timestep_fraction <= 1, "method.timestep_fraction", cfg.timestep_fraction, "a number in (0, 1]")
+    require(
+        0 < cfg.timestep_fraction <= 1,
+        "method.timestep_fraction",
+        cfg.timestep_fraction,
+        "a number in (0, 1]",
+    )
     require(cfg.old_decay in OLD_DECAY_SCHEDULES, "method.old_decay", cfg.old_decay,
             f"one of {', '.join(OLD_DECAY_SCHEDULES)}")
 
@@ -132,7 +139,9 @@ def old_policy_decay(step: int, schedule: str = "default") -> float:
     """The old policy's EMA decay after ``step`` optimizer steps: 0 before ``flat``, then ``min(rate ·
     (step - flat), cap)``; "default" ``min(.001 · step, .5)``, "ocr" 75 flat steps then .0075 up to .999."""
     if schedule not in OLD_DECAY_SCHEDULES:
-        raise ValueError(f"unknown old-policy decay {schedule!r}; expected one of {', '.join(OLD_DECAY_SCHEDULES)}")
+        raise ValueError(
+            f"unknown old-policy decay {schedule!r}; expected one of {', '.join(OLD_DECAY_SCHEDULES)}"
+        )
     flat, rate, cap = OLD_DECAY_SCHEDULES[schedule]
     return 0.0 if step < flat else min(rate * (step - flat), cap)
 

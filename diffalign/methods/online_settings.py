@@ -30,19 +30,29 @@ class OnlineSettings:
     eta: float = 1.0  # DDIM noise; 1 = DDPM ancestral (the papers' choice), must be > 0
     height: int | None = None  # None: the model's default
     width: int | None = None
-    num_frames: int | None = None  # video models (AnimateDiff, Wan): frames per sample; None: the pipeline's default
+    # video models (AnimateDiff, Wan): frames per sample; None: the pipeline's default
+    num_frames: int | None = None
     sample_batch_size: int = 8  # trajectories per sampling call
-    train_timesteps: int | None = None  # None: all stored steps; N: a random subset of N steps per gradient step
-    micro_batch_prompts: int = 1  # prompt groups per backward pass (gradients accumulate over the epoch's groups)
+    train_timesteps: int | None = None
+    # prompt groups per backward pass (gradients accumulate over the epoch's groups)
+    micro_batch_prompts: int = 1
     recompute_chunk_size: int = 1  # timesteps batched into one UNet forward when recomputing log-probs
-    steps_per_backward: int | None = None  # None: a micro-batch's steps in one graph; N: exact, N steps per graph
+    # None: a micro-batch's steps in one graph; N: exact, N steps per graph
+    steps_per_backward: int | None = None
     max_bad_reward_fraction: float = 0.25  # stop when more of an epoch's rewards are NaN/inf
-    async_scoring: bool = False  # score each sampling call's images in the background while the next is sampled
+    # score each sampling call's images in the background while the next is sampled
+    async_scoring: bool = False
 
     def sampling(self) -> SamplingSettings:
         """How the method samples its epochs."""
-        return SamplingSettings(num_steps=self.num_inference_steps, guidance_scale=self.guidance_scale, eta=self.eta,
-                                height=self.height, width=self.width, num_frames=self.num_frames)
+        return SamplingSettings(
+            num_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            eta=self.eta,
+            height=self.height,
+            width=self.width,
+            num_frames=self.num_frames,
+        )
 
 
 def validate_online_settings(cfg: OnlineSettings, require) -> None:
@@ -57,7 +67,12 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
     try:
         check_scorer_names([cfg.reward])
     except (ValueError, FileNotFoundError, ImportError) as err:
-        require(False, "method.reward", cfg.reward, f"a scorer spec, e.g. 'toy_saturation' or '10*pickscore+2*hpsv2' ({err})")
+        require(
+            False,
+            "method.reward",
+            cfg.reward,
+            f"a scorer spec, e.g. 'toy_saturation' or '10*pickscore+2*hpsv2' ({err})",
+        )
     for key in ("num_prompts", "samples_per_prompt", "gradient_steps_per_epoch", "num_inference_steps",
                 "sample_batch_size", "micro_batch_prompts", "recompute_chunk_size"):
         value = getattr(cfg, key)
@@ -66,11 +81,29 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
             cfg.steps_per_backward, "null or an integer >= 1")
     require(cfg.eta > 0, "method.eta", cfg.eta, "a number > 0 (online methods need stochastic steps)")
     require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
-    require(cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_inference_steps,
-            "method.train_timesteps", cfg.train_timesteps, f"null or an integer in [1, {cfg.num_inference_steps}]")
-    require(cfg.num_frames is None or cfg.num_frames >= 1, "method.num_frames", cfg.num_frames, "null or an integer >= 1")
+    require(
+        cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_inference_steps,
+        "method.train_timesteps",
+        cfg.train_timesteps,
+        f"null or an integer in [1, {cfg.num_inference_steps}]",
+    )
+    require(
+        cfg.num_frames is None or cfg.num_frames >= 1,
+        "method.num_frames",
+        cfg.num_frames,
+        "null or an integer >= 1",
+    )
     for key in ("height", "width"):
         value = getattr(cfg, key)
-        require(value is None or (value >= 8 and value % 8 == 0), f"method.{key}", value, "null or a multiple of 8")
-    require(0 <= cfg.max_bad_reward_fraction < 1, "method.max_bad_reward_fraction", cfg.max_bad_reward_fraction,
-            "a number in [0, 1)")
+        require(
+            value is None or (value >= 8 and value % 8 == 0),
+            f"method.{key}",
+            value,
+            "null or a multiple of 8",
+        )
+    require(
+        0 <= cfg.max_bad_reward_fraction < 1,
+        "method.max_bad_reward_fraction",
+        cfg.max_bad_reward_fraction,
+        "a number in [0, 1)",
+    )

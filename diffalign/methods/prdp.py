@@ -74,7 +74,9 @@ def prdp_loss(
     margin = (r_hat[a] - r_hat[b]).detach()
     if len(a) == 0:
         zero = logp.sum() * 0.0
-        return LossOutput(zero, zero.detach(), zero.detach(), {"num_pairs": torch.tensor(0.0), "clipfrac": zero.detach()})
+        return LossOutput(
+            zero, zero.detach(), zero.detach(), {"num_pairs": torch.tensor(0.0), "clipfrac": zero.detach()}
+        )
     return LossOutput(
         loss=losses.mean(),
         implicit_acc=(margin > 0).float().mean(),
@@ -90,7 +92,12 @@ def prdp_loss(
 def _validate(cfg: PRDPConfig, require) -> None:
     validate_online_settings(cfg, require)
     require(cfg.beta > 0, "method.beta", cfg.beta, "a number > 0 (the paper uses 3e-5 or 3e-6)")
-    require(cfg.clip_epsilon > 0, "method.clip_epsilon", cfg.clip_epsilon, "a number > 0 (the paper uses 1e-6 or 1e-4)")
+    require(
+        cfg.clip_epsilon > 0,
+        "method.clip_epsilon",
+        cfg.clip_epsilon,
+        "a number > 0 (the paper uses 1e-6 or 1e-4)",
+    )
     require(cfg.samples_per_prompt >= 2, "method.samples_per_prompt", cfg.samples_per_prompt,
             "an integer >= 2 (PRDP compares trajectories of the same prompt)")
 

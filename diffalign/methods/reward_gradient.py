@@ -11,7 +11,7 @@ the gradient steps are checkpointed (``torch.utils.checkpoint``) so memory holds
                              n re-noisings x = add_noise(sg(x_0), ε_j, t_{N-1})     (over the n copies)
     AlignProp  (AP@b22918a)  b = clamp(int(N(μ, σ)), 1, N - 1); steps [b, N)         L = -scale · mean r
                              (μ 42, σ 5 of N = 50; loss (1 - HPS) · .01 = -.01 HPS + const)
-    ReFL       (IR@c1392c6)  m ~ U{lo .. hi} (30..39 of 40); steps < m without       L = scale · mean ReLU(c - r)
+    ReFL       (IR@c1392c6)  m ~ U{lo .. hi} (30..39 of 40); steps < m without       L = scale·mean ReLU(c-r)
                              gradient; one gradient call at t_m gives x̂_0 (scored)    + w · L_pretrain
                              (c 2, scale 1e-3; the pretraining MSE only in ReFL_SDXL*.py)
 
@@ -63,8 +63,15 @@ def validate_reward_gradient_settings(cfg: RewardGradientConfig, require, num_in
         require(0 <= lo <= hi <= n - 1, "method.refl_step_range", list(cfg.refl_step_range),
                 f"[lo, hi] with 0 <= lo <= hi <= num_inference_steps - 1 ({n - 1})")
     if cfg.variant == "alignprop":
-        require(n >= 2, "method.num_inference_steps", n, "an integer >= 2 (AlignProp truncates within the chain)")
-    require(cfg.pretrain_loss_weight >= 0, "method.pretrain_loss_weight", cfg.pretrain_loss_weight, "a number >= 0")
+        require(
+            n >= 2, "method.num_inference_steps", n, "an integer >= 2 (AlignProp truncates within the chain)"
+        )
+    require(
+        cfg.pretrain_loss_weight >= 0,
+        "method.pretrain_loss_weight",
+        cfg.pretrain_loss_weight,
+        "a number >= 0",
+    )
     require(cfg.loss_scale > 0, "method.loss_scale", cfg.loss_scale, "a number > 0")
 
 
@@ -73,22 +80,32 @@ def require_differentiable(scorer, method: str = "reward-gradient methods") -> N
     if getattr(scorer, "differentiable", False):
         return
     parts = getattr(scorer, "parts", None)
-    culprits = [s.name for _, s in parts if not s.differentiable] if parts else [getattr(scorer, "name", repr(scorer))]
+    culprits = (
+        [s.name for _, s in parts if not s.differentiable]
+        if parts
+        else [getattr(scorer, "name", repr(scorer))]
+    )
     usable = sorted(name for name, factory in SCORERS.items() if getattr(factory, "differentiable", False))
-    raise ValueError(f"{method} back-propagate the reward into the model, but scorer {', '.join(culprits)} is not "
-                     f"differentiable; use a differentiable one ({', '.join(usable)})")
+    raise ValueError(
+        f"{method} back-propagate the reward into the model, but scorer {', '.join(culprits)} is not "
+        f"differentiable; use a differentiable one ({', '.join(usable)})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Which sampler steps carry gradients
 # ----------------------------------------------------------------------------------------------------
-def alignprop_truncation(num_steps: int, mean: float, std: float, generator: torch.Generator | None = None) -> int:
+def alignprop_truncation(
+    num_steps: int, mean: float, std: float, generator: torch.Generator | None = None
+) -> int:
     """AlignProp's ``b = clamp(int(N(mean, std)), 1, num_steps - 1)``: steps ``i >= b`` carry gradients."""
     draw = mean + std * float(torch.randn((), generator=generator))
     return min(max(int(draw), 1), num_steps - 1)
 
 
-def gradient_steps(cfg: RewardGradientConfig, num_steps: int, generator: torch.Generator | None = None) -> range:
+def gradient_steps(
+    cfg: RewardGradientConfig, num_steps: int, generator: torch.Generator | None = None
+) -> range:
     """The sampler steps (indices into the N steps) through which this draw back-propagates the reward.
 
     DRaFT-LV: the last step, recomputed on re-noisings of the final sample; ReFL: the one step ``m`` whose
@@ -101,12 +118,16 @@ def gradient_steps(cfg: RewardGradientConfig, num_steps: int, generator: torch.G
     if cfg.variant == "draft_lv":
         return range(num_steps - 1, num_steps)
     if cfg.variant == "alignprop":
-        return range(alignprop_truncation(num_steps, cfg.truncation_mean, cfg.truncation_std, generator), num_steps)
+        return range(
+            alignprop_truncation(num_steps, cfg.truncation_mean, cfg.truncation_std, generator), num_steps
+        )
     if cfg.variant == "refl":
         lo, hi = cfg.refl_step_range
         m = int(torch.randint(lo, hi + 1, (), generator=generator))
         return range(m, m + 1)
-    raise ValueError(f"unknown reward-gradient variant {cfg.variant!r}; expected one of {', '.join(VARIANTS)}")
+    raise ValueError(
+        f"unknown reward-gradient variant {cfg.variant!r}; expected one of {', '.join(VARIANTS)}"
+    )
 
 
 def _contiguous(steps: Sequence[int] | range, num_steps: int) -> range:
@@ -125,8 +146,13 @@ def _call(fn: StepFn, x: torch.Tensor, t, checkpoint: bool) -> torch.Tensor:
     return checkpoint_call(fn, x, t, use_reentrant=False) if checkpoint else fn(x, t)
 
 
-def differentiable_sample(step_fn: StepFn, x_T: torch.Tensor, timesteps: Sequence, grad_steps: Sequence[int] | range,
-                          checkpoint: bool = True) -> torch.Tensor:
+def differentiable_sample(
+    step_fn: StepFn,
+    x_T: torch.Tensor,
+    timesteps: Sequence,
+    grad_steps: Sequence[int] | range,
+    checkpoint: bool = True,
+) -> torch.Tensor:
     """Run ``x = step_fn(x, t)`` over ``timesteps``; only the consecutive ``grad_steps`` build a graph.
 
     Steps outside ``grad_steps`` run under ``torch.no_grad`` (their output is a constant for autograd); each
@@ -178,9 +204,13 @@ def sample_for_reward(cfg: RewardGradientConfig, step_fn: StepFn, x_T: torch.Ten
         return refl_sample(step_fn, x0_fn, x_T, timesteps, steps[0], cfg.checkpoint), steps
     if cfg.variant == "draft_lv":
         if add_noise is None:
-            raise ValueError("DRaFT-LV needs add_noise(x0, noise, t), the forward process at the last timestep")
+            raise ValueError(
+                "DRaFT-LV needs add_noise(x0, noise, t), the forward process at the last timestep"
+            )
         x0 = differentiable_sample(step_fn, x_T, timesteps, range(0))
-        return draft_lv_sample(step_fn, add_noise, x0, timesteps[-1], cfg.lv_renoisings, generator, cfg.checkpoint), steps
+        return draft_lv_sample(
+            step_fn, add_noise, x0, timesteps[-1], cfg.lv_renoisings, generator, cfg.checkpoint
+        ), steps
     return differentiable_sample(step_fn, x_T, timesteps, steps, cfg.checkpoint), steps
 
 

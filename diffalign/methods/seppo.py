@@ -37,7 +37,8 @@ from diffalign.sampling import SamplingSettings
 class SePPOConfig:
     name: ClassVar[str] = "seppo"
     beta: float = 5000.0  # unknown in the paper: Diffusion-DPO's value (reconstructed)
-    flip: Literal["sign", "indicator", "off"] = "sign"  # anchor-based adaptive flip (reconstructed); quote "off" in YAML
+    # anchor-based adaptive flip (reconstructed); quote "off" in YAML
+    flip: Literal["sign", "indicator", "off"] = "sign"
     reference: Literal["uniform", "initial", "latest"] = "uniform"  # paper: uniform over previous checkpoints
     pool_interval: int = 50  # add the policy to the pool every N optimizer steps
     pool_size: int | None = None  # keep at most N saved checkpoints besides the initial model (None: all)
@@ -92,7 +93,12 @@ def seppo_loss(
 def _validate(cfg: SePPOConfig, require) -> None:
     require(cfg.beta > 0, "method.beta", cfg.beta, "a number > 0")
     require(cfg.pool_interval >= 1, "method.pool_interval", cfg.pool_interval, "an integer >= 1")
-    require(cfg.pool_size is None or cfg.pool_size >= 1, "method.pool_size", cfg.pool_size, "null or an integer >= 1")
+    require(
+        cfg.pool_size is None or cfg.pool_size >= 1,
+        "method.pool_size",
+        cfg.pool_size,
+        "null or an integer >= 1",
+    )
     require(cfg.ref_num_inference_steps >= 1, "method.ref_num_inference_steps", cfg.ref_num_inference_steps,
             "an integer >= 1")
     require(cfg.ref_guidance_scale >= 0, "method.ref_guidance_scale", cfg.ref_guidance_scale, "a number >= 0")

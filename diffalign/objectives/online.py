@@ -92,8 +92,16 @@ class OnlineBatch:
 
     def to(self, device) -> OnlineBatch:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return OnlineBatch(self.trajectory, move(self.rewards), move(self.groups), self.steps, move(self.logp_old),
-                           move(self.logp_ref), move(self.advantages), self.stats)
+        return OnlineBatch(
+            self.trajectory,
+            move(self.rewards),
+            move(self.groups),
+            self.steps,
+            move(self.logp_old),
+            move(self.logp_ref),
+            move(self.advantages),
+            self.stats,
+        )
 
     def select(self, index: torch.Tensor, columns: torch.Tensor | None = None) -> OnlineBatch:
         pick = (lambda x: x[index]) if columns is None else (lambda x: x[index][:, columns])
@@ -104,7 +112,9 @@ class OnlineBatch:
             advantages=None if self.advantages is None else self.advantages[index], stats=self.stats)
 
 
-def sample_epoch(pipe, prompts: list[str], settings: OnlineSettings, seeds: list[int], reward, model_name: str = ""):
+def sample_epoch(
+    pipe, prompts: list[str], settings: OnlineSettings, seeds: list[int], reward, model_name: str = ""
+):
     """Sample ``len(prompts) × B`` trajectories (grouped by prompt) and score them.
 
     Returns ``(trajectory, rewards [n], groups [n], timings)`` with all samples, NaN rewards included.
@@ -153,8 +163,11 @@ def filter_rewards(rewards: torch.Tensor, groups: torch.Tensor, max_bad_fraction
             keep &= ~member
             num_flat += 1
     if num_flat:
-        log.warning("skipped %d prompt group(s) whose rewards are all equal (or fewer than 2): nothing to learn "
-                    "from them", num_flat)
+        log.warning(
+            "skipped %d prompt group(s) whose rewards are all equal (or fewer than 2): nothing to learn "
+            "from them",
+            num_flat,
+        )
     return keep, {"num_bad_rewards": num_bad, "num_flat_groups": num_flat}
 
 
@@ -163,7 +176,9 @@ def stochastic_steps(trajectory) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batched_log_probs(denoiser, trajectory, steps: torch.Tensor, *, chunk_size: int, sample_batch: int) -> torch.Tensor:
+def batched_log_probs(
+    denoiser, trajectory, steps: torch.Tensor, *, chunk_size: int, sample_batch: int
+) -> torch.Tensor:
     """``recompute_log_probs`` over many samples, ``sample_batch`` at a time, without gradients."""
     out = []
     for start in range(0, len(trajectory), sample_batch):
@@ -199,8 +214,13 @@ class OnlineObjective:
         self.current: OnlineBatch | None = None  # the epoch being trained on, used ``self.used`` times so far
         self.used = 0
         self.steps_rng = torch.Generator().manual_seed(ctx.cfg.train.seed)
-        log.info("%s: %d prompts from %s; reward %s", self.settings.name, len(self.prompts), self.settings.prompts,
-                 self.settings.reward)
+        log.info(
+            "%s: %d prompts from %s; reward %s",
+            self.settings.name,
+            len(self.prompts),
+            self.settings.prompts,
+            self.settings.reward,
+        )
 
     # -- sampling ------------------------------------------------------------------------------------
     def collect(self) -> OnlineBatch | None:
@@ -211,7 +231,9 @@ class OnlineObjective:
         seeds = [seed + i for i in range(len(prompts) * m.samples_per_prompt)]
         unet = unwrap(ctx.unet)
         unet.eval()
-        trajectory, rewards, groups, timings = sample_epoch(ctx.pipe, prompts, m, seeds, self.reward, ctx.cfg.model.name)
+        trajectory, rewards, groups, timings = sample_epoch(
+            ctx.pipe, prompts, m, seeds, self.reward, ctx.cfg.model.name
+        )
         unet.train()
         keep, stats = filter_rewards(rewards, groups, m.max_bad_reward_fraction)
         finite = rewards[torch.isfinite(rewards)]
@@ -223,14 +245,21 @@ class OnlineObjective:
         index = torch.nonzero(keep, as_tuple=True)[0]
         trajectory, rewards, groups = trajectory.select(index), rewards[index], groups[index]
         steps = stochastic_steps(trajectory)
-        batch = OnlineBatch(trajectory, rewards, groups, steps, trajectory.log_probs[:, steps].float(), stats=stats)
+        batch = OnlineBatch(
+            trajectory, rewards, groups, steps, trajectory.log_probs[:, steps].float(), stats=stats
+        )
         if self.spec.advantages is not None:
             batch.advantages = self.spec.advantages(m, rewards, groups)
         if ctx.spec.needs_reference:
             t0 = time.perf_counter()
             with ctx.reference() as reference:
-                batch.logp_ref = batched_log_probs(reference, trajectory, steps, chunk_size=m.recompute_chunk_size,
-                                                   sample_batch=m.sample_batch_size)
+                batch.logp_ref = batched_log_probs(
+                    reference,
+                    trajectory,
+                    steps,
+                    chunk_size=m.recompute_chunk_size,
+                    sample_batch=m.sample_batch_size,
+                )
             stats["reference_s"] = time.perf_counter() - t0
         return batch
 
@@ -249,8 +278,10 @@ class OnlineObjective:
             self.epoch += 1
             if batch is not None:
                 return batch
-        raise RewardError(f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: the "
-                          f"reward ({self.settings.reward}) does not separate samples")
+        raise RewardError(
+            f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: the "
+            f"reward ({self.settings.reward}) does not separate samples"
+        )
 
     # -- one gradient step -----------------------------------------------------------------------------
     def __call__(self, batch: OnlineBatch):
@@ -260,10 +291,15 @@ class OnlineObjective:
         t0 = time.perf_counter()
         columns = None
         if m.train_timesteps is not None and m.train_timesteps < len(batch.steps):
-            columns = torch.randperm(len(batch.steps), generator=self.steps_rng)[: m.train_timesteps].sort().values
+            columns = (
+                torch.randperm(len(batch.steps), generator=self.steps_rng)[: m.train_timesteps].sort().values
+            )
         parts = [batch.select(index, columns) for index in micro_batches(batch.groups, m.micro_batch_prompts)]
         weights = [self.spec.loss_weight(m, part) for part in parts]
-        parts, weights = [p for p, w in zip(parts, weights, strict=True) if w > 0], [w for w in weights if w > 0]
+        parts, weights = (
+            [p for p, w in zip(parts, weights, strict=True) if w > 0],
+            [w for w in weights if w > 0],
+        )
         total = sum(weights)
         metrics: dict[str, float] = {}
         done = 0.0
@@ -276,13 +312,19 @@ class OnlineObjective:
                     if not last:
                         ctx.accelerator.backward(term)
                 done += value
-            for key, value in {"implicit_acc": out.implicit_acc, "reward_margin": out.reward_margin, **out.extra}.items():
+            for key, value in {
+                "implicit_acc": out.implicit_acc,
+                "reward_margin": out.reward_margin,
+                **out.extra,
+            }.items():
                 metrics[key] = metrics.get(key, 0.0) + float(value) * weight / total
         loss = term + (done - float(term.detach()))  # value: the epoch's loss; gradient: the last piece's
         metrics |= {k: v for k, v in batch.stats.items()} | {"train_s": time.perf_counter() - t0}
         implicit_acc = torch.tensor(metrics.pop("implicit_acc"))
         reward_margin = torch.tensor(metrics.pop("reward_margin"))
-        return LossOutput(loss, implicit_acc, reward_margin, {k: torch.tensor(float(v)) for k, v in metrics.items()})
+        return LossOutput(
+            loss, implicit_acc, reward_margin, {k: torch.tensor(float(v)) for k, v in metrics.items()}
+        )
 
     def _loss_pieces(self, part: OnlineBatch, scale: float):
         """The method's loss on one micro-batch, as pieces ``() -> (graph term, loss value)`` whose
@@ -294,7 +336,9 @@ class OnlineObjective:
         more forward pass, memory for only ``steps_per_backward`` steps).
         """
         ctx, m = self.ctx, self.settings
-        recompute = lambda steps: recompute_log_probs(ctx.unet, part.trajectory, steps, chunk_size=m.recompute_chunk_size)  # noqa: E731
+        recompute = lambda steps: recompute_log_probs(  # noqa: E731
+            ctx.unet, part.trajectory, steps, chunk_size=m.recompute_chunk_size
+        )
         if m.steps_per_backward is None or m.steps_per_backward >= len(part.steps):
             logp = recompute(part.steps).float()
             out = self.spec.online_loss(m, part.to(logp.device), logp)
@@ -309,7 +353,10 @@ class OnlineObjective:
         chunks = torch.arange(len(part.steps)).split(m.steps_per_backward)
 
         def piece(cols, first):
-            return lambda: ((grad[:, cols] * recompute(part.steps[cols]).float()).sum(), value if first else 0.0)
+            return lambda: (
+                (grad[:, cols] * recompute(part.steps[cols]).float()).sum(),
+                value if first else 0.0,
+            )
 
         return out, [piece(cols, k == 0) for k, cols in enumerate(chunks)]
 
@@ -318,8 +365,15 @@ class OnlineObjective:
         current = None
         if self.current is not None:
             current = {f.name: getattr(self.current, f.name) for f in fields(OnlineBatch)}
-            current["trajectory"] = {f.name: getattr(self.current.trajectory, f.name) for f in fields(self.current.trajectory)}
-        return {"epoch": self.epoch, "used": self.used, "steps_rng": self.steps_rng.get_state(), "current": current}
+            current["trajectory"] = {
+                f.name: getattr(self.current.trajectory, f.name) for f in fields(self.current.trajectory)
+            }
+        return {
+            "epoch": self.epoch,
+            "used": self.used,
+            "steps_rng": self.steps_rng.get_state(),
+            "current": current,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.used = state["epoch"], state["used"]

@@ -39,8 +39,14 @@ class PairObjective:
         cfg = ctx.cfg
         self.dataset = dataset = build_cache(ctx, ctx.source, ctx.prep) if cfg.data.cache \
             else PreferenceDataset(ctx.source, ctx.prep)
-        self.batches_of = EpochBatches(dataset, ctx.accelerator, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                       num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
+        self.batches_of = EpochBatches(
+            dataset,
+            ctx.accelerator,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
 
     def batches(self):
         return iter(self.batches_of)
@@ -52,17 +58,23 @@ class PairObjective:
         self.batches_of.load_state_dict(state)
 
     def __call__(self, batch) -> LossOutput:
-        return pair_loss(self.ctx, batch, noise_key=f"train/{self.ctx.cfg.train.seed}/{self.batches_of.epoch}")
+        return pair_loss(
+            self.ctx, batch, noise_key=f"train/{self.ctx.cfg.train.seed}/{self.batches_of.epoch}"
+        )
 
     def evaluate(self) -> dict[str, float] | None:
         """The method's objective on the first ``eval.train_pairs`` pairs at fixed draws (None: skipped)."""
         ev, seed = self.ctx.cfg.eval, self.ctx.cfg.train.seed + EVAL_SEED_OFFSET
         if not (ev.enabled and ev.train_pairs):
             return None
-        return evaluate_pairs(self.ctx, self.dataset, max_pairs=ev.train_pairs, draws=ev.train_pair_draws, seed=seed)
+        return evaluate_pairs(
+            self.ctx, self.dataset, max_pairs=ev.train_pairs, draws=ev.train_pair_draws, seed=seed
+        )
 
 
-def encode_pairs(ctx: TrainContext, batch, noise_key: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def encode_pairs(
+    ctx: TrainContext, batch, noise_key: str | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Latents [2B, ...] (winners then losers) and conditioning [2B, ...] for a batch of pairs. With
     ``noise_key`` the VAE posterior samples are drawn from ``(noise_key, side, dataset index)`` (as
     :func:`pair_noise`), not from the global RNG, which every process seeds alike."""
@@ -92,7 +104,9 @@ def pair_loss(ctx: TrainContext, batch, noise_key: str) -> LossOutput:
     :func:`pair_noise`) and shared by its winner and loser."""
     latents, cond = encode_pairs(ctx, batch, noise_key)
     scheduler = ctx.noise_scheduler
-    noise, timesteps = pair_noise(batch["index"], noise_key, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps)
+    noise, timesteps = pair_noise(
+        batch["index"], noise_key, tuple(latents.shape[1:]), scheduler.config.num_train_timesteps
+    )
     noise = torch.cat([noise, noise]).to(latents.device, latents.dtype)
     timesteps = torch.cat([timesteps, timesteps]).to(latents.device)
     model_losses = denoising_losses(ctx.unet, ctx.family, scheduler, latents, noise, timesteps, cond)
@@ -124,7 +138,11 @@ def evaluate_pairs(ctx: TrainContext, dataset, *, max_pairs: int = 32, draws: in
                     continue
                 out = pair_loss(ctx, batch, noise_key=f"eval/{seed}/{draw}")
                 n = batch["size"]
-                for k, v in {"loss": out.loss, "implicit_acc": out.implicit_acc, "reward_margin": out.reward_margin}.items():
+                for k, v in {
+                    "loss": out.loss,
+                    "implicit_acc": out.implicit_acc,
+                    "reward_margin": out.reward_margin,
+                }.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * n
                 count += n
     return {k: v / count for k, v in totals.items()} | {"pairs": len(items), "draws": draws}
@@ -134,7 +152,9 @@ def build_cache(ctx: TrainContext, source: PairSource, prep: Preprocessing) -> C
     """Encode every pair's text and images once (or load the cache written by an earlier run)."""
     cfg = ctx.cfg
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-    model_id = json.dumps([cfg.model.name, str(getattr(ctx.pipe, "name_or_path", "")), cfg.model.variant, cfg.model.vae])
+    model_id = json.dumps(
+        [cfg.model.name, str(getattr(ctx.pipe, "name_or_path", "")), cfg.model.variant, cfg.model.vae]
+    )
     path = root / f"{cache_key(model_id, source, prep)}.safetensors"
     with ctx.accelerator.main_process_first():
         if path.is_file():
@@ -161,7 +181,12 @@ def build_cache(ctx: TrainContext, source: PairSource, prep: Preprocessing) -> C
         if not parts:
             raise ValueError(f"no readable pairs in {source.description}")
         tensors = {k: torch.cat(v) for k, v in parts.items()}
-        empty = {f"cond.{k}": v[0].float().cpu() for k, v in ctx.family.encode_prompt(ctx.pipe, [""], ctx.device).items()}
-        CachedPairs.save(path, tensors, empty, {"model": model_id, "data": source.description, "prep": prep.key()})
+        empty = {
+            f"cond.{k}": v[0].float().cpu()
+            for k, v in ctx.family.encode_prompt(ctx.pipe, [""], ctx.device).items()
+        }
+        CachedPairs.save(
+            path, tensors, empty, {"model": model_id, "data": source.description, "prep": prep.key()}
+        )
         log.info("cached %d pairs to %s", len(tensors["latent_params"]), path)
         return CachedPairs(tensors, empty, prep)

@@ -54,11 +54,21 @@ class CheckpointPool:
     """Earlier policies to draw SePPO's reference from. ``use(entry)`` makes the pipeline's denoiser
     (``pipe.unet``, or ``pipe.transformer`` for Wan: ``denoiser_attr``) that policy."""
 
-    def __init__(self, pipe, unet, ref_unet, finetune: str, directory: Path, size: int | None, accelerator=None,
-                 denoiser_attr: str = "unet"):
+    def __init__(
+        self,
+        pipe,
+        unet,
+        ref_unet,
+        finetune: str,
+        directory: Path,
+        size: int | None,
+        accelerator=None,
+        denoiser_attr: str = "unet",
+    ):
         self.pipe, self.unet, self.ref_unet, self.denoiser_attr = pipe, unwrap(unet), ref_unet, denoiser_attr
         self.finetune, self.directory, self.size = finetune, directory, size
-        self.accelerator = accelerator  # multi-process: the main process writes the files, every rank reads them
+        # multi-process: the main process writes the files, every rank reads them
+        self.accelerator = accelerator
         self.entries = [PoolEntry(0)]
         self.loaded_step = 0  # which entry ref_unet holds (full fine-tune)
         if finetune != "lora":
@@ -75,7 +85,8 @@ class CheckpointPool:
             self.directory.mkdir(parents=True, exist_ok=True)
             save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
         if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()  # the ranks' weights are the same: they all use the main's file
+            # the ranks' weights are the same: they all use the main's file
+            self.accelerator.wait_for_everyone()
         return path
 
     @property
@@ -84,7 +95,9 @@ class CheckpointPool:
 
     def add(self, step: int) -> None:
         if self.finetune == "lora":
-            entry = PoolEntry(step, lora={n: p.detach().to("cpu", copy=True) for n, p in self._trainable().items()})
+            entry = PoolEntry(
+                step, lora={n: p.detach().to("cpu", copy=True) for n, p in self._trainable().items()}
+            )
         else:
             entry = PoolEntry(step, path=self._save(step, self.unet))
         self.entries.append(entry)
@@ -168,8 +181,14 @@ class SePPOObjective:
         frames = ctx.prep.num_frames if ctx.prep is not None else None
         self.dataset = WinnersDataset(source, cfg.data.resolution, cfg.data.random_flip, cfg.train.seed,
                                       frames, cfg.data.frame_policy)
-        self.batches_of = EpochBatches(self.dataset, ctx.accelerator, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                                       num_workers=cfg.data.num_workers, max_bad_fraction=cfg.data.max_bad_fraction)
+        self.batches_of = EpochBatches(
+            self.dataset,
+            ctx.accelerator,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
         self.pool = CheckpointPool(ctx.pipe, ctx.unet, ctx.ref_unet, cfg.model.finetune,
                                    Path(cfg.train.output_dir) / "seppo_pool", m.pool_size, ctx.accelerator,
                                    denoiser_attr=ctx.family.denoiser_attr)
@@ -181,7 +200,11 @@ class SePPOObjective:
         return iter(self.batches_of)
 
     def state_dict(self) -> dict:
-        return {"data": self.batches_of.state_dict(), "rng": self.rng.getstate(), "pool": self.pool.state_dict()}
+        return {
+            "data": self.batches_of.state_dict(),
+            "rng": self.rng.getstate(),
+            "pool": self.pool.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_of.load_state_dict(state["data"])
@@ -197,7 +220,9 @@ class SePPOObjective:
         ctx, m = self.ctx, self.m
         device, dtype, family, scheduler = ctx.device, ctx.weight_dtype, ctx.family, ctx.noise_scheduler
         captions, b = batch["caption"], batch["size"]
-        latents_w = sample_latents(ctx.pipe.vae, encode_images(ctx.pipe.vae, batch["pixels"])).to(device, dtype)
+        latents_w = sample_latents(ctx.pipe.vae, encode_images(ctx.pipe.vae, batch["pixels"])).to(
+            device, dtype
+        )
         cond_w = family.encode_prompt(ctx.pipe, captions, device)
         for key in family.micro_conditioning:
             cond_w[key] = batch[key]
@@ -218,9 +243,16 @@ class SePPOObjective:
                                                                  torch.randint(0, num_t, (b,), device=device))
             latents = torch.cat([latents_w, latents_r])
             noise, timesteps = torch.cat([noise_w, noise_r]), torch.cat([t_w, t_r])
-            cond = {k: torch.cat([cond_w[k].to(device, dtype), trajectory.cond[k].to(device, dtype)]) for k in cond_w}
-            ref_w, ref_r = denoising_losses(reference, family, scheduler, latents, noise, timesteps, cond).chunk(2)
-        model_w, model_r = denoising_losses(ctx.unet, family, scheduler, latents, noise, timesteps, cond).chunk(2)
+            cond = {
+                k: torch.cat([cond_w[k].to(device, dtype), trajectory.cond[k].to(device, dtype)])
+                for k in cond_w
+            }
+            ref_w, ref_r = denoising_losses(
+                reference, family, scheduler, latents, noise, timesteps, cond
+            ).chunk(2)
+        model_w, model_r = denoising_losses(
+            ctx.unet, family, scheduler, latents, noise, timesteps, cond
+        ).chunk(2)
         out = ctx.spec.winners_loss(m, model_w, ref_w, model_r, ref_r)
         out.extra["reference_step"] = torch.tensor(float(entry.step))
         out.extra["pool_size"] = torch.tensor(float(len(self.pool.entries)))

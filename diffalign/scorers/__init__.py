@@ -6,7 +6,8 @@ weighted sum of such terms (``10*pickscore + 2*hpsv2 + 0.05*aesthetic``).
 """
 
 # Importing a scorer module registers its scorers: weight-free (simple), toy-sdxl rewards (toy) and the
-# model-based ones (aesthetic, clipscore, hpsv2, hpsv3, imagereward, pickscore) and the served ones (remote, vlm_judge).
+# model-based ones (aesthetic, clipscore, hpsv2, hpsv3, imagereward, pickscore) and the served ones (remote,
+# vlm_judge).
 from diffalign.scorers import (  # noqa: F401
     aesthetic,
     clipscore,

@@ -68,12 +68,18 @@ class Aesthetic(Scorer):
         if head is None:
             # A local model folder may carry its head (the tiny test models do); otherwise the hub copy.
             local = Path(model).expanduser()
-            head = str(local / AESTHETIC_HEAD_FILE) if (local / AESTHETIC_HEAD_FILE).is_file() else "trl-lib/ddpo-aesthetic-predictor"
+            head = (
+                str(local / AESTHETIC_HEAD_FILE)
+                if (local / AESTHETIC_HEAD_FILE).is_file()
+                else "trl-lib/ddpo-aesthetic-predictor"
+            )
         elif Path(head).expanduser().is_dir() and not (Path(head).expanduser() / head_file).exists():
             head_file = AESTHETIC_HEAD_FILE  # a folder holding the file under its published name
         head_path = resolve_file(head, head_file, what="aesthetic head", setting="head", scorer="aesthetic")
         # The full CLIPModel (as TRL's DDPO loads it): its checkpoints always carry the visual projection.
-        self.clip = from_pretrained(CLIPModel, model, what="CLIP ViT-L/14 model", setting="model", scorer="aesthetic")
+        self.clip = from_pretrained(
+            CLIPModel, model, what="CLIP ViT-L/14 model", setting="model", scorer="aesthetic"
+        )
         state = load_state_dict(head_path)
         self.head = AestheticHead(embed_dim=state["layers.0.weight"].shape[1])
         self.head.load_state_dict(state)

@@ -38,7 +38,9 @@ class Scorer:
     def _score(self, images: ImageBatch, prompts: list[str] | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def score(self, images: ImageBatch | Image.Image, prompts: Sequence[str] | str | None = None) -> torch.Tensor:
+    def score(
+        self, images: ImageBatch | Image.Image, prompts: Sequence[str] | str | None = None
+    ) -> torch.Tensor:
         if isinstance(images, Image.Image):
             images = [images]
         elif isinstance(images, torch.Tensor) and images.ndim == 3:
@@ -57,11 +59,17 @@ class Scorer:
         elif self.needs_prompts:
             raise ValueError(f"scorer {self.name!r} needs one prompt per image")
         if isinstance(images, torch.Tensor) and (images.ndim != 4 or images.shape[1] != 3):
-            raise ValueError(f"scorer {self.name!r}: image tensors must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+            raise ValueError(
+                f"scorer {self.name!r}: image tensors must be [B, 3, H, W] in [0, 1], got "
+                f"{tuple(images.shape)}"
+            )
         keep_graph = self.differentiable and isinstance(images, torch.Tensor) and images.requires_grad
         with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
             scores = [
-                self._score(images[i : i + self.batch_size], None if prompts is None else prompts[i : i + self.batch_size])
+                self._score(
+                    images[i : i + self.batch_size],
+                    None if prompts is None else prompts[i : i + self.batch_size],
+                )
                 for i in range(0, n, self.batch_size)
             ]
         return torch.cat([s.reshape(-1).float() for s in scores])
@@ -150,8 +158,12 @@ class NormalizedScorer(Scorer):
         self.count, self.mean, self.m2 = 0, 0.0, 0.0  # Welford's running mean and sum of squared deviations
 
     # The inner scorer batches and samples video frames; these settings are its own.
-    batch_size = property(lambda self: self.inner.batch_size, lambda self, v: setattr(self.inner, "batch_size", v))
-    video_frames = property(lambda self: self.inner.video_frames, lambda self, v: setattr(self.inner, "video_frames", v))
+    batch_size = property(
+        lambda self: self.inner.batch_size, lambda self, v: setattr(self.inner, "batch_size", v)
+    )
+    video_frames = property(
+        lambda self: self.inner.video_frames, lambda self, v: setattr(self.inner, "video_frames", v)
+    )
 
     @property
     def std(self) -> float:
@@ -198,7 +210,10 @@ def available_scorers() -> list[str]:
 
 
 NUMBER_PATTERN = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_TERM = re.compile(rf"^\s*(?:(?P<weight>{NUMBER_PATTERN})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$", re.S)
+_TERM = re.compile(
+    rf"^\s*(?:(?P<weight>{NUMBER_PATTERN})\s*\*\s*)?(?P<name>[A-Za-z_][\w.-]*)\s*(?::(?P<settings>.*))?$",
+    re.S,
+)
 
 
 def _parse_value(text: str):
@@ -254,7 +269,8 @@ def _parse_settings(text: str | None, spec: str, positional: str | None = None) 
 
 
 def parse_scorer_spec(spec: str) -> list[tuple[float | None, str, dict]]:
-    """``"10*pickscore:model=/m,dtype=float16 + 2*hpsv2:version=v2.1"`` -> ``[(weight, name, settings), ...]``.
+    """``"10*pickscore:model=/m,dtype=float16 + 2*hpsv2:version=v2.1"`` ->
+    ``[(weight, name, settings), ...]``.
 
     A term is ``[WEIGHT*]NAME[:KEY=VALUE,...]``; terms are joined by ``+``. A ``+`` inside a setting value
     (the aesthetic head is ``sac+logos+ava1-l14-linearMSE.pth``) stays in the value, because what follows
@@ -275,8 +291,9 @@ def parse_scorer_spec(spec: str) -> list[tuple[float | None, str, dict]]:
         match = _TERM.match(piece)
         if match is None:
             raise ValueError(
-                f"cannot read scorer spec {spec!r} at {piece.strip()!r}: expected [WEIGHT*]NAME[:KEY=VALUE,...] "
-                f"joined by '+'; known scorers: {', '.join(available_scorers())}"
+                f"cannot read scorer spec {spec!r} at {piece.strip()!r}: expected "
+                "[WEIGHT*]NAME[:KEY=VALUE,...] joined by '+'; known scorers: "
+                f"{', '.join(available_scorers())}"
             )
         name = match["name"]
         if name not in SCORERS:
@@ -295,7 +312,10 @@ def _check_settings(name: str, settings: dict) -> None:
     accepted = [p for p in params if p != "self"] + list(COMMON_SETTINGS)
     unknown = [k for k in settings if k not in accepted]
     if unknown:
-        raise ValueError(f"scorer {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: {', '.join(accepted)}")
+        raise ValueError(
+            f"scorer {name!r} has no setting {', '.join(map(repr, unknown))}; its settings: "
+            f"{', '.join(accepted)}"
+        )
 
 
 def _check_normalize(name: str, settings: dict) -> None:
@@ -328,11 +348,15 @@ def make_scorer(spec: str, **settings) -> Scorer:
         return scorer
     extra = [k for k in settings if k not in COMMON_SETTINGS]
     if extra:
-        raise ValueError(f"combined scorer {spec!r}: set {', '.join(extra)} per part in the spec (NAME:KEY=VALUE)")
+        raise ValueError(
+            f"combined scorer {spec!r}: set {', '.join(extra)} per part in the spec (NAME:KEY=VALUE)"
+        )
     parts = []
     for weight, name, part_settings in terms:
         scorer = _build_one(name, {**part_settings, **settings})
-        scorer.name = name + (":" + ",".join(f"{k}={v}" for k, v in part_settings.items()) if part_settings else "")
+        scorer.name = name + (
+            ":" + ",".join(f"{k}={v}" for k, v in part_settings.items()) if part_settings else ""
+        )
         parts.append((1.0 if weight is None else weight, scorer))
     combined = CombinedScorer(parts)
     combined.name = spec.strip()

@@ -49,7 +49,8 @@ def resized_size(height: int, width: int, size: int, mode: str) -> tuple[int, in
 
 
 def crop_box(height: int, width: int, size: int, rounding: str = "round") -> tuple[int, int]:
-    """Top-left corner of the centered ``size x size`` crop: torchvision's ``round`` or transformers' ``floor``."""
+    """Top-left corner of the centered ``size x size`` crop: torchvision's ``round`` or transformers'
+    ``floor``."""
     if rounding == "round":
         return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
     if rounding == "floor":
@@ -90,7 +91,9 @@ def preprocess_pil(
             array = np.asarray(image, dtype=np.float32) / 255.0
         else:
             left, right, top, bottom = pad_amounts(nh, nw, size)
-            array = np.pad(np.asarray(image, dtype=np.float32) / 255.0, ((top, bottom), (left, right), (0, 0)))
+            array = np.pad(
+                np.asarray(image, dtype=np.float32) / 255.0, ((top, bottom), (left, right), (0, 0))
+            )
         out.append(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
     return _normalize(torch.stack(out), mean, std)
 
@@ -109,7 +112,9 @@ def preprocess_tensor(
     if images.device.type == "cpu" and len(images) > 1:
         # On CPU a whole-batch resize of large images is memory-bound: image by image is about 2x faster
         # (benchmarks/scorers.py). On a GPU the batch stays one kernel per step.
-        return torch.cat([preprocess_tensor(image[None], size, mode, mean, std, crop_rounding) for image in images])
+        return torch.cat(
+            [preprocess_tensor(image[None], size, mode, mean, std, crop_rounding) for image in images]
+        )
     x = images.float().clamp(0, 1)
     h, w = x.shape[-2:]
     nh, nw = resized_size(h, w, size, mode)
@@ -150,12 +155,19 @@ def preprocess(
     check_path(path)
     is_tensor = isinstance(images, torch.Tensor)
     if path == "pil" or (path == "auto" and not is_tensor):
-        return preprocess_pil(to_pil(images) if is_tensor else list(images), size, mode, mean, std, crop_rounding)
+        return preprocess_pil(
+            to_pil(images) if is_tensor else list(images), size, mode, mean, std, crop_rounding
+        )
     if not is_tensor:
 
         sizes = {im.size for im in images}
         if len(sizes) > 1:
-            return torch.cat([preprocess_tensor(pil_to_tensor(im)[None], size, mode, mean, std, crop_rounding) for im in images])
+            return torch.cat(
+                [
+                    preprocess_tensor(pil_to_tensor(im)[None], size, mode, mean, std, crop_rounding)
+                    for im in images
+                ]
+            )
         images = torch.stack([pil_to_tensor(im) for im in images])
     return preprocess_tensor(images, size, mode, mean, std, crop_rounding)
 

@@ -31,7 +31,8 @@ class _QuietRandomInit(logging.Filter):
 
 
 def create_open_clip(arch: str):
-    """An open_clip model (random init, weights loaded later) and its tokenizer from a name or config folder."""
+    """An open_clip model (random init, weights loaded later) and its tokenizer from a name or config
+    folder."""
     import open_clip
 
     quiet = _QuietRandomInit()
@@ -62,13 +63,19 @@ class HPSv2(Scorer):
         self.version = version
         self.device, self.dtype = resolve_device(device), parse_dtype(dtype)
         self.preprocess_path = check_path(preprocess)
-        checkpoint = resolve_file(model, HPS_FILES[version], what=f"HPS {version} checkpoint", setting="model", scorer="hpsv2")
+        checkpoint = resolve_file(
+            model, HPS_FILES[version], what=f"HPS {version} checkpoint", setting="model", scorer="hpsv2"
+        )
         if (checkpoint.parent / OPEN_CLIP_CONFIG).is_file() and Path(model).expanduser().exists():
             arch = f"local-dir:{checkpoint.parent}"
         self.model, self.tokenizer = create_open_clip(arch)
         self.model.load_state_dict(load_state_dict(checkpoint))
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.image_size = self.model.visual.image_size[0] if isinstance(self.model.visual.image_size, tuple) else self.model.visual.image_size
+        self.image_size = (
+            self.model.visual.image_size[0]
+            if isinstance(self.model.visual.image_size, tuple)
+            else self.model.visual.image_size
+        )
         self.truncation = TruncationWarning("hpsv2", self.tokenizer.context_length)
 
     @staticmethod
@@ -76,12 +83,16 @@ class HPSv2(Scorer):
         """The checkpoint version (default v2.0); ``version`` picks a file of a folder or hub repo, so it is
         refused with ``model=FILE`` (one checkpoint already)."""
         if version is not None and Path(str(model)).expanduser().is_file():
-            raise ValueError(f"scorer 'hpsv2': version={version} picks {' or '.join(HPS_FILES.values())} in a "
-                             f"folder or hub repo, but model={model} is one checkpoint file; drop version=")
+            raise ValueError(
+                f"scorer 'hpsv2': version={version} picks {' or '.join(HPS_FILES.values())} in a "
+                f"folder or hub repo, but model={model} is one checkpoint file; drop version="
+            )
         version = "v2.0" if version is None else str(version)
         version = {"v2": "v2.0", "2": "v2.0", "2.0": "v2.0", "2.1": "v2.1"}.get(version, version)
         if version not in HPS_FILES:
-            raise ValueError(f"scorer 'hpsv2': unknown version {version!r}; expected one of {', '.join(HPS_FILES)}")
+            raise ValueError(
+                f"scorer 'hpsv2': unknown version {version!r}; expected one of {', '.join(HPS_FILES)}"
+            )
         return version
 
     def _score(self, images, prompts):

@@ -18,8 +18,8 @@ from diffalign.scorers.base import Scorer, register_scorer
 from diffalign.scorers.weights import resolve_device
 
 MISSING = (
-    "scorer 'imagereward' is not available: it needs the `image-reward` package (module `ImageReward`, "
-    "BLIP model code), which is not installed. It pins timm==0.6.13 and fairscale==0.4.13, which conflict with "
+    "scorer 'imagereward' is not available: it needs the `image-reward` package (module `ImageReward`, BLIP "
+    "model code), which is not installed. It pins timm==0.6.13 and fairscale==0.4.13, which conflict with "
     "this project's pins, so install it in a separate environment (`pip install image-reward`) to use this "
     "scorer; pickscore, hpsv2, aesthetic and clipscore need no extra package."
 )

@@ -21,7 +21,8 @@ from diffalign.scorers.weights import TruncationWarning, from_pretrained, resolv
 
 
 def pooled(output) -> torch.Tensor:
-    """transformers 5 returns an output object from ``get_*_features`` (projected ``pooler_output``); 4.x a tensor."""
+    """transformers 5 returns an output object from ``get_*_features`` (projected ``pooler_output``); 4.x a
+    tensor."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
@@ -44,22 +45,31 @@ class HFCLIPScorer(Scorer):
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         model = model or self.default_model
-        # A local model folder usually carries its own tokenizer/processor files; the hub PickScore repo does not.
+        # A local model folder usually carries its own tokenizer/processor files; the hub PickScore repo does
+        # not.
         processor = processor or (model if _has_tokenizer(model) else self.default_processor)
         self.device, self.dtype = resolve_device(device), parse_dtype(dtype)
         self.preprocess_path = check_path(preprocess)
         common = dict(scorer=self.name)
         self.model = from_pretrained(CLIPModel, model, what="CLIP model", setting="model", **common)
         self.model.to(self.device, self.dtype).eval().requires_grad_(False)
-        self.tokenizer = from_pretrained(CLIPTokenizer, processor, what="tokenizer", setting="processor", **common)
+        self.tokenizer = from_pretrained(
+            CLIPTokenizer, processor, what="tokenizer", setting="processor", **common
+        )
         try:
             image_processor = CLIPImageProcessor.from_pretrained(processor)
             crop = image_processor.crop_size  # a dict in transformers 4, a SizeDict in 5
             self.image_size = int(crop["height"])
             self.mean, self.std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
         except OSError:  # a tokenizer-only folder: the CLIP defaults of the model's own input size
-            self.image_size, self.mean, self.std = self.model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD
-        self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+            self.image_size, self.mean, self.std = (
+                self.model.config.vision_config.image_size,
+                CLIP_MEAN,
+                CLIP_STD,
+            )
+        self.max_length = min(
+            self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings
+        )
         self.truncation = TruncationWarning(self.name, self.max_length)
 
     def image_features(self, images) -> torch.Tensor:
@@ -72,7 +82,9 @@ class HFCLIPScorer(Scorer):
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
         self.truncation.check(lengths, prompts)
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        tokens = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         features = pooled(self.model.get_text_features(**tokens.to(self.device)))
         return features / features.norm(dim=-1, keepdim=True)
 

@@ -54,7 +54,9 @@ def read_token(token_env: str | None, scorer: str) -> str | None:
         return None
     token = os.environ.get(token_env)
     if token_env != TOKEN_ENV and not token:
-        raise ValueError(f"scorer {scorer!r}: token_env={token_env} names an environment variable that is not set")
+        raise ValueError(
+            f"scorer {scorer!r}: token_env={token_env} names an environment variable that is not set"
+        )
     return token or None
 
 
@@ -63,10 +65,16 @@ class HTTPScorer(Scorer):
 
     def __init__(self, url: str, *, timeout: float, connect_timeout: float, retries: int, backoff: float,
                  max_backoff: float, token_env: str | None):
-        for key, value, low in (("timeout", timeout, 0), ("connect_timeout", connect_timeout, 0), ("backoff", backoff, -1),
-                                ("max_backoff", max_backoff, -1)):
+        for key, value, low in (
+            ("timeout", timeout, 0),
+            ("connect_timeout", connect_timeout, 0),
+            ("backoff", backoff, -1),
+            ("max_backoff", max_backoff, -1),
+        ):
             if not isinstance(value, int | float) or value <= low:
-                raise ValueError(f"scorer {self.name!r}: {key} must be a number > {max(low, 0)}, got {value!r}")
+                raise ValueError(
+                    f"scorer {self.name!r}: {key} must be a number > {max(low, 0)}, got {value!r}"
+                )
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"scorer {self.name!r}: retries must be an integer >= 0, got {retries!r}")
         self.url = check_url(url, self.name)
@@ -74,7 +82,9 @@ class HTTPScorer(Scorer):
         self.retries, self.backoff, self.max_backoff = retries, float(backoff), float(max_backoff)
         self.token = read_token(token_env, self.name)
         self.session = make_session(retries, backoff, max_backoff)
-        self.bad_batches: Counter[str] = Counter()  # why batches scored NaN: timeout, not_json, wrong_count, ...
+        self.bad_batches: Counter[str] = (
+            Counter()
+        )  # why batches scored NaN: timeout, not_json, wrong_count, ...
 
     def auth_headers(self) -> dict:
         return auth_headers(self.token)
@@ -97,8 +107,9 @@ class HTTPScorer(Scorer):
                 return None  # every try timed out while reading: counted as a bad batch
             raise ServiceError(
                 f"scorer {self.name!r}: cannot reach {url} after {self.retries + 1} tries over at most "
-                f"{self.give_up_after_s:.0f} s ({_reason(err)}). Is the server running (diffalign serve-scorer ...)? "
-                f"Resume the run from its last checkpoint with --resume latest once it is back."
+                f"{self.give_up_after_s:.0f} s ({_reason(err)}). Is the server running (diffalign "
+                "serve-scorer ...)? Resume the run from its last checkpoint with --resume latest once it is "
+                "back."
             ) from None
 
     def raise_for_refusal(self, response: requests.Response) -> None:
@@ -141,9 +152,18 @@ class RemoteScorer(HTTPScorer):
         token_env: str | None = TOKEN_ENV,
     ):
         if encoding not in ENCODINGS:
-            raise ValueError(f"scorer 'remote': encoding={encoding!r}; expected one of {', '.join(ENCODINGS)}")
-        super().__init__(url, timeout=timeout, connect_timeout=connect_timeout, retries=retries, backoff=backoff,
-                         max_backoff=max_backoff, token_env=token_env)
+            raise ValueError(
+                f"scorer 'remote': encoding={encoding!r}; expected one of {', '.join(ENCODINGS)}"
+            )
+        super().__init__(
+            url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            token_env=token_env,
+        )
         self.encoding = encoding
         response = self.request("GET", "/health")
         if response is None:
@@ -152,7 +172,9 @@ class RemoteScorer(HTTPScorer):
         try:
             health = response.json()
         except ValueError:
-            raise ServiceError(f"scorer 'remote': {self.url}/health did not answer JSON: {response.text[:200]!r}") from None
+            raise ServiceError(
+                f"scorer 'remote': {self.url}/health did not answer JSON: {response.text[:200]!r}"
+            ) from None
         self.served = str(health.get("scorer", "?"))
         self.needs_prompts = bool(health.get("needs_prompts", False))
         self.higher_is_better = bool(health.get("higher_is_better", True))
@@ -162,7 +184,9 @@ class RemoteScorer(HTTPScorer):
         n = len(images)
         response = self.request("POST", "/score", **encode_batch(images, prompts, self.encoding))
         if response is None:
-            return self.bad("timeout", n, f"no answer within {self.timeouts[1]:g} s on {self.retries + 1} tries")
+            return self.bad(
+                "timeout", n, f"no answer within {self.timeouts[1]:g} s on {self.retries + 1} tries"
+            )
         self.raise_for_refusal(response)
         if response.status_code >= 400:
             return self.bad("unavailable", n, f"status {response.status_code} after {self.retries + 1} tries")
@@ -173,11 +197,19 @@ class RemoteScorer(HTTPScorer):
         if not isinstance(scores, list) or len(scores) != n:
             got = len(scores) if isinstance(scores, list) else type(scores).__name__
             return self.bad("wrong_count", n, f"sent {n} images, got {got} scores")
-        values = [float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan for v in scores]
+        values = [
+            float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan for v in scores
+        ]
         num_bad = sum(not math.isfinite(v) for v in values)
         if num_bad:
             self.bad_batches["nonfinite"] += 1
-            log.warning("scorer %s: %d of %d scores from %s are NaN/inf/null or not numbers", self.name, num_bad, n, self.url)
+            log.warning(
+                "scorer %s: %d of %d scores from %s are NaN/inf/null or not numbers",
+                self.name,
+                num_bad,
+                n,
+                self.url,
+            )
         return torch.tensor(values)
 
 

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_REQUEST_MB = 256.0
 
 
-def create_app(scorer: Scorer, *, token: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> Flask:
+def create_app(
+    scorer: Scorer, *, token: str | None = None, max_request_mb: float = DEFAULT_MAX_REQUEST_MB
+) -> Flask:
     """The WSGI app serving ``scorer``; ``token``: the shared secret clients must send (None: none needed)."""
     app = Flask("diffalign.scorers.server")
     app.config["MAX_CONTENT_LENGTH"] = int(max_request_mb * 1024 * 1024)
@@ -57,7 +59,9 @@ def create_app(scorer: Scorer, *, token: str | None = None, max_request_mb: floa
     def check_token():
         if token is None or request.path == "/health":
             return None
-        sent = request.headers.get(TOKEN_HEADER) or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        sent = request.headers.get(TOKEN_HEADER) or request.headers.get("Authorization", "").removeprefix(
+            "Bearer "
+        )
         if not hmac.compare_digest(sent.encode(), token.encode()):
             return error(401, f"missing or wrong token (send it in the {TOKEN_HEADER} header)")
         return None
@@ -107,7 +111,9 @@ def read_batch() -> tuple[torch.Tensor | list[Image.Image], list[str] | None]:
             except (UnidentifiedImageError, OSError) as err:
                 raise ValueError(f"image {i} ({file.filename}) cannot be read: {err}") from None
         return images, parse_prompts(request.form.get("prompts"))
-    raise ValueError(f"unsupported Content-Type {content_type!r}; send {SAFETENSORS_TYPE} or multipart/form-data")
+    raise ValueError(
+        f"unsupported Content-Type {content_type!r}; send {SAFETENSORS_TYPE} or multipart/form-data"
+    )
 
 
 class ScorerServer:

@@ -14,8 +14,9 @@ Each folder loads with the same code as the published weights (``make_scorer("KI
   ``HPSv3.safetensors`` laid out like the published one (pre-4.52 key names ``visual.*`` / ``model.*``,
   the embedding resized to the tokenizer plus ``<|Reward|>``, the fp32 ``rm_head``).
 
-The CLIP ones take 224 x 224 inputs like the real models (HPSv3: 448 x 448, 256 x 28 x 28 pixels) (the preprocessing is the thing under test), with small
-widths so a forward pass costs milliseconds. Same seed, same weights.
+The CLIP ones take 224 x 224 inputs like the real models (HPSv3: 448 x 448, 256 x 28 x 28 pixels) (the
+preprocessing is the thing under test), with small widths so a forward pass costs milliseconds. Same seed,
+same weights.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def build_tiny_clip(seed: int = 0, hidden_act: str = "gelu"):
     """A tiny transformers ``CLIPModel`` (224 px, patch 14, 49408-token vocabulary, 77 positions)."""
     from transformers import CLIPConfig, CLIPModel
 
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=hidden_act)
+    common = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act=hidden_act,
+    )
     config = CLIPConfig(
         text_config=dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
                          pad_token_id=49407, **common),
@@ -82,17 +89,25 @@ def build_tiny_open_clip(seed: int = 0, config_dir: str | os.PathLike | None = N
         return create_open_clip(f"local-dir:{folder}")[0].eval()
 
 
-QWEN2_VL_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                           "<|image_pad|>", "<|video_pad|>")
+QWEN2_VL_SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 #: Qwen2-VL-7B-Instruct's chat template (system turn, image placeholders, generation prompt).
 QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}{% if loop.first and message['role'] != "
-    "'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}"
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}"
     "\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}{% for content in "
     "message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
     "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>{% elif "
-    "content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -108,25 +123,57 @@ def write_qwen2_vl_base(out: Path, seed: int):
 
     byte_symbols = list(_bytes_to_unicode().values())
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(byte_symbols)}, ensure_ascii=False))
+        (Path(tmp) / "vocab.json").write_text(
+            json.dumps({t: i for i, t in enumerate(byte_symbols)}, ensure_ascii=False)
+        )
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = Qwen2Tokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), unk_token=None,
-                                   bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+        tokenizer = Qwen2Tokenizer(
+            str(Path(tmp) / "vocab.json"),
+            str(Path(tmp) / "merges.txt"),
+            unk_token=None,
+            bos_token=None,
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+        )
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN2_VL_SPECIAL_TOKENS[1:])})
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN2_VL_SPECIAL_TOKENS}
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14,
                                             temporal_patch_size=2, merge_size=2)
-    Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                     chat_template=QWEN2_VL_CHAT_TEMPLATE).save_pretrained(out)
+    Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN2_VL_CHAT_TEMPLATE,
+    ).save_pretrained(out)
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]}, tie_word_embeddings=False,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+            tie_word_embeddings=False,
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
     config.save_pretrained(out)
@@ -165,7 +212,9 @@ def _write(kind: str, out: Path, seed: int) -> None:
         clip = build_tiny_clip(seed, hidden_act="quick_gelu")
         clip.save_pretrained(out)
         torch.manual_seed(seed + 1)
-        torch.save(AestheticHead(embed_dim=clip.config.projection_dim).state_dict(), out / AESTHETIC_HEAD_FILE)
+        torch.save(
+            AestheticHead(embed_dim=clip.config.projection_dim).state_dict(), out / AESTHETIC_HEAD_FILE
+        )
     elif kind == "hpsv3":
         write_tiny_hpsv3(out, seed)
     else:
@@ -189,4 +238,10 @@ def cached_tiny_scorer(kind: str, seed: int = 0) -> Path:
     return path
 
 
-__all__ = ["TINY_SCORER_KINDS", "build_tiny_clip", "build_tiny_open_clip", "cached_tiny_scorer", "save_tiny_scorer"]
+__all__ = [
+    "TINY_SCORER_KINDS",
+    "build_tiny_clip",
+    "build_tiny_open_clip",
+    "cached_tiny_scorer",
+    "save_tiny_scorer",
+]

@@ -63,7 +63,9 @@ class ToyFaithfulness(Scorer):
     def __init__(self, temperature: float = 0.02, terms: tuple[str, ...] | list[str] = TERMS):
         unknown = set(terms) - set(self.TERMS)
         if unknown or not terms:
-            raise ValueError(f"toy_faithfulness terms must be a non-empty subset of {self.TERMS}, got {tuple(terms)}")
+            raise ValueError(
+                f"toy_faithfulness terms must be a non-empty subset of {self.TERMS}, got {tuple(terms)}"
+            )
         self.temperature = temperature
         self.terms = tuple(terms)
 
@@ -121,7 +123,9 @@ class ToyTargetColor(Scorer):
 
     def __init__(self, color: str = "red", temperature: float = 0.02):
         if color not in data.COLORS:
-            raise ValueError(f"toy_target_color: unknown colour {color!r}; expected one of {', '.join(data.COLORS)}")
+            raise ValueError(
+                f"toy_target_color: unknown colour {color!r}; expected one of {', '.join(data.COLORS)}"
+            )
         self.color = color
         self.temperature = temperature
 
@@ -144,12 +148,15 @@ class ToyGenEval(Scorer):
 
     def __init__(self, measure: str = "all"):
         if measure not in self.MEASURES:
-            raise ValueError(f"toy_geneval: unknown measure {measure!r}; expected one of {', '.join(self.MEASURES)}")
+            raise ValueError(
+                f"toy_geneval: unknown measure {measure!r}; expected one of {', '.join(self.MEASURES)}"
+            )
         self.measure = measure
 
     def hits(self, images, prompts) -> list[dict[str, float]]:
         """Per image [B, 3, H, W] or clip [B, F, 3, H, W]: each named attribute's hit (1/0; for clips, the
-        fraction of frames, and the motion direction 1/0). A prompt that is not a toy caption raises ValueError."""
+        fraction of frames, and the motion direction 1/0). A prompt that is not a toy caption raises
+        ValueError."""
         if isinstance(images, torch.Tensor) and images.ndim == 5:
             return clip_hits(images.float(), list(prompts))
         rows = attribute_hits(to_tensor(images).float(), list(prompts))

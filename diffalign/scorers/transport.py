@@ -63,11 +63,15 @@ def encode_batch(images, prompts: list[str] | None, encoding: str) -> dict:
     else:
         tensor = x.to(getattr(torch, encoding))
     metadata = {} if prompts is None else {"prompts": json.dumps(prompts)}
-    return {"data": save_safetensors({"images": tensor}, metadata=metadata), "headers": {"Content-Type": SAFETENSORS_TYPE}}
+    return {
+        "data": save_safetensors({"images": tensor}, metadata=metadata),
+        "headers": {"Content-Type": SAFETENSORS_TYPE},
+    }
 
 
 def decode_safetensors_batch(body: bytes) -> tuple[torch.Tensor, list[str] | None]:
-    """The images ``[B, 3, H, W]`` float in [0, 1] and prompts of a safetensors request (ValueError if malformed)."""
+    """The images ``[B, 3, H, W]`` float in [0, 1] and prompts of a safetensors request (ValueError if
+    malformed)."""
     try:
         tensors = load_safetensors(body)
         metadata = _safetensors_metadata(body)
@@ -121,7 +125,9 @@ def make_session(retries: int, backoff: float, max_backoff: float) -> requests.S
     return session
 
 
-def worst_case_s(retries: int, backoff: float, max_backoff: float, connect_timeout: float, timeout: float) -> float:
+def worst_case_s(
+    retries: int, backoff: float, max_backoff: float, connect_timeout: float, timeout: float
+) -> float:
     """The longest one call of a :func:`make_session` session can take before it gives up."""
     sleeps = sum(min(max_backoff, backoff * 2 ** (n - 1)) for n in range(2, retries + 1)) if backoff else 0.0
     return (retries + 1) * (connect_timeout + timeout) + sleeps

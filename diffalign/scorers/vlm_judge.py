@@ -32,7 +32,7 @@ from diffalign.scorers.remote import HTTPScorer
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
-    "You are judging an AI-generated image. The prompt was: \"{prompt}\". Rate how well the image follows the "
+    'You are judging an AI-generated image. The prompt was: "{prompt}". Rate how well the image follows the '
     "prompt and how good it looks, from 0 (worst) to 10 (best). Answer with the number only."
 )
 _FIRST_NUMBER = re.compile(NUMBER_PATTERN)
@@ -77,7 +77,10 @@ class VLMJudge(HTTPScorer):
         if not model:
             raise ValueError("scorer 'vlm_judge' needs model=NAME (the model name the server serves)")
         if "{prompt}" not in prompt:
-            raise ValueError(f"scorer 'vlm_judge': prompt must contain {{prompt}} (where the image's prompt goes), got {prompt!r}")
+            raise ValueError(
+                "scorer 'vlm_judge': prompt must contain {prompt} (where the image's prompt goes), got "
+                f"{prompt!r}"
+            )
         if not min_score < max_score:
             raise ValueError(f"scorer 'vlm_judge': min_score ({min_score}) must be < max_score ({max_score})")
         if not isinstance(concurrency, int) or concurrency < 1:
@@ -85,8 +88,15 @@ class VLMJudge(HTTPScorer):
         url = str(url).rstrip("/")
         for suffix in (CHAT_PATH, "/v1"):  # accept the base URL, .../v1, or the full endpoint
             url = url.removesuffix(suffix)
-        super().__init__(url, timeout=timeout, connect_timeout=connect_timeout, retries=retries, backoff=backoff,
-                         max_backoff=max_backoff, token_env=token_env)
+        super().__init__(
+            url,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            token_env=token_env,
+        )
         self.model, self.prompt = model, prompt
         self.score_range = (float(min_score), float(max_score))
         self.max_tokens, self.temperature, self.concurrency = max_tokens, temperature, concurrency
@@ -127,8 +137,14 @@ class VLMJudge(HTTPScorer):
             value = parse_rating(answer)
             if answer is not None and not low <= value <= high:  # NaN fails this too
                 self.unparsable += 1
-                log.warning("scorer vlm_judge: no rating in [%g, %g] in the answer %r from %s (%d unparsable so far)",
-                            low, high, answer[:120], self.url, self.unparsable)
+                log.warning(
+                    "scorer vlm_judge: no rating in [%g, %g] in the answer %r from %s (%d unparsable so far)",
+                    low,
+                    high,
+                    answer[:120],
+                    self.url,
+                    self.unparsable,
+                )
                 value = math.nan
             scores.append(value)
         return torch.tensor(scores)

@@ -10,14 +10,18 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def weights_missing(what: str, source: str, setting: str, scorer: str, err: Exception | None = None) -> FileNotFoundError:
+def weights_missing(
+    what: str, source: str, setting: str, scorer: str, err: Exception | None = None
+) -> FileNotFoundError:
     """The one error for weights that cannot be found or downloaded (offline, not cached, wrong path)."""
-    reason = f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})" if err is not None else ""
+    reason = (
+        f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})" if err is not None else ""
+    )
     return FileNotFoundError(
-        f"cannot load the {what} for scorer {scorer!r} from {source!r}{reason}. It is not a local path and could "
-        f"not be downloaded (no network, or not in the Hugging Face cache). Download it where the hub is "
-        f"reachable (huggingface-cli download ...), or pass a local copy: make_scorer('{scorer}:{setting}=PATH') "
-        f"or `diffalign score --scorer {scorer}:{setting}=PATH`."
+        f"cannot load the {what} for scorer {scorer!r} from {source!r}{reason}. It is not a local path and "
+        "could not be downloaded (no network, or not in the Hugging Face cache). Download it where the hub "
+        "is reachable (huggingface-cli download ...), or pass a local copy: "
+        f"make_scorer('{scorer}:{setting}=PATH') or `diffalign score --scorer {scorer}:{setting}=PATH`."
     )
 
 
@@ -43,7 +47,9 @@ def resolve_file(source: str, filename: str, *, what: str, setting: str, scorer:
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{what} for scorer {scorer!r}: local path {source} does not exist")
     if source.count("/") != 1:
-        raise FileNotFoundError(f"{what} for scorer {scorer!r}: {source!r} is neither a local file/folder nor a hub repo id")
+        raise FileNotFoundError(
+            f"{what} for scorer {scorer!r}: {source!r} is neither a local file/folder nor a hub repo id"
+        )
     from huggingface_hub import hf_hub_download
 
     try:
@@ -58,7 +64,10 @@ def from_pretrained(cls, source: str, *, what: str, setting: str, scorer: str, *
     if path.is_dir():
         return cls.from_pretrained(str(path), **kwargs)
     if path.exists():
-        raise FileNotFoundError(f"{what} for scorer {scorer!r}: expected a model folder (config.json + weights), got the file {path}")
+        raise FileNotFoundError(
+            f"{what} for scorer {scorer!r}: expected a model folder (config.json + weights), got the file "
+            f"{path}"
+        )
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{what} for scorer {scorer!r}: local folder {source} does not exist")
     try:
@@ -73,7 +82,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (optionally under 'state_dict'), got {type(state).__name__}")
+        raise ValueError(
+            f"{path}: expected a state dict (optionally under 'state_dict'), got {type(state).__name__}"
+        )
     return state
 
 

@@ -1,4 +1,5 @@
-"""``diffalign toy pretrain`` (and ``pretrain-video``, ``export``) and ``diffalign toy eval`` (the toy GenEval)."""
+"""``diffalign toy pretrain`` (and ``pretrain-video``, ``export``) and ``diffalign toy eval`` (the toy
+GenEval)."""
 
 from __future__ import annotations
 
@@ -27,14 +28,24 @@ def add_parser(sub) -> None:
                            VideoPretrainConfig, pretrain_video, export_video_checkpoint, "toy video pipeline",
                            export_name="export-video")
 
-    e = commands.add_parser("eval", help="toy GenEval: per-attribute caption accuracy of a toy model's samples, "
-                                         "with 95 %% intervals and the change against a base on the same noise")
-    e.add_argument("--model", default="toy-sdxl",
-                   help="built-in id, diffusers folder, or RUN:lora (a 'diffalign train' LoRA run, loaded onto the "
-                        "base its config.yaml records); default toy-sdxl; an AnimateDiff model gets the video eval")
-    e.add_argument("--base", default=None, metavar="SPEC",
-                   help="also evaluate this model (same forms as --model) on the same captions and noise, and "
-                        "report the change of --model against it")
+    e = commands.add_parser(
+        "eval",
+        help="toy GenEval: per-attribute caption accuracy of a toy model's samples, "
+        "with 95 %% intervals and the change against a base on the same noise",
+    )
+    e.add_argument(
+        "--model",
+        default="toy-sdxl",
+        help="built-in id, diffusers folder, or RUN:lora (a 'diffalign train' LoRA run, loaded onto the "
+        "base its config.yaml records); default toy-sdxl; an AnimateDiff model gets the video eval",
+    )
+    e.add_argument(
+        "--base",
+        default=None,
+        metavar="SPEC",
+        help="also evaluate this model (same forms as --model) on the same captions and noise, and "
+        "report the change of --model against it",
+    )
     e.add_argument("--split", default="heldout", choices=["train", "heldout", "both"])
     e.add_argument("--num-prompts", type=int, default=126,
                    help="captions per split and seed (default 126: every held-out caption; 0: every caption)")
@@ -90,9 +101,15 @@ def _run_eval(args) -> None:
         raise UsageError(f"--num-prompts must be >= 0 (0: every caption), got {args.num_prompts}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    settings = GenEvalSettings(splits=["train", "heldout"] if args.split == "both" else [args.split],
-                               seeds=list(args.seeds), num_prompts=args.num_prompts or None, num_steps=args.steps,
-                               guidance_scale=args.guidance, eta=args.eta, batch_size=args.batch_size)
+    settings = GenEvalSettings(
+        splits=["train", "heldout"] if args.split == "both" else [args.split],
+        seeds=list(args.seeds),
+        num_prompts=args.num_prompts or None,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        batch_size=args.batch_size,
+    )
     specs = {"model": args.model} if args.base is None else {"base": args.base, "model": args.model}
     for spec in specs.values():
         resolve_model(spec)  # a bad --model / --base fails here, before anything loads

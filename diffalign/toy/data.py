@@ -76,12 +76,19 @@ class Scene:
     def caption(self) -> str:
         noun = self.shape + ("s" if self.count > 1 else "")
         where = f" {POSITION_PHRASES[self.position]}" if self.position else ""
-        return f"{COUNT_WORDS[self.count]} {self.size} {self.color} {noun}{where} on a {self.background} background"
+        return (
+            f"{COUNT_WORDS[self.count]} {self.size} {self.color} {noun}{where} on a {self.background} "
+            "background"
+        )
 
 
 def is_heldout(scene: Scene) -> bool:
     """The fixed held-out rule: one colour per (shape, background) pair, 9 of the 54 triples."""
-    c, s, b = tuple(COLORS).index(scene.color), SHAPES.index(scene.shape), tuple(BACKGROUNDS).index(scene.background)
+    c, s, b = (
+        tuple(COLORS).index(scene.color),
+        SHAPES.index(scene.shape),
+        tuple(BACKGROUNDS).index(scene.background),
+    )
     return (c + 2 * s + b) % len(COLORS) == 0
 
 
@@ -140,13 +147,19 @@ def parse_caption(caption: str) -> Scene:
     """The scene a toy caption names; raises ValueError (naming the caption) if it is not one."""
     match = _CAPTION.match(caption.strip().lower())
     if match is None:
-        raise ValueError(f"not a toy caption: {caption!r} (expected e.g. 'a small red circle on the left on a white background')")
+        raise ValueError(
+            f"not a toy caption: {caption!r} (expected e.g. 'a small red circle on the left on a white "
+            "background')"
+        )
     g = match.groupdict()
     count = {v: k for k, v in COUNT_WORDS.items()}[g["count"]]
     scene = Scene(count, g["size"], g["color"], g["shape"], g["position"], g["background"])
     for name in ("size", "color", "shape", "background"):
         if getattr(scene, name) not in VOCAB[name]:
-            raise ValueError(f"toy caption {caption!r}: unknown {name} {getattr(scene, name)!r}; expected one of {VOCAB[name]}")
+            raise ValueError(
+                f"toy caption {caption!r}: unknown {name} {getattr(scene, name)!r}; expected one of "
+                f"{VOCAB[name]}"
+            )
     if (scene.position is None) != (count > 1) or (scene.position and scene.position not in POSITIONS):
         raise ValueError(f"toy caption {caption!r}: a single object needs one of the positions {POSITIONS}; "
                          "several objects take none")
@@ -194,8 +207,10 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
         extent = 1.15 * radius  # the largest half-extent of any shape (the triangle's)
         jitter = max(0.0, (IMAGE_SIZE / 2 - 2 * extent - 1.5) / 2)
         quadrants = rng.sample([(0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75)], scene.count)
-        centers = [(fx * IMAGE_SIZE + rng.uniform(-jitter, jitter), fy * IMAGE_SIZE + rng.uniform(-jitter, jitter))
-                   for fx, fy in quadrants]
+        centers = [
+            (fx * IMAGE_SIZE + rng.uniform(-jitter, jitter), fy * IMAGE_SIZE + rng.uniform(-jitter, jitter))
+            for fx, fy in quadrants
+        ]
     for cx, cy in centers:
         _draw_shape(draw, scene.shape, cx * s, cy * s, radius * s, COLORS[scene.color])
     return big.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
@@ -214,7 +229,8 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
 
 
 def make_dataset(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """``n`` rendered scenes of ``split``: images uint8 [n, 3, 32, 32] and their captions, fixed by ``seed``."""
+    """``n`` rendered scenes of ``split``: images uint8 [n, 3, 32, 32] and their captions, fixed by
+    ``seed``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = random.Random(f"diffalign-toy-{split}-{seed}")

@@ -75,7 +75,9 @@ def read_attributes(image: torch.Tensor) -> dict:
     found["size"] = "large" if radius > SIZE_THRESHOLD_RADIUS else "small"
     cy, cx = np.nonzero(mask)
     centre = np.array([cx.mean() / w, cy.mean() / h])
-    found["position"] = min(data.POSITION_CENTERS, key=lambda p: ((np.array(data.POSITION_CENTERS[p]) - centre) ** 2).sum())
+    found["position"] = min(
+        data.POSITION_CENTERS, key=lambda p: ((np.array(data.POSITION_CENTERS[p]) - centre) ** 2).sum()
+    )
     return found
 
 

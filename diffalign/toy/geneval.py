@@ -27,7 +27,8 @@ from diffalign.toy import data, video_data
 from diffalign.toy.evaluate import ATTRIBUTES, chance_levels
 from diffalign.toy.video_evaluate import VIDEO_ATTRIBUTES, video_chance_levels
 
-#: Noise seed of image ``i`` for evaluation seed ``s``: ``s * SEED_STRIDE + i`` (seed 0 is ``caption_accuracy``'s).
+#: Noise seed of image ``i`` for evaluation seed ``s``: ``s * SEED_STRIDE + i`` (seed 0 is
+#: ``caption_accuracy``'s).
 SEED_STRIDE = 100_000
 BOOTSTRAP_DRAWS = 2000
 
@@ -55,7 +56,9 @@ class GenEvalSettings:
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.num_steps < 1 or self.batch_size < 1:
-            raise ValueError(f"num_steps and batch_size must be >= 1, got {self.num_steps} and {self.batch_size}")
+            raise ValueError(
+                f"num_steps and batch_size must be >= 1, got {self.num_steps} and {self.batch_size}"
+            )
 
 
 def is_video_pipeline(pipe) -> bool:
@@ -80,8 +83,14 @@ def sample_hits(pipe, captions: Sequence[str], noise_seeds: Sequence[int], setti
     scores: dict[str, list[float]] = {name: [] for name in scorers or {}}
     for start in range(0, len(captions), settings.batch_size):
         chunk = list(captions[start : start + settings.batch_size])
-        images = sample(pipe, chunk, seeds=list(noise_seeds[start : start + len(chunk)]),
-                        num_steps=settings.num_steps, guidance_scale=settings.guidance_scale, eta=settings.eta).images
+        images = sample(
+            pipe,
+            chunk,
+            seeds=list(noise_seeds[start : start + len(chunk)]),
+            num_steps=settings.num_steps,
+            guidance_scale=settings.guidance_scale,
+            eta=settings.eta,
+        ).images
         rows += reader.hits(images, chunk)
         for name, scorer in (scorers or {}).items():
             scores[name] += scorer(images, chunk).tolist()
@@ -96,7 +105,8 @@ def with_all(row: Mapping[str, float]) -> dict[str, float]:
 
 def bootstrap_mean(values: np.ndarray, clusters: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
                    seed: int = 0) -> dict[str, float]:
-    """Mean of ``values`` and its 95 % interval, resampling whole ``clusters`` (caption ids) with replacement."""
+    """Mean of ``values`` and its 95 % interval, resampling whole ``clusters`` (caption ids) with
+    replacement."""
     ids, inverse = np.unique(clusters, return_inverse=True)
     sums = np.bincount(inverse, weights=values, minlength=len(ids))
     counts = np.bincount(inverse, minlength=len(ids)).astype(np.float64)
@@ -124,16 +134,20 @@ def summarize_rows(rows: Sequence[Mapping[str, float]], captions: Sequence[str],
 
 def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: str | None = None,
                 progress: bool | None = None, scorers: Mapping[str, object] | None = None) -> dict:
-    """Evaluate ``models`` (``{label: pipeline}``, all image or all video pipelines) on the same captions and noise.
+    """Evaluate ``models`` (``{label: pipeline}``, all image or all video pipelines) on the same captions and
+    noise.
 
     Returns ``{"settings", "video", "splits": {split: {"n", "captions", "accuracy": {label: {attribute:
     {mean, low, high}}}, "change": {label: {...}} (against ``base``, one of the labels), "chance"}}, "images":
     [{split, seed, caption, noise_seed, label: hits, ...}]}``; with ``scorers`` (``{name: Scorer}``) also
-    ``"scores": {label: {name: mean}}`` per split, over the same images. ``progress`` None: a bar on a terminal only.
+    ``"scores": {label: {name: mean}}`` per split, over the same images. ``progress`` None: a bar on a
+    terminal only.
     """
     video = {is_video_pipeline(pipe) for pipe in models.values()}
     if len(video) != 1:
-        raise ValueError("the toy GenEval compares image models with image models and video with video: got both")
+        raise ValueError(
+            "the toy GenEval compares image models with image models and video with video: got both"
+        )
     video = video.pop()
     if base is not None and base not in models:
         raise ValueError(f"base {base!r} is not one of the models {list(models)}")
@@ -151,18 +165,34 @@ def toy_geneval(models: Mapping[str, object], settings: GenEvalSettings, base: s
                 bar.set_postfix_str(f"{label} {split} seed {seed}")
                 hits[label], scores[label] = sample_hits(pipe, captions, noise, settings, progress=bar,
                                                          scorers=scorers)
-            images += [{"split": split, "seed": seed, "caption": c, "noise_seed": n,
-                        **{label: with_all(hits[label][i]) for label in models},
-                        **({"scores": {label: {k: v[i] for k, v in scores[label].items()} for label in models}}
-                           if scorers else {})}
-                       for i, (c, n) in enumerate(zip(captions, noise, strict=True))]
+            images += [
+                {
+                    "split": split,
+                    "seed": seed,
+                    "caption": c,
+                    "noise_seed": n,
+                    **{label: with_all(hits[label][i]) for label in models},
+                    **(
+                        {"scores": {label: {k: v[i] for k, v in scores[label].items()} for label in models}}
+                        if scorers
+                        else {}
+                    ),
+                }
+                for i, (c, n) in enumerate(zip(captions, noise, strict=True))
+            ]
     chance = video_chance_levels() if video else chance_levels()
     report = {"settings": asdict(settings), "video": video, "base": base, "splits": {}, "images": images}
     for split in settings.splits:
         rows = [r for r in images if r["split"] == split]
         captions = [r["caption"] for r in rows]
-        entry = {"n": len(rows), "captions": len(set(captions)), "chance": chance,
-                 "accuracy": {label: summarize_rows([r[label] for r in rows], captions, names) for label in models}}
+        entry = {
+            "n": len(rows),
+            "captions": len(set(captions)),
+            "chance": chance,
+            "accuracy": {
+                label: summarize_rows([r[label] for r in rows], captions, names) for label in models
+            },
+        }
         if base is not None:
             entry["change"] = {label: summarize_rows([r[label] for r in rows], captions, names,
                                                      base_rows=[r[base] for r in rows])
@@ -192,7 +222,9 @@ def format_report(report: dict, labels: Mapping[str, str]) -> str:
         for name in entry["accuracy"][next(iter(labels))]:
             row = f"  {name:<11} {entry['chance'][name]:6.3f}"
             row += "".join(f"  {_interval(entry['accuracy'][label][name]):>22}" for label in labels)
-            row += "".join(f"  {_interval(entry['change'][label][name], signed=True):>24}" for label in changes)
+            row += "".join(
+                f"  {_interval(entry['change'][label][name], signed=True):>24}" for label in changes
+            )
             lines.append(row)
     return "\n".join(lines)
 

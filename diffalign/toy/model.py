@@ -21,7 +21,8 @@ PROJECTION_DIM = 16
 TIME_EMBED_DIM = 16
 LATENT_CHANNELS = 4
 VAE_DOWNSAMPLE = 2  # 32x32 images -> 16x16 latents
-#: UNet widths per resolution level (16x16, 8x8, 4x4): 1.7M parameters, ~0.13 s per batch of 32 on 2 CPU cores.
+#: UNet widths per resolution level (16x16, 8x8, 4x4): 1.7M parameters, ~0.13 s per batch of 32 on 2 CPU
+#: cores.
 UNET_CHANNELS = (32, 64, 64)
 
 #: Sampling defaults that follow the captions well (see ``diffalign toy eval``).
@@ -78,7 +79,9 @@ def build_text_encoders(seed: int):
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(_text_encoder_config(TEXT_HIDDEN, TEXT_LAYERS, PROJECTION_DIM))
     torch.manual_seed(seed + 1)
-    text_encoder_2 = CLIPTextModelWithProjection(_text_encoder_config(TEXT_HIDDEN, TEXT_LAYERS, PROJECTION_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(TEXT_HIDDEN, TEXT_LAYERS, PROJECTION_DIM)
+    )
     return text_encoder.eval().requires_grad_(False), text_encoder_2.eval().requires_grad_(False)
 
 

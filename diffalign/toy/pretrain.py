@@ -100,7 +100,9 @@ def save_checkpoint(folder: Path, state: dict, tensors: dict[str, dict[str, torc
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     for stem, group in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors"))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{stem}.safetensors")
+        )
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     apply_umask(tmp)
     old = folder.with_name(folder.name + ".old")
@@ -140,7 +142,9 @@ def encode_captions(pipe, captions: list[str], batch_size: int = 256) -> tuple[t
     """SDXL conditioning of each caption: token states [N, 77, 2*hidden] and pooled [N, projection]."""
     embeds, pooled = [], []
     for i in range(0, len(captions), batch_size):
-        e, _, p, _ = pipe.encode_prompt(captions[i : i + batch_size], device=pipe.device, do_classifier_free_guidance=False)
+        e, _, p, _ = pipe.encode_prompt(
+            captions[i : i + batch_size], device=pipe.device, do_classifier_free_guidance=False
+        )
         embeds.append(e)
         pooled.append(p)
     return torch.cat(embeds), torch.cat(pooled)
@@ -187,13 +191,18 @@ def train_vae(vae, images: torch.Tensor, config: PretrainConfig, ckpt: Path, dev
             log.info(f"vae step {done}/{config.vae_steps} mse {mse.item():.5f} psnr {psnr:.2f} dB")
         if done % config.checkpoint_every == 0 or done == config.vae_steps:
             stage = "vae" if done < config.vae_steps else "unet"
-            save_checkpoint(ckpt, {"stage": stage, "step": done if stage == "vae" else 0, "config": asdict(config)},
-                            {"vae": vae.state_dict(), "optimizer": _optimizer_tensors(optimizer)})
+            save_checkpoint(
+                ckpt,
+                {"stage": stage, "step": done if stage == "vae" else 0, "config": asdict(config)},
+                {"vae": vae.state_dict(), "optimizer": _optimizer_tensors(optimizer)},
+            )
     vae.eval()
 
 
 @torch.no_grad()
-def encode_images(vae, images: torch.Tensor, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(
+    vae, images: torch.Tensor, device, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior mean/std of uint8 images [N, 3, H, W] (on the CPU, for drawing batches from)."""
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch_size), desc="encode latents", leave=False):
@@ -210,8 +219,11 @@ def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torc
     return (torch.clamp(snr, max=snr_gamma) / snr * per_sample).mean()
 
 
-def update_with_ema(optimizer, model, ema_model, loss, step: int, lr: float, grad_clip: float, ema_decay: float):
-    """One clipped optimizer step at ``lr``, then the EMA copy follows (decay warms up over the first steps)."""
+def update_with_ema(
+    optimizer, model, ema_model, loss, step: int, lr: float, grad_clip: float, ema_decay: float
+):
+    """One clipped optimizer step at ``lr``, then the EMA copy follows (decay warms up over the first
+    steps)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -249,7 +261,9 @@ def train_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, cond, confi
         g = _batch_generator(config.seed, 2, step)
         b = config.unet_batch_size
         index = torch.randint(len(latent_mean), (b,), generator=g)
-        z0 = (latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=g)) * scale
+        z0 = (
+            latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=g)
+        ) * scale
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g)
         keep = (torch.rand(b, generator=g) >= config.caption_dropout).float()
@@ -262,13 +276,24 @@ def train_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, cond, confi
         pred = unet(zt, t, encoder_hidden_states=e,
                     added_cond_kwargs={"text_embeds": p, "time_ids": time_ids.expand(b, -1)}).sample
         loss = min_snr_loss(pred, noise, alphas_cumprod[t], config.snr_gamma)
-        update_with_ema(optimizer, unet, ema_unet, loss, step, config.unet_lr * _lr_factor(step, config.unet_steps,
-                        config.warmup_steps), config.grad_clip, config.ema_decay)
+        update_with_ema(
+            optimizer,
+            unet,
+            ema_unet,
+            loss,
+            step,
+            config.unet_lr * _lr_factor(step, config.unet_steps, config.warmup_steps),
+            config.grad_clip,
+            config.ema_decay,
+        )
         smoothed = loss.item() if smoothed is None else 0.98 * smoothed + 0.02 * loss.item()
         bar.set_postfix(loss=f"{smoothed:.4f}")
         done = step + 1
         if done % 50 == 0 or done == config.unet_steps:
-            log.info(f"unet step {done}/{config.unet_steps} loss {smoothed:.5f} lr {optimizer.param_groups[0]['lr']:.2e}")
+            log.info(
+                f"unet step {done}/{config.unet_steps} loss {smoothed:.5f} lr "
+                f"{optimizer.param_groups[0]['lr']:.2e}"
+            )
         if done % config.checkpoint_every == 0 or done == config.unet_steps:
             save_checkpoint(ckpt, {"stage": "unet" if done < config.unet_steps else "done", "step": done,
                                    "config": asdict(config)},
@@ -324,8 +349,10 @@ def pretrain(out: str | os.PathLike, config: PretrainConfig | None = None, devic
 
     pipe = build_toy_pipeline(seed=config.seed).to(device)
     pipe.set_progress_bar_config(disable=True)
-    log.info(f"toy-sdxl parameters: unet {count_parameters(pipe.unet):,} vae {count_parameters(pipe.vae):,} "
-             f"text encoders {count_parameters(pipe.text_encoder):,} + {count_parameters(pipe.text_encoder_2):,}")
+    log.info(
+        f"toy-sdxl parameters: unet {count_parameters(pipe.unet):,} vae {count_parameters(pipe.vae):,} "
+        f"text encoders {count_parameters(pipe.text_encoder):,} + {count_parameters(pipe.text_encoder_2):,}"
+    )
     images, captions = data.make_dataset(config.num_images, seed=config.seed, split="train")
     log.info(f"dataset: {len(images)} images, {len(set(captions))} distinct captions")
 
@@ -369,14 +396,17 @@ def write_pipeline(pipe, out: Path, config) -> Path:
     """The finished pipeline as ``out/pipeline`` and its settings as ``out/pretrain_config.json``."""
     device = pipe.device
     final = save_pipeline(pipe.to("cpu"), out / "pipeline")
-    pipe.to(device)  # its modules are shared with the caller's pipeline, which goes on sampling on that device
+    pipe.to(
+        device
+    )  # its modules are shared with the caller's pipeline, which goes on sampling on that device
     (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2))
     log.info(f"wrote {final}")
     return final
 
 
 def export_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
-    """Write ``out/pipeline`` from the latest UNet-stage checkpoint's EMA weights (e.g. of a run stopped early)."""
+    """Write ``out/pipeline`` from the latest UNet-stage checkpoint's EMA weights (e.g. of a run stopped
+    early)."""
     out = Path(out)
     resume = load_checkpoint(out / "checkpoint")
     if resume is None or "ema_unet" not in resume[1]:
@@ -403,6 +433,10 @@ def _save_sample_grid(pipe, path: Path, rows: int = 4, cols: int = 8) -> None:
     prompts = data.toy_prompts("train", rows * cols, seed=2)
     images = sample(pipe, prompts, seeds=list(range(len(prompts))), num_steps=DEFAULT_NUM_STEPS,
                     guidance_scale=DEFAULT_GUIDANCE, eta=1.0).images
-    grid = images.view(rows, cols, 3, *images.shape[2:]).permute(2, 0, 3, 1, 4).reshape(3, rows * images.shape[2], -1)
+    grid = (
+        images.view(rows, cols, 3, *images.shape[2:])
+        .permute(2, 0, 3, 1, 4)
+        .reshape(3, rows * images.shape[2], -1)
+    )
     to_pil(grid.unsqueeze(0))[0].resize((grid.shape[2] * 4, grid.shape[1] * 4), 0).save(path)
     (path.with_suffix(".txt")).write_text("\n".join(prompts) + "\n")

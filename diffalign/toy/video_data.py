@@ -43,7 +43,8 @@ VOCAB: dict[str, tuple] = {
 
 @dataclass(frozen=True)
 class Clip:
-    """One video caption's attributes: a single object of ``size``/``color``/``shape`` moving ``direction``."""
+    """One video caption's attributes: a single object of ``size``/``color``/``shape`` moving
+    ``direction``."""
 
     size: str
     color: str
@@ -52,7 +53,10 @@ class Clip:
     background: str
 
     def caption(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} moving {self.direction} on a {self.background} background"
+        return (
+            f"a {self.size} {self.color} {self.shape} moving {self.direction} on a {self.background} "
+            "background"
+        )
 
     def frame_scene(self) -> data.Scene:
         """The image-world scene each frame shows (position: None, it changes over the clip)."""

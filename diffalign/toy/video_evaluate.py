@@ -45,17 +45,22 @@ def read_direction(video: torch.Tensor) -> str | None:
     velocity = np.polyfit(t, xy, 1)[0]  # pixels per frame, (vx, vy)
     if np.linalg.norm(velocity) * (len(video) - 1) < MIN_TRAVEL * video.shape[-1] / 32:
         return None
-    return max(video_data.DIRECTION_VECTORS, key=lambda d: float(np.dot(video_data.DIRECTION_VECTORS[d], velocity)))
+    return max(
+        video_data.DIRECTION_VECTORS, key=lambda d: float(np.dot(video_data.DIRECTION_VECTORS[d], velocity))
+    )
 
 
 def clip_hits(videos: torch.Tensor, prompts: Sequence[str]) -> list[dict[str, float]]:
-    """Per clip: the fraction of frames showing each named frame attribute, and whether the motion is right."""
+    """Per clip: the fraction of frames showing each named frame attribute, and whether the motion is
+    right."""
     rows = []
     for video, prompt in zip(videos, prompts, strict=True):
         clip = video_data.parse_video_caption(prompt)
         found = [read_attributes(frame) for frame in video]
-        row = {name: float(np.mean([f[name] == (1 if name == "count" else getattr(clip, name)) for f in found]))
-               for name in FRAME_ATTRIBUTES}
+        row = {
+            name: float(np.mean([f[name] == (1 if name == "count" else getattr(clip, name)) for f in found]))
+            for name in FRAME_ATTRIBUTES
+        }
         row["direction"] = float(read_direction(video) == clip.direction)
         rows.append(row)
     return rows
@@ -97,7 +102,9 @@ def video_caption_accuracy(
     prompts = list(prompts)
     for p in prompts:
         video_data.parse_video_caption(p)  # reject non-toy prompts before sampling
-    settings = SamplingSettings(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, num_frames=num_frames)
+    settings = SamplingSettings(
+        num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, num_frames=num_frames
+    )
     rows = []
     for start, out in sample_batches(pipe, prompts, [seed + i for i in range(len(prompts))], settings,
                                      batch_size=batch_size):

@@ -40,7 +40,8 @@ def toy_sdxl_components():
 
 
 def build_motion_unet(cross_attention_dim: int, block_out_channels=UNET_CHANNELS):
-    """A randomly initialised ``UNetMotionModel`` (spatial UNet + motion adapter), as AnimateDiff assembles it."""
+    """A randomly initialised ``UNetMotionModel`` (spatial UNet + motion adapter), as AnimateDiff assembles
+    it."""
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     unet = UNet2DConditionModel(
@@ -78,9 +79,14 @@ def assemble_video_pipeline(unet, vae=None, text_encoder=None, tokenizer=None):
 
     if vae is None or text_encoder is None or tokenizer is None:
         vae, text_encoder, tokenizer = toy_sdxl_components()
-    adapter = MotionAdapter(block_out_channels=tuple(unet.config.block_out_channels), motion_layers_per_block=1,
-                            motion_num_attention_heads=MOTION_HEADS, motion_norm_num_groups=16,
-                            motion_max_seq_length=32, use_motion_mid_block=True)
+    adapter = MotionAdapter(
+        block_out_channels=tuple(unet.config.block_out_channels),
+        motion_layers_per_block=1,
+        motion_num_attention_heads=MOTION_HEADS,
+        motion_norm_num_groups=16,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
     _copy_motion_modules(unet, adapter)
     return AnimateDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                motion_adapter=adapter, scheduler=build_scheduler())

@@ -81,15 +81,21 @@ class VideoPretrainConfig:
             if f.name.endswith(("steps", "size", "every", "clips", "prompts", "frames")) and value < low:
                 raise ValueError(f"VideoPretrainConfig.{f.name} must be >= {low}, got {value}")
         if self.init_from and not (Path(self.init_from) / "unet" / "config.json").is_file():
-            raise FileNotFoundError(f"VideoPretrainConfig.init_from: {self.init_from} is not a pipeline folder "
-                                    "with a unet/ (e.g. a 'pretrain-video' run's pipeline/)")
+            raise FileNotFoundError(
+                f"VideoPretrainConfig.init_from: {self.init_from} is not a pipeline folder "
+                "with a unet/ (e.g. a 'pretrain-video' run's pipeline/)"
+            )
         if self.num_frames > 32:
-            raise ValueError(f"VideoPretrainConfig.num_frames must be <= 32 (the motion modules' max length), "
-                             f"got {self.num_frames}")
+            raise ValueError(
+                f"VideoPretrainConfig.num_frames must be <= 32 (the motion modules' max length), "
+                f"got {self.num_frames}"
+            )
 
 
 @torch.no_grad()
-def _encode_clips(vae, clips: torch.Tensor, device, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode_clips(
+    vae, clips: torch.Tensor, device, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior mean/std of every frame: [N, C, F, h, w] each (the motion UNet's layout)."""
     n, f = clips.shape[:2]
     means, stds = encode_images(vae, clips.flatten(0, 1), device, batch_size)
@@ -129,7 +135,9 @@ def train_motion_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, embe
         g = _batch_generator(config.seed, 3, step)
         b = config.batch_size
         index = torch.randint(len(latent_mean), (b,), generator=g)
-        z0 = (latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=g)) * scale
+        z0 = (
+            latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=g)
+        ) * scale
         noise = torch.randn(z0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g)
         keep = (torch.rand(b, generator=g) >= config.caption_dropout).view(-1, 1, 1)
@@ -194,11 +202,15 @@ def pretrain_video(out: str | os.PathLike, config: VideoPretrainConfig | None = 
     if config.init_from:
         from diffusers import UNetMotionModel
 
-        pipe.unet.load_state_dict(UNetMotionModel.from_pretrained(Path(config.init_from) / "unet").state_dict())
+        pipe.unet.load_state_dict(
+            UNetMotionModel.from_pretrained(Path(config.init_from) / "unet").state_dict()
+        )
         log.info(f"motion unet initialised from {config.init_from}")
     clips, captions = video_data.make_video_dataset(config.num_clips, seed=config.seed, split="train",
                                                     num_frames=config.num_frames)
-    log.info(f"dataset: {len(clips)} clips of {config.num_frames} frames, {len(set(captions))} distinct captions")
+    log.info(
+        f"dataset: {len(clips)} clips of {config.num_frames} frames, {len(set(captions))} distinct captions"
+    )
     latent_mean, latent_std = _encode_clips(pipe.vae, clips, device)
     unique = sorted(set(captions))
     lookup = {c: i for i, c in enumerate(unique)}
@@ -207,8 +219,20 @@ def pretrain_video(out: str | os.PathLike, config: VideoPretrainConfig | None = 
 
     ema_unet = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
     if resume is None or resume[0]["stage"] != "done":
-        reached = train_motion_unet(pipe, ema_unet, latent_mean, latent_std, caption_ids, embeds, empty, config,
-                                    ckpt, device, resume, stop_after=stop_after)
+        reached = train_motion_unet(
+            pipe,
+            ema_unet,
+            latent_mean,
+            latent_std,
+            caption_ids,
+            embeds,
+            empty,
+            config,
+            ckpt,
+            device,
+            resume,
+            stop_after=stop_after,
+        )
         if reached < config.steps:
             log.info(f"stopped at step {reached}/{config.steps}; run again to resume")
             return None
@@ -224,7 +248,9 @@ def pretrain_video(out: str | os.PathLike, config: VideoPretrainConfig | None = 
 
 
 def write_video_pipeline(pipe, ema_unet, out: Path, config: VideoPretrainConfig) -> Path:
-    return write_pipeline(assemble_video_pipeline(ema_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer), out, config)
+    return write_pipeline(
+        assemble_video_pipeline(ema_unet, pipe.vae, pipe.text_encoder, pipe.tokenizer), out, config
+    )
 
 
 def export_video_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
@@ -247,7 +273,8 @@ def export_video_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path
 
 
 def save_clip_grid(pipe, path: Path, rows: int = 8, num_frames: int = video_data.NUM_FRAMES) -> None:
-    """One sampled clip per row (frames left to right) for ``rows`` training captions; captions in ``.txt``."""
+    """One sampled clip per row (frames left to right) for ``rows`` training captions; captions in
+    ``.txt``."""
     prompts = video_data.video_prompts("train", rows, seed=2)
     videos = sample(pipe, prompts, seeds=list(range(rows)), num_steps=DEFAULT_NUM_STEPS,
                     guidance_scale=DEFAULT_GUIDANCE, eta=1.0, num_frames=num_frames).images  # [R, F, 3, H, W]

@@ -33,7 +33,10 @@ def install(fault: dict) -> None:
         original_write_tree = checkpoints.write_tree
 
         def write_tree(folder, name, tree):
-            if folder.name == f"checkpoint-{fault['kill_during_save']}{checkpoints.PARTIAL_SUFFIX}" and name == "optimizer":
+            if (
+                folder.name == f"checkpoint-{fault['kill_during_save']}{checkpoints.PARTIAL_SUFFIX}"
+                and name == "optimizer"
+            ):
                 os.kill(os.getpid(), signal.SIGKILL)
             return original_write_tree(folder, name, tree)
 

@@ -54,8 +54,10 @@ def misbehaving_scorer_app(mode: str, *, sleep_s: float = 1.0, fail_times: int =
         if mode == "wrong_count":
             return jsonify(scores=means[:-1])
         if mode == "nan":  # Python's json writes NaN literals; a JSON null is the other spelling
-            return app.response_class('{"scores": [NaN' + ", null" + "".join(f", {m}" for m in means[2:]) + "]}",
-                                      mimetype="application/json")
+            return app.response_class(
+                '{"scores": [NaN' + ", null" + "".join(f", {m}" for m in means[2:]) + "]}",
+                mimetype="application/json",
+            )
         if mode == "not_json":
             return "<html>502 Bad Gateway from a proxy</html>", 200
         if mode == "slow":
@@ -72,7 +74,8 @@ UNPARSABLE = "I cannot rate this image."
 
 
 def openai_compatible_app(answer_template: str = "Rating: {score:.2f} out of 10") -> Flask:
-    """Chat completions rating the image 10 x its mean brightness; a text containing 'refuse' gets no number."""
+    """Chat completions rating the image 10 x its mean brightness; a text containing 'refuse' gets no
+    number."""
     app = Flask("openai-compatible")
     app.config["requests"] = []
 
@@ -85,11 +88,20 @@ def openai_compatible_app(answer_template: str = "Rating: {score:.2f} out of 10"
         url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
         header, data = url.split(",", 1)
         assert header.startswith("data:image/png;base64")
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=np.float64) / 255.0
+        image = (
+            np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=np.float64)
+            / 255.0
+        )
         score = 10.0 * image.mean()
         answer = UNPARSABLE if "refuse" in text else answer_template.format(score=score)
         assert math.isfinite(score)
-        return jsonify(id="cmpl-test", object="chat.completion", model=body["model"],
-                       choices=[{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}])
+        return jsonify(
+            id="cmpl-test",
+            object="chat.completion",
+            model=body["model"],
+            choices=[
+                {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+            ],
+        )
 
     return app

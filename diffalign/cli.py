@@ -310,7 +310,8 @@ def _add_serve_scorer(sub):
                    help="require the token held in this environment variable (clients set the same one; "
                         "remote:URL reads DIFFALIGN_SCORER_TOKEN unless told token_env=VAR)")
     p.add_argument("--check", action="store_true",
-                   help="check the spec, address and token, say what would be served, and exit (nothing loads)")
+                   help="check the spec, address and token, say what would be served, and exit "
+                        "(nothing loads)")
     p.set_defaults(func=_run_serve_scorer)
 
 

@@ -137,7 +137,7 @@ def run(args) -> dict:
                 f"eval.prompts={json.dumps(heldout)}",
                 f"eval.seeds={json.dumps(args.eval_seeds)}",
                 f"eval.scorers=[{args.scorer}]",
-                f"eval.num_inference_steps={args.steps}",
+                f"eval.num_steps={args.steps}",
                 f"eval.guidance_scale={args.guidance}",
                 "log.progress_bar=false",
                 "checkpoint.every_n_steps=0",

@@ -164,7 +164,7 @@ def main() -> None:
 
         base = load_config(f"configs/{args.configs}/seppo.yaml", [f"model.name={args.model}"], check=False)
         winners = make_winners(args.model, args.reward, toy_prompts("train", n=args.winner_prompts, seed=0),
-                               args.candidates, base.eval.num_inference_steps, base.eval.guidance_scale,
+                               args.candidates, base.eval.num_steps, base.eval.guidance_scale,
                                Path(args.out) / "winners")
     # One result file per run, so several processes may share --out.
     for name in args.methods:

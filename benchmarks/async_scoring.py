@@ -120,7 +120,7 @@ def main() -> None:
                     settings = OnlineSettings(
                         num_prompts=args.prompts,
                         samples_per_prompt=args.per_prompt,
-                        num_inference_steps=args.steps,
+                        num_steps=args.steps,
                         guidance_scale=5.0,
                         height=args.size,
                         width=args.size,

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The README main job, shortened to a few steps like the tiny configs.
 MAIN_JOB = "configs/toy-sdxl/dpo.yaml"
 SHORT = ["train.max_steps=3", "log.every_n_steps=1", "log.progress_bar=false", "checkpoint.every_n_steps=0",
-         "log.validation_every_n_steps=0", "eval.seeds=[0]", "eval.num_inference_steps=3",
+         "log.validation_every_n_steps=0", "eval.seeds=[0]", "eval.num_steps=3",
          "eval.train_pairs=4", "eval.train_pair_draws=1"]
 
 

@@ -84,7 +84,7 @@ def main() -> None:
             f"model.name={args.model}",
             f"method.num_prompts={args.prompts}",
             f"method.samples_per_prompt={args.per_prompt}",
-            f"method.num_inference_steps={args.steps}",
+            f"method.num_steps={args.steps}",
             f"method.gradient_steps_per_epoch={args.inner}",
             "method.train_timesteps=null",
             f"method.reward={args.reward}",

@@ -117,7 +117,7 @@ def diagnose(args) -> list[dict]:
                 pipe,
                 jobs[i : i + 32],
                 seeds=list(range(i, min(i + 32, len(jobs)))),
-                num_steps=m.num_inference_steps,
+                num_steps=m.num_steps,
                 guidance_scale=m.guidance_scale,
                 eta=m.eta,
             ).images

@@ -151,7 +151,7 @@ class EvalConfig:
     prompts_file: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     scorers: list[str] = field(default_factory=lambda: ["brightness"])
-    num_inference_steps: int = 20
+    num_steps: int = 20
     guidance_scale: float = 5.0
     eta: float = 1.0
     height: int | None = None
@@ -166,7 +166,7 @@ class EvalConfig:
     def sampling(self) -> SamplingSettings:
         """The evaluation's sampling settings (also the validation samples')."""
         return SamplingSettings(
-            num_steps=self.num_inference_steps,
+            num_steps=self.num_steps,
             guidance_scale=self.guidance_scale,
             eta=self.eta,
             height=self.height,
@@ -261,6 +261,10 @@ def _convert(value: Any, tp, path: str):
     raise ConfigError(path, value, _describe(tp))
 
 
+#: Keys renamed since earlier releases -> their name now (one set of sampling names everywhere).
+RENAMED_KEYS = {"num_inference_steps": "num_steps", "ref_num_inference_steps": "ref_num_steps"}
+
+
 def build_dataclass(cls, values: Any, path: str):
     """An instance of dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
     if values is None:
@@ -272,6 +276,9 @@ def build_dataclass(cls, values: Any, path: str):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in values:
+        if key not in names and RENAMED_KEYS.get(key) in names:
+            raise ConfigError(f"{path}.{key}", values[key],
+                              f"{path}.{RENAMED_KEYS[key]} (renamed; same meaning)")
         if key not in names:
             raise ConfigError(
                 f"{path}.{key}", values[key], f"no such key; {path} has: {', '.join(sorted(names))}"
@@ -437,7 +444,7 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"eval.scorers[{i}]", name, f"a scorer name or spec ({err})") from None
         _require(len(e.seeds) >= 1, "eval.seeds", e.seeds, "at least one seed")
         _require(
-            e.num_inference_steps >= 1, "eval.num_inference_steps", e.num_inference_steps, "an integer >= 1"
+            e.num_steps >= 1, "eval.num_steps", e.num_steps, "an integer >= 1"
         )
         _require(e.eta >= 0, "eval.eta", e.eta, "a number >= 0")
         _require(e.guidance_scale >= 0, "eval.guidance_scale", e.guidance_scale, "a number >= 0")

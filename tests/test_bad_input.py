@@ -291,7 +291,7 @@ _OUT_OF_RANGE = [
             max_size=2,
         ),
     ),
-    ("dpo", "eval.num_inference_steps", _NEG),
+    ("dpo", "eval.num_steps", _NEG),
     ("dpo", "eval.guidance_scale", st.floats(max_value=-1e-9, allow_infinity=False)),
     ("dpo", "eval.eta", st.floats(max_value=-1e-9, allow_infinity=False)),
     ("dpo", "eval.height", st.integers(-(2**20), 2**20).filter(lambda r: r < 8 or r % 8)),
@@ -306,7 +306,7 @@ _OUT_OF_RANGE = [
     ("mapo", "method.snr_value", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
     ("seppo", "method.pool_interval", _NEG),
     ("seppo", "method.pool_size", _NEG),
-    ("seppo", "method.ref_num_inference_steps", _NEG),
+    ("seppo", "method.ref_num_steps", _NEG),
     ("seppo", "method.ref_guidance_scale", st.floats(max_value=-1e-9, allow_infinity=False)),
     ("seppo", "method.ref_eta", st.floats(max_value=-1e-9, allow_infinity=False)),
     ("prdp", "method.beta", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
@@ -363,7 +363,7 @@ def test_cross_field_rules(tmp_path):
         ],
         key="eval.prompts",
     )
-    _expect_config_error(_raw("prdp"), tmp_path, ["method.num_inference_steps=4", "method.train_timesteps=5"],
+    _expect_config_error(_raw("prdp"), tmp_path, ["method.num_steps=4", "method.train_timesteps=5"],
                          key="method.train_timesteps")
 
 

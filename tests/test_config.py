@@ -198,3 +198,15 @@ def test_a_missing_local_pairs_folder_is_not_a_hub_failure(tmp_path, monkeypatch
                  f"train.output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and "folder data has no 'missing-pairs'" in err and "hub" not in err
+
+
+def test_a_renamed_sampling_key_names_its_new_name(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "tiny-sdxl" / "dpo.yaml").read_text())
+    raw["eval"]["num_inference_steps"] = raw["eval"].pop("num_steps")
+    raw["data"]["source"] = str(ROOT / "data" / "shapes-pairs")
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"eval\.num_inference_steps.*eval\.num_steps \(renamed"):
+        load_config(path)

@@ -205,7 +205,7 @@ def online_ctx(tiny_sdxl):
         [
             "method.num_prompts=2",
             "method.samples_per_prompt=3",
-            "method.num_inference_steps=4",
+            "method.num_steps=4",
             "method.train_timesteps=null",
         ],
     )
@@ -309,7 +309,7 @@ def test_train_from_shipped_config_writes_loadable_lora(name, tmp_path, tiny_sdx
             "method.gradient_steps_per_epoch=1",
             "method.num_prompts=1",
             "method.samples_per_prompt=3",
-            "method.num_inference_steps=4",
+            "method.num_steps=4",
             "method.train_timesteps=2",
             "eval.enabled=false",
             "log.every_n_steps=1",

@@ -41,7 +41,7 @@ TRAIN_SHORT = [
     "checkpoint.every_n_steps=1",
     "data.max_pairs=8",
 ]
-ONLINE_SHORT = ["method.num_inference_steps=2", "method.samples_per_prompt=2", "method.num_prompts=1",
+ONLINE_SHORT = ["method.num_steps=2", "method.samples_per_prompt=2", "method.num_prompts=1",
                 "method.gradient_steps_per_epoch=1", "method.train_timesteps=1"]
 
 

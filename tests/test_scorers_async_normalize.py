@@ -57,7 +57,7 @@ def test_async_sample_epoch_gives_the_same_rewards_as_synchronous(tiny_sdxl):
         settings = OnlineSettings(
             num_prompts=2,
             samples_per_prompt=3,
-            num_inference_steps=2,
+            num_steps=2,
             guidance_scale=1.0,
             height=32,
             width=32,

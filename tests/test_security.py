@@ -236,7 +236,7 @@ def test_a_training_run_writes_no_pickles(tmp_path):
                 "data.max_pairs=4",
                 "eval.prompts=[a red circle]",
                 "eval.seeds=[0]",
-                "eval.num_inference_steps=2",
+                "eval.num_steps=2",
                 "eval.train_pairs=2",
                 "eval.train_pair_draws=1",
             ]

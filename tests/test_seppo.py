@@ -213,7 +213,7 @@ def test_train_seppo_from_shipped_config(tmp_path, tiny_sdxl_path):
             "train.batch_size=2",
             "method.pool_interval=1",
             "method.reference=latest",
-            "method.ref_num_inference_steps=3",
+            "method.ref_num_steps=3",
             "eval.enabled=false",
             "log.every_n_steps=1",
             f"model.name={tiny_sdxl_path}",

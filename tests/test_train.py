@@ -12,7 +12,7 @@ from diffalign.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["log.progress_bar=false", "log.validation_every_n_steps=0", "checkpoint.every_n_steps=0",
-        "eval.prompts=[a red circle on a blue background]", "eval.seeds=[0]", "eval.num_inference_steps=3",
+        "eval.prompts=[a red circle on a blue background]", "eval.seeds=[0]", "eval.num_steps=3",
         "eval.train_pairs=4", "eval.train_pair_draws=8", "data.max_pairs=4", "data.random_flip=false",
         "train.batch_size=4", "log.every_n_steps=1"]
 
@@ -116,7 +116,7 @@ def test_dpo_lora_output_loads_in_stock_diffusers_and_changes_images(tmp_path, t
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
     pipe.set_progress_bar_config(disable=True)
     prompt, ev = cfg.eval.prompts, cfg.eval
-    kwargs = dict(seeds=[0], num_steps=ev.num_inference_steps, guidance_scale=ev.guidance_scale, eta=ev.eta)
+    kwargs = dict(seeds=[0], num_steps=ev.num_steps, guidance_scale=ev.guidance_scale, eta=ev.eta)
     base = sample(pipe, prompt, **kwargs).images
     pipe.load_lora_weights(out)  # stock diffusers, the output folder as is
     tuned = sample(pipe, prompt, **kwargs).images
@@ -201,7 +201,7 @@ def test_short_toy_run_loss_falls_and_implicit_accuracy_rises(method, toy_pairs,
             "log.progress_bar=false",
             "eval.prompts=[a large red circle in the center on a white background]",
             "eval.seeds=[0]",
-            "eval.num_inference_steps=4",
+            "eval.num_steps=4",
             "eval.train_pairs=16",
             "eval.train_pair_draws=4",
         ],

@@ -14,7 +14,7 @@ import pytest
 from diffalign.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_EVAL = ["eval.num_inference_steps=2", "eval.num_frames=4", "eval.seeds=[0]", "eval.batch_size=2",
+SMALL_EVAL = ["eval.num_steps=2", "eval.num_frames=4", "eval.seeds=[0]", "eval.batch_size=2",
               "log.progress_bar=false"]
 
 
@@ -56,7 +56,7 @@ def test_toy_animatediff_prdp_config_runs_end_to_end(tmp_path, toy_video_model, 
     path = ROOT / "configs" / "toy-animatediff" / "prdp.yaml"
     cfg = load_config(path, [
         f"model.name={toy_video_model}", f"train.output_dir={tmp_path / 'prdp'}", "train.max_steps=1",
-        "method.num_prompts=1", "method.samples_per_prompt=2", "method.num_inference_steps=2",
+        "method.num_prompts=1", "method.samples_per_prompt=2", "method.num_steps=2",
         "method.num_frames=4", "method.train_timesteps=1", "method.gradient_steps_per_epoch=1",
         "method.micro_batch_prompts=1", "method.recompute_chunk_size=1", heldout_eval(path), *SMALL_EVAL])
     assert cfg.method.reward == "toy_saturation" and cfg.method.prompts.endswith(

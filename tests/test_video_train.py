@@ -27,7 +27,7 @@ TINY_VIDEO_CONFIGS = sorted(f"{p.parent.name}/{p.name}" for p in (ROOT / "config
 COMMON = ["train.max_steps=2", "train.batch_size=1", "eval.enabled=false", "log.progress_bar=false"]
 PAIRS = ["data.resolution=16"]
 ONLINE = [
-    "method.num_inference_steps=2",
+    "method.num_steps=2",
     "method.samples_per_prompt=2",
     "method.num_prompts=1",
     "method.gradient_steps_per_epoch=1",
@@ -41,7 +41,7 @@ def fast_overrides(name: str) -> list[str]:
     frames = "num_frames=2" if "animatediff" in name else "num_frames=5"
     if name.endswith(("prdp.yaml", "ddpo.yaml")):
         return COMMON + ONLINE + [f"method.{frames}"]
-    seppo = ["method.ref_num_inference_steps=2"] if name.endswith("seppo.yaml") else []
+    seppo = ["method.ref_num_steps=2"] if name.endswith("seppo.yaml") else []
     return COMMON + PAIRS + seppo + [f"data.{frames}"]
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def test_training_eval_writes_videos_and_scores(tmp_path):
                 "log.progress_bar=false",
                 "data.resolution=16",
                 "eval.prompts=[a cat]",
-                "eval.num_inference_steps=2",
+                "eval.num_steps=2",
                 "eval.height=16",
                 "eval.width=16",
                 "eval.train_pairs=0",
@@ -346,7 +346,7 @@ def test_validation_grid_and_gallery_show_clips_of_eval_num_frames(tmp_path):
                 *fast_overrides("tiny-animatediff/dpo.yaml"),
                 "eval.num_frames=3",
                 "data.num_frames=2",
-                "eval.num_inference_steps=2",
+                "eval.num_steps=2",
                 "log.validation_every_n_steps=2",
                 "log.validation_gallery=true",
                 "log.validation_prompts=[a red circle]",

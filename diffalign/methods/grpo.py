@@ -69,7 +69,7 @@ class GRPOConfig:
     ema_update_interval: int = 8
 
 
-def validate_grpo_settings(cfg: GRPOConfig, require, num_inference_steps: int) -> None:
+def validate_grpo_settings(cfg: GRPOConfig, require, num_steps: int) -> None:
     """Range checks on GRPO's own fields; ``require(ok, key_path, value, expected)`` as the trainer's."""
     require(cfg.clip_range > 0, "method.clip_range", cfg.clip_range, "a number > 0 (Flow-GRPO uses 1e-4)")
     require(cfg.adv_clip_max > 0, "method.adv_clip_max", cfg.adv_clip_max, "a number > 0 (Flow-GRPO uses 5)")
@@ -81,14 +81,14 @@ def validate_grpo_settings(cfg: GRPOConfig, require, num_inference_steps: int) -
         cfg.sde in ("flow_grpo", "dance_grpo", "cps"), "method.sde", cfg.sde, "flow_grpo, dance_grpo or cps"
     )
     if cfg.timestep_selection in ("fraction", "random"):
-        candidates = num_inference_steps - int(cfg.drop_last_step and cfg.timestep_selection == "random")
+        candidates = num_steps - int(cfg.drop_last_step and cfg.timestep_selection == "random")
         require(0 < cfg.timestep_fraction <= 1 and int(candidates * cfg.timestep_fraction) >= 1,
                 "method.timestep_fraction", cfg.timestep_fraction,
                 f"a number in (0, 1] that keeps at least one of {candidates} steps")
     else:
         lo, hi = cfg.window_range
-        require(0 <= lo < hi <= num_inference_steps, "method.window_range", list(cfg.window_range),
-                f"[lo, hi] with 0 <= lo < hi <= num_inference_steps ({num_inference_steps})")
+        require(0 <= lo < hi <= num_steps, "method.window_range", list(cfg.window_range),
+                f"[lo, hi] with 0 <= lo < hi <= num_steps ({num_steps})")
         require(1 <= cfg.window_size <= hi - lo, "method.window_size", cfg.window_size,
                 f"an integer in [1, hi - lo] = [1, {hi - lo}]")
     require(

@@ -25,7 +25,7 @@ class OnlineSettings:
     num_prompts: int = 32  # N prompts per epoch (per process)
     samples_per_prompt: int = 16  # B trajectories per prompt
     gradient_steps_per_epoch: int = 10  # K
-    num_inference_steps: int = 50
+    num_steps: int = 50
     guidance_scale: float = 5.0
     eta: float = 1.0  # DDIM noise; 1 = DDPM ancestral (the papers' choice), must be > 0
     height: int | None = None  # None: the model's default
@@ -46,7 +46,7 @@ class OnlineSettings:
     def sampling(self) -> SamplingSettings:
         """How the method samples its epochs."""
         return SamplingSettings(
-            num_steps=self.num_inference_steps,
+            num_steps=self.num_steps,
             guidance_scale=self.guidance_scale,
             eta=self.eta,
             height=self.height,
@@ -73,7 +73,7 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
             cfg.reward,
             f"a scorer spec, e.g. 'toy_saturation' or '10*pickscore+2*hpsv2' ({err})",
         )
-    for key in ("num_prompts", "samples_per_prompt", "gradient_steps_per_epoch", "num_inference_steps",
+    for key in ("num_prompts", "samples_per_prompt", "gradient_steps_per_epoch", "num_steps",
                 "sample_batch_size", "micro_batch_prompts", "recompute_chunk_size"):
         value = getattr(cfg, key)
         require(value >= 1, f"method.{key}", value, "an integer >= 1")
@@ -82,10 +82,10 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
     require(cfg.eta > 0, "method.eta", cfg.eta, "a number > 0 (online methods need stochastic steps)")
     require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
     require(
-        cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_inference_steps,
+        cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_steps,
         "method.train_timesteps",
         cfg.train_timesteps,
-        f"null or an integer in [1, {cfg.num_inference_steps}]",
+        f"null or an integer in [1, {cfg.num_steps}]",
     )
     require(
         cfg.num_frames is None or cfg.num_frames >= 1,

@@ -52,19 +52,19 @@ class RewardGradientConfig:
     checkpoint: bool = True  # gradient checkpointing of the gradient steps
 
 
-def validate_reward_gradient_settings(cfg: RewardGradientConfig, require, num_inference_steps: int) -> None:
-    n = num_inference_steps
+def validate_reward_gradient_settings(cfg: RewardGradientConfig, require, num_steps: int) -> None:
+    n = num_steps
     require(cfg.variant in VARIANTS, "method.variant", cfg.variant, f"one of {', '.join(VARIANTS)}")
-    require(1 <= cfg.k <= n, "method.k", cfg.k, f"an integer in [1, num_inference_steps] = [1, {n}]")
+    require(1 <= cfg.k <= n, "method.k", cfg.k, f"an integer in [1, num_steps] = [1, {n}]")
     require(cfg.lv_renoisings >= 1, "method.lv_renoisings", cfg.lv_renoisings, "an integer >= 1")
     require(cfg.truncation_std >= 0, "method.truncation_std", cfg.truncation_std, "a number >= 0")
     lo, hi = cfg.refl_step_range
     if cfg.variant == "refl":
         require(0 <= lo <= hi <= n - 1, "method.refl_step_range", list(cfg.refl_step_range),
-                f"[lo, hi] with 0 <= lo <= hi <= num_inference_steps - 1 ({n - 1})")
+                f"[lo, hi] with 0 <= lo <= hi <= num_steps - 1 ({n - 1})")
     if cfg.variant == "alignprop":
         require(
-            n >= 2, "method.num_inference_steps", n, "an integer >= 2 (AlignProp truncates within the chain)"
+            n >= 2, "method.num_steps", n, "an integer >= 2 (AlignProp truncates within the chain)"
         )
     require(
         cfg.pretrain_loss_weight >= 0,

@@ -44,13 +44,13 @@ class SePPOConfig:
     pool_size: int | None = None  # keep at most N saved checkpoints besides the initial model (None: all)
     share_noise: bool = True  # same ε and t for w and x_ref (reconstructed)
     # How the reference generates x_ref (the paper does not say how many steps: reconstructed)
-    ref_num_inference_steps: int = 20
+    ref_num_steps: int = 20
     ref_guidance_scale: float = 5.0
     ref_eta: float = 1.0
 
     def reference_sampling(self, resolution: int, num_frames: int | None) -> SamplingSettings:
         """How the reference generates ``x_ref``: at the training resolution (and frame count)."""
-        return SamplingSettings(num_steps=self.ref_num_inference_steps,
+        return SamplingSettings(num_steps=self.ref_num_steps,
                                 guidance_scale=self.ref_guidance_scale, eta=self.ref_eta, height=resolution,
                                 width=resolution, num_frames=num_frames)
 
@@ -99,7 +99,7 @@ def _validate(cfg: SePPOConfig, require) -> None:
         cfg.pool_size,
         "null or an integer >= 1",
     )
-    require(cfg.ref_num_inference_steps >= 1, "method.ref_num_inference_steps", cfg.ref_num_inference_steps,
+    require(cfg.ref_num_steps >= 1, "method.ref_num_steps", cfg.ref_num_steps,
             "an integer >= 1")
     require(cfg.ref_guidance_scale >= 0, "method.ref_guidance_scale", cfg.ref_guidance_scale, "a number >= 0")
     require(cfg.ref_eta >= 0, "method.ref_eta", cfg.ref_eta, "a number >= 0")

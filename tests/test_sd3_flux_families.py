@@ -94,3 +94,31 @@ def test_stochastic_steps_recompute_exactly(family_pipe, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(recompute_log_probs(denoiser, loaded, chunk_size=2), traj.log_probs,
                                    atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line before sampling
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ask", [{"negative_prompt": "blurry"}, {"true_cfg_scale": 4.0}])
+def test_cfg_asked_of_flux_is_one_line(tiny_flux, ask):
+    with pytest.raises(ValueError, match="guidance-distilled") as err:
+        sample(tiny_flux, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False, **ask)
+    assert "\n" not in str(err.value) and "FluxPipeline" in str(err.value)
+    assert not hasattr(tiny_flux.scheduler, "records")  # the stock scheduler: nothing was sampled
+
+
+@pytest.mark.parametrize(("name", "size", "multiple"), [("sd3", 30, 4), ("flux", 34, 4)])
+def test_size_not_divisible_by_patch_and_vae_factor_is_one_line(request, name, size, multiple):
+    # SD3: VAE factor 2 x patch 2; FLUX: VAE factor 2 x patch 1 x 2x2 packing
+    pipe = request.getfixturevalue(f"tiny_{name}")
+    with pytest.raises(ValueError, match=f"height={size}, width=32: .* divisible by {multiple}") as err:
+        sample(pipe, PROMPTS, seeds=[0, 1], num_steps=2, height=size, width=32, decode=False)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_pipeline_is_not_supported_by_name(tiny_sd3):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    img2img = StableDiffusion3Img2ImgPipeline(**tiny_sd3.components)
+    with pytest.raises(NotImplementedError, match="does not support StableDiffusion3Img2ImgPipeline"):
+        family_of(img2img)

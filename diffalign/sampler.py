@@ -40,6 +40,8 @@ class Trajectory:
     stochastic   [T] bool                 steps with noise (only these have a density)
     cond/uncond  name -> [B, ...]         denoiser conditioning (uncond empty without CFG)
     latent_steps [L] long or None         after :meth:`keep_steps`, which of the T+1 latents ``latents`` holds
+    extra["set_timesteps"]                the pipeline's own ``scheduler.set_timesteps`` arguments (FLUX: its
+                                          sigmas and dynamic-shift ``mu``), replayed by :meth:`make_scheduler`
     """
 
     latents: torch.Tensor
@@ -295,10 +297,9 @@ def sample(
             captured["do_cfg"] = bool(getattr(_pipe, "do_classifier_free_guidance", False))  # FLUX: none
         return callback_kwargs
 
-    # sizes as the pipeline will resolve them, for the family's checks (one clear line before sampling)
-    sizes = family.default_size(pipe) | {k: v for k, v in (("height", height), ("width", width))
-                                         if v is not None}
-    request = {**pipeline_kwargs, **sizes, "guidance_scale": guidance_scale,
+    # the request as the pipeline will resolve it (its own sizes where unset), for the family's checks:
+    # one clear line before sampling
+    request = {**family.default_size(pipe), **pipeline_kwargs, "guidance_scale": guidance_scale,
                "negative_prompt": negative_prompt}
     problem = family.check_sampling(pipe, request)
     if problem is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.denoising import DDPMNoise, FlowMatchingNoise
+from diffalign.flow_matching import latent_image_ids, pack_latents, unpack_latents
 from diffalign.steps import DDIMStep, FlowSDEStep
 
 
@@ -31,6 +32,12 @@ class Family:
     eta, or the flow SDE's noise level); ``make_training_noise(scheduler_config, timestep_sampling,
     logit_mean, logit_std)`` the noise process of the denoising losses; ``check_frames(n)`` says why ``n``
     frames cannot be used (None when they can).
+
+    ``check_sampling(pipe, request)`` says why a sampling request (``height``/``width`` resolved, the
+    guidance and the pipeline keywords) cannot be sampled (None when it can); ``prepare_sampling(pipe,
+    prompts, request) -> (pipeline inputs, conditioning)`` encodes the prompts once for pipelines whose
+    callback lacks conditioning tensors (FLUX): the inputs replace ``prompt`` in the pipeline call and the
+    conditioning joins the callback's tensors for ``capture``.
     """
 
     name: str
@@ -45,6 +52,8 @@ class Family:
     micro_conditioning: tuple[str, ...] = ()
     video: bool = False
     check_frames: Callable[[int], str | None] = lambda n: None if n >= 1 else "at least 1 frame"
+    check_sampling: Callable[[object, dict], str | None] = lambda pipe, request: None
+    prepare_sampling: Callable[..., tuple[dict, dict]] | None = None
 
     def default_size(self, pipe) -> dict[str, int]:
         """The pipeline's own ``height``/``width`` (and ``num_frames`` for video): its ``__call__`` defaults,
@@ -56,6 +65,11 @@ class Family:
         if isinstance(sample_size, int) and hasattr(pipe, "vae_scale_factor"):
             for key in ("height", "width"):
                 sizes.setdefault(key, sample_size * pipe.vae_scale_factor)
+        # FLUX: no sample_size in the transformer config; its __call__ uses default_sample_size
+        default_sample_size = getattr(pipe, "default_sample_size", None)
+        if isinstance(default_sample_size, int) and hasattr(pipe, "vae_scale_factor"):
+            for key in ("height", "width"):
+                sizes.setdefault(key, default_sample_size * pipe.vae_scale_factor)
         return sizes
 
 
@@ -136,6 +150,112 @@ def _wan_frames(n: int) -> str | None:
     return None if n >= 1 and (n - 1) % 4 == 0 else "4k+1 frames for Wan's VAE (e.g. 5, 9, 17, 81)"
 
 
+# ----------------------------------------------------------------------------------------------------
+# SD3 and FLUX (flow-matching MMDiTs)
+# ----------------------------------------------------------------------------------------------------
+def _call_default(pipe, name: str):
+    """The default of ``name`` in the pipeline's ``__call__`` (what a stock call uses)."""
+    return inspect.signature(type(pipe).__call__).parameters[name].default
+
+
+@torch.no_grad()
+def _encode_sd3(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
+    # the same prompt for CLIP-L, CLIP-G and T5, T5 at the length StableDiffusion3Pipeline.__call__ uses
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
+        max_sequence_length=_call_default(pipe, "max_sequence_length"))
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _call_sd3(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    # t in [0, 1000] (sigma * 1000), as StableDiffusion3Pipeline passes it
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                       pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+
+def _size_rule(pipe, packing: int) -> tuple[int, str]:
+    """``(multiple, why)``: sizes must be multiples of VAE factor x patch size (x FLUX's 2x2 packing)."""
+    patch = getattr(pipe.transformer.config, "patch_size", 1)
+    why = f"VAE factor {pipe.vae_scale_factor} x patch size {patch}"
+    if packing > 1:
+        why += f" x packing {packing}"
+    return pipe.vae_scale_factor * patch * packing, why
+
+
+def _check_size(pipe, request: dict, packing: int) -> str | None:
+    multiple, why = _size_rule(pipe, packing)
+    height, width = request.get("height"), request.get("width")
+    if height is None or width is None or (height % multiple == 0 and width % multiple == 0):
+        return None
+    fit = [max(multiple, size // multiple * multiple) for size in (height, width)]
+    return (f"height={height}, width={width}: {type(pipe).__name__} needs both divisible by {multiple} "
+            f"({why}), e.g. {fit[0]}x{fit[1]}")
+
+
+def _check_sd3(pipe, request: dict) -> str | None:
+    return _check_size(pipe, request, packing=1)
+
+
+def _check_flux(pipe, request: dict) -> str | None:
+    cfg_asked = request.get("negative_prompt") is not None or (request.get("true_cfg_scale") or 1.0) > 1
+    if cfg_asked:
+        return (f"{type(pipe).__name__} (FLUX.1, guidance-distilled) samples without classifier-free "
+                "guidance: leave negative_prompt unset and true_cfg_scale at 1; guidance_scale sets the "
+                "guidance embedding")
+    return _check_size(pipe, request, packing=2)
+
+
+@torch.no_grad()
+def _encode_flux(pipe, captions: list[str], device,
+                 guidance_scale: float | None = None) -> dict[str, torch.Tensor]:
+    # CLIP-L pooled + T5 states at FluxPipeline.__call__'s length; FLUX.1-dev's guidance embedding as a
+    # per-sample tensor (the pipeline's default 3.5 for training captions), none for schnell
+    embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
+                                           max_sequence_length=_call_default(pipe, "max_sequence_length"))
+    cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    if pipe.transformer.config.guidance_embeds:
+        scale = _call_default(pipe, "guidance_scale") if guidance_scale is None else guidance_scale
+        cond["guidance"] = torch.full((len(captions),), float(scale), device=embeds.device,
+                                      dtype=torch.float32)
+    return cond
+
+
+_FLUX_COND = ("encoder_hidden_states", "pooled_projections", "guidance", "img_ids")
+
+
+def _prepare_flux(pipe, prompts: list[str], request: dict) -> tuple[dict, dict]:
+    # FluxPipeline's callback holds neither the pooled embeddings nor the ids: encode once here, hand the
+    # pipeline the embeddings, and keep the packed tokens' image ids [B, HW/4, 3] (as prepare_latents
+    # makes them, in the embeddings' dtype)
+    cond = _encode_flux(pipe, prompts, pipe._execution_device, request["guidance_scale"])
+    embeds, vae = cond["encoder_hidden_states"], pipe.vae_scale_factor
+    ids = latent_image_ids(request["height"] // vae, request["width"] // vae, embeds.device, embeds.dtype)
+    cond["img_ids"] = ids.expand(len(prompts), -1, -1).contiguous()
+    inputs = {"prompt_embeds": embeds, "pooled_prompt_embeds": cond["pooled_projections"]}
+    return inputs, cond
+
+
+def _capture_flux(tensors, b, do_cfg):
+    return {k: tensors[k] for k in _FLUX_COND if k in tensors}, {}
+
+
+def _flux_forward(transformer, x, t, cond: dict[str, torch.Tensor], img_ids: torch.Tensor) -> torch.Tensor:
+    text = cond["encoder_hidden_states"]
+    txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=x.dtype)  # as FluxPipeline.encode_prompt
+    # FluxPipeline casts t to the latents' dtype, then divides by 1000
+    return transformer(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=cond.get("guidance"),
+                       pooled_projections=cond["pooled_projections"], encoder_hidden_states=text,
+                       txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+
+
+def _call_flux(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    if x.ndim == 4:  # training latents [N, C, H, W]: FLUX sees them packed 2x2, with their image ids
+        h, w = x.shape[-2:]
+        ids = latent_image_ids(h, w, x.device, x.dtype)
+        return unpack_latents(_flux_forward(transformer, pack_latents(x), t, cond, ids), h, w)
+    return _flux_forward(transformer, x, t, cond, cond["img_ids"][0])  # sampled: packed [N, HW/4, 4C]
+
+
 FAMILIES: dict[str, Family] = {
     "sd": Family("sd", ("StableDiffusionPipeline",), "unet", ("prompt_embeds",),
                  _split_negative_positive({"prompt_embeds": "encoder_hidden_states"}), _call_unet,
@@ -155,6 +275,16 @@ FAMILIES: dict[str, Family] = {
                   make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
                   make_training_noise=FlowMatchingNoise.from_pipeline_config, video=True,
                   check_frames=_wan_frames),
+    "sd3": Family("sd3", ("StableDiffusion3Pipeline",), "transformer",
+                  ("prompt_embeds", "pooled_prompt_embeds"),
+                  _split_negative_positive({"prompt_embeds": "encoder_hidden_states",
+                                            "pooled_prompt_embeds": "pooled_projections"}),
+                  _call_sd3, _encode_sd3, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
+                  make_training_noise=FlowMatchingNoise.from_pipeline_config, check_sampling=_check_sd3),
+    "flux": Family("flux", ("FluxPipeline",), "transformer", ("prompt_embeds",), _capture_flux, _call_flux,
+                   _encode_flux, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
+                   make_training_noise=FlowMatchingNoise.from_pipeline_config, check_sampling=_check_flux,
+                   prepare_sampling=_prepare_flux),
 }
 
 #: Families whose samples are clips [B, F, 3, H, W] and whose pipelines take ``num_frames``.

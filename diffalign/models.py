@@ -67,6 +67,7 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
 BUILTIN_SAMPLING_DEFAULTS: dict[str, dict] = {
     "tiny-animatediff": {"num_frames": 4},
     "tiny-wan": {"height": 32, "width": 32, "num_frames": 5},
+    "tiny-flux": {"height": 32, "width": 32},  # FluxPipeline's own default is 128 x the VAE factor
     "toy-sdxl": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
     "toy-animatediff": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
 }

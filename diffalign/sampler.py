@@ -12,6 +12,7 @@ denoiser is called, the step rule) is one :class:`~diffalign.families.Family` en
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ class Trajectory:
     stochastic   [T] bool                 steps with noise (only these have a density)
     cond/uncond  name -> [B, ...]         denoiser conditioning (uncond empty without CFG)
     latent_steps [L] long or None         after :meth:`keep_steps`, which of the T+1 latents ``latents`` holds
+    extra["set_timesteps"]                the pipeline's own ``scheduler.set_timesteps`` arguments (FLUX: its
+                                          sigmas and dynamic-shift ``mu``), replayed by :meth:`make_scheduler`
     """
 
     latents: torch.Tensor
@@ -149,7 +152,12 @@ class Trajectory:
     def make_scheduler(self):
         """A fresh scheduler set to this trajectory's steps, for recomputation."""
         scheduler = self.make_step_rule().make_scheduler(self.scheduler_config)
-        scheduler.set_timesteps(self.num_steps)
+        # the pipeline's own set_timesteps arguments when recorded (FLUX: its sigmas and dynamic-shift mu)
+        settings = self.extra.get("set_timesteps")
+        if settings:
+            scheduler.set_timesteps(**settings)
+        else:
+            scheduler.set_timesteps(self.num_steps)
         return scheduler
 
     def metadata(self) -> dict[str, str]:
@@ -236,9 +244,29 @@ class _StepOutput:
     prev_sample: torch.Tensor
 
 
+def _plain(value):
+    """A set_timesteps argument as JSON can hold it (arrays and tensors as lists of Python numbers)."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _recording_set_timesteps(base_set_timesteps):
+    """``set_timesteps`` that also keeps its arguments (but the device), so a trajectory can replay them.
+    It keeps the base signature: pipelines inspect it for ``sigmas`` / ``timesteps`` support."""
+
+    @functools.wraps(base_set_timesteps)
+    def set_timesteps(self, *args, **kwargs):
+        bound = inspect.signature(base_set_timesteps).bind(self, *args, **kwargs)
+        self.timestep_settings = {k: _plain(v) for k, v in bound.arguments.items()
+                                  if k not in ("self", "device") and v is not None}
+        return base_set_timesteps(self, *args, **kwargs)
+
+    return set_timesteps
+
+
 def recording_scheduler(step_rule, config: dict):
     base = step_rule.make_scheduler(config)
-    cls = type(f"Recording{type(base).__name__}", (_RecordingMixin, type(base)), {})
+    cls = type(f"Recording{type(base).__name__}", (_RecordingMixin, type(base)),
+               {"set_timesteps": _recording_set_timesteps(type(base).set_timesteps)})
     scheduler = cls.from_config(base.config)
     scheduler.step_rule, scheduler.records = step_rule, []
     return scheduler
@@ -295,13 +323,24 @@ def sample(
     def capture(_pipe, i, _t, callback_kwargs):
         if i == 0:
             captured.update({k: v.detach() for k, v in callback_kwargs.items() if v is not None})
-            captured["do_cfg"] = bool(_pipe.do_classifier_free_guidance)
+            captured["do_cfg"] = bool(getattr(_pipe, "do_classifier_free_guidance", False))  # FLUX: none
         return callback_kwargs
+
+    # the request as the pipeline will resolve it (its own sizes where unset), for the family's checks:
+    # one clear line before sampling
+    request = {**family.default_size(pipe), **pipeline_kwargs, "guidance_scale": guidance_scale,
+               "negative_prompt": negative_prompt}
+    problem = family.check_sampling(pipe, request)
+    if problem is not None:
+        raise ValueError(problem)
+    prompt_inputs, conditioning = {"prompt": prompts}, {}
+    if family.prepare_sampling is not None:  # conditioning the callback lacks: encoded once, handed over
+        prompt_inputs, conditioning = family.prepare_sampling(pipe, prompts, request)
 
     pipe.scheduler = recorder
     try:
         out = pipe(
-            prompt=prompts,
+            **prompt_inputs,
             negative_prompt=negative_prompt,
             num_inference_steps=num_steps,
             guidance_scale=guidance_scale,
@@ -316,6 +355,7 @@ def sample(
         pipe.scheduler = original
 
     records = recorder.records
+    captured.update(conditioning)
     cond, uncond = family.capture(captured, len(prompts), captured["do_cfg"])
     trajectory = Trajectory(
         latents=torch.stack([records[0][0]] + [r[1] for r in records], dim=1),
@@ -331,6 +371,7 @@ def sample(
         guidance_scale=float(guidance_scale),
         guidance_rescale=float(guidance_rescale),
         model=model_name or getattr(pipe, "name_or_path", "") or "",
+        extra={"set_timesteps": getattr(recorder, "timestep_settings", {})},
     )
     # images [B, 3, H, W] (pipeline output .images) or videos [B, F, 3, H, W] (.frames)
     media = out[0].float().clamp(0, 1) if decode else None

@@ -1,0 +1,196 @@
+"""The ``sd3`` and ``flux`` families: the stock StableDiffusion3Pipeline / FluxPipeline sample through the
+trajectory sampler (noise level 0 reproduces them exactly), log-probs recompute exactly, bad requests fail
+with one line before sampling, and pair methods train end to end on the tiny models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from diffalign.families import FAMILIES, family_of
+from diffalign.models import BUILTIN_MODELS, LORA_WEIGHTS_FILE, load_pipeline
+from diffalign.sampler import Trajectory, recompute_log_probs, sample
+from diffalign.sampling import SamplingSettings
+from diffalign.steps import FlowEulerStep
+
+PROMPTS = ["a red circle on a blue background", "a yellow square"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(_offline_cache):
+    pipe = load_pipeline("tiny-sd3")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(_offline_cache):
+    pipe = load_pipeline("tiny-flux")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def family_pipe(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}")
+
+
+def _stock_latents(pipe, family: str, seeds, guidance_scale, num_steps=4):
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
+    out = pipe(prompt=PROMPTS, num_inference_steps=num_steps, guidance_scale=guidance_scale,
+               generator=generator, height=32, width=32, output_type="latent")
+    return out.images
+
+
+def test_family_of_and_sizes_default_from_the_model(family_pipe):
+    name, pipe = family_pipe
+    assert family_of(pipe) is FAMILIES[name]
+    settings = SamplingSettings().for_model(pipe, f"tiny-{name}")
+    assert (settings.height, settings.width) == (32, 32)
+    # the pipeline's own default (FLUX: default_sample_size x the VAE factor), what a stock call uses
+    own = {"sd3": 32, "flux": 128 * pipe.vae_scale_factor}[name]
+    assert FAMILIES[name].default_size(pipe) == {"height": own, "width": own}
+
+
+@pytest.mark.parametrize("rule", ["euler", "sde0"])
+def test_noise_level_zero_reproduces_the_stock_pipeline(family_pipe, rule):
+    name, pipe = family_pipe
+    guidance = 4.0  # SD3: CFG; FLUX: the guidance embedding
+    expected = _stock_latents(pipe, name, [0, 1], guidance)
+    step_rule = FlowEulerStep() if rule == "euler" else None
+    out = sample(pipe, PROMPTS, seeds=[0, 1], num_steps=4, guidance_scale=guidance, eta=0.0,
+                 step_rule=step_rule, height=32, width=32, decode=False)
+    traj = out.trajectory
+    assert traj.family == name
+    assert torch.equal(traj.latents[:, -1], expected)
+    assert not traj.stochastic.any()
+    if name == "sd3":
+        assert traj.do_cfg and set(traj.cond) == {"encoder_hidden_states", "pooled_projections"}
+    else:
+        # packed: (32 / VAE factor 2 / 2)^2 = 64 tokens of 4 x 16 channels
+        assert not traj.do_cfg and traj.latents.shape[2:] == (64, 64)
+        assert torch.equal(traj.cond["guidance"], torch.full((2,), guidance))
+
+
+def test_stochastic_steps_recompute_exactly(family_pipe, tmp_path):
+    name, pipe = family_pipe
+    out = sample(pipe, PROMPTS, seeds=[3, 4], num_steps=4, guidance_scale=3.5, eta=0.7, height=32, width=32,
+                 decode=False)
+    traj = out.trajectory
+    assert traj.log_probs.dtype == torch.float32 and traj.log_probs.shape == (2, 4)
+    assert traj.stochastic.all()  # Flow-GRPO's rule puts noise on every step, the last one too
+    again = sample(pipe, PROMPTS, seeds=[3, 4], num_steps=4, guidance_scale=3.5, eta=0.0, height=32, width=32,
+                   decode=False).trajectory
+    assert not torch.allclose(again.latents[:, -1], traj.latents[:, -1])
+    denoiser = pipe.transformer
+    with torch.no_grad():
+        one = recompute_log_probs(denoiser, traj, chunk_size=1)
+        chunked = recompute_log_probs(denoiser, traj, chunk_size=3)
+    torch.testing.assert_close(one, traj.log_probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked, traj.log_probs, atol=1e-5, rtol=0)
+    assert (one - traj.log_probs).exp().sub(1).abs().max() < 1e-5
+    traj.save(tmp_path / "t.safetensors")
+    loaded = Trajectory.load(tmp_path / "t.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(recompute_log_probs(denoiser, loaded, chunk_size=2), traj.log_probs,
+                                   atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line before sampling
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ask", [{"negative_prompt": "blurry"}, {"true_cfg_scale": 4.0}])
+def test_cfg_asked_of_flux_is_one_line(tiny_flux, ask):
+    with pytest.raises(ValueError, match="guidance-distilled") as err:
+        sample(tiny_flux, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False, **ask)
+    assert "\n" not in str(err.value) and "FluxPipeline" in str(err.value)
+    assert not hasattr(tiny_flux.scheduler, "records")  # the stock scheduler: nothing was sampled
+
+
+@pytest.mark.parametrize(("name", "size", "multiple"), [("sd3", 30, 4), ("flux", 34, 4)])
+def test_size_not_divisible_by_patch_and_vae_factor_is_one_line(request, name, size, multiple):
+    # SD3: VAE factor 2 x patch 2; FLUX: VAE factor 2 x patch 1 x 2x2 packing
+    pipe = request.getfixturevalue(f"tiny_{name}")
+    with pytest.raises(ValueError, match=f"height={size}, width=32: .* divisible by {multiple}") as err:
+        sample(pipe, PROMPTS, seeds=[0, 1], num_steps=2, height=size, width=32, decode=False)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_pipeline_is_not_supported_by_name(tiny_sd3):
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    img2img = StableDiffusion3Img2ImgPipeline(**tiny_sd3.components)
+    with pytest.raises(NotImplementedError, match="does not support StableDiffusion3Img2ImgPipeline"):
+        family_of(img2img)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: pair methods end to end through `diffalign train`, LoRA loaded by stock load_lora_weights
+# ----------------------------------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _no_lost_keys(messages: list[str]) -> list[str]:
+    # "No LoRA keys associated to <text encoder>" is said for components diffalign does not train
+    return [m for m in messages if any(w in m for w in ("missing", "unexpected key", "inconsisten"))
+            or (m.startswith("no lora keys associated") and "text_encoder" not in m)]
+
+
+@pytest.mark.parametrize(("name", "method"), [("sd3", "dpo"), ("flux", "dpo"), ("sd3", "mapo")])
+def test_pair_method_trains_and_its_lora_loads_in_the_stock_pipeline(name, method, tmp_path):
+    out = tmp_path / "run"
+    overrides = [f"train.output_dir={out}", "train.max_steps=2", "optim.learning_rate=2e-2",
+                 "optim.lr_warmup_steps=0", "log.validation_every_n_steps=0", "log.progress_bar=false",
+                 "checkpoint.every_n_steps=0", "eval.seeds=[0]", "eval.train_pairs=0",
+                 "eval.num_inference_steps=2", "eval.prompts=[a red circle on a blue background]"]
+    config = ROOT / "configs" / f"tiny-{name}" / f"{method}.yaml"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = subprocess.run([sys.executable, "-m", "diffalign", "train", str(config), *overrides], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(metrics["loss"])
+
+    user_pipe = DiffusionPipeline.from_pretrained(str(BUILTIN_MODELS[f"tiny-{name}"]()))
+    user_pipe.set_progress_bar_config(disable=True)
+
+    def latents():
+        return user_pipe(prompt=PROMPTS[:1], num_inference_steps=2, height=32, width=32, output_type="latent",
+                         generator=torch.Generator().manual_seed(0)).images
+
+    base = latents()
+    messages: list[str] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage().lower())
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            user_pipe.load_lora_weights(out)
+        messages += [str(w.message).lower() for w in caught]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not _no_lost_keys(messages), messages
+    saved = load_file(str(out / LORA_WEIGHTS_FILE))
+    loaded = get_peft_model_state_dict(user_pipe.transformer, adapter_name="default_0")
+    assert len(loaded) == len(saved) > 0
+    targets = {k.split(".lora_")[0].split(".", 1)[1] for k in loaded}
+    assert any(t.endswith("attn.add_q_proj") for t in targets)  # the joint attention's context side
+    if name == "flux":
+        assert any(t.endswith("ff_context.net.2") for t in targets)
+    assert (latents() - base).abs().max() > 0, "the trained LoRA does not change the stock pipeline's output"

@@ -154,7 +154,7 @@ def test_pair_method_trains_and_its_lora_loads_in_the_stock_pipeline(name, metho
     overrides = [f"train.output_dir={out}", "train.max_steps=2", "optim.learning_rate=2e-2",
                  "optim.lr_warmup_steps=0", "log.validation_every_n_steps=0", "log.progress_bar=false",
                  "checkpoint.every_n_steps=0", "eval.seeds=[0]", "eval.train_pairs=0",
-                 "eval.num_inference_steps=2", "eval.prompts=[a red circle on a blue background]"]
+                 "eval.num_steps=2", "eval.prompts=[a red circle on a blue background]"]
     config = ROOT / "configs" / f"tiny-{name}" / f"{method}.yaml"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-m", "diffalign", "train", str(config), *overrides], env=env,

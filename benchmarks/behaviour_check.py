@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,20 @@ SHORT = ["train.max_steps=3", "log.every_n_steps=1", "log.progress_bar=false", "
 
 
 def configs() -> list[str]:
-    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "configs").glob("tiny-*/*.yaml"))] + [MAIN_JOB]
+    grouped = sorted((ROOT / "configs").glob("tiny-*/*.yaml"))
+    if grouped:
+        return [str(p.relative_to(ROOT)) for p in grouped] + [MAIN_JOB]
+    # a checkout from before configs were grouped by model (to compare against older code)
+    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "configs").glob("tiny-*.yaml"))] + [OLD_MAIN_JOB]
+
+
+OLD_MAIN_JOB = "configs/toy-sdxl-dpo.yaml"
+
+
+def canonical(name: str) -> str:
+    """A LoRA key in PEFT's naming whatever the file's: exports before 2026-12-01 renamed attention keys to
+    ``lora.down`` / ``lora.up``, which changes no weight."""
+    return name.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight")
 
 
 def run_one(config: str, out_dir: str) -> dict:
@@ -43,15 +57,17 @@ def run_one(config: str, out_dir: str) -> dict:
     from diffalign.train import train
 
     torch.set_num_threads(1)
-    cfg = load_config(config, [*SHORT, f"train.output_dir={out_dir}"])
+    old_keys = "num_inference_steps" in (ROOT / config).read_text()  # configs before the key rename
+    short = [o.replace("eval.num_steps", "eval.num_inference_steps") for o in SHORT] if old_keys else SHORT
+    cfg = load_config(config, [*short, f"train.output_dir={out_dir}"])
     start = time.perf_counter()
     out = train(cfg)
     digest, max_abs, count = hashlib.sha256(), 0.0, 0
     for file in sorted(Path(out).glob("*.safetensors")) + sorted(Path(out).glob("*/*.safetensors")):
         tensors = load_file(str(file))
-        for name in sorted(tensors):
+        for name in sorted(tensors, key=canonical):
             value = tensors[name].float().contiguous()
-            digest.update(name.encode())
+            digest.update(canonical(name).encode())
             digest.update(value.numpy().tobytes())
             max_abs = max(max_abs, float(value.abs().max()))
             count += 1
@@ -80,8 +96,18 @@ def run_all(out: Path, only: list[str] | None) -> None:
     out.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def grouped_name(config: str) -> str:
+    """``configs/tiny-sdxl-dpo.yaml`` (the layout before configs were grouped) as ``configs/tiny-sdxl/dpo.yaml``."""
+    return re.sub(r"^configs/((?:tiny|toy)-[a-z0-9]+)-([a-z]+)\.yaml$", r"configs/\1/\2.yaml", config)
+
+
 def compare(before: Path, after: Path) -> int:
     a, b = json.loads(before.read_text()), json.loads(after.read_text())
+    a, b = ({grouped_name(k): v for k, v in d.items()} for d in (a, b))
+    new = sorted(set(b) - set(a))
+    if new:
+        print(f"runs with nothing to compare against (new configs): {', '.join(new)}")
+    b = {k: v for k, v in b.items() if k in a}
     print("| run | weights | max abs before / after | final loss before / after "
           "| losses, eval, train pairs |")
     print("|---|---|---|---|---|")

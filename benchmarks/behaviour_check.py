@@ -97,7 +97,8 @@ def run_all(out: Path, only: list[str] | None) -> None:
 
 
 def grouped_name(config: str) -> str:
-    """``configs/tiny-sdxl-dpo.yaml`` (the layout before configs were grouped) as ``configs/tiny-sdxl/dpo.yaml``."""
+    """``configs/tiny-sdxl-dpo.yaml`` (the layout before configs were grouped by model) as
+    ``configs/tiny-sdxl/dpo.yaml``."""
     return re.sub(r"^configs/((?:tiny|toy)-[a-z0-9]+)-([a-z]+)\.yaml$", r"configs/\1/\2.yaml", config)
 
 

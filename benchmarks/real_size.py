@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from diffalign.tiny import (
     _SD_SCHEDULE,
+    FLUX_SCHEDULER,
     assemble_sdxl,
     build_clip_tokenizer,
     build_tiny_t5_tokenizer,
@@ -253,15 +254,7 @@ def build_flux(device: str, done=lambda name: None):
         done("text_encoder")
         text_encoder_2 = _t5_xxl()
         done("text_encoder_2")
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     return FluxPipeline(
         scheduler=scheduler,
         vae=vae,

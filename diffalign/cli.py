@@ -30,7 +30,7 @@ from diffalign.pairs import generate_pairs
 from diffalign.prompt_sets import load_prompts
 from diffalign.run_state import NonFiniteError, TrainingInterrupted
 from diffalign.sampler import Trajectory
-from diffalign.sampling import SamplingSettings, sample_batches
+from diffalign.sampling import SamplingSettings, sample_batches, sampling_from_flags
 from diffalign.scorers import check_scorer_names, make_scorer
 from diffalign.scorers.server import ScorerServer
 from diffalign.scorers.tiny_models import save_tiny_scorer
@@ -160,16 +160,7 @@ def _run_sample(args):
             raise UsageError(f"{name} must be >= {low}, got {value}")
     if args.eta < 0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    settings = SamplingSettings(
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale,
-        eta=args.eta,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        negative_prompt=args.negative_prompt,
-    )
+    settings = sampling_from_flags(args)
     for name, value, expected in settings.problems():
         raise UsageError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
     source = resolve_model(args.model)

@@ -26,7 +26,7 @@ import yaml
 from diffalign.methods import METHODS
 from diffalign.models import check_num_frames, resolve_model
 from diffalign.prompts import read_prompts
-from diffalign.sampling import SamplingSettings
+from diffalign.sampling import SamplingSettings, settings_of
 from diffalign.scorers import check_scorer_names
 
 
@@ -165,14 +165,7 @@ class EvalConfig:
 
     def sampling(self) -> SamplingSettings:
         """The evaluation's sampling settings (also the validation samples')."""
-        return SamplingSettings(
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            eta=self.eta,
-            height=self.height,
-            width=self.width,
-            num_frames=self.num_frames,
-        )
+        return settings_of(self)
 
 
 @dataclass

@@ -94,6 +94,22 @@ class SamplingSettings:
         return kwargs
 
 
+def sampling_from_flags(args) -> SamplingSettings:
+    """The settings the ``sample`` / ``gallery`` command-line flags ask for (``--steps``, ``--guidance``,
+    ``--guidance-rescale``, ``--eta``, ``--height``, ``--width``, ``--num-frames``, ``--negative-prompt``)."""
+    return SamplingSettings(num_steps=args.steps, guidance_scale=args.guidance,
+                            guidance_rescale=args.guidance_rescale, eta=args.eta, height=args.height,
+                            width=args.width, num_frames=args.num_frames,
+                            negative_prompt=args.negative_prompt)
+
+
+def settings_of(section) -> SamplingSettings:
+    """The sampling settings a config section holds under the same field names (``eval``, an online
+    method's section)."""
+    return SamplingSettings(**{f.name: getattr(section, f.name) for f in fields(SamplingSettings)
+                               if hasattr(section, f.name)})
+
+
 def sample_batches(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, *,
                    batch_size: int, decode: bool = True,
                    model_name: str = "") -> Iterator[tuple[int, SampleOutput]]:

@@ -38,6 +38,11 @@ _SD_SCHEDULE = dict(
 )
 
 
+
+#: FLUX.1-dev's scheduler config: the flow schedule shifted by the image's packed token count (mu).
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                      max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
 def clip_bpe_path() -> Path:
     """The CLIP BPE merges file that open-clip-torch ships (the same merges as OpenAI CLIP)."""
     import open_clip
@@ -438,15 +443,7 @@ def build_tiny_flux(seed: int = 0):
     text_encoder = CLIPTextModel(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_hidden))
     torch.manual_seed(seed + 3)
     text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), t5_dim)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
     return FluxPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -10,7 +10,7 @@ import transformers
 from diffalign.gallery.run import parse_model_arg, run_gallery, validate_models
 from diffalign.models import parse_dtype
 from diffalign.prompt_sets import check_prompt_spec, load_prompts, select_prompts
-from diffalign.sampling import SamplingSettings
+from diffalign.sampling import sampling_from_flags
 from diffalign.scorers import check_scorer_names
 from diffalign.usage import UsageError, ensure_writable_dir
 
@@ -70,16 +70,7 @@ def add_parser(sub):
 
 def run(args):
     # every check before any model loads
-    sampling = SamplingSettings(
-        num_steps=args.steps,
-        guidance_scale=args.guidance,
-        guidance_rescale=args.guidance_rescale,
-        eta=args.eta,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        negative_prompt=args.negative_prompt,
-    )
+    sampling = sampling_from_flags(args)
     if args.images_per_prompt < 1:
         raise UsageError(f"images_per_prompt must be >= 1, got {args.images_per_prompt}")
     sampling.check()

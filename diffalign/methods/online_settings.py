@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffalign.prompt_sets import check_prompt_source, load_prompt_source
-from diffalign.sampling import SamplingSettings
+from diffalign.sampling import SamplingSettings, settings_of
 from diffalign.scorers import check_scorer_names
 
 
@@ -45,14 +45,7 @@ class OnlineSettings:
 
     def sampling(self) -> SamplingSettings:
         """How the method samples its epochs."""
-        return SamplingSettings(
-            num_steps=self.num_steps,
-            guidance_scale=self.guidance_scale,
-            eta=self.eta,
-            height=self.height,
-            width=self.width,
-            num_frames=self.num_frames,
-        )
+        return settings_of(self)
 
 
 def validate_online_settings(cfg: OnlineSettings, require) -> None:

@@ -54,6 +54,9 @@ class Family:
     check_frames: Callable[[int], str | None] = lambda n: None if n >= 1 else "at least 1 frame"
     check_sampling: Callable[[object, dict], str | None] = lambda pipe, request: None
     prepare_sampling: Callable[..., tuple[dict, dict]] | None = None
+    #: ``training_latents(pipe, sampled, height, width)``: a sample's final latents (as the scheduler saw
+    #: them) in the training losses' layout, e.g. FLUX's packed tokens back to [N, C, h, w].
+    training_latents: Callable[..., torch.Tensor] = lambda pipe, sampled, height, width: sampled
 
     def default_size(self, pipe) -> dict[str, int]:
         """The pipeline's own ``height``/``width`` (and ``num_frames`` for video): its ``__call__`` defaults,
@@ -248,6 +251,12 @@ def _flux_forward(transformer, x, t, cond: dict[str, torch.Tensor], img_ids: tor
                        txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
 
 
+def _flux_training_latents(pipe, sampled: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # FluxPipeline's latent size for an image of height x width (its prepare_latents)
+    scale = pipe.vae_scale_factor
+    return unpack_latents(sampled, 2 * (height // (scale * 2)), 2 * (width // (scale * 2)))
+
+
 def _call_flux(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
     if x.ndim == 4:  # training latents [N, C, H, W]: FLUX sees them packed 2x2, with their image ids
         h, w = x.shape[-2:]
@@ -284,7 +293,7 @@ FAMILIES: dict[str, Family] = {
     "flux": Family("flux", ("FluxPipeline",), "transformer", ("prompt_embeds",), _capture_flux, _call_flux,
                    _encode_flux, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
                    make_training_noise=FlowMatchingNoise.from_pipeline_config, check_sampling=_check_flux,
-                   prepare_sampling=_prepare_flux),
+                   prepare_sampling=_prepare_flux, training_latents=_flux_training_latents),
 }
 
 #: Families whose samples are clips [B, F, 3, H, W] and whose pipelines take ``num_frames``.

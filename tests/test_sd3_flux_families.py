@@ -194,3 +194,34 @@ def test_pair_method_trains_and_its_lora_loads_in_the_stock_pipeline(name, metho
     if name == "flux":
         assert any(t.endswith("ff_context.net.2") for t in targets)
     assert (latents() - base).abs().max() > 0, "the trained LoRA does not change the stock pipeline's output"
+
+
+ONLINE_SHORT = ["method.num_steps=3", "method.train_timesteps=null", "method.samples_per_prompt=2",
+                "method.num_prompts=2", "method.gradient_steps_per_epoch=1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prdp", "ddpo", "seppo"])
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_online_and_winner_methods_train_on_flow_families(name, method, tmp_path):
+    """PRDP and DDPO (sample with the family's SDE, recompute, update) and SePPO (the reference samples the
+    loser; FLUX's packed sample goes back to the training layout) run 2 steps and write a LoRA that moved."""
+    from safetensors.torch import load_file
+
+    from diffalign.flow_matching import LORA_TARGET_MODULES
+
+    guidance = ["method.guidance_scale=3.5"] if name == "flux" else []
+    extra = (["method.ref_num_steps=2", *(["method.ref_guidance_scale=3.5"] if name == "flux" else [])]
+             if method == "seppo" else [*ONLINE_SHORT, *guidance])
+    out = tmp_path / "run"
+    targets = ",".join(LORA_TARGET_MODULES[name])
+    result = subprocess.run(
+        [sys.executable, "-m", "diffalign", "train", str(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml"),
+         f"model.name=tiny-{name}", f"train.output_dir={out}", "train.max_steps=2", "eval.enabled=false",
+         "log.progress_bar=false", "log.every_n_steps=1", f"lora.target_modules=[{targets}]", *extra],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(v) for v in losses)
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())

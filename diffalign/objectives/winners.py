@@ -238,7 +238,8 @@ class SePPOObjective:
             generated = sample(ctx.pipe, captions, seeds=seeds, decode=False, **settings.sample_kwargs())
             reference.train(was_training)
             trajectory = generated.trajectory
-            latents_r = trajectory.latents[:, -1].to(device, dtype)
+            latents_r = family.training_latents(ctx.pipe, trajectory.latents[:, -1], settings.height,
+                                                settings.width).to(device, dtype)
             noise_r, t_r = (noise_w, t_w) if m.share_noise else (torch.randn_like(latents_r),
                                                                  torch.randint(0, num_t, (b,), device=device))
             latents = torch.cat([latents_w, latents_r])

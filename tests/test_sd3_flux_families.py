@@ -148,7 +148,8 @@ def _no_lost_keys(messages: list[str]) -> list[str]:
             or (m.startswith("no lora keys associated") and "text_encoder" not in m)]
 
 
-@pytest.mark.parametrize(("name", "method"), [("sd3", "dpo"), ("flux", "dpo"), ("sd3", "mapo")])
+@pytest.mark.parametrize(("name", "method"),
+                         [("sd3", "dpo"), ("flux", "dpo"), ("sd3", "mapo"), ("flux", "mapo")])
 def test_pair_method_trains_and_its_lora_loads_in_the_stock_pipeline(name, method, tmp_path):
     out = tmp_path / "run"
     overrides = [f"train.output_dir={out}", "train.max_steps=2", "optim.learning_rate=2e-2",

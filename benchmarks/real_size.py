@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from diffalign.tiny import (
     _SD_SCHEDULE,
-    FLUX_SCHEDULER,
+    assemble_flux,
+    assemble_sd3,
     assemble_sdxl,
     build_clip_tokenizer,
     build_tiny_t5_tokenizer,
@@ -197,7 +198,7 @@ def build_animatediff(device: str, done=lambda name: None):
 
 def build_sd3(device: str, done=lambda name: None):
     """Stable Diffusion 3.5 medium: MMDiT-X (13 dual-attention layers, RMS q/k norm), CLIP-L/G + T5-XXL."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
 
     with torch.device(device):
         transformer = SD3Transformer2DModel(
@@ -224,22 +225,13 @@ def build_sd3(device: str, done=lambda name: None):
         done("text_encoder_2")
         text_encoder_3 = _t5_xxl()
         done("text_encoder_3")
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(pad_token="!"),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=build_tiny_t5_tokenizer(),
-    )
+    return assemble_sd3(transformer, vae, text_encoder, text_encoder_2, text_encoder_3,
+                        build_tiny_t5_tokenizer())
 
 
 def build_flux(device: str, done=lambda name: None):
     """FLUX.1 [dev]: 19 double- and 38 single-stream blocks, guidance embedding, CLIP-L pooled + T5-XXL."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     with torch.device(device):
         transformer = FluxTransformer2DModel(
@@ -254,16 +246,7 @@ def build_flux(device: str, done=lambda name: None):
         done("text_encoder")
         text_encoder_2 = _t5_xxl()
         done("text_encoder_2")
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=build_tiny_t5_tokenizer(),
-        transformer=transformer,
-    )
+    return assemble_flux(transformer, vae, text_encoder, text_encoder_2, build_tiny_t5_tokenizer())
 
 
 BUILDERS = {"sdxl": build_sdxl, "animatediff": build_animatediff, "sd3": build_sd3, "flux": build_flux}

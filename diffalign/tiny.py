@@ -214,6 +214,38 @@ def build_tiny_sdxl(seed: int = 0):
     return assemble_sdxl(vae, unet, text_encoder, text_encoder_2)
 
 
+def assemble_sd3(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer_3):
+    """An SD3 pipeline around these models: the real CLIP tokenizers and SD3's shifted flow schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def assemble_flux(transformer, vae, text_encoder, text_encoder_2, tokenizer_2):
+    """A FLUX pipeline around these models: the real CLIP tokenizer, FLUX.1-dev's dynamic-shift schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
 def assemble_sdxl(vae, unet, text_encoder, text_encoder_2):
     """An SDXL pipeline around these models, with the real tokenizers and SDXL's Euler scheduler config."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -362,7 +394,7 @@ def build_tiny_sd3(seed: int = 0):
     """A tiny ``StableDiffusion3Pipeline`` (SD3.5-medium architecture): an MMDiT with one dual-attention layer
     and RMS-normed q/k, CLIP-L + CLIP-G (both with projection) + T5, a 16-channel VAE with SD3's scale and
     shift."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
     clip_hidden, clip_projection, t5_dim = 32, 32, 64
@@ -399,24 +431,14 @@ def build_tiny_sd3(seed: int = 0):
     )
     torch.manual_seed(seed + 4)
     text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), t5_dim)
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=build_clip_tokenizer(pad_token="!"),
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=tokenizer_3,
-    )
+    return assemble_sd3(transformer, vae, text_encoder, text_encoder_2, text_encoder_3, tokenizer_3)
 
 
 def build_tiny_flux(seed: int = 0):
     """A tiny ``FluxPipeline`` shaped like FLUX.1-dev: double- and single-stream blocks, the guidance
     embedding (guidance-distilled: no CFG), CLIP-L pooled + T5 states, packed 2x2 latents of a 16-channel VAE,
     and the dynamically shifted Euler scheduler FLUX.1-dev ships."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     clip_hidden, t5_dim = 32, 64
@@ -443,16 +465,7 @@ def build_tiny_flux(seed: int = 0):
     text_encoder = CLIPTextModel(_text_encoder_config(clip_hidden, layers=2, projection_dim=clip_hidden))
     torch.manual_seed(seed + 3)
     text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), t5_dim)
-    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    return FluxPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=build_clip_tokenizer(),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
+    return assemble_flux(transformer, vae, text_encoder, text_encoder_2, tokenizer_2)
 
 
 _BUILDERS = {

@@ -9,7 +9,7 @@ the pipeline's (its ``__call__`` defaults and its denoiser's ``sample_size``), e
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -126,13 +126,16 @@ def sample_batches(pipe, prompts: Sequence[str], seeds: Sequence[int], settings:
 
 
 def sample_many(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, *,
-                batch_size: int, decode: bool = True, trajectories: bool = False,
-                model_name: str = "") -> SampleOutput:
+                batch_size: int, decode: bool = True, trajectories: bool = False, model_name: str = "",
+                on_batch: Callable[[int, SampleOutput], None] | None = None) -> SampleOutput:
     """Every prompt sampled (see :func:`sample_batches`), the batches joined into one output. The joined
-    trajectory is kept only when asked for (``trajectory`` is None otherwise: they are large)."""
+    trajectory is kept only when asked for (``trajectory`` is None otherwise: they are large).
+    ``on_batch(start, batch)`` sees each batch as it comes (e.g. to score it while the next one samples)."""
     images, parts = [], []
-    for _, out in sample_batches(pipe, prompts, seeds, settings, batch_size=batch_size, decode=decode,
-                                 model_name=model_name):
+    for start, out in sample_batches(pipe, prompts, seeds, settings, batch_size=batch_size, decode=decode,
+                                     model_name=model_name):
+        if on_batch is not None:
+            on_batch(start, out)
         images.append(out.images)
         if trajectories:
             parts.append(out.trajectory)

@@ -35,8 +35,8 @@ from diffalign.methods.base import LossOutput
 from diffalign.methods.online_settings import OnlineSettings
 from diffalign.objectives.context import unwrap
 from diffalign.prompt_sets import load_prompt_source
-from diffalign.sampler import SampleOutput, Trajectory, recompute_log_probs
-from diffalign.sampling import sample_batches
+from diffalign.sampler import Trajectory, recompute_log_probs
+from diffalign.sampling import sample_many
 from diffalign.scorers import CombinedScorer, make_scorer
 from diffalign.scorers.async_scoring import ScoringQueue
 
@@ -125,16 +125,13 @@ def sample_epoch(
     job_prompts = [p for p, _ in jobs]
     # async_scoring: each batch is scored in the background while the next one is sampled
     scoring = ScoringQueue(reward) if settings.async_scoring else None
-    images, parts = [], []
+    submit = None if scoring is None else \
+        (lambda start, batch: scoring.submit(batch.images, job_prompts[start : start + len(batch.images)]))
     t0 = time.perf_counter()
-    for start, batch in sample_batches(pipe, job_prompts, seeds[: len(jobs)], settings.sampling(),
-                                       batch_size=settings.sample_batch_size, model_name=model_name):
-        images.append(batch.images)
-        parts.append(batch.trajectory)
-        if scoring is not None:
-            scoring.submit(batch.images, job_prompts[start : start + len(batch.images)])
+    out = sample_many(pipe, job_prompts, seeds[: len(jobs)], settings.sampling(),
+                      batch_size=settings.sample_batch_size, trajectories=True, model_name=model_name,
+                      on_batch=submit)
     t1 = time.perf_counter()
-    out = SampleOutput(torch.cat(images), Trajectory.cat(parts))
     # async: scoring_s is only the wait for the batches still being scored when sampling ended
     rewards = scoring.gather() if scoring is not None else reward(out.images, out.trajectory.prompts)
     t2 = time.perf_counter()

@@ -1,13 +1,11 @@
 """LoRA on tiny SD3 / FLUX with the families' target lists, exported by ``save_lora`` and loaded by stock
 ``StableDiffusion3Pipeline.load_lora_weights`` / ``FluxPipeline.load_lora_weights``."""
 
-import logging
-import re
-import warnings
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from helpers.lora_loading import load_messages, lost_keys
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -21,14 +19,6 @@ def _images(pipe):
     return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt",
                 generator=torch.Generator().manual_seed(0)).images
 
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
 
 
 def _export_peft_keys(pipe, transformer, out):
@@ -82,23 +72,9 @@ def _check_round_trip(kind, export, tmp_path):
 
     fresh = DiffusionPipeline.from_pretrained(path)
     fresh.set_progress_bar_config(disable=True)
-    records = _Records()
-    for name in ("diffusers", "peft"):
-        logging.getLogger(name).addHandler(records)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fresh.load_lora_weights(tmp_path / "lora")
-    finally:
-        for name in ("diffusers", "peft"):
-            logging.getLogger(name).removeHandler(records)
-    # (the text encoders' "no LoRA keys for CLIPTextModel..." notes are expected: only the transformer is
-    # adapted)
-    transformer_class = type(transformer).__name__
-    problems = [m for m in records.messages + [str(w.message) for w in caught]
-                if re.search(r"(missing|unexpected) (adapter )?keys|inconsisten", m, re.IGNORECASE)
-                or ("no lora keys" in m.lower() and transformer_class in m)]
-    assert not problems, problems
+    with load_messages() as messages:
+        fresh.load_lora_weights(tmp_path / "lora")
+    assert not lost_keys(messages), messages
     # every saved tensor bound, with its value
     loaded = get_peft_model_state_dict(fresh.transformer, adapter_name=fresh.get_active_adapters()[0])
     assert len(loaded) == len(saved)

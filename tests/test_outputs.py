@@ -3,18 +3,17 @@ every target set), the tuned evaluation sampled from what a user loads, files wi
 what ``--resume`` does with a finished run or a config without checkpoints."""
 
 import contextlib
-import logging
 import os
 import stat
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from helpers.lora_loading import load_messages, lost_keys
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
@@ -34,7 +33,6 @@ FAMILIES = ["tiny-sd", "tiny-sdxl", "tiny-animatediff", "tiny-wan"]
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 # attention + the transformer blocks' projections and MLP (UNets: proj_in/proj_out, ff; Wan: ffn)
 MIXED = [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "ffn.net.0.proj", "ffn.net.2"]
-LOSS_OF_KEYS = ("missing", "unexpected key", "inconsisten")  # what PEFT / diffusers say when keys do not bind
 
 
 def stock_pipeline(model: str):
@@ -50,34 +48,8 @@ def all_linear(module: torch.nn.Module) -> list[str]:
     return sorted(name for name, m in module.named_modules() if isinstance(m, torch.nn.Linear))
 
 
-@contextlib.contextmanager
-def load_messages():
-    """Every warning and diffusers/PEFT log record raised inside the block, as lower-case text."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage().lower())
-
-    handler = Collect(level=logging.WARNING)
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield messages
-        finally:
-            messages.extend(str(w.message).lower() for w in caught)
-            for logger in loggers:
-                logger.removeHandler(handler)
-
-
 def assert_all_bound(messages: list[str]) -> None:
-    # "No LoRA keys associated to <model> found" is said for every component the file has no keys for:
-    # the text encoders, which diffalign does not train; for the denoiser it would mean all was lost
-    lost = [m for m in messages if any(word in m for word in LOSS_OF_KEYS)
-            or (m.startswith("no lora keys associated") and "text_encoder" not in m)]
+    lost = lost_keys(messages)
     assert not lost, f"the loader dropped adapter keys: {lost[0][:300]}"
 
 

@@ -5,17 +5,16 @@ with one line before sampling, and pair methods train end to end on the tiny mod
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from helpers.lora_loading import load_messages, lost_keys
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -142,11 +141,6 @@ def test_unknown_pipeline_is_not_supported_by_name(tiny_sd3):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _no_lost_keys(messages: list[str]) -> list[str]:
-    # "No LoRA keys associated to <text encoder>" is said for components diffalign does not train
-    return [m for m in messages if any(w in m for w in ("missing", "unexpected key", "inconsisten"))
-            or (m.startswith("no lora keys associated") and "text_encoder" not in m)]
-
 
 @pytest.mark.parametrize(("name", "method"),
                          [("sd3", "dpo"), ("flux", "dpo"), ("sd3", "mapo"), ("flux", "mapo")])
@@ -172,21 +166,9 @@ def test_pair_method_trains_and_its_lora_loads_in_the_stock_pipeline(name, metho
                          generator=torch.Generator().manual_seed(0)).images
 
     base = latents()
-    messages: list[str] = []
-    handler = logging.Handler(level=logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage().lower())
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            user_pipe.load_lora_weights(out)
-        messages += [str(w.message).lower() for w in caught]
-    finally:
-        for logger in loggers:
-            logger.removeHandler(handler)
-    assert not _no_lost_keys(messages), messages
+    with load_messages() as messages:
+        user_pipe.load_lora_weights(out)
+    assert not lost_keys(messages), messages
     saved = load_file(str(out / LORA_WEIGHTS_FILE))
     loaded = get_peft_model_state_dict(user_pipe.transformer, adapter_name="default_0")
     assert len(loaded) == len(saved) > 0

@@ -116,10 +116,15 @@ class TrainingConfig:
     # stop after this many optimizer steps in a row with a NaN/inf loss or gradient
     max_nonfinite_steps: int = 5
     device: str | None = None  # None: accelerate's choice; "cpu" forces the CPU
-    # Flow-matching models (Wan): how the training sigma is drawn from the pipeline's (shifted) flow schedule
-    flow_timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    # Flow-matching models (SD3, FLUX, Wan), as diffusers' SD3/FLUX scripts: how the training sigma is drawn
+    # from the pipeline's (shifted) flow schedule (their --weighting_scheme) and how each loss is weighted
+    flow_timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "uniform"
     flow_logit_mean: float = 0.0  # logit_normal only
     flow_logit_std: float = 1.0
+    flow_mode_scale: float = 1.29  # mode only
+    flow_loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    # FLUX (dynamically shifting schedulers): shift training sigmas by the resolution's mu, as at sampling
+    flow_dynamic_shift: bool = False
 
 
 @dataclass
@@ -391,6 +396,9 @@ def validate(cfg: Config) -> None:
         "an integer >= 1",
     )
     _require(t.flow_logit_std > 0, "train.flow_logit_std", t.flow_logit_std, "a number > 0")
+    # the SD3 paper's range for which the mode density is a density (monotone map of the uniform)
+    _require(-1 <= t.flow_mode_scale <= 2 / (math.pi - 2), "train.flow_mode_scale", t.flow_mode_scale,
+             "a number in [-1, 2/(pi-2) = 1.75]")
     _require(
         t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1"
     )

@@ -3,7 +3,7 @@ per-sample denoising loss.
 
 A noise process turns clean latents, noise and integer timestep draws (``0 <= t < num_train_timesteps``)
 into ``(noisy latents, the denoiser's timestep, the regression target)``: :class:`DDPMNoise` (epsilon or
-v-prediction, SD/SDXL/AnimateDiff) and :class:`FlowMatchingNoise` (velocity, Wan). Each model family
+v-prediction, SD/SDXL/AnimateDiff) and :class:`FlowMatchingNoise` (velocity, SD3/FLUX/Wan). Each model family
 (:mod:`diffalign.families`) names its own, so the losses never branch on the model.
 """
 
@@ -14,6 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from diffalign.flow_matching import (
+    LOSS_WEIGHTINGS,
+    TIMESTEP_DENSITIES,
+    flux_mu,
+    loss_weights,
+    packed_seq_len,
+    u_of_uniform,
+)
 from diffalign.steps import FlowSDEStep
 
 
@@ -56,6 +64,12 @@ def sample_latents(vae, params: torch.Tensor, generator=None) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+#: The flow-matching training settings (``train.flow_*``) and their defaults: draws as drawn, unweighted,
+#: the scheduler's own table.
+FLOW_DEFAULTS = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
+                 "loss_weighting": "none", "dynamic_shift": False}
+
+
 @dataclass
 class DDPMNoise:
     """The training noise of a DDPM-family model: ``scheduler.add_noise``, target epsilon or velocity."""
@@ -63,11 +77,16 @@ class DDPMNoise:
     scheduler: object  # diffusers DDPMScheduler from the pipeline's scheduler config
 
     @classmethod
-    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
-                             logit_std: float = 1.0) -> DDPMNoise:
-        """(The flow settings do not apply to DDPM: timesteps are drawn uniformly.)"""
+    def from_pipeline_config(cls, config: dict, **flow_settings) -> DDPMNoise:
+        """Timesteps are drawn uniformly and the losses unweighted: the flow settings must stay at their
+        defaults."""
         from diffusers import DDPMScheduler
 
+        changed = {k: v for k, v in flow_settings.items() if v != FLOW_DEFAULTS[k]}
+        if changed:
+            keys = ", ".join(f"train.flow_{k}={v!r}" for k, v in changed.items())
+            raise ValueError(f"{keys}: flow-matching settings, for sd3, flux and wan; this model trains with "
+                             "DDPM noise (uniform timesteps, unweighted): leave train.flow_* unset")
         return cls(DDPMScheduler.from_config(dict(config)))
 
     @property
@@ -87,62 +106,98 @@ class DDPMNoise:
                                       "is not supported")
         return noisy, timesteps, target
 
+    def loss_weights(self, timesteps, latents) -> None:
+        return None  # unweighted
+
 
 @dataclass
 class FlowMatchingNoise:
-    """The training noise of a flow-matching model (Wan): ``x_t = (1 - σ) x0 + σ ε``, target ``ε - x0``.
+    """The training noise of a flow-matching model (SD3, FLUX, Wan): ``x_t = (1 - σ) x0 + σ ε``, target
+    ``ε - x0``, as diffusers' SD3/FLUX training scripts compute it.
 
     It takes the same integer timestep draws as a DDPM scheduler (``0 <= index < num_train_timesteps``,
     so DPO's keyed per-pair draws stay as they are) and maps them to a sigma of the pipeline's own flow
-    schedule (with its shift). ``timestep_sampling``: ``uniform`` takes the index as drawn (uniform over
-    the shifted schedule); ``logit_normal`` maps it through the inverse CDF so that ``u = index / N`` is
-    distributed as ``sigmoid(N(logit_mean, logit_std))`` (the SD3 training scripts' default).
+    schedule (with its static shift). ``timestep_sampling`` (the scripts' ``--weighting_scheme``):
+    ``uniform`` takes the index as drawn; ``logit_normal`` (``logit_mean``, ``logit_std``) and ``mode``
+    (``mode_scale``) map ``v = (index + 0.5) / N`` to the u that diffusers' sampler draws from that uniform
+    (:func:`~diffalign.flow_matching.u_of_uniform`), then index ``int(u N)`` as the scripts do.
+    ``loss_weighting`` weights each sample's loss by ``w(σ)`` (``none``, ``sigma_sqrt``, ``cosmap``).
+    ``dynamic_shift`` (schedulers with ``use_dynamic_shifting``, FLUX): shift the drawn sigma by ``mu`` of
+    the latents' packed token count, as ``FluxPipeline`` shifts its sampling sigmas (diffusers' FLUX script
+    trains on the unshifted table: the default).
     """
 
     scheduler: object  # FlowMatchEulerDiscreteScheduler with the pipeline's shift, full training table
     timestep_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    mode_scale: float = 1.29
+    loss_weighting: str = "none"
+    dynamic_shift: bool = False
 
     @classmethod
-    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
-                             logit_std: float = 1.0) -> FlowMatchingNoise:
-        if timestep_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(
-                f"unknown flow timestep sampling {timestep_sampling!r}; expected uniform or logit_normal"
-            )
-        return cls(FlowSDEStep.make_scheduler(dict(config)), timestep_sampling, logit_mean, logit_std)
+    def from_pipeline_config(cls, config: dict, **flow_settings) -> FlowMatchingNoise:
+        settings = FLOW_DEFAULTS | flow_settings
+        if settings["timestep_sampling"] not in TIMESTEP_DENSITIES:
+            raise ValueError(f"train.flow_timestep_sampling={settings['timestep_sampling']!r}: expected one "
+                             f"of {', '.join(TIMESTEP_DENSITIES)}")
+        if settings["loss_weighting"] not in LOSS_WEIGHTINGS:
+            raise ValueError(f"train.flow_loss_weighting={settings['loss_weighting']!r}: expected one of "
+                             f"{', '.join(LOSS_WEIGHTINGS)}")
+        scheduler = FlowSDEStep.make_scheduler(dict(config))
+        if settings["dynamic_shift"] and not scheduler.config.use_dynamic_shifting:
+            raise ValueError("train.flow_dynamic_shift=true: this model's scheduler has a static shift "
+                             f"({scheduler.config.shift}, already in its sigmas); set it false")
+        return cls(scheduler, **settings)
 
     @property
     def config(self):
         return self.scheduler.config
 
-    def sigmas_and_timesteps(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def sigmas_and_timesteps(
+        self, index: torch.Tensor, latent_shape: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row sigma [N] and the denoiser's timestep [N] (``sigma * num_train_timesteps``) for draws
-        ``index``."""
+        ``index``; ``latent_shape`` ([N, C, h, w]) gives the token count of a dynamic shift."""
         n = self.config.num_train_timesteps
         index = index.long().cpu()
-        if self.timestep_sampling == "logit_normal":
-            u = (index.double() + 0.5) / n
-            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+        if self.timestep_sampling != "uniform":
+            u = u_of_uniform(self.timestep_sampling, (index.double() + 0.5) / n, logit_mean=self.logit_mean,
+                             logit_std=self.logit_std, mode_scale=self.mode_scale)
             index = (u * n).long().clamp(0, n - 1)
-        return self.scheduler.sigmas[index].float(), self.scheduler.timesteps[index].float()
+        if not self.dynamic_shift:
+            return self.scheduler.sigmas[index].float(), self.scheduler.timesteps[index].float()
+        if latent_shape is None or len(latent_shape) != 4:
+            raise ValueError(f"a dynamic shift needs image latents [N, C, h, w], got shape {latent_shape}")
+        mu = flux_mu(packed_seq_len(*latent_shape[-2:]), self.config)
+        sigmas = self.scheduler.time_shift(mu, 1.0, self.scheduler.sigmas[index].double()).float()
+        return sigmas, sigmas * n
 
     def corrupt(self, latents, noise, timesteps):
-        sigmas, model_t = self.sigmas_and_timesteps(timesteps)
+        sigmas, model_t = self.sigmas_and_timesteps(timesteps, tuple(latents.shape))
         sigmas = sigmas.to(latents.device, latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
         noisy = (1 - sigmas) * latents + sigmas * noise
         return noisy, model_t.to(latents.device), noise.float() - latents.float()
 
+    def loss_weights(self, timesteps, latents) -> torch.Tensor | None:
+        """Per-row loss weights ``w(σ)`` [N] in fp32 (None when unweighted)."""
+        if self.loss_weighting == "none":
+            return None
+        sigmas, _ = self.sigmas_and_timesteps(timesteps, tuple(latents.shape))
+        return loss_weights(self.loss_weighting, sigmas).to(latents.device)
+
 
 def denoising_losses(denoiser, family, noise_process, latents, noise, timesteps, cond) -> torch.Tensor:
-    """Per-sample ``mean over (C, [F,] H, W) of (pred - target)^2`` [N] in fp32.
+    """Per-sample ``mean over (C, [F,] H, W) of (pred - target)^2`` [N] in fp32, times the noise process's
+    loss weights when it has any.
 
     ``noise_process`` is the family's :class:`DDPMNoise` or :class:`FlowMatchingNoise`.
     """
     noisy, model_t, target = noise_process.corrupt(latents, noise, timesteps)
     pred = family.call(denoiser, noisy, model_t, cond)
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    losses = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    weights = noise_process.loss_weights(timesteps, latents)
+    return losses if weights is None else losses * weights
 
 
 def keyed_generator(key: str) -> torch.Generator:

@@ -29,9 +29,9 @@ class Family:
     cond)`` runs the denoiser on latents ``x`` at per-row timesteps ``t``; ``encode_prompt(pipe, captions,
     device)`` is the same conditioning for training captions; ``micro_conditioning`` names the per-item
     batch tensors (``time_ids``) that join it; ``make_step_rule(eta)`` is the sampling rule (``eta``: DDIM's
-    eta, or the flow SDE's noise level); ``make_training_noise(scheduler_config, timestep_sampling,
-    logit_mean, logit_std)`` the noise process of the denoising losses; ``check_frames(n)`` says why ``n``
-    frames cannot be used (None when they can).
+    eta, or the flow SDE's noise level); ``make_training_noise(scheduler_config, **flow_settings)``
+    (:data:`~diffalign.denoising.FLOW_DEFAULTS`'s keys) the noise process of the denoising losses;
+    ``check_frames(n)`` says why ``n`` frames cannot be used (None when they can).
 
     ``check_sampling(pipe, request)`` says why a sampling request (``height``/``width`` resolved, the
     guidance and the pipeline keywords) cannot be sampled (None when it can); ``prepare_sampling(pipe,

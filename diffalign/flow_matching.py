@@ -11,6 +11,8 @@ own helpers do the work wherever they exist (``compute_density_for_timestep_samp
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
@@ -52,6 +54,24 @@ def draw_u(density: str, batch_size: int, *, logit_mean: float = 0.0, logit_std:
         device=device,
         generator=generator,
     )
+
+
+def u_of_uniform(density: str, uniform: torch.Tensor, *, logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29) -> torch.Tensor:
+    """u in [0, 1) with ``density`` from given uniform draws in (0, 1), one for one: what
+    ``compute_density_for_timestep_sampling`` draws, as a function of a uniform (logit-normal: the
+    inverse CDF ``sigmoid(mean + std * Phi^-1(v))``; mode: diffusers' map of its uniform draw), so that
+    keyed per-pair draws keep their key."""
+    if density not in TIMESTEP_DENSITIES:
+        raise ValueError(
+            f"unknown timestep density {density!r}; expected one of {', '.join(TIMESTEP_DENSITIES)}"
+        )
+    v = uniform.double()
+    if density == "logit_normal":
+        return torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(v))
+    if density == "mode":
+        return 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+    return v
 
 
 def training_scheduler(config: dict) -> FlowMatchEulerDiscreteScheduler:

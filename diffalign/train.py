@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from diffalign.config import Config
 from diffalign.data import Preprocessing, open_pairs
+from diffalign.denoising import FLOW_DEFAULTS
 from diffalign.distributed import check_launch, configure_deepspeed, use_cpu
 from diffalign.evaluation import compare_before_after, eval_prompts, generate_and_score, validate
 from diffalign.export import reload_exported_lora, save_full, save_lora, write_model_card
@@ -267,8 +268,7 @@ def load_models(cfg: Config, spec, accelerator):
     for component in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, component, None) is not None:
             getattr(pipe, component).to(dtype=weight_dtype)
-    noise = family.make_training_noise(pipe.scheduler.config, cfg.train.flow_timestep_sampling,
-                                       cfg.train.flow_logit_mean, cfg.train.flow_logit_std)
+    noise = family.make_training_noise(pipe.scheduler.config, **flow_settings(cfg.train))
     unet = getattr(pipe, family.denoiser_attr)  # the UNet or Wan's transformer: "unet" names the denoiser
     # Seeded after loading (building a built-in model on first use draws from the global RNG).
     # Seed + process index: draws from the global RNG (SePPO's noise, dropout) differ across processes; LoRA
@@ -290,6 +290,11 @@ def load_models(cfg: Config, spec, accelerator):
         unet.enable_gradient_checkpointing()
     unet.train()
     return pipe, unet, ref_unet, noise, weight_dtype, frames
+
+
+def flow_settings(train) -> dict:
+    """The ``train.flow_*`` keys as the noise processes' keywords."""
+    return {key: getattr(train, f"flow_{key}") for key in FLOW_DEFAULTS}
 
 
 def lora_config(denoiser: torch.nn.Module, settings):

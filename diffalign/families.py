@@ -10,6 +10,8 @@ the trainer only ever ask the entry; adding a family is one entry here (and a ti
 from __future__ import annotations
 
 import inspect
+import logging
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +21,7 @@ from diffalign.denoising import DDPMNoise, FlowMatchingNoise
 from diffalign.flow_matching import latent_image_ids, pack_latents, unpack_latents
 from diffalign.steps import DDIMStep, FlowSDEStep
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Family:
@@ -161,8 +164,40 @@ def _call_default(pipe, name: str):
     return inspect.signature(type(pipe).__call__).parameters[name].default
 
 
+#: SD3 pipelines already told that they run without T5 (said once per pipeline)
+_WARNED_WITHOUT_T5: weakref.WeakSet = weakref.WeakSet()
+
+
+def _sd3_t5_problem(pipe) -> str | None:
+    """SD3 may drop T5 (diffusers' documented memory saving: its states are zeros, CLIP conditions alone):
+    said once, as a warning; a T5 encoder without its tokenizer cannot encode at all."""
+    if getattr(pipe, "text_encoder_3", None) is not None:
+        if getattr(pipe, "tokenizer_3", None) is None:
+            return (f"{type(pipe).__name__} has text_encoder_3 (T5) but no tokenizer_3: load the pipeline "
+                    "with both, or with text_encoder_3=None to drop T5")
+        return None
+    if pipe not in _WARNED_WITHOUT_T5:
+        _WARNED_WITHOUT_T5.add(pipe)
+        log.warning("%s without T5 (text_encoder_3 is None): diffusers encodes T5's states as zeros, prompts "
+                    "condition through CLIP-L/G only (lower prompt adherence)", type(pipe).__name__)
+    return None
+
+
+def _flux_t5_problem(pipe) -> str | None:
+    if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
+        return (f"{type(pipe).__name__} has no T5 (text_encoder_2 / tokenizer_2 is None): FLUX.1 conditions "
+                "on T5's states and cannot drop it; load the pipeline with text_encoder_2 and tokenizer_2")
+    return None
+
+
+def _raise_if(problem: str | None) -> None:
+    if problem is not None:
+        raise ValueError(problem)
+
+
 @torch.no_grad()
 def _encode_sd3(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
+    _raise_if(_sd3_t5_problem(pipe))
     # the same prompt for CLIP-L, CLIP-G and T5, T5 at the length StableDiffusion3Pipeline.__call__ uses
     embeds, _, pooled, _ = pipe.encode_prompt(
         prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
@@ -196,10 +231,12 @@ def _check_size(pipe, request: dict, packing: int) -> str | None:
 
 
 def _check_sd3(pipe, request: dict) -> str | None:
-    return _check_size(pipe, request, packing=1)
+    return _sd3_t5_problem(pipe) or _check_size(pipe, request, packing=1)
 
 
 def _check_flux(pipe, request: dict) -> str | None:
+    if (problem := _flux_t5_problem(pipe)) is not None:
+        return problem
     cfg_asked = request.get("negative_prompt") is not None or (request.get("true_cfg_scale") or 1.0) > 1
     if cfg_asked:
         return (f"{type(pipe).__name__} (FLUX.1, guidance-distilled) samples without classifier-free "
@@ -213,6 +250,7 @@ def _encode_flux(pipe, captions: list[str], device,
                  guidance_scale: float | None = None) -> dict[str, torch.Tensor]:
     # CLIP-L pooled + T5 states at FluxPipeline.__call__'s length; FLUX.1-dev's guidance embedding as a
     # per-sample tensor (the pipeline's default 3.5 for training captions), none for schnell
+    _raise_if(_flux_t5_problem(pipe))
     embeds, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, device=device,
                                            max_sequence_length=_call_default(pipe, "max_sequence_length"))
     cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}

@@ -208,3 +208,46 @@ def test_online_and_winner_methods_train_on_flow_families(name, method, tmp_path
     assert losses and all(math.isfinite(v) for v in losses)
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in weights.items())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Without T5: SD3 may drop it (diffusers: zeros, a warning once), FLUX cannot (one line, nothing sampled)
+# ----------------------------------------------------------------------------------------------------
+def test_sd3_without_t5_samples_with_zero_t5_states_and_warns_once(tiny_sd3, caplog):
+    no_t5 = type(tiny_sd3)(**{**tiny_sd3.components, "text_encoder_3": None, "tokenizer_3": None})
+    no_t5.set_progress_bar_config(disable=True)
+    with caplog.at_level("WARNING", logger="diffalign.families"):
+        first = sample(no_t5, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False)
+        sample(no_t5, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False)
+    warnings = [r.getMessage() for r in caplog.records if "without T5" in r.getMessage()]
+    assert len(warnings) == 1 and "text_encoder_3 is None" in warnings[0]
+    embeds = first.trajectory.cond["encoder_hidden_states"]
+    clip_tokens = 77  # CLIP-L/G states first, then T5's, zeros without it
+    assert embeds[:, clip_tokens:].abs().max() == 0 and embeds[:, :clip_tokens].abs().max() > 0
+    with_t5 = sample(tiny_sd3, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False)
+    assert with_t5.trajectory.cond["encoder_hidden_states"][:, clip_tokens:].abs().max() > 0
+    # the training captions' encoding agrees with the sampler's
+    cond = FAMILIES["sd3"].encode_prompt(no_t5, PROMPTS, "cpu")
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
+
+
+def test_t5_encoder_without_its_tokenizer_is_one_line(tiny_sd3):
+    broken = type(tiny_sd3)(**{**tiny_sd3.components, "tokenizer_3": None})
+    with pytest.raises(ValueError, match="text_encoder_3 .* but no tokenizer_3") as err:
+        sample(broken, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dropped", [("text_encoder_2", "tokenizer_2"), ("text_encoder_2",)])
+def test_flux_without_t5_is_one_line_before_sampling(tiny_flux, dropped):
+    no_t5 = type(tiny_flux)(**{**tiny_flux.components, **dict.fromkeys(dropped)})
+    calls = []
+    hook = no_t5.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="FluxPipeline has no T5 .* cannot drop it") as err:
+            sample(no_t5, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False)
+        assert "\n" not in str(err.value) and not calls
+        with pytest.raises(ValueError, match="has no T5"):  # training captions too
+            FAMILIES["flux"].encode_prompt(no_t5, PROMPTS, "cpu")
+    finally:
+        hook.remove()

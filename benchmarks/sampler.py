@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffalign.families import family_of
-from diffalign.models import load_pipeline
+from diffalign.models import builtin_sampling_defaults, load_pipeline
 from diffalign.sampler import recompute_log_probs, sample
 
 
@@ -49,11 +49,17 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16/bf16, float16/fp16")
     parser.add_argument("--num-frames", type=int, default=None, help="video pipelines: frames per clip")
+    parser.add_argument("--height", type=int, default=None, help="default: the built-in model's own size")
+    parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta / flow SDE noise level (1 / 0.7)")
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     video = {} if args.num_frames is None else {"num_frames": args.num_frames}
+    own = builtin_sampling_defaults(args.model)  # tiny-flux: 32 x 32, not FluxPipeline's 128 x the VAE factor
+    for key in ("height", "width"):
+        if getattr(args, key) or own.get(key):
+            video[key] = getattr(args, key) or own[key]
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a photo of object {i}" for i in range(args.batch)]
     seeds = list(range(args.batch))
@@ -115,6 +121,8 @@ def main():
             f"{args.device}, {args.dtype}"
         )
     frames = f", {args.num_frames} frames" if args.num_frames else ""
+    if "height" in video:
+        frames += f", {video['height']}x{video['width']}"
     guide = "guidance embedding 3.5, no CFG" if family.name == "flux" else "CFG 5"
     print(
         f"### Sampler — {args.model}, {args.steps} steps, batch {args.batch}{frames}, {guide}, eta {eta} "

@@ -335,7 +335,7 @@ _OUT_OF_RANGE = [
     ("grpo", "method.sde", st.sampled_from(["ddim", "euler", ""])),
     ("grpo", "method.samples_per_prompt", st.integers(max_value=1)),
     ("grpo", "method.train_timesteps", st.integers(min_value=1, max_value=8)),
-    ("grpo", "method.ema", st.just(True)),
+    ("grpo", "method.ema_update_interval", _NEG),
 ]
 
 

@@ -143,7 +143,8 @@ def test_loss_through_the_objective_equals_the_formula(grpo_ctx):
     for i, group in enumerate(groups):
         members = [r for r, g in zip(rewards, groups, strict=True) if g == group]
         advantage = max(-5.0, min(5.0, (rewards[i] - sum(members) / len(members)) / (std_all + 1e-4)))
-        assert batch.advantages[i].item() == pytest.approx(advantage, rel=1e-5, abs=1e-6)
+        # fp32: r - mean cancels to ~1e-3 of the rewards, so ~1e-5 relative error in A
+        assert batch.advantages[i].item() == pytest.approx(advantage, rel=1e-4, abs=1e-4)
     # Σ A ρ nearly cancels (Σ A = 0 per group): the loss is checked on the objective's own fp32 advantages
     total, kl_total, count = 0.0, 0.0, 0
     for i, advantage in enumerate(batch.advantages.tolist()):
@@ -257,3 +258,28 @@ def test_diffalign_train_runs_grpo_and_logs_its_metrics(config, tmp_path):
     pipe.load_lora_weights(tmp_path / "run")
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     assert any("lora" in n for n, _ in denoiser.named_parameters())
+
+
+@pytest.mark.slow
+def test_ema_of_the_weights_is_what_the_run_exports(tmp_path):
+    """``ema: true``: the exported LoRA is the EMA of the trained weights (Flow-GRPO's decay, here every
+    step), computed from the checkpoints' trained weights: ``e_1 = w_1`` (decay 0 at the first update),
+    then ``e_n = d e_{n-1} + (1 - d) w_n``, ``d = min((1 + i) / (10 + i), 0.9)``, step index ``i = n - 1``.
+    """
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    _train("tiny-sdxl/grpo.yaml", out, "method.ema=true", "method.ema_update_interval=1",
+           "checkpoint.every_n_steps=1", "checkpoint.keep_last=3", "train.max_steps=3")
+    checkpoints = out / "checkpoints"
+    trained = [load_file(checkpoints / f"checkpoint-{n}" / "lora" / "pytorch_lora_weights.safetensors")
+               for n in (1, 2, 3)]
+    expected = dict(trained[0])
+    for i, weights in enumerate(trained[1:], start=1):
+        d = min((1 + i) / (10 + i), 0.9)
+        expected = {k: d * v + (1 - d) * weights[k] for k, v in expected.items()}
+    exported = load_file(out / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == expected.keys()
+    for key in exported:
+        torch.testing.assert_close(exported[key], expected[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(exported[k], trained[-1][k]) for k in exported)  # not the trained weights

@@ -42,7 +42,9 @@ class MethodSpec:
     (default: the family's rule at ``eta``; ``generator`` is seeded per epoch), ``train_columns(cfg,
     num_samples, num_stored_steps, generator)``, which stored steps one gradient step trains ([k], or [n, k]
     per sample), and ``step_means(cfg)``: True when the loss also takes the steps' means under the policy
-    (``online_loss(cfg, part, logp, mean)``, with ``part.mean_ref`` and ``part.step_std``).
+    (``online_loss(cfg, part, logp, mean)``, with ``part.mean_ref`` and ``part.step_std``);
+    ``ema_settings(cfg)``: ``(max_decay, update_interval)`` for an EMA of the trained weights that the run
+    evaluates and exports (None: no EMA).
     ``kind="winners"``: ``winners_loss(cfg, model_w, ref_w, model_r, ref_r)`` on the denoising
     losses of the winners and of the reference's own samples.
     """
@@ -60,6 +62,7 @@ class MethodSpec:
     sampling_rule: Callable[..., Any] | None = None
     train_columns: Callable[..., torch.Tensor] | None = None
     step_means: Callable[[Any], bool] | None = None
+    ema_settings: Callable[[Any], tuple[float, int] | None] | None = None
     winners_loss: Callable[..., LossOutput] | None = None
 
     def __post_init__(self):

@@ -27,8 +27,10 @@ online loop's settings plus GRPO's own; ``eta`` is DDIM's eta on the UNet famili
 level ``a`` on the flow families (FG .7, DG .3). Advantages come from every finite reward of the epoch on
 this process (FG's global std is over all processes' rewards); with ``beta > 0`` the reference (LoRA
 adapters disabled) gives each step's mean once per epoch, and the policy's means are recomputed with its
-log-probs at every gradient step. The EMA helpers (FG's decay ``min((1 + n) / (10 + n), 0.9)``, every
-8th optimizer step) are not wired into the trainer yet: ``ema: true`` is refused.
+log-probs at every gradient step. ``ema: true`` keeps an EMA of the trained weights (FG's decay
+``min((1 + n) / (10 + n), 0.9)``, every 8th optimizer step) that, as in FG, is used only at the end: the
+run's after-evaluation and export are the EMA's weights (training, validation images and checkpoints use
+the trained weights; checkpoints also hold the EMA, so a resume is exact).
 
 Unverified (named settings): DG's group std is taken from torch's ``.std()`` (Bessel-corrected) as seen in
 copies of its script, not DG@15cc71d itself (``std_unbiased``); whether DG's random step count counts the
@@ -261,8 +263,6 @@ def _validate(cfg: GRPOConfig, require) -> None:
             "null (GRPO picks its trained steps with timestep_selection and timestep_fraction)")
     require(cfg.beta == 0 or cfg.steps_per_backward is None, "method.steps_per_backward",
             cfg.steps_per_backward, "null when beta > 0 (the KL needs the steps' means in one graph)")
-    require(not cfg.ema, "method.ema", cfg.ema, "false (the EMA of the weights is not wired into the "
-            "trainer yet)")
 
 
 def _sampling_rule(cfg: GRPOConfig, family_rule, generator: torch.Generator):
@@ -303,4 +303,5 @@ register_method(MethodSpec(
     "grpo", GRPOConfig, kind="online", needs_reference=False, validate=_validate, online_loss=_online_loss,
     loss_weight=_loss_weight, advantages=_advantages, sampling_rule=_sampling_rule,
     train_columns=_train_columns, step_means=lambda cfg: cfg.beta > 0,
+    ema_settings=lambda cfg: (cfg.ema_max_decay, cfg.ema_update_interval) if cfg.ema else None,
 ))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from diffalign.methods.base import LossOutput
+from diffalign.methods.grpo import ema_update, make_ema
 from diffalign.methods.online_settings import OnlineSettings
 from diffalign.objectives.context import unwrap
 from diffalign.prompt_sets import load_prompt_source
@@ -239,6 +240,11 @@ class OnlineObjective:
         self.used = 0
         self.steps_rng = torch.Generator().manual_seed(ctx.cfg.train.seed)
         self.needs_means = self.spec.step_means is not None and bool(self.spec.step_means(self.settings))
+        # an EMA of the trained weights (GRPO's ``ema``), for the final evaluation and export only
+        ema = None if self.spec.ema_settings is None else self.spec.ema_settings(self.settings)
+        self.ema_params = [p for p in unwrap(ctx.unet).parameters() if p.requires_grad] if ema else []
+        self.ema = None if ema is None else make_ema(self.ema_params, max_decay=ema[0])
+        self.ema_interval = 0 if ema is None else ema[1]
         log.info(
             "%s: %d prompts from %s; reward %s",
             self.settings.name,
@@ -412,6 +418,17 @@ class OnlineObjective:
 
         return out, [piece(cols, k == 0) for k, cols in enumerate(chunks)]
 
+    # -- the EMA of the weights -------------------------------------------------------------------------
+    def on_step_end(self, step: int) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.ema_params, step - 1, self.ema_interval)
+
+    def final_weights(self) -> None:
+        """At the end of training: the EMA's weights replace the trained ones (what is evaluated and
+        exported; checkpoints keep the trained weights and the EMA)."""
+        if self.ema is not None:
+            self.ema.copy_to(self.ema_params)
+
     # -- checkpoints: the epoch counter, and the current epoch's samples so a resume finishes that epoch --
     def state_dict(self) -> dict:
         current = None
@@ -425,11 +442,15 @@ class OnlineObjective:
             "used": self.used,
             "steps_rng": self.steps_rng.get_state(),
             "current": current,
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.used = state["epoch"], state["used"]
         self.steps_rng.set_state(state["steps_rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.ema_params[0].device)
         current = state["current"]
         if current is not None:
             current = dict(current, trajectory=Trajectory(**current["trajectory"]))

@@ -1,20 +1,23 @@
-"""The online loop shared by PRDP and DDPO: sample, score, then K gradient steps on the stored steps.
+"""The online loop shared by PRDP, DDPO and GRPO: sample, score, then K gradient steps on the stored steps.
 
 One epoch::
 
     θ_old ← θ                                    (the policy as it is now: the sampler records log π_old)
-    N prompts × B trajectories ← sample(θ_old)   (diffalign.sampler.sample, DDIM with eta 1)
+    N prompts × B trajectories ← sample(θ_old)   (diffalign.sampler.sample, DDIM with eta 1; or the method's
+                                                  rule for the epoch, e.g. GRPO-Fast's SDE window)
     rewards ← weighted sum of scorers            (NaN/inf dropped and counted; all-equal groups skipped)
-    log π_ref per step ← recompute(reference)    (PRDP; with LoRA: the same UNet with adapters disabled)
+    log π_ref per step ← recompute(reference)    (PRDP; with LoRA: the same UNet with adapters disabled;
+                                                  GRPO's KL: the reference's step means)
     repeat K times:                              (one optimizer step each)
-        log π_θ ← recompute(θ) on all stored steps, or a random subset of them
-        loss ← the method's loss (diffalign.methods.prdp / ddpo); backward, clip, step
+        log π_θ ← recompute(θ) on all stored steps, a random subset, or the method's (per-sample) steps
+        loss ← the method's loss (diffalign.methods.prdp / ddpo / grpo); backward, clip, step
 
 The trainer (:mod:`diffalign.train`) runs it through :class:`OnlineObjective`: ``batches()`` samples an
 epoch and yields it K times, and each call is one gradient step. The settings are the fields of
 :class:`~diffalign.methods.online_settings.OnlineSettings`, shared by every online method's config;
 ``train.max_steps`` counts optimizer steps, so a run has ``ceil(max_steps / K)`` epochs. What differs
-between the methods is their hooks (``online_loss``, ``loss_weight``, ``advantages``; see
+between the methods is their hooks (``online_loss``, ``loss_weight``, ``advantages``, and optionally
+``sampling_rule``, ``train_columns``, ``step_means``, ``ema_settings``; see
 :class:`~diffalign.methods.base.MethodSpec`).
 Under ``accelerate launch`` every process samples its own N prompts (the effective batch is N × B ×
 processes) and gradients are averaged as usual.
@@ -226,8 +229,8 @@ MAX_EMPTY_EPOCHS = 5
 
 
 class OnlineObjective:
-    """PRDP / DDPO for the trainer: ``batches()`` samples an epoch and yields it K times; each call is one
-    gradient step of the method's loss over all of the epoch's samples, micro-batch by micro-batch."""
+    """PRDP / DDPO / GRPO for the trainer: ``batches()`` samples an epoch and yields it K times; each call is
+    one gradient step of the method's loss over all of the epoch's samples, micro-batch by micro-batch."""
 
     def __init__(self, ctx):
         self.ctx = ctx

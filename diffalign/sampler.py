@@ -267,6 +267,13 @@ def _recording_set_timesteps(base_set_timesteps):
     return set_timesteps
 
 
+def step_rule_record(step_rule) -> dict:
+    """What a trajectory records of its rule (``make_step_rule(**record)`` rebuilds it); a rule without a
+    window (``noisy_steps`` None, stochastic at every step) records no ``noisy_steps``, as before windows."""
+    settings = {k: v for k, v in vars(step_rule).items() if not (k == "noisy_steps" and v is None)}
+    return {"kind": step_rule.kind, **settings}
+
+
 def recording_scheduler(step_rule, config: dict):
     base = step_rule.make_scheduler(config)
     cls = type(f"Recording{type(base).__name__}", (_RecordingMixin, type(base)),
@@ -378,7 +385,7 @@ def sample(
         uncond=uncond,
         prompts=prompts,
         family=family.name,
-        step_rule={"kind": step_rule.kind, **vars(step_rule)},
+        step_rule=step_rule_record(step_rule),
         scheduler_config=dict(original.config),
         guidance_scale=float(guidance_scale),
         guidance_rescale=float(guidance_rescale),

@@ -1,4 +1,4 @@
-"""Do the online and self-play methods learn? PRDP, DDPO and SePPO (with ablations) on ``toy-sdxl``.
+"""Do the online and self-play methods learn? PRDP, DDPO, GRPO and SePPO (with ablations) on ``toy-sdxl``.
 
     python benchmarks/alignment_online.py [--methods prdp ddpo seppo ...] [--seeds 0 1 2] \\
         [--reward toy_saturation]
@@ -7,15 +7,16 @@
         --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
-``configs/{CONFIGS}/{prdp,ddpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
+``configs/{CONFIGS}/{prdp,ddpo,grpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
 DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own
 before/after evaluation: the held-out toy prompts (never trained on), fixed seeds, the target reward's mean
 for the base model and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts.
 SePPO gets only winners: for each training prompt the base model samples ``--candidates`` images and the one
 the reward likes best is kept (made once per benchmark run and shared by every SePPO run).
 
-Methods: ``prdp``, ``ddpo``, ``seppo`` (reference uniform over the pool, sign flip), and the SePPO
-ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``, ``seppo-indicator``.
+Methods: ``prdp``, ``ddpo``, ``grpo`` (``grpo-fast``: its window variant), ``seppo`` (reference uniform
+over the pool, sign flip), and the SePPO ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``,
+``seppo-indicator``.
 Results: a JSON file and Markdown table rows (mean ± std of the change over seeds).
 """
 
@@ -35,6 +36,8 @@ from alignment import interval  # the image benchmark's 95 % t-interval (this sc
 METHODS = {
     "prdp": ("prdp", []),
     "ddpo": ("ddpo", []),
+    "grpo": ("grpo", []),
+    "grpo-fast": ("grpo", ["method.timestep_selection=window"]),
     "seppo": ("seppo", []),
     "seppo-initial": ("seppo", ["method.reference=initial"]),
     "seppo-latest": ("seppo", ["method.reference=latest"]),

@@ -17,6 +17,7 @@ import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -231,8 +232,11 @@ class _RecordingMixin:
     records: list
 
     generator = None
+    step_generator = None  # the steps' own noise generators, when they are not the initial noise's
 
     def step(self, model_output, timestep, sample, *args, generator=None, return_dict=True, **kwargs):
+        if self.step_generator is not None:
+            generator = self.step_generator
         generator = generator if generator is not None else self.generator
         result = self.step_rule(self, model_output, timestep, sample, generator=generator)
         self.records.append((sample, result.prev_sample, result.log_prob, bool(result.stochastic[0])))
@@ -263,6 +267,13 @@ def _recording_set_timesteps(base_set_timesteps):
     return set_timesteps
 
 
+def step_rule_record(step_rule) -> dict:
+    """What a trajectory records of its rule (``make_step_rule(**record)`` rebuilds it); a rule without a
+    window (``noisy_steps`` None, stochastic at every step) records no ``noisy_steps``, as before windows."""
+    settings = {k: v for k, v in vars(step_rule).items() if not (k == "noisy_steps" and v is None)}
+    return {"kind": step_rule.kind, **settings}
+
+
 def recording_scheduler(step_rule, config: dict):
     base = step_rule.make_scheduler(config)
     cls = type(f"Recording{type(base).__name__}", (_RecordingMixin, type(base)),
@@ -278,6 +289,7 @@ def sample(
     prompts: Sequence[str],
     *,
     seeds: Sequence[int] | None = None,
+    step_seeds: Sequence[int] | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     num_steps: int = 50,
     guidance_scale: float = 5.0,
@@ -294,9 +306,12 @@ def sample(
 ) -> SampleOutput:
     """Sample one trajectory per prompt with ``pipe`` (a stock diffusers pipeline).
 
-    Per-sample ``seeds`` (one per prompt) make each sample reproducible whatever the batch. ``eta`` is the
-    noise of the family's step rule (DDIM's eta; the flow-matching SDE's noise level); ``step_rule``
-    replaces the rule altogether. Extra keyword arguments go to the pipeline (e.g. ``num_frames``).
+    Per-sample ``seeds`` (one per prompt) make each sample reproducible whatever the batch; with
+    ``step_seeds`` too, ``seeds`` draw only the initial noise and ``step_seeds`` the steps' noise (samples
+    sharing a seed then start from the same noise and still differ: DanceGRPO's shared group noise).
+    ``eta`` is the noise of the family's step rule (DDIM's eta; the flow-matching SDE's noise level);
+    ``step_rule`` replaces the rule altogether. Extra keyword arguments go to the pipeline (e.g.
+    ``num_frames``).
     """
     prompts = list(prompts)
     if not prompts:
@@ -318,6 +333,10 @@ def sample(
     original = pipe.scheduler
     recorder = recording_scheduler(step_rule, dict(original.config))
     recorder.generator = generator  # for pipelines that do not pass their generator to scheduler.step
+    if step_seeds is not None:
+        if len(step_seeds) != len(prompts):
+            raise ValueError(f"got {len(step_seeds)} step seeds for {len(prompts)} prompts")
+        recorder.step_generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in step_seeds]
     captured: dict[str, torch.Tensor] = {}
 
     def capture(_pipe, i, _t, callback_kwargs):
@@ -366,7 +385,7 @@ def sample(
         uncond=uncond,
         prompts=prompts,
         family=family.name,
-        step_rule={"kind": step_rule.kind, **vars(step_rule)},
+        step_rule=step_rule_record(step_rule),
         scheduler_config=dict(original.config),
         guidance_scale=float(guidance_scale),
         guidance_rescale=float(guidance_rescale),
@@ -400,6 +419,64 @@ def _tile(tensors: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
     return {n: v.repeat(k, *([1] * (v.ndim - 1))) for n, v in tensors.items()}
 
 
+class RecomputedSteps(NamedTuple):
+    log_prob: torch.Tensor  # [B, k] fp32, with gradients
+    mean: torch.Tensor | None  # [B, k, *latent_shape] fp32: the steps' means (``with_mean``)
+    std: torch.Tensor | None  # [B, k] fp32: the steps' std (``with_mean``)
+
+
+def recompute_steps(
+    denoiser,
+    trajectory: Trajectory,
+    steps: Sequence[int] | torch.Tensor | None = None,
+    *,
+    chunk_size: int = 1,
+    scheduler=None,
+    with_mean: bool = False,
+) -> RecomputedSteps:
+    """The stored steps under ``denoiser``: their log-probs and, ``with_mean``, their means and std.
+
+    ``steps`` [k] are the same steps of every sample, or [B, k] each sample's own steps (its row of
+    indices). ``chunk_size`` columns go through one batched forward pass; the result equals one step at a
+    time (up to the float rounding of a larger batch). Non-stochastic steps have log-prob 0.
+    """
+    family = FAMILIES[trajectory.family]
+    b = len(trajectory)
+    steps = torch.arange(trajectory.num_steps) if steps is None else torch.as_tensor(steps, dtype=torch.long)
+    if steps.ndim == 1:
+        steps = steps.expand(b, -1)
+    if steps.shape[0] != b:
+        raise ValueError(f"per-sample steps have {steps.shape[0]} rows for {b} samples")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scheduler = scheduler or trajectory.make_scheduler()
+    rule = trajectory.make_step_rule()
+    param = next(denoiser.parameters())
+    device, dtype = param.device, param.dtype
+    to = lambda d: {  # noqa: E731
+        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in d.items()
+    }
+    cond, uncond = to(trajectory.cond), to(trajectory.uncond)
+    rows = torch.arange(b)[:, None]
+    shape = trajectory.latents.shape[2:]
+    log_probs, means, stds = [], [], []
+    for chunk in steps.split(chunk_size, dim=1):
+        k = chunk.shape[1]
+        # [B, k, ...] -> step-major [k * B, ...], matching the tiled conditioning
+        x_t, x_prev = (trajectory.latents[rows, trajectory.latent_positions(c)].transpose(0, 1)
+                       .reshape(k * b, *shape) for c in (chunk, chunk + 1))
+        t = trajectory.timesteps[chunk.T.reshape(-1)].to(device)
+        model_output = predict(denoiser, family, x_t.to(device, dtype), t, _tile(cond, k), _tile(uncond, k),
+                               trajectory.guidance_scale, trajectory.guidance_rescale)
+        result = rule(scheduler, model_output, t, x_t.to(device, dtype), prev_sample=x_prev.to(device, dtype))
+        log_probs.append(result.log_prob.view(k, b).transpose(0, 1))
+        if with_mean:
+            means.append(result.mean.view(k, b, *shape).transpose(0, 1))
+            stds.append(result.std.view(k, b).transpose(0, 1))
+    return RecomputedSteps(torch.cat(log_probs, dim=1), torch.cat(means, dim=1) if with_mean else None,
+                           torch.cat(stds, dim=1) if with_mean else None)
+
+
 def recompute_log_probs(
     denoiser,
     trajectory: Trajectory,
@@ -412,34 +489,6 @@ def recompute_log_probs(
 
     ``denoiser`` is any model of the trajectory's family (the sampling UNet, a LoRA-adapted one, another
     checkpoint). ``chunk_size`` steps go through one batched forward pass; the result equals one step at a
-    time. Non-stochastic steps return 0.
+    time. Non-stochastic steps return 0. See :func:`recompute_steps` (per-sample steps, the steps' means).
     """
-    family = FAMILIES[trajectory.family]
-    steps = torch.arange(trajectory.num_steps) if steps is None else torch.as_tensor(steps, dtype=torch.long)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    scheduler = scheduler or trajectory.make_scheduler()
-    rule = trajectory.make_step_rule()
-    param = next(denoiser.parameters())
-    device, dtype = param.device, param.dtype
-    b = len(trajectory)
-    to = lambda d: {  # noqa: E731
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in d.items()
-    }
-    cond, uncond = to(trajectory.cond), to(trajectory.uncond)
-    out = []
-    for chunk in steps.split(chunk_size):
-        k = len(chunk)
-        shape = trajectory.latents.shape[2:]
-        x_t = trajectory.latents[:, trajectory.latent_positions(chunk)].transpose(0, 1).reshape(k * b, *shape)
-        x_prev = (
-            trajectory.latents[:, trajectory.latent_positions(chunk + 1)]
-            .transpose(0, 1)
-            .reshape(k * b, *shape)
-        )
-        t = trajectory.timesteps[chunk].repeat_interleave(b).to(device)
-        model_output = predict(denoiser, family, x_t.to(device, dtype), t, _tile(cond, k), _tile(uncond, k),
-                               trajectory.guidance_scale, trajectory.guidance_rescale)
-        result = rule(scheduler, model_output, t, x_t.to(device, dtype), prev_sample=x_prev.to(device, dtype))
-        out.append(result.log_prob.view(k, b).transpose(0, 1))
-    return torch.cat(out, dim=1)
+    return recompute_steps(denoiser, trajectory, steps, chunk_size=chunk_size, scheduler=scheduler).log_prob

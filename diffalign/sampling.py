@@ -111,29 +111,33 @@ def settings_of(section) -> SamplingSettings:
 
 
 def sample_batches(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, *,
-                   batch_size: int, decode: bool = True,
-                   model_name: str = "") -> Iterator[tuple[int, SampleOutput]]:
-    """``(start, output)`` for each batch of ``batch_size`` prompts; prompt ``i`` is drawn with ``seeds[i]``,
-    so a sample does not depend on the batch it lands in. Images and trajectories come back on the CPU."""
+                   batch_size: int, decode: bool = True, model_name: str = "", step_rule=None,
+                   step_seeds: Sequence[int] | None = None) -> Iterator[tuple[int, SampleOutput]]:
+    """``(start, output)`` for each batch of ``batch_size`` prompts; prompt ``i`` is drawn with ``seeds[i]``
+    (and ``step_seeds[i]``, see :func:`~diffalign.sampler.sample`), so a sample does not depend on the batch
+    it lands in. ``step_rule``: the sampler's rule instead of the family's. Images and trajectories come back
+    on the CPU."""
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
     kwargs = settings.sample_kwargs()
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
         out = sample(pipe, list(prompts[start:stop]), seeds=list(seeds[start:stop]), decode=decode,
-                     model_name=model_name, **kwargs)
+                     model_name=model_name, step_rule=step_rule,
+                     step_seeds=None if step_seeds is None else list(step_seeds[start:stop]), **kwargs)
         yield start, SampleOutput(None if out.images is None else out.images.cpu(), _on_cpu(out.trajectory))
 
 
 def sample_many(pipe, prompts: Sequence[str], seeds: Sequence[int], settings: SamplingSettings, *,
                 batch_size: int, decode: bool = True, trajectories: bool = False, model_name: str = "",
-                on_batch: Callable[[int, SampleOutput], None] | None = None) -> SampleOutput:
+                on_batch: Callable[[int, SampleOutput], None] | None = None, step_rule=None,
+                step_seeds: Sequence[int] | None = None) -> SampleOutput:
     """Every prompt sampled (see :func:`sample_batches`), the batches joined into one output. The joined
     trajectory is kept only when asked for (``trajectory`` is None otherwise: they are large).
     ``on_batch(start, batch)`` sees each batch as it comes (e.g. to score it while the next one samples)."""
     images, parts = [], []
     for start, out in sample_batches(pipe, prompts, seeds, settings, batch_size=batch_size, decode=decode,
-                                     model_name=model_name):
+                                     model_name=model_name, step_rule=step_rule, step_seeds=step_seeds):
         if on_batch is not None:
             on_batch(start, out)
         images.append(out.images)

@@ -59,6 +59,35 @@ def _per_row(t: torch.Tensor | int, n: int, device) -> torch.Tensor:
     return t.expand(n) if t.ndim == 0 else t
 
 
+def step_index(scheduler, timestep, n: int, device) -> torch.Tensor:
+    """Per-row index into ``scheduler.timesteps`` of ``timestep`` (one value, or one per row)."""
+    t = _per_row(timestep, n, device).float()
+    timesteps = scheduler.timesteps.to(device=device, dtype=torch.float32)
+    match = timesteps[None, :] == t[:, None]
+    if not match.any(dim=1).all():
+        raise ValueError(f"timesteps {t.tolist()} are not among the scheduler's {timesteps.tolist()}")
+    return match.int().argmax(dim=1)
+
+
+def _check_window(rule) -> None:
+    """``noisy_steps`` as a tuple ``(start, stop)`` (a checkpoint's JSON gives a list back)."""
+    if rule.noisy_steps is None:
+        return
+    start, stop = (int(v) for v in rule.noisy_steps)
+    if not 0 <= start < stop:
+        raise ValueError(f"noisy_steps must be (start, stop) with 0 <= start < stop, got {rule.noisy_steps}")
+    object.__setattr__(rule, "noisy_steps", (start, stop))
+
+
+def _noisy_rows(rule, scheduler, timestep, n: int, device) -> torch.Tensor:
+    """[n] bool: the rows whose step lies in the rule's ``noisy_steps`` window (every row without one)."""
+    if rule.noisy_steps is None:
+        return torch.ones(n, dtype=torch.bool, device=device)
+    index = step_index(scheduler, timestep, n, device)
+    start, stop = rule.noisy_steps
+    return (index >= start) & (index < stop)
+
+
 @dataclass(frozen=True)
 class DDIMStep:
     """Stochastic DDIM step (Song et al.); ``eta`` 0 = deterministic DDIM, 1 = DDPM ancestral sampling.
@@ -68,11 +97,15 @@ class DDIMStep:
     """
 
     eta: float = 1.0
+    #: ``(start, stop)``: only steps ``start .. stop - 1`` (indices into the scheduler's timesteps) take
+    #: ``eta``; the others are deterministic DDIM steps (GRPO-Fast's window). None: every step.
+    noisy_steps: tuple[int, int] | None = None
     kind = "ddim"
 
     def __post_init__(self):
         if not self.eta >= 0:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
+        _check_window(self)
 
     @staticmethod
     def make_scheduler(config: dict):
@@ -119,12 +152,13 @@ class DDIMStep:
             x0 = x0.clamp(-r, r)
 
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-        std = self.eta * variance.sqrt()
+        noisy = _noisy_rows(self, scheduler, t, n, device)
+        std = torch.where(noisy, self.eta * variance.sqrt(), torch.zeros_like(variance))
         s = std.view(view)
         mean = a_prev.sqrt() * x0 + (1 - a_prev - s**2).sqrt() * eps
         if prev_sample is None:
             prev = mean
-            if self.eta > 0:
+            if self.eta > 0 and bool(noisy.any()):  # outside a window no noise is drawn
                 noise = randn_tensor(
                     model_output.shape, generator=generator, device=device, dtype=model_output.dtype
                 )
@@ -147,15 +181,7 @@ class _FlowStep:
         shift = config.get("shift", config.get("flow_shift", 1.0))
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift)
 
-    @staticmethod
-    def step_index(scheduler, timestep, n: int, device) -> torch.Tensor:
-        """Per-row index into ``scheduler.timesteps`` of ``timestep`` (one value, or one per row)."""
-        t = _per_row(timestep, n, device).float()
-        timesteps = scheduler.timesteps.to(device=device, dtype=torch.float32)
-        match = timesteps[None, :] == t[:, None]
-        if not match.any(dim=1).all():
-            raise ValueError(f"timesteps {t.tolist()} are not among the scheduler's {timesteps.tolist()}")
-        return match.int().argmax(dim=1)
+    step_index = staticmethod(step_index)
 
     def sigmas_at(
         self, scheduler, timestep, n: int, device
@@ -201,6 +227,9 @@ class FlowSDEStep(_FlowStep):
     noise_level: float = 0.7
     noise_schedule: str = "flow_grpo"
     reduction: str = LOG_PROB_REDUCTION
+    #: ``(start, stop)``: only those steps are stochastic, the others the Euler ODE step (Flow-GRPO-Fast's
+    #: window, noise level 0 outside it). None: every step.
+    noisy_steps: tuple[int, int] | None = None
     kind = "flow_sde"
 
     def __post_init__(self):
@@ -209,6 +238,7 @@ class FlowSDEStep(_FlowStep):
         if self.noise_schedule not in ("flow_grpo", "constant"):
             raise ValueError(f"noise_schedule must be 'flow_grpo' or 'constant', got {self.noise_schedule!r}")
         _check_reduction(self.reduction)
+        _check_window(self)
 
     def __call__(
         self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
@@ -220,13 +250,16 @@ class FlowSDEStep(_FlowStep):
             std_t = self.noise_level * (sigma / (1 - torch.where(sigma == 1, sigmas[1], sigma))).sqrt()
         else:
             std_t = torch.full_like(sigma, self.noise_level)
+        noisy = _noisy_rows(self, scheduler, timestep, n, device)
+        std_t = torch.where(noisy, std_t, torch.zeros_like(std_t))
         view = (-1,) + (1,) * (sample.ndim - 1)
         s, d, st = sigma.view(view), dt.view(view), std_t.view(view)
         x, v = sample.float(), model_output.float()
         mean = x * (1 + st**2 / (2 * s) * d) + v * (1 + st**2 * (1 - s) / (2 * s)) * d
         std = std_t * (-dt).sqrt()
         if prev_sample is None:
-            prev_sample = _draw(mean, std, self.noise_level > 0, generator, sample.dtype)
+            draw = self.noise_level > 0 and bool(noisy.any())  # outside a window no noise is drawn
+            prev_sample = _draw(mean, std, draw, generator, sample.dtype)
         log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std, self.reduction)
         return StepResult(prev_sample, log_prob, mean, std, stochastic)
 
@@ -246,6 +279,7 @@ class FlowCPSStep(_FlowStep):
     noise_level: float = 0.7
     density: str = "gaussian"
     reduction: str = LOG_PROB_REDUCTION
+    noisy_steps: tuple[int, int] | None = None  # as FlowSDEStep's: noise only inside the window
     kind = "flow_cps"
 
     def __post_init__(self):
@@ -257,19 +291,23 @@ class FlowCPSStep(_FlowStep):
         if self.density not in ("gaussian", "squared_error"):
             raise ValueError(f"density must be 'gaussian' or 'squared_error', got {self.density!r}")
         _check_reduction(self.reduction)
+        _check_window(self)
 
     def __call__(
         self, scheduler, model_output, timestep, sample, prev_sample=None, generator=None
     ) -> StepResult:
         n, device = sample.shape[0], sample.device
         sigma, sigma_next, _ = self.sigmas_at(scheduler, timestep, n, device)
+        noisy = _noisy_rows(self, scheduler, timestep, n, device)
         std = sigma_next * math.sin(self.noise_level * math.pi / 2)
+        std = torch.where(noisy, std, torch.zeros_like(std))
         view = (-1,) + (1,) * (sample.ndim - 1)
         s, s_next, st = sigma.view(view), sigma_next.view(view), std.view(view)
         x, v = sample.float(), model_output.float()
         mean = (1 - s_next) * (x - s * v) + (s_next**2 - st**2).sqrt() * (x + (1 - s) * v)
         if prev_sample is None:
-            prev_sample = _draw(mean, std, self.noise_level > 0, generator, sample.dtype)
+            draw = self.noise_level > 0 and bool(noisy.any())  # outside a window no noise is drawn
+            prev_sample = _draw(mean, std, draw, generator, sample.dtype)
         if self.density == "gaussian":
             log_prob, stochastic = gaussian_log_prob(prev_sample, mean, std, self.reduction)
         else:

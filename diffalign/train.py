@@ -185,6 +185,8 @@ def train(cfg: Config) -> Path:
 
     # 6. outputs
     accelerator.wait_for_everyone()
+    if hasattr(objective, "final_weights"):
+        objective.final_weights()  # e.g. GRPO's EMA of the weights: evaluated and exported, never trained
     objective_after = evaluate_objective(objective, unet, "after") if objective_before is not None else None
     if accelerator.is_main_process:
         unet.eval()

@@ -45,7 +45,8 @@ from diffalign.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIGS = {
-    name: ROOT / "configs" / "tiny-sdxl" / f"{name}.yaml" for name in ("dpo", "mapo", "seppo", "prdp", "ddpo")
+    name: ROOT / "configs" / "tiny-sdxl" / f"{name}.yaml"
+    for name in ("dpo", "mapo", "seppo", "prdp", "ddpo", "grpo")
 }
 
 CHEAP = settings(max_examples=30, deadline=None, derandomize=True, database=None,
@@ -326,6 +327,15 @@ _OUT_OF_RANGE = [
     ("ddpo", "method.sample_batch_size", _NEG),
     ("ddpo", "method.height", st.integers(-(2**20), 2**20).filter(lambda r: r < 8 or r % 8)),
     ("ddpo", "method.max_bad_reward_fraction", st.floats(min_value=1, allow_infinity=False)),
+    ("grpo", "method.clip_range", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
+    ("grpo", "method.beta", st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False)),
+    ("grpo", "method.std_eps", st.floats(max_value=0, allow_nan=False, allow_infinity=False)),
+    ("grpo", "method.timestep_fraction", st.floats(max_value=0.1, allow_nan=False, allow_infinity=False)),
+    ("grpo", "method.timestep_selection", st.sampled_from(["first", "all", ""])),
+    ("grpo", "method.sde", st.sampled_from(["ddim", "euler", ""])),
+    ("grpo", "method.samples_per_prompt", st.integers(max_value=1)),
+    ("grpo", "method.train_timesteps", st.integers(min_value=1, max_value=8)),
+    ("grpo", "method.ema_update_interval", _NEG),
 ]
 
 
@@ -365,6 +375,13 @@ def test_cross_field_rules(tmp_path):
     )
     _expect_config_error(_raw("prdp"), tmp_path, ["method.num_steps=4", "method.train_timesteps=5"],
                          key="method.train_timesteps")
+    window = ["method.timestep_selection=window", "method.num_steps=8"]
+    _expect_config_error(_raw("grpo"), tmp_path, [*window, "method.window_range=[2, 9]"],
+                         key="method.window_range")
+    _expect_config_error(_raw("grpo"), tmp_path, [*window, "method.window_range=[2, 4]",
+                                                   "method.window_size=3"], key="method.window_size")
+    _expect_config_error(_raw("grpo"), tmp_path, ["method.beta=0.04", "method.steps_per_backward=1"],
+                         key="method.steps_per_backward")
 
 
 _FIXED_BAD_OVERRIDES = [

@@ -257,6 +257,13 @@ ONLINE = {
         "method.train_timesteps=2",
         "method.sample_batch_size=2",
     ],
+    "grpo": [
+        "method.num_prompts=1",
+        "method.samples_per_prompt=2",
+        "method.num_steps=3",
+        "method.sample_batch_size=2",
+        "method.micro_batch_prompts=1",
+    ],
 }
 
 

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # installing, this very suite, and an HTTP client asking a server that the README starts on another GPU
 NOT_RUN = ("python -m pip", "python -m pytest", "curl ")
-REAL_MODEL_CONFIGS = ("configs/sdxl/", "configs/sd15/", "configs/animatediff/", "configs/wan/")
+REAL_MODEL_CONFIGS = ("configs/sdxl/", "configs/sd15/", "configs/animatediff/", "configs/wan/",
+                      "configs/sd3/")
 SHORT = {
     "sample": ["--steps", "2"],
     "pairs": ["--steps", "2"],
@@ -83,6 +84,8 @@ def shortened(tokens: list[str]) -> list[str] | None:
             extra[0] = "train.max_steps=3"  # one step past the checkpoint the run before it left
         if cfg.method.name in ("prdp", "ddpo"):
             extra += ONLINE_SHORT
+        if cfg.method.name == "grpo":  # GRPO picks its own trained steps (no train_timesteps)
+            extra += [o for o in ONLINE_SHORT if not o.startswith("method.train_timesteps")]
         if cfg.model.name in ("tiny-animatediff", "tiny-wan"):
             frames = 2 if "animatediff" in cfg.model.name else 5
             extra += (

@@ -29,6 +29,12 @@ METHOD_OVERRIDES = {
     "seppo": ["method.pool_interval=2", BLANKS],
     "prdp": ["method.gradient_steps_per_epoch=3"],
     "ddpo": ["method.gradient_steps_per_epoch=3"],
+    # DanceGRPO's per-sample random steps (the steps' RNG), shared group noise and the EMA (its state); the
+    # Fast window (drawn per epoch)
+    "grpo": ["method.gradient_steps_per_epoch=3", "method.timestep_selection=random",
+             "method.timestep_fraction=0.5", "method.shared_group_noise=true", "method.ema=true",
+             "method.ema_update_interval=3"],
+    "grpo-fast": ["method.gradient_steps_per_epoch=3"],
 }
 MAX_STEPS = 8
 

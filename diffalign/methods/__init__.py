@@ -8,14 +8,14 @@ trainer finds a method by ``method.name`` and runs it under the objective its ``
                     within a pair; the objective computes the policy's (and, with ``needs_reference``, the
                     reference's) per-sample denoising losses and calls the ``pair_loss`` hook (DPO, MaPO).
 ``kind="online"``   sample with the shared sampler, score, recompute log-probs; the objective calls the
-                    ``online_loss`` / ``loss_weight`` / ``advantages`` hooks (PRDP, DDPO).
+                    ``online_loss`` / ``loss_weight`` / ``advantages`` hooks (PRDP, DDPO, GRPO).
 ``kind="winners"``  winning images only; the reference generates the other side of each pair and the
                     objective calls ``winners_loss`` (SePPO).
 
 Adding a method is one module here (config, loss, hooks, ``register_method``) and one import below.
 """
 
-from diffalign.methods import ddpo, dpo, mapo, prdp, seppo  # noqa: F401  (register the built-in methods)
+from diffalign.methods import ddpo, dpo, grpo, mapo, prdp, seppo  # noqa: F401  (register the built-in methods)
 from diffalign.methods.base import KINDS, METHODS, LossOutput, MethodSpec, PairLosses, register_method
 
 __all__ = ["KINDS", "METHODS", "MethodSpec", "PairLosses", "LossOutput", "register_method"]

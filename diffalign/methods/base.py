@@ -38,7 +38,14 @@ class MethodSpec:
     a part of an epoch's samples (``part.logp_old``, ``.logp_ref``, ``.rewards``, ``.groups``,
     ``.advantages``) with the policy's log-probs ``logp`` [n, S]; ``loss_weight(cfg, part)``, how much of
     the epoch's mean that part carries; ``advantages(cfg, rewards, groups)`` (or None) computed once per
-    epoch. ``kind="winners"``: ``winners_loss(cfg, model_w, ref_w, model_r, ref_r)`` on the denoising
+    epoch; optionally ``sampling_rule(cfg, family_rule, generator)``, the step rule an epoch samples with
+    (default: the family's rule at ``eta``; ``generator`` is seeded per epoch), ``train_columns(cfg,
+    num_samples, num_stored_steps, generator)``, which stored steps one gradient step trains ([k], or [n, k]
+    per sample), and ``step_means(cfg)``: True when the loss also takes the steps' means under the policy
+    (``online_loss(cfg, part, logp, mean)``, with ``part.mean_ref`` and ``part.step_std``);
+    ``ema_settings(cfg)``: ``(max_decay, update_interval)`` for an EMA of the trained weights that the run
+    evaluates and exports (None: no EMA).
+    ``kind="winners"``: ``winners_loss(cfg, model_w, ref_w, model_r, ref_r)`` on the denoising
     losses of the winners and of the reference's own samples.
     """
 
@@ -52,6 +59,10 @@ class MethodSpec:
     online_loss: Callable[[Any, Any, torch.Tensor], LossOutput] | None = None
     loss_weight: Callable[[Any, Any], float] | None = None
     advantages: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    sampling_rule: Callable[..., Any] | None = None
+    train_columns: Callable[..., torch.Tensor] | None = None
+    step_means: Callable[[Any], bool] | None = None
+    ema_settings: Callable[[Any], tuple[float, int] | None] | None = None
     winners_loss: Callable[..., LossOutput] | None = None
 
     def __post_init__(self):

@@ -13,12 +13,24 @@ Fast variant), DG = XueZeyue/DanceGRPO@15cc71d (fastvideo/train_grpo_flux.py). E
     L      = L_clip + beta · mean KL_t                              beta 0 (FG base); .04 geneval/ocr,
                                                                     .004 wan
 
-Groups whose rewards are all equal have A = 0 everywhere and are skipped (and counted). The trained steps
-are the first ``int(T · timestep_fraction)`` (FG), a random ``int(T' · timestep_fraction)`` per sample
-(DG, T' = T without the last step), or a window of ``window_size`` steps drawn from
-``U{lo .. hi - size}`` inside which the sampler is stochastic and outside of which it is the ODE (FG+
-Fast). DanceGRPO also shares one initial noise within each group (``shared_group_noise``). The optional
-EMA of the weights uses FG's decay ``min((1 + n) / (10 + n), 0.9)``, every 8th optimizer step.
+Groups whose rewards are all equal have A = 0 everywhere and are skipped (and counted, the metric
+``num_flat_groups``). The trained steps are the first ``int(S · timestep_fraction)`` of the ``S`` stored
+stochastic steps (FG), a random ``int(S' · timestep_fraction)`` per sample and gradient step (DG, S' = S
+without the last step with ``drop_last_step``), or a window of ``window_size`` steps, its start drawn per
+epoch from ``U{lo .. hi - size}``, inside which the sampler is stochastic and outside of which it is the
+ODE (``noisy_steps`` of the step rules; FG+ Fast), in sampling and in training alike. DanceGRPO also
+shares one initial noise within each group (the online setting ``shared_group_noise``). Training without
+CFG is ``guidance_scale: 1`` (sampling and ρ both conditional-only, as FG's ``*_nocfg`` configs).
+
+Wiring (``method.name: grpo``, :mod:`diffalign.objectives.online`): the config is :class:`GRPOConfig`, the
+online loop's settings plus GRPO's own; ``eta`` is DDIM's eta on the UNet families and the SDE's noise
+level ``a`` on the flow families (FG .7, DG .3). Advantages come from every finite reward of the epoch on
+this process (FG's global std is over all processes' rewards); with ``beta > 0`` the reference (LoRA
+adapters disabled) gives each step's mean once per epoch, and the policy's means are recomputed with its
+log-probs at every gradient step. ``ema: true`` keeps an EMA of the trained weights (FG's decay
+``min((1 + n) / (10 + n), 0.9)``, every 8th optimizer step) that, as in FG, is used only at the end: the
+run's after-evaluation and export are the EMA's weights (training, validation images and checkpoints use
+the trained weights; checkpoints also hold the EMA, so a resume is exact).
 
 Unverified (named settings): DG's group std is taken from torch's ``.std()`` (Bessel-corrected) as seen in
 copies of its script, not DG@15cc71d itself (``std_unbiased``); whether DG's random step count counts the
@@ -28,21 +40,21 @@ Xianchao-Wu/flow_grpo).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Literal, NamedTuple
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import torch
 from diffusers.training_utils import EMAModel
-from diffusers.utils.torch_utils import randn_tensor
 
-from diffalign.methods.base import LossOutput
+from diffalign.methods.base import LossOutput, MethodSpec, register_method
 from diffalign.methods.ddpo import ddpo_loss
-from diffalign.steps import FlowCPSStep, FlowSDEStep
+from diffalign.methods.online_settings import OnlineSettings, validate_online_settings
+from diffalign.steps import DDIMStep, FlowCPSStep, FlowSDEStep
 
 
 @dataclass
-class GRPOConfig:
-    """GRPO's own settings (merged with the online loop's settings when it is wired into the trainer)."""
+class GRPOConfig(OnlineSettings):
+    """The online loop's settings (:class:`OnlineSettings`) and GRPO's own."""
 
     name: ClassVar[str] = "grpo"
     clip_range: float = 1e-4  # PPO clip on ρ_t (FG, DG); FG+ *_fast_nocfg: 1e-5
@@ -56,14 +68,10 @@ class GRPOConfig:
     timestep_fraction: float = 0.99  # FG .99 (10 steps -> 9); DG .6
     drop_last_step: bool = False  # DG --ignore_last: the last step is never trained (random selection)
     window_size: int = 2  # Fast: SDE steps per trajectory (FG+ default 2; *_fast_nocfg 3)
-    window_range: tuple[int, int] = (
-        0,
-        10,
-    )  # Fast: the window lies in steps [lo, hi) (FG+ (0, 10); nocfg (0, 5))
+    # Fast: the window lies in steps [lo, hi) (FG+ [0, 10]; nocfg [0, 5])
+    window_range: list[int] = field(default_factory=lambda: [0, 10])
     # flow families' stochastic step: FG's SDE, DG's constant-noise SDE, or FG+'s CPS (diffalign.steps)
     sde: Literal["flow_grpo", "dance_grpo", "cps"] = "flow_grpo"
-    shared_group_noise: bool = False  # DG --init_same_noise: one initial noise per prompt group
-    train_cfg: bool = True  # FG train.cfg: ρ is recomputed with the sampling CFG; False: conditional only
     ema: bool = False  # FG: EMA of the trained weights, for evaluation and saving only
     ema_max_decay: float = 0.9
     ema_update_interval: int = 8
@@ -86,7 +94,9 @@ def validate_grpo_settings(cfg: GRPOConfig, require, num_steps: int) -> None:
                 "method.timestep_fraction", cfg.timestep_fraction,
                 f"a number in (0, 1] that keeps at least one of {candidates} steps")
     else:
-        lo, hi = cfg.window_range
+        ok = len(cfg.window_range) == 2
+        require(ok, "method.window_range", list(cfg.window_range), "two integers [lo, hi]")
+        lo, hi = cfg.window_range if ok else (0, num_steps)
         require(0 <= lo < hi <= num_steps, "method.window_range", list(cfg.window_range),
                 f"[lo, hi] with 0 <= lo < hi <= num_steps ({num_steps})")
         require(1 <= cfg.window_size <= hi - lo, "method.window_size", cfg.window_size,
@@ -121,20 +131,6 @@ def group_advantages(
         group_std = r[member].std(unbiased=unbiased) if int(member.sum()) > 1 else r.new_zeros(())
         scale[member] = all_std if global_std else group_std
     return (centered / (scale + eps)).clamp(-adv_clip_max, adv_clip_max)
-
-
-def informative_groups(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(keep [n] bool, num_skipped)``: samples of groups whose rewards are not all equal, and how many
-    groups were skipped (all advantages of such a group are 0: nothing to learn from it)."""
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    skipped = 0
-    for g in groups.unique():
-        member = groups == g
-        values = rewards[member]
-        if bool((values == values[0]).all()):
-            keep &= ~member
-            skipped += 1
-    return keep, skipped
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,75 +191,40 @@ def random_steps(num_samples: int, num_steps: int, fraction: float, *, drop_last
     return torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.long)
 
 
-class SDEWindow(NamedTuple):
-    noise_levels: torch.Tensor  # [T] the sampler's noise level per step: the SDE's inside, 0 (ODE) outside
-    train_steps: torch.Tensor  # [size] the steps trained on (the window)
-
-
-def sde_window(num_steps: int, size: int, window_range: tuple[int, int], noise_level: float,
-               generator: torch.Generator | None = None) -> SDEWindow:
-    """Flow-GRPO-Fast: ``start ~ U{lo .. hi - size}``; steps ``[start, start + size)`` are stochastic with
-    ``noise_level`` and trained, every other step is deterministic (noise level 0, the ODE)."""
+def sde_window(num_steps: int, size: int, window_range, generator: torch.Generator | None = None
+               ) -> tuple[int, int]:
+    """Flow-GRPO-Fast: ``(start, start + size)`` with ``start ~ U{lo .. hi - size}``, the steps that are
+    stochastic and trained (the step rules' ``noisy_steps``); every other step is the ODE."""
     lo, hi = window_range
     if not (0 <= lo < hi <= num_steps and 1 <= size <= hi - lo):
         raise ValueError(f"window of {size} steps in [{lo}, {hi}) does not fit {num_steps} steps")
     start = int(torch.randint(lo, hi - size + 1, (), generator=generator))
-    levels = torch.zeros(num_steps)
-    levels[start : start + size] = noise_level
-    return SDEWindow(levels, torch.arange(start, start + size))
+    return start, start + size
 
 
-def train_step_indices(cfg: GRPOConfig, num_samples: int, num_steps: int, *, window: SDEWindow | None = None,
+def train_step_indices(cfg: GRPOConfig, num_samples: int, num_steps: int, *,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """The trained steps per sample ``[num_samples, k]`` under ``cfg.timestep_selection`` (the window's
-    steps for "window": pass the :class:`SDEWindow` the epoch was sampled with)."""
+    """The trained steps per sample ``[num_samples, k]``, indices into the ``num_steps`` stored stochastic
+    steps, under ``cfg.timestep_selection`` ("window": all of them, the sampler was stochastic only there)."""
     if cfg.timestep_selection == "fraction":
         return fraction_steps(num_steps, cfg.timestep_fraction).expand(num_samples, -1)
     if cfg.timestep_selection == "random":
         return random_steps(num_samples, num_steps, cfg.timestep_fraction, drop_last=cfg.drop_last_step,
                             generator=generator)
     if cfg.timestep_selection == "window":
-        if window is None:
-            raise ValueError("timestep_selection 'window' needs the SDEWindow the samples were drawn with")
-        return window.train_steps.expand(num_samples, -1)
+        return torch.arange(num_steps).expand(num_samples, -1)
     raise ValueError(
         f"unknown timestep_selection {cfg.timestep_selection!r}; expected fraction, random or window"
     )
 
 
-def flow_step_rule(cfg: GRPOConfig, noise_level: float):
-    """The flow families' sampling step of ``cfg.sde`` (DanceGRPO's SDE is the constant-noise one)."""
+def flow_step_rule(cfg: GRPOConfig, noise_level: float, noisy_steps: tuple[int, int] | None = None):
+    """The flow families' sampling step of ``cfg.sde`` (DanceGRPO's SDE is the constant-noise one),
+    stochastic only at ``noisy_steps`` when given."""
     if cfg.sde == "cps":
-        return FlowCPSStep(noise_level=noise_level)
-    return FlowSDEStep(
-        noise_level=noise_level, noise_schedule={"flow_grpo": "flow_grpo", "dance_grpo": "constant"}[cfg.sde]
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Initial noise shared within a group (DanceGRPO --init_same_noise)
-# ----------------------------------------------------------------------------------------------------
-def initial_noise(
-    shape: tuple[int, ...],
-    groups: torch.Tensor,
-    seeds: list[int],
-    *,
-    shared_within_group: bool,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Initial latents ``[n, *shape]``: sample ``i``'s from ``seeds[i]``, or (shared) every member of a group
-    gets the noise of the group's first sample's seed. Pass them to the sampler as ``latents`` while the
-    per-sample seeds still drive the SDE's step noise, so a group's trajectories start equal and then
-    differ."""
-    if len(seeds) != len(groups):
-        raise ValueError(f"got {len(seeds)} seeds for {len(groups)} samples")
-    first_of_group: dict[int, int] = {}
-    rows = []
-    for i, g in enumerate(groups.tolist()):
-        source = first_of_group.setdefault(g, i) if shared_within_group else i
-        generator = torch.Generator().manual_seed(int(seeds[source]))
-        rows.append(randn_tensor(tuple(shape), generator=generator, dtype=dtype))
-    return torch.stack(rows)
+        return FlowCPSStep(noise_level=noise_level, noisy_steps=noisy_steps)
+    return FlowSDEStep(noise_level=noise_level, noisy_steps=noisy_steps,
+                       noise_schedule={"flow_grpo": "flow_grpo", "dance_grpo": "constant"}[cfg.sde])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -288,3 +249,59 @@ def ema_update(ema: EMAModel, parameters, step: int, interval: int = 8) -> bool:
     ema.optimization_step = step  # EMAModel adds one and decays with (1 + step) / (10 + step)
     ema.step(parameters)
     return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's hooks (diffalign.objectives.online)
+# ----------------------------------------------------------------------------------------------------
+def _validate(cfg: GRPOConfig, require) -> None:
+    validate_online_settings(cfg, require)
+    validate_grpo_settings(cfg, require, cfg.num_steps)
+    require(cfg.samples_per_prompt >= 2, "method.samples_per_prompt", cfg.samples_per_prompt,
+            "an integer >= 2 (advantages are relative to the prompt's group)")
+    require(cfg.train_timesteps is None, "method.train_timesteps", cfg.train_timesteps,
+            "null (GRPO picks its trained steps with timestep_selection and timestep_fraction)")
+    require(cfg.beta == 0 or cfg.steps_per_backward is None, "method.steps_per_backward",
+            cfg.steps_per_backward, "null when beta > 0 (the KL needs the steps' means in one graph)")
+
+
+def _sampling_rule(cfg: GRPOConfig, family_rule, generator: torch.Generator):
+    """The epoch's step rule: the family's (DDIM at ``eta``) or ``cfg.sde`` (flow families at noise level
+    ``eta``), stochastic only inside this epoch's window for ``timestep_selection: window``."""
+    window = None
+    if cfg.timestep_selection == "window":
+        window = sde_window(cfg.num_steps, cfg.window_size, cfg.window_range, generator)
+    if isinstance(family_rule, DDIMStep):
+        if cfg.sde != "flow_grpo":
+            raise ValueError(f"method.sde={cfg.sde!r} is a flow-matching SDE; this model samples with DDIM "
+                             "(leave method.sde at flow_grpo: the UNet families use DDIM's eta)")
+        return DDIMStep(eta=cfg.eta, noisy_steps=window)
+    return flow_step_rule(cfg, cfg.eta, window)
+
+
+def _online_loss(cfg: GRPOConfig, part, logp: torch.Tensor, mean: torch.Tensor | None = None) -> LossOutput:
+    return grpo_loss(logp, part.logp_old, part.advantages, clip_range=cfg.clip_range,
+                     adv_clip_max=cfg.adv_clip_max, beta=cfg.beta, mean=mean, mean_ref=part.mean_ref,
+                     std=part.step_std)
+
+
+def _loss_weight(cfg: GRPOConfig, part) -> float:
+    """A micro-batch carries its share of the epoch's samples."""
+    return float(len(part.rewards))
+
+
+def _advantages(cfg: GRPOConfig, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    return group_advantages(rewards, groups, global_std=cfg.global_std, eps=cfg.std_eps,
+                            unbiased=cfg.std_unbiased, adv_clip_max=cfg.adv_clip_max)
+
+
+def _train_columns(cfg: GRPOConfig, num_samples: int, num_steps: int, generator: torch.Generator):
+    return train_step_indices(cfg, num_samples, num_steps, generator=generator)
+
+
+register_method(MethodSpec(
+    "grpo", GRPOConfig, kind="online", needs_reference=False, validate=_validate, online_loss=_online_loss,
+    loss_weight=_loss_weight, advantages=_advantages, sampling_rule=_sampling_rule,
+    train_columns=_train_columns, step_means=lambda cfg: cfg.beta > 0,
+    ema_settings=lambda cfg: (cfg.ema_max_decay, cfg.ema_update_interval) if cfg.ema else None,
+))

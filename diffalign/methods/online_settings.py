@@ -42,6 +42,9 @@ class OnlineSettings:
     max_bad_reward_fraction: float = 0.25  # stop when more of an epoch's rewards are NaN/inf
     # score each sampling call's images in the background while the next is sampled
     async_scoring: bool = False
+    # every sample of a prompt group starts from the same initial noise (its steps' noise still differs):
+    # DanceGRPO's --init_same_noise
+    shared_group_noise: bool = False
 
     def sampling(self) -> SamplingSettings:
         """How the method samples its epochs."""

@@ -7,7 +7,7 @@ in checkpoints), ``on_step_end(step)`` and ``evaluate()`` (the method's objectiv
 data, before and after training).
 
 ``pairs``    :class:`~diffalign.objectives.pairs.PairObjective` (DPO, MaPO)
-``online``   :class:`~diffalign.objectives.online.OnlineObjective` (PRDP, DDPO)
+``online``   :class:`~diffalign.objectives.online.OnlineObjective` (PRDP, DDPO, GRPO)
 ``winners``  :class:`~diffalign.objectives.winners.SePPOObjective` (SePPO)
 """
 

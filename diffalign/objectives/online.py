@@ -1,20 +1,23 @@
-"""The online loop shared by PRDP and DDPO: sample, score, then K gradient steps on the stored steps.
+"""The online loop shared by PRDP, DDPO and GRPO: sample, score, then K gradient steps on the stored steps.
 
 One epoch::
 
     θ_old ← θ                                    (the policy as it is now: the sampler records log π_old)
-    N prompts × B trajectories ← sample(θ_old)   (diffalign.sampler.sample, DDIM with eta 1)
+    N prompts × B trajectories ← sample(θ_old)   (diffalign.sampler.sample, DDIM with eta 1; or the method's
+                                                  rule for the epoch, e.g. GRPO-Fast's SDE window)
     rewards ← weighted sum of scorers            (NaN/inf dropped and counted; all-equal groups skipped)
-    log π_ref per step ← recompute(reference)    (PRDP; with LoRA: the same UNet with adapters disabled)
+    log π_ref per step ← recompute(reference)    (PRDP; with LoRA: the same UNet with adapters disabled;
+                                                  GRPO's KL: the reference's step means)
     repeat K times:                              (one optimizer step each)
-        log π_θ ← recompute(θ) on all stored steps, or a random subset of them
-        loss ← the method's loss (diffalign.methods.prdp / ddpo); backward, clip, step
+        log π_θ ← recompute(θ) on all stored steps, a random subset, or the method's (per-sample) steps
+        loss ← the method's loss (diffalign.methods.prdp / ddpo / grpo); backward, clip, step
 
 The trainer (:mod:`diffalign.train`) runs it through :class:`OnlineObjective`: ``batches()`` samples an
 epoch and yields it K times, and each call is one gradient step. The settings are the fields of
 :class:`~diffalign.methods.online_settings.OnlineSettings`, shared by every online method's config;
 ``train.max_steps`` counts optimizer steps, so a run has ``ceil(max_steps / K)`` epochs. What differs
-between the methods is their hooks (``online_loss``, ``loss_weight``, ``advantages``; see
+between the methods is their hooks (``online_loss``, ``loss_weight``, ``advantages``, and optionally
+``sampling_rule``, ``train_columns``, ``step_means``, ``ema_settings``; see
 :class:`~diffalign.methods.base.MethodSpec`).
 Under ``accelerate launch`` every process samples its own N prompts (the effective batch is N × B ×
 processes) and gradients are averaged as usual.
@@ -32,10 +35,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from diffalign.methods.base import LossOutput
+from diffalign.methods.grpo import ema_update, make_ema
 from diffalign.methods.online_settings import OnlineSettings
 from diffalign.objectives.context import unwrap
 from diffalign.prompt_sets import load_prompt_source
-from diffalign.sampler import Trajectory, recompute_log_probs
+from diffalign.sampler import RecomputedSteps, Trajectory, recompute_steps
 from diffalign.sampling import sample_many
 from diffalign.scorers import CombinedScorer, make_scorer
 from diffalign.scorers.async_scoring import ScoringQueue
@@ -78,7 +82,9 @@ def make_reward(spec: str) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
 class OnlineBatch:
     """The trajectories of one epoch, with everything the losses need, for the kept samples only.
 
-    ``logp_old`` / ``logp_ref`` are [n, S] at the stochastic ``steps`` (indices into the trajectory).
+    ``logp_old`` / ``logp_ref`` are [n, S] at the stochastic ``steps`` (indices into the trajectory);
+    ``mean_ref`` [n, S, ...] / ``step_std`` [n, S] the reference's step means and the steps' std (methods
+    with ``step_means``). After :meth:`select` with per-sample columns, ``steps`` is [n, k].
     """
 
     trajectory: object  # diffalign.sampler.Trajectory
@@ -89,6 +95,8 @@ class OnlineBatch:
     logp_ref: torch.Tensor | None = None  # [n, S]
     advantages: torch.Tensor | None = None  # [n]
     stats: dict = field(default_factory=dict)
+    mean_ref: torch.Tensor | None = None  # [n, S, ...]
+    step_std: torch.Tensor | None = None  # [n, S]
 
     def to(self, device) -> OnlineBatch:
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
@@ -101,21 +109,35 @@ class OnlineBatch:
             move(self.logp_ref),
             move(self.advantages),
             self.stats,
+            move(self.mean_ref),
+            move(self.step_std),
         )
 
     def select(self, index: torch.Tensor, columns: torch.Tensor | None = None) -> OnlineBatch:
-        pick = (lambda x: x[index]) if columns is None else (lambda x: x[index][:, columns])
+        """The samples at ``index``, at the stored-step ``columns``: [k] for all of them, or [n, k] (one row
+        per sample of this batch) for per-sample steps."""
+        if columns is None:
+            pick, steps = (lambda x: x[index]), self.steps
+        elif columns.ndim == 1:
+            pick, steps = (lambda x: x[index][:, columns]), self.steps[columns]
+        else:
+            own = columns[index]
+            pick, steps = (lambda x: x[index][torch.arange(len(index))[:, None], own]), self.steps[own]
+        optional = lambda x: None if x is None else pick(x)  # noqa: E731
         return OnlineBatch(
             trajectory=self.trajectory.select(index), rewards=self.rewards[index], groups=self.groups[index],
-            steps=self.steps if columns is None else self.steps[columns], logp_old=pick(self.logp_old),
-            logp_ref=None if self.logp_ref is None else pick(self.logp_ref),
-            advantages=None if self.advantages is None else self.advantages[index], stats=self.stats)
+            steps=steps, logp_old=pick(self.logp_old), logp_ref=optional(self.logp_ref),
+            advantages=None if self.advantages is None else self.advantages[index], stats=self.stats,
+            mean_ref=optional(self.mean_ref), step_std=optional(self.step_std))
 
 
 def sample_epoch(
-    pipe, prompts: list[str], settings: OnlineSettings, seeds: list[int], reward, model_name: str = ""
+    pipe, prompts: list[str], settings: OnlineSettings, seeds: list[int], reward, model_name: str = "",
+    step_rule=None,
 ):
-    """Sample ``len(prompts) × B`` trajectories (grouped by prompt) and score them.
+    """Sample ``len(prompts) × B`` trajectories (grouped by prompt) and score them; ``step_rule``: the
+    sampler's rule instead of the family's. With ``settings.shared_group_noise`` a group's samples start
+    from the noise of its first sample's seed and draw their steps' noise from their own seeds.
 
     Returns ``(trajectory, rewards [n], groups [n], timings)`` with all samples, NaN rewards included.
     Videos are scored by the reward's image scorers averaged over frames. The trajectories wait on the
@@ -127,10 +149,15 @@ def sample_epoch(
     scoring = ScoringQueue(reward) if settings.async_scoring else None
     submit = None if scoring is None else \
         (lambda start, batch: scoring.submit(batch.images, job_prompts[start : start + len(batch.images)]))
+    seeds = list(seeds[: len(jobs)])
+    step_seeds = None
+    if settings.shared_group_noise:
+        b = settings.samples_per_prompt
+        seeds, step_seeds = [seeds[(i // b) * b] for i in range(len(seeds))], seeds
     t0 = time.perf_counter()
-    out = sample_many(pipe, job_prompts, seeds[: len(jobs)], settings.sampling(),
+    out = sample_many(pipe, job_prompts, seeds, settings.sampling(),
                       batch_size=settings.sample_batch_size, trajectories=True, model_name=model_name,
-                      on_batch=submit)
+                      on_batch=submit, step_rule=step_rule, step_seeds=step_seeds)
     t1 = time.perf_counter()
     # async: scoring_s is only the wait for the batches still being scored when sampling ended
     rewards = scoring.gather() if scoring is not None else reward(out.images, out.trajectory.prompts)
@@ -174,14 +201,18 @@ def stochastic_steps(trajectory) -> torch.Tensor:
 
 @torch.no_grad()
 def batched_log_probs(
-    denoiser, trajectory, steps: torch.Tensor, *, chunk_size: int, sample_batch: int
-) -> torch.Tensor:
-    """``recompute_log_probs`` over many samples, ``sample_batch`` at a time, without gradients."""
+    denoiser, trajectory, steps: torch.Tensor, *, chunk_size: int, sample_batch: int, with_mean: bool = False
+):
+    """``recompute_log_probs`` over many samples, ``sample_batch`` at a time, without gradients (with
+    ``with_mean``: the whole :class:`~diffalign.sampler.RecomputedSteps`)."""
     out = []
     for start in range(0, len(trajectory), sample_batch):
         part = trajectory.select(torch.arange(start, min(start + sample_batch, len(trajectory))))
-        out.append(recompute_log_probs(denoiser, part, steps, chunk_size=chunk_size).float().cpu())
-    return torch.cat(out)
+        result = recompute_steps(denoiser, part, steps, chunk_size=chunk_size, with_mean=with_mean)
+        out.append(RecomputedSteps(*(None if x is None else x.float().cpu() for x in result)))
+    if not with_mean:
+        return torch.cat([r.log_prob for r in out])
+    return RecomputedSteps(*(torch.cat(list(column)) for column in zip(*out, strict=True)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,8 +229,8 @@ MAX_EMPTY_EPOCHS = 5
 
 
 class OnlineObjective:
-    """PRDP / DDPO for the trainer: ``batches()`` samples an epoch and yields it K times; each call is one
-    gradient step of the method's loss over all of the epoch's samples, micro-batch by micro-batch."""
+    """PRDP / DDPO / GRPO for the trainer: ``batches()`` samples an epoch and yields it K times; each call is
+    one gradient step of the method's loss over all of the epoch's samples, micro-batch by micro-batch."""
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -211,6 +242,12 @@ class OnlineObjective:
         self.current: OnlineBatch | None = None  # the epoch being trained on, used ``self.used`` times so far
         self.used = 0
         self.steps_rng = torch.Generator().manual_seed(ctx.cfg.train.seed)
+        self.needs_means = self.spec.step_means is not None and bool(self.spec.step_means(self.settings))
+        # an EMA of the trained weights (GRPO's ``ema``), for the final evaluation and export only
+        ema = None if self.spec.ema_settings is None else self.spec.ema_settings(self.settings)
+        self.ema_params = [p for p in unwrap(ctx.unet).parameters() if p.requires_grad] if ema else []
+        self.ema = None if ema is None else make_ema(self.ema_params, max_decay=ema[0])
+        self.ema_interval = 0 if ema is None else ema[1]
         log.info(
             "%s: %d prompts from %s; reward %s",
             self.settings.name,
@@ -226,10 +263,14 @@ class OnlineObjective:
         seed = epoch_seed(ctx.cfg.train.seed, self.epoch, ctx.accelerator.process_index)
         prompts = choose_prompts(self.prompts, m.num_prompts, seed)
         seeds = [seed + i for i in range(len(prompts) * m.samples_per_prompt)]
+        step_rule = None
+        if self.spec.sampling_rule is not None:  # e.g. GRPO-Fast: this epoch's SDE window
+            generator = torch.Generator().manual_seed(seed)
+            step_rule = self.spec.sampling_rule(m, ctx.family.make_step_rule(m.eta), generator)
         unet = unwrap(ctx.unet)
         unet.eval()
         trajectory, rewards, groups, timings = sample_epoch(
-            ctx.pipe, prompts, m, seeds, self.reward, ctx.cfg.model.name
+            ctx.pipe, prompts, m, seeds, self.reward, ctx.cfg.model.name, step_rule
         )
         unet.train()
         keep, stats = filter_rewards(rewards, groups, m.max_bad_reward_fraction)
@@ -240,13 +281,24 @@ class OnlineObjective:
             log.warning("epoch %d: no prompt group with distinct rewards; sampling again", self.epoch)
             return None
         index = torch.nonzero(keep, as_tuple=True)[0]
+        all_rewards, all_groups = rewards, groups
         trajectory, rewards, groups = trajectory.select(index), rewards[index], groups[index]
         steps = stochastic_steps(trajectory)
         batch = OnlineBatch(
             trajectory, rewards, groups, steps, trajectory.log_probs[:, steps].float(), stats=stats
         )
-        if self.spec.advantages is not None:
-            batch.advantages = self.spec.advantages(m, rewards, groups)
+        if self.spec.advantages is not None:  # from every finite reward (GRPO's global std), then kept
+            finite = torch.isfinite(all_rewards)
+            advantages = torch.zeros(len(all_rewards))
+            advantages[finite] = self.spec.advantages(m, all_rewards[finite], all_groups[finite]).float()
+            batch.advantages = advantages[index]
+        if self.needs_means:
+            t0 = time.perf_counter()
+            with ctx.reference() as reference:
+                ref = batched_log_probs(reference, trajectory, steps, chunk_size=m.recompute_chunk_size,
+                                        sample_batch=m.sample_batch_size, with_mean=True)
+            batch.mean_ref, batch.step_std = ref.mean, ref.std
+            stats["reference_s"] = time.perf_counter() - t0
         if ctx.spec.needs_reference:
             t0 = time.perf_counter()
             with ctx.reference() as reference:
@@ -287,7 +339,9 @@ class OnlineObjective:
         ctx, m = self.ctx, self.settings
         t0 = time.perf_counter()
         columns = None
-        if m.train_timesteps is not None and m.train_timesteps < len(batch.steps):
+        if self.spec.train_columns is not None:  # the method's own choice, possibly per sample
+            columns = self.spec.train_columns(m, len(batch.rewards), len(batch.steps), self.steps_rng)
+        elif m.train_timesteps is not None and m.train_timesteps < len(batch.steps):
             columns = (
                 torch.randperm(len(batch.steps), generator=self.steps_rng)[: m.train_timesteps].sort().values
             )
@@ -333,29 +387,50 @@ class OnlineObjective:
         more forward pass, memory for only ``steps_per_backward`` steps).
         """
         ctx, m = self.ctx, self.settings
-        recompute = lambda steps: recompute_log_probs(  # noqa: E731
-            ctx.unet, part.trajectory, steps, chunk_size=m.recompute_chunk_size
+        recompute = lambda steps, with_mean=False: recompute_steps(  # noqa: E731
+            ctx.unet, part.trajectory, steps, chunk_size=m.recompute_chunk_size, with_mean=with_mean
         )
-        if m.steps_per_backward is None or m.steps_per_backward >= len(part.steps):
-            logp = recompute(part.steps).float()
+        num_steps = part.steps.shape[-1]
+        if self.needs_means:  # the loss takes the policy's step means too: one graph per micro-batch
+            if m.steps_per_backward is not None and m.steps_per_backward < num_steps:
+                raise NotImplementedError(f"{m.name}: steps_per_backward with a loss on the steps' means "
+                                          "(e.g. GRPO's KL, beta > 0) is not supported; set it to null")
+            policy = recompute(part.steps, with_mean=True)
+            logp = policy.log_prob.float()
+            out = self.spec.online_loss(m, part.to(logp.device), logp, policy.mean)
+            term = out.loss * scale
+            return out, [lambda: (term, float(term.detach()))]
+        if m.steps_per_backward is None or m.steps_per_backward >= num_steps:
+            logp = recompute(part.steps).log_prob.float()
             out = self.spec.online_loss(m, part.to(logp.device), logp)
             term = out.loss * scale
             return out, [lambda: (term, float(term.detach()))]
         with torch.no_grad():
-            logp = recompute(part.steps).float()
+            logp = recompute(part.steps).log_prob.float()
         leaf = logp.requires_grad_(True)
         out = self.spec.online_loss(m, part.to(leaf.device), leaf)
         (grad,) = torch.autograd.grad(out.loss * scale, leaf)
         value = float(out.loss.detach()) * scale
-        chunks = torch.arange(len(part.steps)).split(m.steps_per_backward)
+        chunks = torch.arange(num_steps).split(m.steps_per_backward)
 
         def piece(cols, first):
             return lambda: (
-                (grad[:, cols] * recompute(part.steps[cols]).float()).sum(),
+                (grad[:, cols] * recompute(part.steps[..., cols]).log_prob.float()).sum(),
                 value if first else 0.0,
             )
 
         return out, [piece(cols, k == 0) for k, cols in enumerate(chunks)]
+
+    # -- the EMA of the weights -------------------------------------------------------------------------
+    def on_step_end(self, step: int) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.ema_params, step - 1, self.ema_interval)
+
+    def final_weights(self) -> None:
+        """At the end of training: the EMA's weights replace the trained ones (what is evaluated and
+        exported; checkpoints keep the trained weights and the EMA)."""
+        if self.ema is not None:
+            self.ema.copy_to(self.ema_params)
 
     # -- checkpoints: the epoch counter, and the current epoch's samples so a resume finishes that epoch --
     def state_dict(self) -> dict:
@@ -370,11 +445,15 @@ class OnlineObjective:
             "used": self.used,
             "steps_rng": self.steps_rng.get_state(),
             "current": current,
+            "ema": None if self.ema is None else self.ema.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.used = state["epoch"], state["used"]
         self.steps_rng.set_state(state["steps_rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.ema_params[0].device)
         current = state["current"]
         if current is not None:
             current = dict(current, trajectory=Trajectory(**current["trajectory"]))

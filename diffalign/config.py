@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
+from diffalign.families import FAMILIES
 from diffalign.methods import METHODS
-from diffalign.models import check_num_frames, resolve_model
+from diffalign.methods.base import SAMPLING_KINDS
+from diffalign.models import check_num_frames, pipeline_class_name, resolve_model
 from diffalign.prompts import read_prompts
 from diffalign.sampling import SamplingSettings, settings_of
 from diffalign.scorers import check_scorer_names
@@ -339,8 +341,9 @@ def validate(cfg: Config) -> None:
     )
 
     d = cfg.data
-    # Online methods (PRDP, DDPO) sample their own data from `method.prompts`; the others read data.source.
-    _require(bool(d.source) or METHODS[cfg.method.name].kind == "online", "data.source", d.source,
+    # Online, reward-gradient and NFT methods sample their own data from `method.prompts`; the others read
+    # data.source.
+    _require(bool(d.source) or METHODS[cfg.method.name].kind in SAMPLING_KINDS, "data.source", d.source,
              "a dataset: hub id, parquet/arrow path, .jsonl file or pairs folder")
     _require(
         d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8, >= 8"
@@ -475,6 +478,17 @@ def validate(cfg: Config) -> None:
     spec = METHODS[cfg.method.name]
     if spec.validate is not None:
         spec.validate(cfg.method, _require)
+    # a method that applies to some model families only (DiffusionNFT: flow matching), when the model's
+    # pipeline class is known without loading it (else the objective checks the loaded pipeline)
+    if spec.check_family is not None:
+        known = pipeline_class_name(source)
+        families = [f for f in FAMILIES.values() if known in f.pipeline_classes]
+    if spec.check_family is not None and families:
+        try:
+            spec.check_family(families[0])
+        except NotImplementedError as err:
+            raise ConfigError("model.name", cfg.model.name,
+                              f"a model {spec.name} applies to ({err})") from None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -83,7 +83,8 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
         pixels = vae.decode(z.transpose(1, 2).flatten(0, 1)).sample.unflatten(0, (n, f))
     else:  # Wan's causal video VAE: [N, 3, F, H, W]
         pixels = vae.decode(z).sample.transpose(1, 2)
-    return (pixels.float() / 2 + 0.5).clamp(0, 1)
+    pixels = pixels.to(torch.promote_types(pixels.dtype, torch.float32))  # fp16 VAEs: fp32 pixels
+    return (pixels / 2 + 0.5).clamp(0, 1)
 
 
 @dataclass

@@ -9,19 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
+from helpers.objective_context import objective_on_tiny_model
 from safetensors.torch import load_file
 from torch.func import functional_call
 
 from diffalign.cli import main
 from diffalign.config import ConfigError, load_config
-from diffalign.families import family_of
-from diffalign.methods import METHODS
 from diffalign.methods.nft import old_policy_decay
-from diffalign.models import load_pipeline
-from diffalign.objectives import NFTObjective, TrainContext
 from diffalign.objectives.online import choose_prompts, epoch_seed, sample_epoch
-from diffalign.train import lora_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-sd3" / "nft.yaml"
@@ -64,19 +59,7 @@ def test_unet_families_are_refused_before_anything_loads(capsys):
 def nft_objective():
     cfg = load_config(CONFIG, ["method.num_steps=4", "method.num_prompts=2", "method.samples_per_prompt=3",
                                "method.train_batch_size=64", "method.kl_weight=0.01"])
-    pipe = load_pipeline("tiny-sd3")
-    pipe.set_progress_bar_config(disable=True)
-    family = family_of(pipe)
-    denoiser = pipe.transformer
-    denoiser.requires_grad_(False)
-    denoiser.add_adapter(lora_config(denoiser, cfg.lora))
-    with torch.no_grad():
-        for name, p in denoiser.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    accelerator = Accelerator(cpu=True)
-    ctx = TrainContext(cfg, METHODS["nft"], accelerator, pipe, family, denoiser, None, torch.float32)
-    objective = NFTObjective(ctx)
+    _, objective = objective_on_tiny_model(cfg)
     with torch.no_grad():  # an old policy away from the current weights, so v_old != v_θ
         for name, value in objective.old.items():
             value.add_(0.02 * torch.randn(value.shape, generator=torch.Generator().manual_seed(len(name))))

@@ -9,19 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
+from helpers.objective_context import objective_on_tiny_model
 from safetensors.torch import load_file
 
 from diffalign.cli import main
 from diffalign.config import ConfigError, load_config
 from diffalign.denoising import decode_latents
-from diffalign.families import family_of
-from diffalign.methods import METHODS
 from diffalign.methods.reward_gradient import VARIANTS, sample_for_reward
-from diffalign.models import load_pipeline
-from diffalign.objectives import OBJECTIVES, TrainContext
 from diffalign.objectives.reward_gradient import ChainSteps, latents_for_reward
-from diffalign.train import lora_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.max_steps=2", "eval.enabled=false", "log.every_n_steps=1", "log.progress_bar=false",
@@ -77,21 +72,7 @@ def _context(model: str, variant: str, dtype=torch.float32, **overrides):
     cfg = load_config(ROOT / "configs" / "tiny-sdxl" / f"{variant}.yaml", [*extra, "method.num_steps=4",
                                                                             "train.batch_size=2",
                                                    *[f"method.{k}={v}" for k, v in overrides.items()]])
-    pipe = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    family = family_of(pipe)
-    denoiser = getattr(pipe, family.denoiser_attr)
-    denoiser.requires_grad_(False)
-    denoiser.add_adapter(lora_config(denoiser, cfg.lora))
-    with torch.no_grad():
-        for name, p in denoiser.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    pipe.to(dtype=dtype)
-    accelerator = Accelerator(cpu=True)
-    spec = METHODS[variant]
-    ctx = TrainContext(cfg, spec, accelerator, pipe, family, denoiser, None, dtype)
-    return ctx, OBJECTIVES[spec.kind](ctx)
+    return objective_on_tiny_model(cfg, dtype)
 
 
 @pytest.mark.slow

@@ -158,8 +158,10 @@ def test_a_non_differentiable_reward_is_one_config_error_before_anything_loads(r
 
 def test_a_variant_refuses_another_variant_s_settings_and_refl_pretraining():
     path = ROOT / "configs" / "tiny-sdxl"
-    with pytest.raises(ConfigError, match=r"method.k.*no such key"):
+    with pytest.raises(ConfigError, match=r"method.k.*unset: k is a setting of draft_k, not of alignprop"):
         load_config(path / "alignprop.yaml", ["method.k=2"])
+    with pytest.raises(ConfigError, match=r"method.refl_threshold.*a setting of refl"):
+        load_config(path / "draft.yaml", ["method.refl_threshold=1.0"])
     with pytest.raises(ConfigError, match=r"method.pretrain_loss_weight.*needs an image dataset"):
         load_config(path / "refl.yaml", ["method.pretrain_loss_weight=0.5"])
     with pytest.raises(ConfigError, match=r"method.k.*\[1, num_steps\]"):

@@ -274,54 +274,35 @@ class RewardGradientTraining(RewardGradientConfig):
                                 width=self.width, num_frames=self.num_frames)
 
 
-# A variant's class leaves out (ClassVar) the settings of the other variants: a key it does not use is
-# refused as unknown instead of being ignored.
+#: Each variant's own settings. A variant's config refuses another variant's setting set away from its default
+#: (it would be ignored).
+VARIANT_SETTINGS = {"draft": (), "draft_k": ("k",), "draft_lv": ("lv_renoisings",),
+                    "alignprop": ("truncation_mean", "truncation_std"),
+                    "refl": ("refl_step_range", "refl_threshold", "pretrain_loss_weight")}
+
+
 @dataclass
 class DRaFTConfig(RewardGradientTraining):
     name: ClassVar[str] = "draft"
     variant: ClassVar[str] = "draft"
-    k: ClassVar[int] = 1
-    lv_renoisings: ClassVar[int] = 2
-    truncation_mean: ClassVar[float] = 42.0
-    truncation_std: ClassVar[float] = 5.0
-    refl_step_range: ClassVar[list[int]] = [30, 39]
-    refl_threshold: ClassVar[float] = 2.0
-    pretrain_loss_weight: ClassVar[float] = 0.0
 
 
 @dataclass
 class DRaFTKConfig(RewardGradientTraining):
     name: ClassVar[str] = "draft_k"
     variant: ClassVar[str] = "draft_k"
-    lv_renoisings: ClassVar[int] = 2
-    truncation_mean: ClassVar[float] = 42.0
-    truncation_std: ClassVar[float] = 5.0
-    refl_step_range: ClassVar[list[int]] = [30, 39]
-    refl_threshold: ClassVar[float] = 2.0
-    pretrain_loss_weight: ClassVar[float] = 0.0
 
 
 @dataclass
 class DRaFTLVConfig(RewardGradientTraining):
     name: ClassVar[str] = "draft_lv"
     variant: ClassVar[str] = "draft_lv"
-    k: ClassVar[int] = 1
-    truncation_mean: ClassVar[float] = 42.0
-    truncation_std: ClassVar[float] = 5.0
-    refl_step_range: ClassVar[list[int]] = [30, 39]
-    refl_threshold: ClassVar[float] = 2.0
-    pretrain_loss_weight: ClassVar[float] = 0.0
 
 
 @dataclass
 class AlignPropConfig(RewardGradientTraining):
     name: ClassVar[str] = "alignprop"
     variant: ClassVar[str] = "alignprop"
-    k: ClassVar[int] = 1
-    lv_renoisings: ClassVar[int] = 2
-    refl_step_range: ClassVar[list[int]] = [30, 39]
-    refl_threshold: ClassVar[float] = 2.0
-    pretrain_loss_weight: ClassVar[float] = 0.0
     loss_scale: float = 0.01  # AlignProp's (1 - HPS) · .01
 
 
@@ -329,10 +310,6 @@ class AlignPropConfig(RewardGradientTraining):
 class ReFLConfig(RewardGradientTraining):
     name: ClassVar[str] = "refl"
     variant: ClassVar[str] = "refl"
-    k: ClassVar[int] = 1
-    lv_renoisings: ClassVar[int] = 2
-    truncation_mean: ClassVar[float] = 42.0
-    truncation_std: ClassVar[float] = 5.0
     loss_scale: float = 1e-3  # ReFL's ReLU(2 - r) · 1e-3
     num_steps: int = 40
     guidance_scale: float = 1.0  # ReFL samples without CFG
@@ -345,6 +322,12 @@ def non_differentiable_terms(spec: str) -> list[str]:
 
 
 def _validate(cfg: RewardGradientTraining, require) -> None:
+    defaults = RewardGradientConfig()
+    for other, keys in VARIANT_SETTINGS.items():
+        for key in keys if other != cfg.variant else ():
+            value = getattr(cfg, key)
+            require(value == getattr(defaults, key), f"method.{key}", value,
+                    f"unset: {key} is a setting of {other}, not of {cfg.variant}")
     validate_prompts_and_reward(cfg, require)
     bad = non_differentiable_terms(cfg.reward)
     usable = sorted(name for name, factory in SCORERS.items() if getattr(factory, "differentiable", False))

@@ -15,8 +15,9 @@ SePPO gets only winners: for each training prompt the base model samples ``--can
 the reward likes best is kept (made once per benchmark run and shared by every SePPO run).
 
 Methods: ``prdp``, ``ddpo``, ``grpo`` (``grpo-fast``: its window variant), ``seppo`` (reference uniform
-over the pool, sign flip), and the SePPO ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``,
-``seppo-indicator``.
+over the pool, sign flip), the SePPO ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``,
+``seppo-indicator``, and ``draft_k`` (reward gradient: ``train.batch_size`` prompts per step, one
+deterministic chain each).
 Results: a JSON file and Markdown table rows (mean ± std of the change over seeds).
 """
 
@@ -43,6 +44,7 @@ METHODS = {
     "seppo-latest": ("seppo", ["method.reference=latest"]),
     "seppo-flip-off": ("seppo", ["method.flip='off'"]),  # quoted: YAML reads a bare off as false
     "seppo-indicator": ("seppo", ["method.flip=indicator"]),
+    "draft_k": ("draft_k", []),  # DRaFT-K (K = 1): the reward's gradient through the last DDIM step
 }
 
 

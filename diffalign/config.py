@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
+from diffalign.families import FAMILIES
 from diffalign.methods import METHODS
-from diffalign.models import check_num_frames, resolve_model
+from diffalign.methods.base import SAMPLING_KINDS
+from diffalign.models import check_num_frames, pipeline_class_name, resolve_model
 from diffalign.prompts import read_prompts
 from diffalign.sampling import SamplingSettings, settings_of
 from diffalign.scorers import check_scorer_names
@@ -344,8 +346,9 @@ def validate(cfg: Config) -> None:
     )
 
     d = cfg.data
-    # Online methods (PRDP, DDPO) sample their own data from `method.prompts`; the others read data.source.
-    _require(bool(d.source) or METHODS[cfg.method.name].kind == "online", "data.source", d.source,
+    # Online, reward-gradient and NFT methods sample their own data from `method.prompts`; the others read
+    # data.source.
+    _require(bool(d.source) or METHODS[cfg.method.name].kind in SAMPLING_KINDS, "data.source", d.source,
              "a dataset: hub id, parquet/arrow path, .jsonl file or pairs folder")
     _require(
         d.resolution >= 8 and d.resolution % 8 == 0, "data.resolution", d.resolution, "a multiple of 8, >= 8"
@@ -483,6 +486,15 @@ def validate(cfg: Config) -> None:
     spec = METHODS[cfg.method.name]
     if spec.validate is not None:
         spec.validate(cfg.method, _require)
+    # a method that applies to some model families only (DiffusionNFT: flow matching), when the model's
+    # pipeline class is known without loading it (else the objective checks the loaded pipeline)
+    known = pipeline_class_name(source) if spec.check_family is not None else None
+    for family in [f for f in FAMILIES.values() if known in f.pipeline_classes][:1]:
+        try:
+            spec.check_family(family)
+        except NotImplementedError as err:
+            expected = f"a model {spec.name} applies to ({err})"
+            raise ConfigError("model.name", cfg.model.name, expected) from None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -68,6 +68,35 @@ def sample_latents(vae, params: torch.Tensor, generator=None) -> torch.Tensor:
 #: the scheduler's own table.
 FLOW_DEFAULTS = {"timestep_sampling": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29,
                  "loss_weighting": "none", "dynamic_shift": False}
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] of the denoiser's latents, as the pipelines decode them, *with* gradients (the
+    reward-gradient methods back-propagate through it): images [N, C, h, w] give [N, 3, H, W]; videos
+    [N, C, f, h, w] give [N, F, 3, H, W] (an image VAE frame by frame, a video VAE the whole clip).
+
+    Un-normalised as the pipelines do: ``z / scaling_factor + shift`` (SD, SDXL, SD3, FLUX), or
+    ``z · std / scaling_factor + mean`` with per-channel ``latents_mean`` / ``latents_std`` (Wan).
+    """
+    from diffusers import AutoencoderKL
+
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    scale = getattr(config, "scaling_factor", None) or 1.0
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        view = (1, -1) + (1,) * (latents.ndim - 2)
+        mean = torch.tensor(config.latents_mean, dtype=latents.dtype, device=latents.device).view(view)
+        std = torch.tensor(config.latents_std, dtype=latents.dtype, device=latents.device).view(view)
+        z = latents * std / scale + mean
+    else:
+        z = latents / scale + (getattr(config, "shift_factor", None) or 0.0)
+    if z.ndim == 4:
+        pixels = vae.decode(z).sample
+    elif isinstance(vae, AutoencoderKL):  # AnimateDiff: the image VAE, frame by frame
+        n, f = z.shape[0], z.shape[2]
+        pixels = vae.decode(z.transpose(1, 2).flatten(0, 1)).sample.unflatten(0, (n, f))
+    else:  # Wan's causal video VAE: [N, 3, F, H, W]
+        pixels = vae.decode(z).sample.transpose(1, 2)
+    pixels = pixels.to(torch.promote_types(pixels.dtype, torch.float32))  # fp16 VAEs: fp32 pixels
+    return (pixels / 2 + 0.5).clamp(0, 1)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-ONLINE_KINDS = ("online",)
+ONLINE_KINDS = ("online", "nft")  # kinds that back-propagate one optimizer step in several pieces
 
 
 def use_cpu(cfg) -> bool:

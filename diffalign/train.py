@@ -352,13 +352,15 @@ def make_optimizer(cfg: Config, params, lr: float):
 
 def describe_step(cfg: Config, spec, num_processes: int) -> str:
     """What one optimizer step is, in the method's own terms (for the start-of-run log line)."""
-    if spec.kind == "online":
+    if spec.kind in ("online", "nft"):
         m = cfg.method
         return (f"each epoch samples {m.num_prompts} prompts x {m.samples_per_prompt} samples per process "
                 f"({num_processes} process(es)) and takes {m.gradient_steps_per_epoch} gradient steps on "
                 f"them, "
                 f"so {math.ceil(cfg.train.max_steps / m.gradient_steps_per_epoch)} epoch(s)")
     total = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * num_processes
+    if spec.kind == "reward_gradient":
+        return f"{total} prompts (one deterministic chain each) per optimizer step"
     unit = "winning images" if spec.kind == "winners" else "pairs"
     return f"{total} {unit} per optimizer step"
 

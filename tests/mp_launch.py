@@ -88,9 +88,9 @@ def install_write_guard(roots: list[Path]) -> None:
 
 
 def install_loss_trace() -> None:
-    from diffalign.objectives import OnlineObjective, PairObjective, SePPOObjective
+    from diffalign.objectives import OBJECTIVES
 
-    for cls in (PairObjective, OnlineObjective, SePPOObjective):
+    for cls in OBJECTIVES.values():
         def traced(self, batch, _call=cls.__call__):
             out = _call(self, batch)
             extra = {k: float(v) for k, v in out.extra.items()}

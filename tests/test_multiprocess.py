@@ -264,7 +264,13 @@ ONLINE = {
         "method.sample_batch_size=2",
         "method.micro_batch_prompts=1",
     ],
+    # reward gradient under DDP: checkpointed steps recomputed in backward, one backward per step
+    "draft_k": ["method.num_steps=3", "train.batch_size=1"],
+    # NFT under DDP on a flow family: the old policy copied in and out of the DDP-wrapped transformer
+    "nft": ["method.num_prompts=1", "method.samples_per_prompt=2", "method.num_steps=3",
+            "method.gradient_steps_per_epoch=1", "method.train_batch_size=2"],
 }
+ONLINE_CONFIGS = {"nft": "tiny-sd3/nft.yaml"}  # else tiny-sdxl/METHOD.yaml
 
 
 @pytest.mark.slow
@@ -289,7 +295,8 @@ def test_online_method_runs_on_two_processes(method, tmp_path, tiny_sdxl_path):
         resume = ["checkpoint.every_n_steps=1", "--resume", "latest"]
     else:
         traces, resume = [], []
-    traces += _launch(launch, f"tiny-sdxl/{method}.yaml", out, [*overrides, "train.max_steps=2", *resume])
+    config = ONLINE_CONFIGS.get(method, f"tiny-sdxl/{method}.yaml")
+    traces += _launch(launch, config, out, [*overrides, "train.max_steps=2", *resume])
     ranks = _check_reduced(out, traces, steps=2)
     assert (
         ranks[0] != ranks[1]

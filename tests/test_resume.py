@@ -35,7 +35,14 @@ METHOD_OVERRIDES = {
              "method.timestep_fraction=0.5", "method.shared_group_noise=true", "method.ema=true",
              "method.ema_update_interval=3"],
     "grpo-fast": ["method.gradient_steps_per_epoch=3"],
+    # reward-gradient methods draw per step (AlignProp's truncation, DRaFT-LV's re-noising); NFT has epochs
+    # of K=3 steps and an old policy that moves at their end
+    "alignprop": ["method.truncation_mean=6.0", "method.truncation_std=2.0"],
+    "draft_lv": [],
+    "nft": ["method.gradient_steps_per_epoch=3"],
 }
+#: Methods whose tiny config is not tiny-sdxl's (DiffusionNFT needs a flow family).
+CONFIG_MODEL = {"nft": "tiny-sd3"}
 MAX_STEPS = 8
 
 
@@ -46,7 +53,8 @@ def overrides(method: str, out: Path, *extra: str) -> list[str]:
 
 
 def command(method: str, out: Path, *extra: str, runner=("-m", "diffalign")) -> list[str]:
-    return [sys.executable, *runner, "train", str(ROOT / "configs" / "tiny-sdxl" / f"{method}.yaml"),
+    model = CONFIG_MODEL.get(method, "tiny-sdxl")
+    return [sys.executable, *runner, "train", str(ROOT / "configs" / model / f"{method}.yaml"),
             *overrides(method, out, *extra)]
 
 

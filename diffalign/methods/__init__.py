@@ -11,11 +11,24 @@ trainer finds a method by ``method.name`` and runs it under the objective its ``
                     ``online_loss`` / ``loss_weight`` / ``advantages`` hooks (PRDP, DDPO, GRPO).
 ``kind="winners"``  winning images only; the reference generates the other side of each pair and the
                     objective calls ``winners_loss`` (SePPO).
+``kind="reward_gradient"``  sample, back-propagate a differentiable reward through some sampler steps; the
+                    objective calls ``reward_loss`` (DRaFT, DRaFT-K, DRaFT-LV, AlignProp, ReFL).
+``kind="nft"``      sample with a slowly moving old policy, re-noise the samples; the objective calls
+                    ``velocity_loss`` (DiffusionNFT; flow-matching families only).
 
 Adding a method is one module here (config, loss, hooks, ``register_method``) and one import below.
 """
 
-from diffalign.methods import ddpo, dpo, grpo, mapo, prdp, seppo  # noqa: F401  (register the built-in methods)
+from diffalign.methods import (  # noqa: F401  (register the built-in methods)
+    ddpo,
+    dpo,
+    grpo,
+    mapo,
+    nft,
+    prdp,
+    reward_gradient,
+    seppo,
+)
 from diffalign.methods.base import KINDS, METHODS, LossOutput, MethodSpec, PairLosses, register_method
 
 __all__ = ["KINDS", "METHODS", "MethodSpec", "PairLosses", "LossOutput", "register_method"]

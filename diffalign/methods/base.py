@@ -27,7 +27,9 @@ class LossOutput(NamedTuple):
 
 
 #: The objectives a method can run under (:mod:`diffalign.objectives`), by ``MethodSpec.kind``.
-KINDS = ("pairs", "online", "winners")
+KINDS = ("pairs", "online", "winners", "reward_gradient", "nft")
+#: The kinds that sample their own training data from ``method.prompts`` (no ``data.source``).
+SAMPLING_KINDS = ("online", "reward_gradient", "nft")
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,10 @@ class MethodSpec:
     ``ema_settings(cfg)``: ``(max_decay, update_interval)`` for an EMA of the trained weights that the run
     evaluates and exports (None: no EMA).
     ``kind="winners"``: ``winners_loss(cfg, model_w, ref_w, model_r, ref_r)`` on the denoising
-    losses of the winners and of the reference's own samples.
+    losses of the winners and of the reference's own samples. ``kind="reward_gradient"``:
+    ``reward_loss(cfg, rewards)`` on differentiable rewards [n]. ``kind="nft"``: ``velocity_loss(cfg, v_theta,
+    v_old, v_ref, x_t, x0, t, r)`` on velocities of re-noised samples. ``check_family(family)`` raises
+    NotImplementedError for a model family the method does not apply to.
     """
 
     name: str
@@ -64,12 +69,16 @@ class MethodSpec:
     step_means: Callable[[Any], bool] | None = None
     ema_settings: Callable[[Any], tuple[float, int] | None] | None = None
     winners_loss: Callable[..., LossOutput] | None = None
+    reward_loss: Callable[[Any, torch.Tensor], LossOutput] | None = None
+    velocity_loss: Callable[..., LossOutput] | None = None
+    check_family: Callable[[Any], None] | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         needed = {"pairs": ("pair_loss",), "online": ("online_loss", "loss_weight"),
-                  "winners": ("winners_loss",)}
+                  "winners": ("winners_loss",), "reward_gradient": ("reward_loss",),
+                  "nft": ("velocity_loss",)}
         missing = [hook for hook in needed[self.kind] if getattr(self, hook) is None]
         if missing:
             raise ValueError(f"method {self.name!r} (kind {self.kind}) needs the hook(s) "

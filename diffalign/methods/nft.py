@@ -16,6 +16,11 @@ After each epoch ``old ← d · old + (1 - d) θ`` with ``d = min(.001 · step, 
 then +.0075 per step up to .999). It needs a velocity-parameterised (flow-matching) family: ε- and
 v-prediction UNets (SD, SDXL, AnimateDiff) have no ``x̂0 = x_t - t·v`` with ``t = σ``.
 
+In the trainer (``method.name: nft``, :mod:`diffalign.objectives.nft`) an epoch samples ``num_prompts ×
+samples_per_prompt`` final latents with the old policy (CFG-free, the ODE by default: ``eta`` 0), and each of
+its ``gradient_steps_per_epoch`` steps re-noises all of them at a random ``timestep_fraction`` of the
+sampling schedule's sigmas (one draw per gradient step, shared by the samples).
+
 Unverified (named settings): the OCR schedule's form ``min(.0075 · (step - 75), .999)`` after the flat
 part (``old_decay``); which std the advantages use (DiffusionNFT's stat tracker; FG's defaults here).
 """
@@ -28,7 +33,9 @@ from typing import ClassVar, Literal
 import torch
 
 from diffalign.families import FAMILIES, Family
-from diffalign.methods.base import LossOutput
+from diffalign.methods.base import LossOutput, MethodSpec, register_method
+from diffalign.methods.online_settings import validate_prompts_and_reward, validate_sizes
+from diffalign.sampling import SamplingSettings, settings_of
 
 #: d(step) = 0 before ``flat`` steps, then min(rate · (step - flat), cap)
 OLD_DECAY_SCHEDULES: dict[str, tuple[int, float, float]] = {
@@ -50,6 +57,26 @@ class NFTConfig:
     old_decay: Literal["none", "default", "ocr"] = "default"
     global_std: bool = True  # advantages as grpo.group_advantages (unverified for DiffusionNFT)
     std_eps: float = 1e-4
+    # What the trainer samples (as the online methods): N prompts x G samples per epoch and process
+    prompts: str = "ddpo-animals"
+    prompt_column: str = "prompt"
+    reward: str = "pickscore"
+    num_prompts: int = 8
+    samples_per_prompt: int = 8  # G, the advantages' group
+    gradient_steps_per_epoch: int = 1
+    num_steps: int = 10
+    guidance_scale: float = 1.0  # 1: CFG-free, as DiffusionNFT (FLUX.1-dev: its guidance embedding)
+    eta: float = 0.0  # 0: the ODE (Euler); > 0: the flow SDE's noise level
+    height: int | None = None  # None: the model's default
+    width: int | None = None
+    num_frames: int | None = None  # video models; None: the pipeline's default
+    sample_batch_size: int = 8  # samples per sampling call
+    train_batch_size: int = 8  # re-noised samples per forward/backward piece
+    max_bad_reward_fraction: float = 0.25
+    async_scoring: bool = False
+
+    def sampling(self) -> SamplingSettings:
+        return settings_of(self)
 
 
 def validate_nft_settings(cfg: NFTConfig, require) -> None:
@@ -68,6 +95,21 @@ def validate_nft_settings(cfg: NFTConfig, require) -> None:
     )
     require(cfg.old_decay in OLD_DECAY_SCHEDULES, "method.old_decay", cfg.old_decay,
             f"one of {', '.join(OLD_DECAY_SCHEDULES)}")
+
+
+def _validate(cfg: NFTConfig, require) -> None:
+    validate_nft_settings(cfg, require)
+    validate_prompts_and_reward(cfg, require)
+    for key in ("num_prompts", "gradient_steps_per_epoch", "num_steps", "sample_batch_size",
+                "train_batch_size"):
+        require(getattr(cfg, key) >= 1, f"method.{key}", getattr(cfg, key), "an integer >= 1")
+    require(cfg.samples_per_prompt >= 2, "method.samples_per_prompt", cfg.samples_per_prompt,
+            "an integer >= 2 (advantages are relative to each prompt's group)")
+    require(cfg.eta >= 0, "method.eta", cfg.eta, "a number >= 0 (0: the ODE)")
+    require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
+    validate_sizes(cfg, require)
+    require(0 <= cfg.max_bad_reward_fraction < 1, "method.max_bad_reward_fraction",
+            cfg.max_bad_reward_fraction, "a number in [0, 1)")
 
 
 def require_flow_family(family: Family | str, method: str = "DiffusionNFT") -> None:
@@ -151,3 +193,12 @@ def update_old_policy(old_parameters, parameters, decay: float) -> None:
     """``old ← decay · old + (1 - decay) · θ``, in place."""
     for old, new in zip(list(old_parameters), list(parameters), strict=True):
         old.lerp_(new.detach().to(old.dtype), 1.0 - decay)
+
+
+def _velocity_loss(cfg: NFTConfig, v_theta, v_old, v_ref, x_t, x0, t, r) -> LossOutput:
+    return nft_loss(v_theta, v_old, v_ref if cfg.kl_weight > 0 else None, x_t, x0, t, r, beta=cfg.beta,
+                    loss_scale=cfg.loss_scale, kl_weight=cfg.kl_weight, norm_floor=cfg.norm_floor)
+
+
+register_method(MethodSpec("nft", NFTConfig, kind="nft", needs_reference=True, validate=_validate,
+                           velocity_loss=_velocity_loss, check_family=require_flow_family))

@@ -53,6 +53,33 @@ class OnlineSettings:
 
 def validate_online_settings(cfg: OnlineSettings, require) -> None:
     """Range checks on the settings; no model loads (scorer names and the prompt source are checked too)."""
+    validate_prompts_and_reward(cfg, require)
+    for key in ("num_prompts", "samples_per_prompt", "gradient_steps_per_epoch", "num_steps",
+                "sample_batch_size", "micro_batch_prompts", "recompute_chunk_size"):
+        value = getattr(cfg, key)
+        require(value >= 1, f"method.{key}", value, "an integer >= 1")
+    require(cfg.steps_per_backward is None or cfg.steps_per_backward >= 1, "method.steps_per_backward",
+            cfg.steps_per_backward, "null or an integer >= 1")
+    require(cfg.eta > 0, "method.eta", cfg.eta, "a number > 0 (online methods need stochastic steps)")
+    require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
+    require(
+        cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_steps,
+        "method.train_timesteps",
+        cfg.train_timesteps,
+        f"null or an integer in [1, {cfg.num_steps}]",
+    )
+    validate_sizes(cfg, require)
+    require(
+        0 <= cfg.max_bad_reward_fraction < 1,
+        "method.max_bad_reward_fraction",
+        cfg.max_bad_reward_fraction,
+        "a number in [0, 1)",
+    )
+
+
+def validate_prompts_and_reward(cfg, require) -> None:
+    """``method.prompts`` names a readable prompt source and ``method.reward`` a scorer spec (no model
+    loads); shared by every method that samples its own training data."""
     require(bool(cfg.prompts), "method.prompts", cfg.prompts, "a prompt file, a shipped set or a dataset")
     try:
         check_prompt_source(cfg.prompts)
@@ -69,20 +96,10 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
             cfg.reward,
             f"a scorer spec, e.g. 'toy_saturation' or '10*pickscore+2*hpsv2' ({err})",
         )
-    for key in ("num_prompts", "samples_per_prompt", "gradient_steps_per_epoch", "num_steps",
-                "sample_batch_size", "micro_batch_prompts", "recompute_chunk_size"):
-        value = getattr(cfg, key)
-        require(value >= 1, f"method.{key}", value, "an integer >= 1")
-    require(cfg.steps_per_backward is None or cfg.steps_per_backward >= 1, "method.steps_per_backward",
-            cfg.steps_per_backward, "null or an integer >= 1")
-    require(cfg.eta > 0, "method.eta", cfg.eta, "a number > 0 (online methods need stochastic steps)")
-    require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
-    require(
-        cfg.train_timesteps is None or 1 <= cfg.train_timesteps <= cfg.num_steps,
-        "method.train_timesteps",
-        cfg.train_timesteps,
-        f"null or an integer in [1, {cfg.num_steps}]",
-    )
+
+
+def validate_sizes(cfg, require) -> None:
+    """``method.height`` / ``width`` (null or multiples of 8) and ``num_frames`` (null or >= 1)."""
     require(
         cfg.num_frames is None or cfg.num_frames >= 1,
         "method.num_frames",
@@ -97,9 +114,3 @@ def validate_online_settings(cfg: OnlineSettings, require) -> None:
             value,
             "null or a multiple of 8",
         )
-    require(
-        0 <= cfg.max_bad_reward_fraction < 1,
-        "method.max_bad_reward_fraction",
-        cfg.max_bad_reward_fraction,
-        "a number in [0, 1)",
-    )

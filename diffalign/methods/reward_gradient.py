@@ -15,6 +15,12 @@ the gradient steps are checkpointed (``torch.utils.checkpoint``) so memory holds
                              gradient; one gradient call at t_m gives x̂_0 (scored)    + w · L_pretrain
                              (c 2, scale 1e-3; the pretraining MSE only in ReFL_SDXL*.py)
 
+In the trainer each variant is a method of its own (``method.name: draft | draft_k | draft_lv | alignprop |
+refl``, :class:`DRaFTConfig` ...) run by :mod:`diffalign.objectives.reward_gradient`: it samples the chain
+with the shared sampler (no graph), recomputes the gradient steps from the stored latents with a graph,
+decodes with the VAE and scores with a differentiable scorer. ReFL's pretraining loss is not wired into
+the trainer (it needs an image dataset): ``pretrain_loss_weight`` must stay 0 there.
+
 Unverified (named settings): DRaFT-LV's re-noising (only the abstract was read: ``lv_renoisings`` and the
 caller's ``add_noise``); AlignProp's rounding of the normal draw (``int``, toward zero, is used here).
 A step rule that draws noise must use the global RNG (which checkpointing replays), not a private
@@ -24,14 +30,17 @@ generator; the deterministic steps these methods use draw none.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
-from diffalign.scorers import SCORERS
+from diffalign.methods.base import LossOutput, MethodSpec, register_method
+from diffalign.methods.online_settings import validate_prompts_and_reward, validate_sizes
+from diffalign.sampling import SamplingSettings
+from diffalign.scorers import SCORERS, parse_scorer_spec
 
 StepFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 VARIANTS = ("draft", "draft_k", "draft_lv", "alignprop", "refl")
@@ -45,7 +54,7 @@ class RewardGradientConfig:
     lv_renoisings: int = 2  # DRaFT-LV: re-noised copies of the final sample (unverified)
     truncation_mean: float = 42.0  # AlignProp: b ~ int(N(mean, std)), clamped to [1, N - 1] (N = 50)
     truncation_std: float = 5.0  # 0: the fixed truncation int(mean) (AlignProp's 49 = DRaFT-1)
-    refl_step_range: tuple[int, int] = (30, 39)  # ReFL: m ~ U{lo .. hi}, both included (of 40 steps)
+    refl_step_range: list[int] = field(default_factory=lambda: [30, 39])  # ReFL: m ~ U{lo .. hi}, both ends
     refl_threshold: float = 2.0  # ReFL: L = ReLU(c - r)
     pretrain_loss_weight: float = 0.0  # ReFL: weight of the pretraining (denoising MSE) loss; 0: none
     loss_scale: float = 1.0  # AlignProp .01, ReFL 1e-3
@@ -54,6 +63,7 @@ class RewardGradientConfig:
 
 def validate_reward_gradient_settings(cfg: RewardGradientConfig, require, num_steps: int) -> None:
     n = num_steps
+    require(len(cfg.refl_step_range) == 2, "method.refl_step_range", cfg.refl_step_range, "[lo, hi]")
     require(cfg.variant in VARIANTS, "method.variant", cfg.variant, f"one of {', '.join(VARIANTS)}")
     require(1 <= cfg.k <= n, "method.k", cfg.k, f"an integer in [1, num_steps] = [1, {n}]")
     require(cfg.lv_renoisings >= 1, "method.lv_renoisings", cfg.lv_renoisings, "an integer >= 1")
@@ -237,3 +247,109 @@ def reward_gradient_loss(rewards: torch.Tensor, cfg: RewardGradientConfig,
     else:
         loss = -cfg.loss_scale * rewards.mean()
     return RewardLoss(loss, extra)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's methods: one per variant
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class RewardGradientTraining(RewardGradientConfig):
+    """A variant's settings plus what the trainer samples: ``train.batch_size`` prompts per micro-step,
+    one deterministic chain each (DDIM eta 0, or the flow's Euler step), scored by ``reward``."""
+
+    prompts: str = "ddpo-animals"  # a prompt file, a shipped set or a dataset (as the online methods)
+    prompt_column: str = "prompt"
+    reward: str = "aesthetic"  # a differentiable scorer spec, e.g. "hpsv2" or "toy_saturation"
+    num_steps: int = 50
+    guidance_scale: float = 5.0
+    guidance_rescale: float = 0.0
+    height: int | None = None  # None: the model's default
+    width: int | None = None
+    num_frames: int | None = None  # video models; None: the pipeline's default
+
+    def sampling(self) -> SamplingSettings:
+        """The deterministic chain the gradient steps are recomputed on (eta 0: DDIM / Euler)."""
+        return SamplingSettings(num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                                guidance_rescale=self.guidance_rescale, eta=0.0, height=self.height,
+                                width=self.width, num_frames=self.num_frames)
+
+
+#: Each variant's own settings. A variant's config refuses another variant's setting set away from its default
+#: (it would be ignored).
+VARIANT_SETTINGS = {"draft": (), "draft_k": ("k",), "draft_lv": ("lv_renoisings",),
+                    "alignprop": ("truncation_mean", "truncation_std"),
+                    "refl": ("refl_step_range", "refl_threshold", "pretrain_loss_weight")}
+
+
+@dataclass
+class DRaFTConfig(RewardGradientTraining):
+    name: ClassVar[str] = "draft"
+    variant: ClassVar[str] = "draft"
+
+
+@dataclass
+class DRaFTKConfig(RewardGradientTraining):
+    name: ClassVar[str] = "draft_k"
+    variant: ClassVar[str] = "draft_k"
+
+
+@dataclass
+class DRaFTLVConfig(RewardGradientTraining):
+    name: ClassVar[str] = "draft_lv"
+    variant: ClassVar[str] = "draft_lv"
+
+
+@dataclass
+class AlignPropConfig(RewardGradientTraining):
+    name: ClassVar[str] = "alignprop"
+    variant: ClassVar[str] = "alignprop"
+    loss_scale: float = 0.01  # AlignProp's (1 - HPS) · .01
+
+
+@dataclass
+class ReFLConfig(RewardGradientTraining):
+    name: ClassVar[str] = "refl"
+    variant: ClassVar[str] = "refl"
+    loss_scale: float = 1e-3  # ReFL's ReLU(2 - r) · 1e-3
+    num_steps: int = 40
+    guidance_scale: float = 1.0  # ReFL samples without CFG
+
+
+def non_differentiable_terms(spec: str) -> list[str]:
+    """The scorers of a spec whose class keeps no gradient to the image (nothing is built)."""
+    return [name for _, name, _ in parse_scorer_spec(spec)
+            if not getattr(SCORERS[name], "differentiable", False)]
+
+
+def _validate(cfg: RewardGradientTraining, require) -> None:
+    defaults = RewardGradientConfig()
+    for other, keys in VARIANT_SETTINGS.items():
+        for key in keys if other != cfg.variant else ():
+            value = getattr(cfg, key)
+            require(value == getattr(defaults, key), f"method.{key}", value,
+                    f"unset: {key} is a setting of {other}, not of {cfg.variant}")
+    validate_prompts_and_reward(cfg, require)
+    bad = non_differentiable_terms(cfg.reward)
+    usable = sorted(name for name, factory in SCORERS.items() if getattr(factory, "differentiable", False))
+    require(not bad, "method.reward", cfg.reward,
+            f"a differentiable scorer spec: {cfg.variant} back-propagates the reward into the model and "
+            f"{', '.join(bad)} is not differentiable (use {', '.join(usable)})")
+    require(cfg.num_steps >= 1, "method.num_steps", cfg.num_steps, "an integer >= 1")
+    require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
+    validate_sizes(cfg, require)
+    validate_reward_gradient_settings(cfg, require, cfg.num_steps)
+    require(cfg.pretrain_loss_weight == 0, "method.pretrain_loss_weight", cfg.pretrain_loss_weight,
+            "0: ReFL's pretraining (denoising) loss needs an image dataset, which the trainer does not read "
+            "for ReFL yet")
+
+
+def _reward_loss(cfg: RewardGradientTraining, rewards: torch.Tensor) -> LossOutput:
+    out = reward_gradient_loss(rewards, cfg)
+    nan = torch.tensor(float("nan"))
+    std = rewards.detach().std() if len(rewards) > 1 else torch.zeros(())
+    return LossOutput(out.loss, nan, nan, {**out.extra, "reward_std": std})
+
+
+for _config in (DRaFTConfig, DRaFTKConfig, DRaFTLVConfig, AlignPropConfig, ReFLConfig):
+    register_method(MethodSpec(_config.name, _config, kind="reward_gradient", needs_reference=False,
+                               validate=_validate, reward_loss=_reward_loss))

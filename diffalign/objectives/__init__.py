@@ -9,14 +9,21 @@ data, before and after training).
 ``pairs``    :class:`~diffalign.objectives.pairs.PairObjective` (DPO, MaPO)
 ``online``   :class:`~diffalign.objectives.online.OnlineObjective` (PRDP, DDPO, GRPO)
 ``winners``  :class:`~diffalign.objectives.winners.SePPOObjective` (SePPO)
+``reward_gradient`` :class:`~diffalign.objectives.reward_gradient.RewardGradientObjective` (DRaFT, DRaFT-K,
+             DRaFT-LV, AlignProp, ReFL)
+``nft``      :class:`~diffalign.objectives.nft.NFTObjective` (DiffusionNFT)
 """
 
 from diffalign.objectives.context import TrainContext, unwrap
+from diffalign.objectives.nft import NFTObjective
 from diffalign.objectives.online import OnlineObjective
 from diffalign.objectives.pairs import PairObjective
+from diffalign.objectives.reward_gradient import RewardGradientObjective
 from diffalign.objectives.winners import SePPOObjective
 
 #: The objective class of each method kind (``MethodSpec.kind``).
-OBJECTIVES = {"pairs": PairObjective, "online": OnlineObjective, "winners": SePPOObjective}
+OBJECTIVES = {"pairs": PairObjective, "online": OnlineObjective, "winners": SePPOObjective,
+              "reward_gradient": RewardGradientObjective, "nft": NFTObjective}
 
-__all__ = ["OBJECTIVES", "OnlineObjective", "PairObjective", "SePPOObjective", "TrainContext", "unwrap"]
+__all__ = ["OBJECTIVES", "NFTObjective", "OnlineObjective", "PairObjective", "RewardGradientObjective",
+           "SePPOObjective", "TrainContext", "unwrap"]

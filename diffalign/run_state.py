@@ -23,6 +23,7 @@ from diffalign.config import Config
 from diffalign.export import save_lora
 from diffalign.models import LORA_WEIGHTS_FILE
 from diffalign.objectives.context import TrainContext, unwrap
+from diffalign.parallel import gathered, is_sharded, whole_optimizer_state
 
 log = logging.getLogger("diffalign.train")
 
@@ -42,18 +43,25 @@ def save_training_checkpoint(
         "rng": rng_state(),
         "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
     }
-    export = (lambda path: save_lora(ctx.pipe, ctx.unet, path)) if cfg.model.finetune == "lora" else None
-    save_checkpoint(
-        folder,
-        accelerator=ctx.accelerator,
-        model=unwrap(ctx.unet),
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        trainer_state=trainer_state,
-        rank_state=rank_state,
-        export_lora=export,
-        keep_last=cfg.checkpoint.keep_last,
-    )
+    model = unwrap(ctx.unet)
+    # FSDP: the optimizer state gathered whole (by parameter name), then the weights gathered whole
+    optimizer_state = whole_optimizer_state(model, optimizer) if is_sharded(model) else None
+    with gathered(model):
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        export = (lambda path: save_lora(ctx.pipe, ctx.unet, path, weights)) \
+            if cfg.model.finetune == "lora" else None
+        save_checkpoint(
+            folder,
+            accelerator=ctx.accelerator,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            trainer_state=trainer_state,
+            rank_state=rank_state,
+            export_lora=export,
+            keep_last=cfg.checkpoint.keep_last,
+            optimizer_state=optimizer_state,
+        )
     log.info("saved %s", folder)
     return folder
 

@@ -9,10 +9,10 @@ A checkpoint is a folder ``OUT/checkpoints/checkpoint-N``::
                               (data position, SePPO's checkpoint pool, an online method's current epoch)
     trainer_state.json        step and counters; written last
 
-Under FSDP2 the files are the same: the trainer gathers the sharded parameters whole before saving
-(:func:`diffalign.parallel.gathered`) and hands the optimizer state gathered whole, keyed by parameter
-name (``optimizer_state``); loading shards both again. ``trainer_state.json`` records ``sharded``, since
-the two optimizer layouts (by index, by name) do not load into each other.
+Under FSDP2 the files are the same: the trainer hands the sharded parameters and the optimizer state
+gathered whole (``weights``, ``optimizer_state``, keyed by parameter name); loading shards both again.
+``trainer_state.json`` records ``sharded``, since the two optimizer layouts (by index, by name) do not
+load into each other.
 
 Everything is written into ``checkpoint-N.partial`` by the main process (other processes send their state
 to it) and renamed to ``checkpoint-N`` once complete, so a process killed mid-save leaves the previous
@@ -208,16 +208,17 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler, trainer_state: dict,
                     rank_state: dict, export_lora=None, keep_last: int | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write ``folder`` atomically (see the module docstring); every process must call this.
 
     ``rank_state`` is this process's state tree (RNG and objective); ``export_lora(path)``, when given,
-    writes the diffusers-format LoRA folder; ``optimizer_state`` replaces ``optimizer.state_dict()``
-    (FSDP: the state gathered whole). Raises :class:`CheckpointError` (the previous checkpoints
+    writes the diffusers-format LoRA folder; ``weights`` and ``optimizer_state`` replace the model's
+    trainable parameters and ``optimizer.state_dict()`` (FSDP: gathered whole). Raises
+    :class:`CheckpointError` (the previous checkpoints
     untouched) when the disk is full or the folder unwritable.
     """
     from accelerate.utils import gather_object
-    weights = trainable_state(model)
+    weights = trainable_state(model) if weights is None else weights
     bad = [name for name, value in weights.items() if not bool(torch.isfinite(value).all())]
     if bad:  # never write a checkpoint a resume would carry NaN from
         raise CheckpointError(

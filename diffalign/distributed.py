@@ -13,12 +13,12 @@ denoiser (DDP, DeepSpeed or FSDP) and shards the data. What each combination nee
   steps the optimizer at every ``backward`` (and ZeRO-2 has no ``no_sync``).
 * **FSDP2** (``distributed_type: FSDP`` with ``fsdp_version: 2``; configs/accelerate/fsdp*.yaml): DPO,
   MaPO, PRDP, DDPO, LoRA or full fine-tune. accelerate shards the denoiser block by block (and the
-  trainer shards a full fine-tune's frozen reference copy the same way); sampling, validation,
-  checkpoints and the outputs read it whole through :func:`diffalign.parallel.gathered`, and the online
-  objective pads its micro-batches so every process runs as many forwards. On a machine without GPUs
-  (the tests) accelerate sets FSDP up only for GPUs; :func:`enable_fsdp_on_cpu` applies the same plugin
-  to the CPU processes (gloo). FSDP1 is refused (use ``fsdp_version: 2``), and so is SePPO (its pool
-  swaps whole weights in and out of the denoiser).
+  trainer shards a full fine-tune's frozen reference copy the same way); sampling and validation read it
+  whole through :func:`diffalign.parallel.gathered`, checkpoints and the outputs gather its shards, and
+  the online objective pads its micro-batches so every process runs as many forwards. On a machine
+  without GPUs (the tests) accelerate sets FSDP up only for GPUs; :func:`enable_fsdp_on_cpu` applies
+  the same plugin to the CPU processes (gloo). FSDP1 is refused (use ``fsdp_version: 2``), and so is
+  SePPO (its pool swaps whole weights in and out of the denoiser).
 * **DeepSpeed ZeRO-3**: refused: it partitions the denoiser's parameters, which sampling, evaluation and
   saving read whole, and has no counterpart of FSDP2's explicit gather here. Use FSDP2.
 """
@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from diffalign.parallel import gathered, is_sharded, plain_copy
+from diffalign.parallel import is_sharded, unsharded_copy
 
 ONLINE_KINDS = ("online",)
 
@@ -121,6 +121,21 @@ def enable_fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
+def agree_on_initial_weights(accelerator, model) -> None:
+    """FSDP: every process's trainable weights become the main process's, before sharding.
+
+    DDP broadcasts the main process's weights when it wraps the model; FSDP2 keeps each process's shard of
+    its own copy, so LoRA's random initialisation (seeded per process) would otherwise mix the processes'
+    draws, and the run would train another model than the same run under DDP or on one process.
+    """
+    if not getattr(accelerator, "is_fsdp2", False):
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.distributed.broadcast(p.data, src=0)
+
+
 def shard_frozen_copy(accelerator, model):
     """A full fine-tune's frozen reference, sharded by the launch's FSDP plugin like the denoiser (its
     forwards then gather block by block); as it is without FSDP."""
@@ -137,10 +152,10 @@ def whole_denoiser_on_main(accelerator, pipe, denoiser_attr: str, denoiser):
     is."""
     if not is_sharded(denoiser):
         return denoiser
-    with gathered(denoiser):
-        whole = plain_copy(denoiser) if accelerator.is_main_process else denoiser
-    if whole is not denoiser:
-        setattr(pipe, denoiser_attr, whole)
+    whole = unsharded_copy(denoiser, keep=accelerator.is_main_process)
+    if whole is None:
+        return denoiser
+    setattr(pipe, denoiser_attr, whole)
     return whole
 
 

@@ -14,11 +14,13 @@ block holds a shard of its parameters and all-gathers them for its forward. Two 
 
 * every process must run the same number of forwards (each is a collective); :func:`common_count` lets a
   process with fewer micro-batches pad with zero-weighted ones;
-* code that runs on the main process alone (validation, saving, the final evaluation) or a number of
-  forwards that differs across processes (sampling that retries, reference log-probs of the samples a
-  process kept) runs inside :func:`gathered`: every process all-gathers the full parameters once and keeps
-  them (no collective inside), then frees them. Peak memory there is the full denoiser, as under DDP;
-  the training steps, gradients and optimizer states stay sharded.
+* forwards on the main process alone (validation) or a number of forwards that differs across processes
+  (sampling that retries, reference log-probs of the samples a process kept) run inside
+  :func:`gathered`: every process all-gathers the full parameters once and keeps them (no collective
+  inside), then frees them. Peak memory there is the full denoiser, as under DDP; the training steps,
+  gradients and optimizer states stay sharded.
+* checkpoints and the outputs read the shards' own values (fp32 masters under mixed precision, not the
+  bf16 a forward gathers): :func:`whole_trainable`, :func:`whole_optimizer_state`, :func:`unsharded_copy`.
 
 Outside FSDP these helpers do nothing (one process) or only the agreement (DDP).
 """
@@ -176,24 +178,34 @@ def _bare_optimizer(optimizer):
     return optimizer
 
 
-def plain_copy(model):
-    """An unsharded copy of an FSDP2 ``model`` (called inside :func:`gathered`): the same class without
-    FSDP, the same LoRA adapters, the gathered parameters and buffers copied in, for code that runs on
-    one process (saving the output, the final evaluation)."""
+def unsharded_copy(model, keep: bool):
+    """An unsharded copy of an FSDP2 ``model`` where ``keep`` (the main process; every process must call
+    this, each parameter is all-gathered): the same class without FSDP, the same LoRA adapters, the
+    parameters as the shards hold them (fp32 masters, not the bf16 a mixed-precision forward gathers) and
+    the buffers, for code that runs on one process (saving the output, the final evaluation). None where
+    not ``keep``."""
+    whole = {}
+    for name, p in model.named_parameters():  # one parameter at a time on the device, kept on the host
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        if keep:
+            whole[name] = full.cpu()
+    if not keep:
+        return None
+    device = next(model.parameters()).device
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     copy = cls.from_config(model.config)
     if getattr(model, "peft_config", None):
         for name, config in model.peft_config.items():
             copy.add_adapter(config, adapter_name=name)
+    theirs = whole | {name: b.detach() for name, b in model.named_buffers()}
+    mine = dict(copy.named_parameters()) | dict(copy.named_buffers())
+    if mine.keys() != theirs.keys():
+        raise RuntimeError(f"unsharded copy of {cls.__name__}: {len(mine.keys() ^ theirs.keys())} "
+                           "parameter names differ from the sharded model's")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
-        mine = dict(copy.named_parameters()) | dict(copy.named_buffers())
-        theirs = dict(model.named_parameters()) | dict(model.named_buffers())
-        if mine.keys() != theirs.keys():
-            raise RuntimeError(f"unsharded copy of {cls.__name__}: {len(mine.keys() ^ theirs.keys())} "
-                               "parameter names differ from the sharded model's")
         for name, target in mine.items():
-            source = theirs[name]
-            target.data = source.detach().clone()
+            target.data = theirs[name].detach().clone()
             if isinstance(target, torch.nn.Parameter):
-                target.requires_grad_(source.requires_grad)
-    return copy.to(next(model.parameters()).device)
+                target.requires_grad_(name in trainable)
+    return copy.to(device)

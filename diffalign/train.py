@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from diffalign.config import Config
 from diffalign.data import Preprocessing, open_pairs
 from diffalign.distributed import (
+    agree_on_initial_weights,
     check_launch,
     configure_deepspeed,
     enable_fsdp_on_cpu,
@@ -110,6 +111,7 @@ def train(cfg: Config) -> Path:
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.optim.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.train.max_steps * accelerator.num_processes)
+    agree_on_initial_weights(accelerator, unet)  # FSDP: LoRA's initialisation, the main process's
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     params = [p for p in unet.parameters() if p.requires_grad]  # FSDP2 replaced them by their shards
     ref_unet = shard_frozen_copy(accelerator, ref_unet)

@@ -10,8 +10,10 @@ What is compared, and why these tolerances:
   (tests/test_multiprocess.py), every draw of a pair is keyed by its dataset index, so the runs see the
   same pairs, noise and timesteps; what differs is float32 summation order (batched convolutions over b vs
   2b rows, gloo's reduce-scatter instead of one process's sum). Measured on the 2-core sandbox after 3
-  steps at lr 1e-4: up to ~2e-6 on the weights, which moved by ~3e-4 (Adam moves every weight by about lr
-  per step); the bound, 3e-5, is ten times below the movement and ten times above the noise.
+  steps at lr 1e-4: 1.9e-5 at most on the weights for FSDP and for DDP alike against one process (5.6e-6
+  FSDP against DDP), while the weights moved by 3.0e-4 (Adam moves a weight by about lr per step, so a
+  weight whose tiny gradient changes sign moves the most); the bound, 6e-5, is five times below the
+  movement and three times above the noise.
 * PRDP, LoRA: an online method samples per process (each rank's prompts and seeds depend on its index),
   so one process with twice the prompts draws other samples and no match is expected. The same launch
   under DDP draws the same samples: FSDP must train exactly what DDP trains, within the same float32
@@ -33,6 +35,7 @@ import pytest
 from safetensors.torch import load_file
 
 from diffalign.methods import METHODS
+from diffalign.models import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "tests" / "mp_launch.py"
@@ -149,14 +152,12 @@ def test_fsdp_dpo_full_finetune_matches_one_process_with_twice_the_batch(tmp_pat
     assert "and its frozen reference copy too" in result.stderr
 
     name = "unet/diffusion_pytorch_model.safetensors"
-    w1, w2, base = load_file(str(one / name)), load_file(str(two / name)), None
-    from diffalign.models import load_pipeline
-
-    base = {k: v for k, v in load_pipeline(str(tiny_sdxl_path)).unet.state_dict().items()}
+    w1, w2 = load_file(str(one / name)), load_file(str(two / name))
+    base = load_pipeline(str(tiny_sdxl_path)).unet.state_dict()
     moved = _max_difference(w1, base)
     difference = _max_difference(w1, w2)
     assert moved > 3e-4 * 0.5, moved
-    assert difference < 3e-5, f"FSDP x2 vs 1 process x 2b: max weight difference {difference:.3g}"
+    assert difference < 6e-5, f"FSDP x2 vs 1 process x 2b: max weight difference {difference:.3g}"
     for m1, m2 in zip(*(map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) for o in (one, two)),
                       strict=True):
         assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-3)

@@ -18,14 +18,15 @@ What is compared, and why these tolerances:
   so one process with twice the prompts draws other samples and no match is expected. The same launch
   under DDP draws the same samples: FSDP must train exactly what DDP trains, within the same float32
   tolerance as the DDP test (5e-4 on weights after lr-1e-3 steps).
-* Resume: a run stopped at step 2 and resumed under FSDP ends where an uninterrupted FSDP run ends (weights,
-  optimizer state, online epoch, RNG restored), to 1e-6.
+* Resume: a run killed by SIGTERM after its first step (it saves a checkpoint) and resumed under FSDP ends
+  where an uninterrupted FSDP run ends (weights, optimizer state, online epoch, RNG restored), to 1e-6.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,15 +52,20 @@ PRDP = ["method.num_prompts=2", "method.samples_per_prompt=2", "method.num_steps
 STOP_WITHIN_S = 150
 
 
+def _command(config: Path, method_config: str, out: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(LAUNCHER),
+            "train", str(ROOT / "configs" / method_config), f"train.output_dir={out}", *FAST, *overrides]
+
+
+def _env(out: Path, extra: dict | None = None) -> dict:
+    return os.environ | {"DIFFALIGN_GUARD_DIRS": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                         "TRANSFORMERS_OFFLINE": "1", **(extra or {})}
+
+
 def _launch(config: Path, method_config: str, out: Path, overrides: list[str], env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-               str(LAUNCHER), "train", str(ROOT / "configs" / method_config), f"train.output_dir={out}",
-               *FAST, *overrides]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"DIFFALIGN_GUARD_DIRS": str(out), "OMP_NUM_THREADS": "1",
-                                              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                                              **(env or {})})
+    result = subprocess.run(_command(config, method_config, out, overrides), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=_env(out, env))
     log = result.stdout + result.stderr
     assert "GUARD:" not in log, log[-6000:]
     if check:
@@ -173,18 +179,33 @@ def test_fsdp_dpo_full_finetune_matches_one_process_with_twice_the_batch(tmp_pat
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_fsdp_prdp_lora_matches_ddp_and_resumes_exactly(tmp_path, tiny_sdxl_path):
-    from diffalign.checkpoints import CheckpointError
+    from diffalign.checkpoints import CheckpointError, checkpoint_step, complete_checkpoints
     from diffalign.config import load_config
     from diffalign.train import train
 
     full, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
     _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", full, [*PRDP, "train.max_steps=4"])
     _launch(DDP_CONFIG, "tiny-sdxl/prdp.yaml", ddp, [*PRDP, "train.max_steps=4"])
-    # stopped after epoch 1 with a checkpoint, then resumed to step 4 under FSDP
-    _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed,
-            [*PRDP, "train.max_steps=2", "checkpoint.every_n_steps=2"])
-    _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed,
-            [*PRDP, "train.max_steps=4", "checkpoint.every_n_steps=2", "--resume", "latest"])
+    # killed (SIGTERM to the launcher, as a scheduler preempts) after its first step: every process agrees,
+    # a checkpoint is saved, exit 143; then resumed to step 4 under FSDP
+    log = tmp_path / "killed.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            _command(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed, [*PRDP, "train.max_steps=4"]),
+            cwd=ROOT, env=_env(resumed), stdout=sink, stderr=subprocess.STDOUT)
+        metrics = resumed / "metrics.jsonl"
+        deadline = time.monotonic() + 400
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    stderr = log.read_text()
+    assert "GUARD:" not in stderr and "SIGTERM received: saved" in stderr, stderr[-4000:]
+    saved = complete_checkpoints(resumed / "checkpoints")
+    assert len(saved) == 1 and 1 <= checkpoint_step(saved[0]) < 4, stderr[-4000:]
+    assert not (resumed / "pytorch_lora_weights.safetensors").exists()
+    _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed, [*PRDP, "train.max_steps=4", "--resume", "latest"])
 
     lora = "pytorch_lora_weights.safetensors"
     w_fsdp, w_ddp, w_resumed = (load_file(str(o / lora)) for o in (full, ddp, resumed))

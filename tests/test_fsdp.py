@@ -223,3 +223,33 @@ def test_fsdp_prdp_lora_matches_ddp_and_resumes_exactly(tmp_path, tiny_sdxl_path
                           [f"train.output_dir={resumed}", *PRDP, *FAST, "train.max_steps=6",
                            "train.resume=latest"]))
     assert _max_difference(load_file(str(resumed / lora)), w_resumed) == 0.0  # nothing was overwritten
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every method FSDP supports trains under it, LoRA and full fine-tune
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method, finetune", [("dpo", "lora"), ("mapo", "full"), ("prdp", "full"),
+                                              ("ddpo", "lora")])
+def test_every_method_trains_under_fsdp(method, finetune, tmp_path, tiny_sdxl_path):
+    out = tmp_path / "run"
+    overrides = ["train.max_steps=2", f"model.finetune={finetune}", "optim.lr_warmup_steps=0"]
+    overrides += PRDP if method in ("prdp", "ddpo") else ["train.batch_size=2", "data.max_pairs=8"]
+    if finetune == "full":
+        overrides.append("optim.learning_rate=1e-4")
+    if method == "dpo":  # the main process evaluates before and after, and validates, while the others wait
+        overrides += ["eval.enabled=true", "eval.prompts=[a red circle on a blue background]",
+                      "eval.seeds=[0]", "eval.num_steps=2", "eval.train_pairs=4", "eval.train_pair_draws=1",
+                      "log.validation_every_n_steps=2", "log.validation_prompts=[a red circle]"]
+    result = _launch(FSDP_CONFIG, f"tiny-sdxl/{method}.yaml", out, overrides)
+    assert "FSDP2: the denoiser is sharded over 2 processes" in result.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] == m["loss"] for m in metrics)  # not NaN
+    if finetune == "lora":
+        weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+        assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 0  # trained
+    else:
+        assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    if method == "dpo":
+        assert json.loads((out / "eval" / "scores.json").read_text())["scorers"]
+        assert (out / "validation" / "step-000002.png").is_file()

@@ -57,12 +57,16 @@ class ProcessFailed(RuntimeError):
         self.exit_status = exit_status
 
 
+def expected(error: BaseException) -> bool:
+    """Our own errors and a user's mistakes, whose message says it all (no traceback needed)."""
+    return type(error).__module__.startswith("diffalign") or isinstance(error, USER_ERRORS)
+
+
 def describe(error: BaseException) -> str:
-    """One line for ``error``: our own errors and a user's mistakes by their message, others with their
-    type (a bug's KeyError says more with its name)."""
-    ours = type(error).__module__.startswith("diffalign") or isinstance(error, USER_ERRORS)
+    """One line for ``error``: an expected one by its message, others with their type (a bug's KeyError
+    says more with its name)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if ours else f"{type(error).__name__}: {text}"
+    return text if expected(error) else f"{type(error).__name__}: {text}"
 
 
 def together(accelerator, work: Callable[..., T], *args) -> T:
@@ -85,7 +89,7 @@ def together(accelerator, work: Callable[..., T], *args) -> T:
     report = None
     if error is not None:
         report = (describe(error), 2 if isinstance(error, USER_ERRORS) else 1)
-        if not (type(error).__module__.startswith("diffalign") or isinstance(error, USER_ERRORS)):
+        if not expected(error):
             log.error("process %d raised", accelerator.process_index, exc_info=error)
     reports = gather_object([report])
     rank, (message, status) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)

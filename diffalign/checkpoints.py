@@ -9,6 +9,11 @@ A checkpoint is a folder ``OUT/checkpoints/checkpoint-N``::
                               (data position, SePPO's checkpoint pool, an online method's current epoch)
     trainer_state.json        step and counters; written last
 
+Under FSDP2 the files are the same: the trainer hands the sharded parameters and the optimizer state
+gathered whole (``weights``, ``optimizer_state``, keyed by parameter name); loading shards both again.
+``trainer_state.json`` records ``sharded``, since the two optimizer layouts (by index, by name) do not
+load into each other.
+
 Everything is written into ``checkpoint-N.partial`` by the main process (other processes send their state
 to it) and renamed to ``checkpoint-N`` once complete, so a process killed mid-save leaves the previous
 checkpoint as the newest complete one, and ``latest`` never picks a half-written folder. Accelerate's own
@@ -32,6 +37,7 @@ import safetensors.torch
 import torch
 
 from diffalign.files import apply_umask
+from diffalign.parallel import is_sharded, load_whole_optimizer_state, load_whole_trainable
 
 log = logging.getLogger("diffalign.checkpoints")
 
@@ -201,15 +207,18 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler, trainer_state: dict,
-                    rank_state: dict, export_lora=None, keep_last: int | None = None) -> Path:
+                    rank_state: dict, export_lora=None, keep_last: int | None = None,
+                    weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write ``folder`` atomically (see the module docstring); every process must call this.
 
     ``rank_state`` is this process's state tree (RNG and objective); ``export_lora(path)``, when given,
-    writes the diffusers-format LoRA folder. Raises :class:`CheckpointError` (the previous checkpoints
+    writes the diffusers-format LoRA folder; ``weights`` and ``optimizer_state`` replace the model's
+    trainable parameters and ``optimizer.state_dict()`` (FSDP: gathered whole). Raises
+    :class:`CheckpointError` (the previous checkpoints
     untouched) when the disk is full or the folder unwritable.
     """
     from accelerate.utils import gather_object
-    weights = trainable_state(model)
+    weights = trainable_state(model) if weights is None else weights
     bad = [name for name, value in weights.items() if not bool(torch.isfinite(value).all())]
     if bad:  # never write a checkpoint a resume would carry NaN from
         raise CheckpointError(
@@ -227,12 +236,13 @@ def save_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
                                         str(partial / "trainable.safetensors"))
             if export_lora is not None:
                 export_lora(partial / "lora")
-            write_tree(partial, "optimizer", optimizer.state_dict())
+            write_tree(partial, "optimizer", optimizer.state_dict() if optimizer_state is None
+                       else optimizer_state)
             (partial / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
             for rank, state in enumerate(rank_states):
                 write_tree(partial, f"rank-{rank}", state)
             (partial / COMPLETE_MARKER).write_text(
-                json.dumps(trainer_state | {"num_processes": len(rank_states)})
+                json.dumps(trainer_state | {"num_processes": len(rank_states), "sharded": is_sharded(model)})
             )
             apply_umask(partial)
             _fsync_folder(partial)
@@ -282,7 +292,13 @@ def load_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
     saved_processes = trainer_state.get("num_processes", 1)
     if saved_processes != accelerator.num_processes:
         raise CheckpointError(f"checkpoint {folder} was written by {saved_processes} processes; this run has "
-                              f"{accelerator.num_processes}: an exact resume needs the same number")
+                              f"{accelerator.num_processes}: an exact resume needs the same number (each "
+                              "process's RNG, data position and online samples belong to its rank)")
+    sharded = is_sharded(model)
+    if trainer_state.get("sharded", False) != sharded:
+        saved, now = ("FSDP", "without") if not sharded else ("without FSDP", "under")
+        raise CheckpointError(f"checkpoint {folder} was written {saved}; this run is {now} FSDP: resume "
+                              "with the accelerate config that wrote it")
     weights_path = folder / "trainable.safetensors"
     weights = _read(weights_path, load_safetensors)
     expected = trainable_state(model)
@@ -292,16 +308,21 @@ def load_checkpoint(folder: Path, *, accelerator, model, optimizer, lr_scheduler
             f"checkpoint {weights_path} does not match this model's trainable parameters "
             f"(missing {missing[:3]}, unexpected {extra[:3]}): same model and LoRA settings?"
         )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in weights:
-                if weights[name].shape != param.shape:
-                    raise CheckpointError(
-                        f"checkpoint {weights_path}: {name} has shape {tuple(weights[name].shape)}, "
-                        f"the model {tuple(param.shape)}"
-                    )
-                param.copy_(weights[name])
-    optimizer.load_state_dict(read_tree(folder, "optimizer"))
+    for name, param in model.named_parameters():
+        if name in weights and weights[name].shape != param.shape:
+            raise CheckpointError(
+                f"checkpoint {weights_path}: {name} has shape {tuple(weights[name].shape)}, "
+                f"the model {tuple(param.shape)}"
+            )
+    if sharded:  # every process reads the whole tensors and keeps its shards
+        load_whole_trainable(model, weights)
+        load_whole_optimizer_state(model, optimizer, read_tree(folder, "optimizer"))
+    else:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        optimizer.load_state_dict(read_tree(folder, "optimizer"))
     lr_scheduler.load_state_dict(
         _read(folder / "lr_scheduler.json", lambda path: json.loads(path.read_text()))
     )

@@ -27,6 +27,7 @@ from diffalign.images import to_pil
 from diffalign.models import check_num_frames, load_pipeline, parse_dtype, resolve_model
 from diffalign.objectives.online import RewardError
 from diffalign.pairs import generate_pairs
+from diffalign.parallel import ProcessFailed
 from diffalign.prompt_sets import load_prompts
 from diffalign.run_state import NonFiniteError, TrainingInterrupted
 from diffalign.sampler import Trajectory
@@ -481,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, NonFiniteError, RewardError, ServiceError) as err:
         print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except ProcessFailed as err:  # one process of several failed: every process says the same line
+        print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
+        return err.exit_status
     except TrainingInterrupted as err:  # preempted: the conventional status of a SIGTERM'd process
         print(f"diffalign {args.command}: stopped: {err}", file=sys.stderr)
         return 143

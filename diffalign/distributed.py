@@ -11,9 +11,16 @@ denoiser (DDP, DeepSpeed or FSDP) and shards the data. What each combination nee
   device, so sampling and saving through the bare denoiser work. PRDP and DDPO are refused: they
   back-propagate one epoch in several pieces per optimizer step, and accelerate's DeepSpeed wrapper
   steps the optimizer at every ``backward`` (and ZeRO-2 has no ``no_sync``).
-* **DeepSpeed ZeRO-3** and **FSDP**: refused. They shard the denoiser's parameters, while evaluation,
-  SePPO's reference samples, the online methods' sampling and the LoRA/UNet outputs all call the bare
-  denoiser, which would see its shards only.
+* **FSDP2** (``distributed_type: FSDP`` with ``fsdp_version: 2``; configs/accelerate/fsdp*.yaml): DPO,
+  MaPO, PRDP, DDPO, LoRA or full fine-tune. accelerate shards the denoiser block by block (and the
+  trainer shards a full fine-tune's frozen reference copy the same way); sampling and validation read it
+  whole through :func:`diffalign.parallel.gathered`, checkpoints and the outputs gather its shards, and
+  the online objective pads its micro-batches so every process runs as many forwards. On a machine
+  without GPUs (the tests) accelerate sets FSDP up only for GPUs; :func:`enable_fsdp_on_cpu` applies
+  the same plugin to the CPU processes (gloo). FSDP1 is refused (use ``fsdp_version: 2``), and so is
+  SePPO (its pool swaps whole weights in and out of the denoiser).
+* **DeepSpeed ZeRO-3**: refused: it partitions the denoiser's parameters, which sampling, evaluation and
+  saving read whole, and has no counterpart of FSDP2's explicit gather here. Use FSDP2.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from diffalign.parallel import is_sharded, unsharded_copy
 
 ONLINE_KINDS = ("online", "nft")  # kinds that back-propagate one optimizer step in several pieces
 
@@ -50,32 +59,104 @@ def check_launch(accelerator, cfg, spec) -> None:
         if accelerator.distributed_type == DistributedType.DEEPSPEED
         else None
     )
-    check_distributed(accelerator.distributed_type, stage, spec)
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    check_distributed(accelerator.distributed_type, stage, spec,
+                      fsdp_version=fsdp.fsdp_version if fsdp is not None else None)
 
 
-def check_distributed(kind, zero_stage: int | None, spec) -> None:
-    """Refuse a distributed type (and DeepSpeed ZeRO stage) the trainer cannot run ``spec`` under."""
+def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | None = 2) -> None:
+    """Refuse a distributed type (DeepSpeed ZeRO stage, FSDP version) the trainer cannot run ``spec``
+    under."""
     from accelerate.utils import DistributedType
 
     if kind == DistributedType.FSDP:
-        raise NotImplementedError(
-            "FSDP is not supported by the diffalign trainer: it shards the denoiser, while evaluation, "
-            "SePPO's reference samples, PRDP/DDPO sampling and the saved LoRA/UNet use the bare denoiser. "
-            "Use DDP (configs/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 "
-            "(configs/accelerate/deepspeed_zero2.yaml)."
-        )
+        if fsdp_version != 2:
+            raise NotImplementedError(
+                f"FSDP version {fsdp_version} is not supported by the diffalign trainer: set "
+                "fsdp_config.fsdp_version: 2 (FSDP2, fully_shard) in the accelerate config, as "
+                "configs/accelerate/fsdp.yaml does."
+            )
+        if spec.kind == "winners":
+            raise NotImplementedError(
+                f"{spec.name} with FSDP is not supported yet: its checkpoint pool swaps whole weights in "
+                "and out of the denoiser, which FSDP holds in shards. Use DDP "
+                "(configs/accelerate/multi_gpu.yaml)."
+            )
+        return
     if kind == DistributedType.DEEPSPEED:
         if zero_stage == 3:
             raise NotImplementedError(
                 "DeepSpeed ZeRO-3 is not supported by the diffalign trainer: it partitions the denoiser's "
-                "parameters, which sampling, evaluation and saving read whole. Use ZeRO-2 "
-                "(configs/accelerate/deepspeed_zero2.yaml) or DDP.")
+                "parameters, which sampling, evaluation and saving read whole. Use FSDP2, which shards "
+                "them too (configs/accelerate/fsdp.yaml), ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml) "
+                "or DDP.")
         if spec.kind in ONLINE_KINDS:
             raise NotImplementedError(
                 f"{spec.name} with DeepSpeed is not supported: it back-propagates each optimizer step in "
                 "several pieces, and accelerate's DeepSpeed engine steps the optimizer at every backward. "
-                "Use DDP (configs/accelerate/multi_gpu.yaml)."
+                "Use DDP (configs/accelerate/multi_gpu.yaml) or FSDP2 (configs/accelerate/fsdp.yaml)."
             )
+
+
+def enable_fsdp_on_cpu(accelerator, mixed_precision: str) -> None:
+    """Apply the launch's FSDP plugin to CPU processes (gloo), which accelerate sets up for GPUs only.
+
+    ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP`` and the ``FSDP_*`` settings;
+    on CPU processes accelerate builds the plugin from them but leaves the state ``MULTI_CPU``. The same
+    plugin is then put in place, so ``prepare`` shards the denoiser with ``fully_shard`` as on GPUs.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as accelerate builds it
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)
+    # both shared states: a later AcceleratorState() (set_seed makes one) copies PartialState's over its own
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def agree_on_initial_weights(accelerator, model) -> None:
+    """FSDP: every process's trainable weights become the main process's, before sharding.
+
+    DDP broadcasts the main process's weights when it wraps the model; FSDP2 keeps each process's shard of
+    its own copy, so LoRA's random initialisation (seeded per process) would otherwise mix the processes'
+    draws, and the run would train another model than the same run under DDP or on one process.
+    """
+    if not getattr(accelerator, "is_fsdp2", False):
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.distributed.broadcast(p.data, src=0)
+
+
+def shard_frozen_copy(accelerator, model):
+    """A full fine-tune's frozen reference, sharded by the launch's FSDP plugin like the denoiser (its
+    forwards then gather block by block); as it is without FSDP."""
+    if model is None or not getattr(accelerator, "is_fsdp2", False):
+        return model
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    return fsdp2_prepare_model(accelerator, model)
+
+
+def whole_denoiser_on_main(accelerator, pipe, denoiser_attr: str, denoiser):
+    """The denoiser for the run's outputs (saved and evaluated by the main process alone): under FSDP an
+    unsharded copy, put in the pipeline, on the main process (every process must call this); else as it
+    is."""
+    if not is_sharded(denoiser):
+        return denoiser
+    whole = unsharded_copy(denoiser, keep=accelerator.is_main_process)
+    if whole is None:
+        return denoiser
+    setattr(pipe, denoiser_attr, whole)
+    return whole
 
 
 def configure_deepspeed(accelerator, cfg) -> None:

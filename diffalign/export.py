@@ -18,10 +18,11 @@ def denoiser_attr(pipe) -> str:
     return family_of(pipe).denoiser_attr
 
 
-def save_lora(pipe, unet, out: Path) -> None:
+def save_lora(pipe, unet, out: Path, state_dict: dict | None = None) -> None:
     """A folder that ``pipe.load_lora_weights(out)`` accepts (diffusers LoRA format, safetensors), written
     by the pipeline's own ``save_lora_weights`` (``unet_lora_layers``, or Wan's
-    ``transformer_lora_layers``)."""
+    ``transformer_lora_layers``). ``state_dict``: the denoiser's weights to write instead of its own
+    (an FSDP-sharded denoiser's, gathered whole)."""
     from peft.utils import get_peft_model_state_dict  # heavy: loaded when a LoRA is written
 
     bare = unwrap(unet)
@@ -30,7 +31,7 @@ def save_lora(pipe, unet, out: Path) -> None:
     # ``convert_state_dict_to_diffusers`` must not be applied: it renames attention keys to the old
     # ``lora.down`` / ``lora.up`` form but leaves the others, and a loader then sees two formats and drops
     # one of them (the attention half on SDXL, or SD3's renamed keys).
-    layers = get_peft_model_state_dict(bare)
+    layers = get_peft_model_state_dict(bare, state_dict=state_dict)
     layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
     type(pipe).save_lora_weights(
         out,

@@ -23,6 +23,7 @@ from diffalign.config import Config
 from diffalign.export import save_lora
 from diffalign.models import LORA_WEIGHTS_FILE
 from diffalign.objectives.context import TrainContext, unwrap
+from diffalign.parallel import is_sharded, whole_optimizer_state, whole_trainable
 
 log = logging.getLogger("diffalign.train")
 
@@ -42,17 +43,25 @@ def save_training_checkpoint(
         "rng": rng_state(),
         "objective": objective.state_dict() if hasattr(objective, "state_dict") else None,
     }
-    export = (lambda path: save_lora(ctx.pipe, ctx.unet, path)) if cfg.model.finetune == "lora" else None
+    model = unwrap(ctx.unet)
+    # FSDP: the weights (as the shards hold them: fp32 masters under mixed precision) and the optimizer
+    # state (by parameter name) gathered whole
+    weights = whole_trainable(model)
+    optimizer_state = whole_optimizer_state(model, optimizer) if is_sharded(model) else None
+    lora = cfg.model.finetune == "lora"
+    export = (lambda path: save_lora(ctx.pipe, ctx.unet, path, weights)) if lora else None
     save_checkpoint(
         folder,
         accelerator=ctx.accelerator,
-        model=unwrap(ctx.unet),
+        model=model,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         trainer_state=trainer_state,
         rank_state=rank_state,
         export_lora=export,
         keep_last=cfg.checkpoint.keep_last,
+        weights=weights,
+        optimizer_state=optimizer_state,
     )
     log.info("saved %s", folder)
     return folder

@@ -37,13 +37,22 @@ from tqdm.auto import tqdm
 from diffalign.config import Config
 from diffalign.data import Preprocessing, open_pairs
 from diffalign.denoising import FLOW_DEFAULTS
-from diffalign.distributed import check_launch, configure_deepspeed, use_cpu
+from diffalign.distributed import (
+    agree_on_initial_weights,
+    check_launch,
+    configure_deepspeed,
+    enable_fsdp_on_cpu,
+    shard_frozen_copy,
+    use_cpu,
+    whole_denoiser_on_main,
+)
 from diffalign.evaluation import compare_before_after, eval_prompts, generate_and_score, validate
 from diffalign.export import reload_exported_lora, save_full, save_lora, write_model_card
 from diffalign.families import family_of
 from diffalign.methods import METHODS
 from diffalign.models import load_pipeline
 from diffalign.objectives import OBJECTIVES, TrainContext
+from diffalign.parallel import fsdp_blocks, gathered, is_sharded, together
 from diffalign.run_state import (
     NonFiniteError,
     TrainingInterrupted,
@@ -103,7 +112,14 @@ def train(cfg: Config) -> Path:
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.optim.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.train.max_steps * accelerator.num_processes)
+    agree_on_initial_weights(accelerator, unet)  # FSDP: LoRA's initialisation, the main process's
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    params = [p for p in unet.parameters() if p.requires_grad]  # FSDP2 replaced them by their shards
+    ref_unet = shard_frozen_copy(accelerator, ref_unet)
+    if is_sharded(unet):
+        log.info("FSDP2: the denoiser is sharded over %d processes in %d blocks%s",
+                 accelerator.num_processes, len(fsdp_blocks(unet)),
+                 ", and its frozen reference copy too" if ref_unet is not None else "")
     ctx = TrainContext(cfg, spec, accelerator, pipe, family_of(pipe), unet, noise, weight_dtype, ref_unet,
                        source, prep)
     objective = OBJECTIVES[spec.kind](ctx)
@@ -126,7 +142,9 @@ def train(cfg: Config) -> Path:
     with sigterm_flag() as sigterm:
         while counter.global_step < cfg.train.max_steps:
             with accelerator.accumulate(unet):
-                result = objective(next(batches))
+                # a data, scorer or reward error on one process stops every process, with one message
+                batch = together(accelerator, next, batches)
+                result = together(accelerator, objective, batch)
                 # every process must take the same branch: a backward on some processes only would hang DDP
                 if all_processes(accelerator, bool(torch.isfinite(result.loss.detach()).all())):
                     accelerator.backward(result.loss)
@@ -171,14 +189,15 @@ def train(cfg: Config) -> Path:
                     "no checkpoint (not supported under DeepSpeed)"
                 raise TrainingInterrupted(f"SIGTERM received: {saved} at step {step} of "
                                           f"{cfg.train.max_steps}; continue with --resume latest")
-            if cfg.log.validation_every_n_steps and step % cfg.log.validation_every_n_steps == 0 \
-                    and accelerator.is_main_process:
-                with torch.random.fork_rng(devices=[]):  # validation must not shift the training draws
-                    unet.eval()
-                    gallery_means = validate(pipe, cfg, out, step)
-                    if gallery_means:
-                        accelerator.log(gallery_means, step=step)
-                    unet.train()
+            if cfg.log.validation_every_n_steps and step % cfg.log.validation_every_n_steps == 0:
+                # FSDP: every process gathers the weights, the main one samples alone
+                with gathered(unet), torch.random.fork_rng(devices=[]):  # no shift of the training draws
+                    if accelerator.is_main_process:
+                        unet.eval()
+                        gallery_means = validate(pipe, cfg, out, step)
+                        if gallery_means:
+                            accelerator.log(gallery_means, step=step)
+                        unet.train()
             step_start = time.perf_counter()  # logging, checkpoints and validation are not step time
     bar.close()
     last_metrics |= report_skips(objective, counter)
@@ -188,6 +207,7 @@ def train(cfg: Config) -> Path:
     if hasattr(objective, "final_weights"):
         objective.final_weights()  # e.g. GRPO's EMA of the weights: evaluated and exported, never trained
     objective_after = evaluate_objective(objective, unet, "after") if objective_before is not None else None
+    unet = whole_denoiser_on_main(accelerator, pipe, family_of(pipe).denoiser_attr, unet)  # FSDP: unsharded
     if accelerator.is_main_process:
         unet.eval()
         if cfg.model.finetune == "lora":
@@ -228,6 +248,7 @@ def make_accelerator(cfg: Config, spec, out: Path) -> tuple[Accelerator, bool]:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         cpu=use_cpu(cfg),
     )
+    enable_fsdp_on_cpu(accelerator, cfg.train.mixed_precision)
     check_launch(accelerator, cfg, spec)  # before any model loads
     # Our checkpoints hold the optimizer state of one process: DeepSpeed ZeRO partitions it across processes.
     can_checkpoint = accelerator.distributed_type != DistributedType.DEEPSPEED

@@ -11,6 +11,10 @@ Environment variables:
 * ``DIFFALIGN_TRACE_LOSS=1``: every rank prints ``TRACE {"rank": r, "loss": ..., <extra metrics>}`` on
   stderr for each objective call (its local, unreduced values), so a test can check what the trainer logs
   against the ranks.
+* ``DIFFALIGN_FAIL=RANK:WHAT:CALL``: on rank ``RANK`` only, make the ``CALL``-th (1-based) call of a real
+  failure point fail, as a broken scorer or data would: ``reward`` (the brightness scorer raises),
+  ``nan_reward`` (it returns NaN for every sample) or ``data`` (the unreadable-row counter raises its
+  DataError). The other ranks run normally: a test checks that every rank stops, quickly, with one message.
 """
 
 from __future__ import annotations
@@ -102,6 +106,42 @@ def install_loss_trace() -> None:
         cls.__call__ = traced
 
 
+def install_failure(what: str, call: int) -> None:
+    import torch
+
+    from diffalign import data
+    from diffalign.scorers.simple import Brightness
+
+    count = [0]
+
+    def due() -> bool:
+        count[0] += 1
+        return count[0] >= call
+
+    if what in ("reward", "nan_reward"):
+        original = Brightness._score
+
+        def score(self, images, prompts):
+            if not due():
+                return original(self, images, prompts)
+            if what == "reward":
+                raise OSError(f"injected scorer failure on rank {_rank()}")
+            return torch.full((len(images),), float("nan"))
+
+        Brightness._score = score
+    elif what == "data":
+        original_update = data.BadRowCounter.update
+
+        def update(self, batch):
+            if due():
+                raise data.DataError(f"injected unreadable data on rank {_rank()}")
+            return original_update(self, batch)
+
+        data.BadRowCounter.update = update
+    else:
+        raise ValueError(f"DIFFALIGN_FAIL: unknown failure {what!r}")
+
+
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's diffalign, from any folder
     import torch
@@ -112,6 +152,10 @@ def main() -> int:
         install_write_guard(roots)
     if os.environ.get("DIFFALIGN_TRACE_LOSS") == "1":
         install_loss_trace()
+    if os.environ.get("DIFFALIGN_FAIL"):
+        rank, what, call = os.environ["DIFFALIGN_FAIL"].split(":")
+        if int(rank) == _rank():
+            install_failure(what, int(call))
     from diffalign.cli import main as cli_main
 
     return cli_main(sys.argv[1:])

@@ -134,8 +134,8 @@ def test_unsupported_distributed_setups_are_refused_clearly(monkeypatch):
     from diffalign.distributed import check_distributed, check_launch
     from diffalign.methods import METHODS
 
-    with pytest.raises(NotImplementedError, match="FSDP is not supported"):
-        check_distributed(DistributedType.FSDP, None, METHODS["dpo"])
+    with pytest.raises(NotImplementedError, match="FSDP version 1 is not supported"):  # FSDP2: test_fsdp.py
+        check_distributed(DistributedType.FSDP, None, METHODS["dpo"], fsdp_version=1)
     with pytest.raises(NotImplementedError, match="ZeRO-3"):
         check_distributed(DistributedType.DEEPSPEED, 3, METHODS["mapo"])
     for online in ("prdp", "ddpo"):

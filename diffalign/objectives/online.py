@@ -38,6 +38,7 @@ from diffalign.methods.base import LossOutput
 from diffalign.methods.grpo import ema_update, make_ema
 from diffalign.methods.online_settings import OnlineSettings
 from diffalign.objectives.context import unwrap
+from diffalign.parallel import common_count, gathered
 from diffalign.prompt_sets import load_prompt_source
 from diffalign.sampler import RecomputedSteps, Trajectory, recompute_steps
 from diffalign.sampling import sample_many
@@ -322,11 +323,14 @@ class OnlineObjective:
             yield self.current
 
     def next_epoch(self) -> OnlineBatch:
-        for _ in range(MAX_EMPTY_EPOCHS):
-            batch = self.collect()
-            self.epoch += 1
-            if batch is not None:
-                return batch
+        # FSDP: the weights gathered once for the epoch, so sampling again and the reference log-probs of
+        # however many samples a process kept need no collective
+        with gathered(self.ctx.unet, self.ctx.ref_unet):
+            for _ in range(MAX_EMPTY_EPOCHS):
+                batch = self.collect()
+                self.epoch += 1
+                if batch is not None:
+                    return batch
         raise RewardError(
             f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: the "
             f"reward ({self.settings.reward}) does not separate samples"
@@ -351,6 +355,9 @@ class OnlineObjective:
             [p for p, w in zip(parts, weights, strict=True) if w > 0],
             [w for w in weights if w > 0],
         )
+        # FSDP: every process runs as many micro-batches (each forward is a collective); extra ones weigh 0
+        padding = common_count(ctx.accelerator, ctx.unet, len(parts)) - len(parts)
+        parts, weights = parts[:1] * padding + parts, [0.0] * padding + weights
         total = sum(weights)
         metrics: dict[str, float] = {}
         done = 0.0

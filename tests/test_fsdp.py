@@ -1,0 +1,261 @@
+"""FSDP2 on two CPU processes (gloo), and every process stopping together when one fails.
+
+The FSDP runs use configs/accelerate/cpu_fsdp.yaml (FSDP2, transformer and ResNet blocks sharded) through
+tests/mp_launch.py, which ends a non-main rank at its first write under the run's folder (so only the main
+process wrote outputs and checkpoints) and prints each rank's local loss.
+
+What is compared, and why these tolerances:
+
+* DPO, full fine-tune: 2 FSDP processes with batch b against 1 process with batch 2b. As for DDP
+  (tests/test_multiprocess.py), every draw of a pair is keyed by its dataset index, so the runs see the
+  same pairs, noise and timesteps; what differs is float32 summation order (batched convolutions over b vs
+  2b rows, gloo's reduce-scatter instead of one process's sum). Measured on the 2-core sandbox after 3
+  steps at lr 1e-4: 1.9e-5 at most on the weights for FSDP and for DDP alike against one process (5.6e-6
+  FSDP against DDP), while the weights moved by 3.0e-4 (Adam moves a weight by about lr per step, so a
+  weight whose tiny gradient changes sign moves the most); the bound, 6e-5, is five times below the
+  movement and three times above the noise.
+* PRDP, LoRA: an online method samples per process (each rank's prompts and seeds depend on its index),
+  so one process with twice the prompts draws other samples and no match is expected. The same launch
+  under DDP draws the same samples: FSDP must train exactly what DDP trains, within the same float32
+  tolerance as the DDP test (5e-4 on weights after lr-1e-3 steps).
+* Resume: a run killed by SIGTERM after its first step (it saves a checkpoint) and resumed under FSDP ends
+  where an uninterrupted FSDP run ends (weights, optimizer state, online epoch, RNG restored), to 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.methods import METHODS
+from diffalign.models import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "tests" / "mp_launch.py"
+FSDP_CONFIG = ROOT / "configs" / "accelerate" / "cpu_fsdp.yaml"
+DDP_CONFIG = ROOT / "configs" / "accelerate" / "cpu.yaml"
+FAST = ["log.progress_bar=false", "log.validation_every_n_steps=0", "checkpoint.every_n_steps=0",
+        "eval.enabled=false", "log.every_n_steps=1"]
+PRDP = ["method.num_prompts=2", "method.samples_per_prompt=2", "method.num_steps=3",
+        "method.train_timesteps=2", "method.sample_batch_size=2", "method.gradient_steps_per_epoch=2",
+        "optim.lr_warmup_steps=0"]
+#: gloo's default collective timeout (torch.distributed's default_pg_timeout) is 30 minutes: a run that
+#: hangs waits that long; one that stops together ends in the time it takes to start and fail
+STOP_WITHIN_S = 150
+
+
+def _command(config: Path, method_config: str, out: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(LAUNCHER),
+            "train", str(ROOT / "configs" / method_config), f"train.output_dir={out}", *FAST, *overrides]
+
+
+def _env(out: Path, extra: dict | None = None) -> dict:
+    return os.environ | {"DIFFALIGN_GUARD_DIRS": str(out), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                         "TRANSFORMERS_OFFLINE": "1", **(extra or {})}
+
+
+def _launch(config: Path, method_config: str, out: Path, overrides: list[str], env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(_command(config, method_config, out, overrides), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=_env(out, env))
+    log = result.stdout + result.stderr
+    assert "GUARD:" not in log, log[-6000:]
+    if check:
+        assert result.returncode == 0, log[-6000:]
+    return result
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What is refused, clearly (fast)
+# ----------------------------------------------------------------------------------------------------
+def test_fsdp2_is_accepted_and_fsdp1_and_seppo_are_refused_clearly():
+    from accelerate.utils import DistributedType
+
+    from diffalign.distributed import check_distributed
+
+    for name in ("dpo", "mapo", "prdp", "ddpo"):
+        check_distributed(DistributedType.FSDP, None, METHODS[name], fsdp_version=2)
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
+        check_distributed(DistributedType.FSDP, None, METHODS["dpo"], fsdp_version=1)
+    with pytest.raises(NotImplementedError, match="seppo with FSDP is not supported"):
+        check_distributed(DistributedType.FSDP, None, METHODS["seppo"], fsdp_version=2)
+
+
+def test_together_leaves_one_process_errors_as_they_are():
+    from accelerate import Accelerator
+
+    from diffalign.data import DataError
+    from diffalign.parallel import together
+
+    accelerator = Accelerator(cpu=True)
+    assert together(accelerator, lambda x: x + 1, 1) == 2
+
+    def fail():
+        raise DataError("pairs.jsonl line 3: no image")
+
+    with pytest.raises(DataError, match="line 3"):
+        together(accelerator, fail)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One process fails: every process stops, soon, with the same line
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method, failure, launch, status", [
+    ("dpo", "data", "fsdp", 2),           # the unreadable-row counter raises on rank 1 at its 2nd batch
+    ("prdp", "reward", "ddp", 1),         # the scorer raises on rank 1 in the first epoch
+    ("prdp", "nan_reward", "fsdp", 1),    # every reward NaN on rank 1: RewardError there only
+])
+def test_a_failing_process_stops_every_process_with_one_message(method, failure, launch, status, tmp_path):
+    pairs = ["train.batch_size=2", "data.max_pairs=8"]
+    overrides = ["train.max_steps=3", *(PRDP if method == "prdp" else pairs)]
+    start = time.monotonic()
+    result = _launch(FSDP_CONFIG if launch == "fsdp" else DDP_CONFIG, f"tiny-sdxl/{method}.yaml",
+                     tmp_path / "run", overrides, env={"DIFFALIGN_FAIL": f"1:{failure}:2"}, check=False)
+    elapsed = time.monotonic() - start
+    log = result.stdout + result.stderr
+    lines = [line for line in log.splitlines() if line.startswith("diffalign train: error:")]
+    assert len(lines) == 2 and lines[0] == lines[1], log[-6000:]  # one line from each process, the same
+    assert "(process 1 of 2; every process stopped)" in lines[0]
+    expected = {"data": "injected unreadable data on rank 1",
+                "reward": "reward scorer 'brightness' raised OSError: injected scorer failure on rank 1",
+                "nan_reward": "rewards are NaN/inf"}[failure]
+    assert expected in lines[0]
+    assert result.returncode != 0 and f"exitcode: {status}" in log, log[-3000:]
+    assert "Connection closed by peer" not in log  # no process was left in a collective
+    assert elapsed < STOP_WITHIN_S, f"took {elapsed:.0f} s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# FSDP trains what one process with twice the batch trains (DPO, full fine-tune)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp_dpo_full_finetune_matches_one_process_with_twice_the_batch(tmp_path, tiny_sdxl_path):
+    from diffalign.config import load_config
+    from diffalign.train import train
+
+    common = ["model.finetune=full", "optim.learning_rate=1e-4", "optim.lr_warmup_steps=0",
+              "train.max_steps=3", "data.max_pairs=8", *FAST]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
+                      [f"train.output_dir={one}", *common, "train.batch_size=4"]))
+    result = _launch(FSDP_CONFIG, "tiny-sdxl/dpo.yaml", two,
+                     [*common, "train.batch_size=2", "checkpoint.every_n_steps=3"])
+    assert "FSDP2: the denoiser is sharded over 2 processes" in result.stderr
+    assert "and its frozen reference copy too" in result.stderr
+
+    name = "unet/diffusion_pytorch_model.safetensors"
+    w1, w2 = load_file(str(one / name)), load_file(str(two / name))
+    base = load_pipeline(str(tiny_sdxl_path)).unet.state_dict()
+    moved = _max_difference(w1, base)
+    difference = _max_difference(w1, w2)
+    assert moved > 3e-4 * 0.5, moved
+    assert difference < 6e-5, f"FSDP x2 vs 1 process x 2b: max weight difference {difference:.3g}"
+    for m1, m2 in zip(*(map(json.loads, (o / "metrics.jsonl").read_text().splitlines()) for o in (one, two)),
+                      strict=True):
+        assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-3)
+    # the checkpoint holds the whole weights in our format, the same as the output
+    saved = load_file(str(two / "checkpoints" / "checkpoint-3" / "trainable.safetensors"))
+    assert len(saved) == len(w2) and _max_difference(saved, w2) == 0.0
+    state = json.loads((two / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["sharded"] is True and state["num_processes"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# PRDP with LoRA under FSDP: the same as DDP, and resumed exactly
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_fsdp_prdp_lora_matches_ddp_and_resumes_exactly(tmp_path, tiny_sdxl_path):
+    from diffalign.checkpoints import CheckpointError, checkpoint_step, complete_checkpoints
+    from diffalign.config import load_config
+    from diffalign.train import train
+
+    full, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", full, [*PRDP, "train.max_steps=4"])
+    _launch(DDP_CONFIG, "tiny-sdxl/prdp.yaml", ddp, [*PRDP, "train.max_steps=4"])
+    # killed (SIGTERM to the launcher, as a scheduler preempts) after its first step: every process agrees,
+    # a checkpoint is saved, exit 143; then resumed to step 4 under FSDP
+    log = tmp_path / "killed.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            _command(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed, [*PRDP, "train.max_steps=4"]),
+            cwd=ROOT, env=_env(resumed), stdout=sink, stderr=subprocess.STDOUT)
+        metrics = resumed / "metrics.jsonl"
+        deadline = time.monotonic() + 400
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    stderr = log.read_text()
+    assert "GUARD:" not in stderr and "SIGTERM received: saved" in stderr, stderr[-4000:]
+    saved = complete_checkpoints(resumed / "checkpoints")
+    assert len(saved) == 1 and 1 <= checkpoint_step(saved[0]) < 4, stderr[-4000:]
+    assert not (resumed / "pytorch_lora_weights.safetensors").exists()
+    _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed, [*PRDP, "train.max_steps=4", "--resume", "latest"])
+
+    lora = "pytorch_lora_weights.safetensors"
+    w_fsdp, w_ddp, w_resumed = (load_file(str(o / lora)) for o in (full, ddp, resumed))
+    moved = max(w.abs().max().item() for k, w in w_fsdp.items() if "lora_B" in k)  # B starts at 0
+    assert moved > 2e-3, moved
+    assert _max_difference(w_fsdp, w_ddp) < 5e-4
+    assert _max_difference(w_fsdp, w_resumed) < 1e-6
+    logged = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
+    after_resume = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert after_resume[-2:] == pytest.approx(logged[-2:], rel=1e-5)
+
+    # another process count: refused before anything trains, naming both counts
+    with pytest.raises(CheckpointError, match="written by 2 processes; this run has 1"):
+        train(load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml",
+                          [f"train.output_dir={resumed}", *PRDP, *FAST, "train.max_steps=6",
+                           "train.resume=latest"]))
+    assert _max_difference(load_file(str(resumed / lora)), w_resumed) == 0.0  # nothing was overwritten
+
+
+# ----------------------------------------------------------------------------------------------------
+# Every method FSDP supports trains under it, LoRA and full fine-tune
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method, finetune, precision", [("dpo", "lora", "no"), ("mapo", "full", "bf16"),
+                                                         ("prdp", "full", "no"), ("ddpo", "lora", "no")])
+def test_every_method_trains_under_fsdp(method, finetune, precision, tmp_path, tiny_sdxl_path):
+    """Under bf16 mixed precision (FSDP2's MixedPrecisionPolicy) the trained weights stay fp32 masters, and
+    the output holds them, not the bf16 copies a forward gathers. (The online methods are not run in bf16:
+    on the CPU their sampled bf16 latents reach the fp32 VAE and fail on one process too, FSDP or not.)"""
+    out = tmp_path / "run"
+    overrides = ["train.max_steps=2", f"model.finetune={finetune}", "optim.lr_warmup_steps=0",
+                 f"train.mixed_precision={precision}"]
+    overrides += PRDP if method in ("prdp", "ddpo") else ["train.batch_size=2", "data.max_pairs=8"]
+    if finetune == "full":
+        overrides.append("optim.learning_rate=1e-4")
+    if method == "dpo":  # the main process evaluates before and after, and validates, while the others wait
+        overrides += ["eval.enabled=true", "eval.prompts=[a red circle on a blue background]",
+                      "eval.seeds=[0]", "eval.num_steps=2", "eval.train_pairs=4", "eval.train_pair_draws=1",
+                      "log.validation_every_n_steps=2", "log.validation_prompts=[a red circle]"]
+    result = _launch(FSDP_CONFIG, f"tiny-sdxl/{method}.yaml", out, overrides)
+    assert "FSDP2: the denoiser is sharded over 2 processes" in result.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] == m["loss"] for m in metrics)  # not NaN
+    if finetune == "lora":
+        weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+        assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 0  # trained
+    else:
+        weights = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    if method == "dpo":
+        assert json.loads((out / "eval" / "scores.json").read_text())["scorers"]
+        assert (out / "validation" / "step-000002.png").is_file()

@@ -87,8 +87,6 @@ class FlowPretrainConfig:
     checkpoint_every: int = 250
     eval_every: int = 1000
     eval_prompts: int = 48
-    #: Continue pretraining: a toy-sd3 pipeline folder whose transformer starts this run ("" = random init).
-    init_from: str = ""
 
     def __post_init__(self):
         for f in fields(self):
@@ -100,9 +98,6 @@ class FlowPretrainConfig:
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(
                 f"FlowPretrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.init_from and not (Path(self.init_from) / "transformer" / "config.json").is_file():
-            raise FileNotFoundError(f"FlowPretrainConfig.init_from: {self.init_from} is not a pipeline "
-                                    "folder with a transformer/ (e.g. a 'pretrain-flow' run's pipeline/)")
 
 
 class RepeatedTokenJointAttnProcessor:
@@ -253,12 +248,6 @@ def pretrain_flow(out: str | os.PathLike, config: FlowPretrainConfig | None = No
              f"{count_parameters(pipe.vae):,}, text encoders {count_parameters(pipe.text_encoder):,} + "
              f"{count_parameters(pipe.text_encoder_2):,} (toy-sdxl's, frozen)")
     log.info(f"dataset: {len(images)} images, {len(set(captions))} distinct captions")
-    if config.init_from:
-        from diffusers import SD3Transformer2DModel
-
-        trained = SD3Transformer2DModel.from_pretrained(Path(config.init_from) / "transformer")
-        pipe.transformer.load_state_dict(trained.state_dict())
-        log.info(f"transformer initialised from {config.init_from}")
     ema = copy.deepcopy(pipe.transformer).requires_grad_(False).eval()
     if resume is None or resume[0]["stage"] != "done":
         latent_mean, latent_std = encode_images(pipe.vae, images, device)

@@ -26,7 +26,7 @@ import yaml
 
 from diffalign import tiny
 from diffalign.families import FAMILIES, VIDEO_FAMILIES
-from diffalign.toy import TOY_GUIDANCE, TOY_NUM_STEPS, toy_animatediff_path, toy_sdxl_path
+from diffalign.toy import TOY_GUIDANCE, TOY_NUM_STEPS, toy_animatediff_path, toy_sd3_path, toy_sdxl_path
 
 # diffusers >= 0.42 renamed ``torch_dtype`` to ``dtype`` (the old name warns).
 try:
@@ -60,6 +60,7 @@ BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
     "tiny-flux": lambda: tiny.cached_tiny("flux"),
     "toy-sdxl": toy_sdxl_path,
     "toy-animatediff": toy_animatediff_path,
+    "toy-sd3": toy_sd3_path,
 }
 
 #: A built-in model's own sampling defaults (:class:`diffalign.sampling.SamplingSettings` field names):
@@ -70,6 +71,8 @@ BUILTIN_SAMPLING_DEFAULTS: dict[str, dict] = {
     "tiny-flux": {"height": 32, "width": 32},  # FluxPipeline's own default is 128 x the VAE factor
     "toy-sdxl": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
     "toy-animatediff": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
+    # its flow shift is its scheduler's (shipped in scheduler/scheduler_config.json)
+    "toy-sd3": {"num_steps": TOY_NUM_STEPS, "guidance_scale": TOY_GUIDANCE},
 }
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -96,7 +99,8 @@ LORA_SUFFIX = ":lora"
 BUILTIN_CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline",
                    "toy-sdxl": "StableDiffusionXLPipeline", "tiny-animatediff": "AnimateDiffPipeline",
                    "toy-animatediff": "AnimateDiffPipeline", "tiny-wan": "WanPipeline",
-                   "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux": "FluxPipeline"}
+                   "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux": "FluxPipeline",
+                   "toy-sd3": "StableDiffusion3Pipeline"}
 
 
 class ModelError(ValueError):

@@ -23,7 +23,7 @@ FLOORS = {
     "diffalign.toy.cli": 4,
     "diffalign.train": 3, "diffalign.evaluation": 3, "diffalign.export": 3, "diffalign.run_state": 3,
     "diffalign.gallery": 3, "diffalign.pairs": 3, "diffalign.toy.pretrain": 3,
-    "diffalign.toy.video_pretrain": 3,
+    "diffalign.toy.video_pretrain": 3, "diffalign.toy.flow_pretrain": 3,
     "diffalign.distributed": 3, "diffalign.config": 3,
     "diffalign.objectives": 2,
     "diffalign.methods": 1,

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from diffalign.models import resolve_model
+from diffalign.toy.flow_pretrain import FlowPretrainConfig, export_flow_checkpoint, pretrain_flow
 from diffalign.toy.geneval import GenEvalSettings, format_report, load_models, toy_geneval
 from diffalign.toy.model import DEFAULT_GUIDANCE, DEFAULT_NUM_STEPS
 from diffalign.toy.pretrain import PretrainConfig, export_checkpoint, pretrain
@@ -18,7 +19,8 @@ from diffalign.usage import UsageError, default_device, ensure_writable_dir
 
 
 def add_parser(sub) -> None:
-    toy = sub.add_parser("toy", help="the toy world: pretrain / evaluate toy-sdxl and toy-animatediff")
+    toy = sub.add_parser("toy",
+                         help="the toy world: pretrain / evaluate toy-sdxl, toy-sd3 and toy-animatediff")
     commands = toy.add_subparsers(dest="toy_command", required=True)
 
     _add_pretrain_commands(commands, "pretrain", "pretrain toy-sdxl from scratch (VAE, then UNet); resumable",
@@ -27,6 +29,11 @@ def add_parser(sub) -> None:
                            "pretrain toy-animatediff's motion UNet from scratch; resumable",
                            VideoPretrainConfig, pretrain_video, export_video_checkpoint, "toy video pipeline",
                            export_name="export-video")
+    _add_pretrain_commands(commands, "pretrain-flow",
+                           "pretrain toy-sd3's MMDiT (flow matching; toy-sdxl's VAE and text encoders); "
+                           "resumable",
+                           FlowPretrainConfig, pretrain_flow, export_flow_checkpoint, "toy flow pipeline",
+                           export_name="export-flow")
 
     e = commands.add_parser(
         "eval",

@@ -150,6 +150,7 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=list)  # empty: use prompts_file, else the validation prompts
     prompts_file: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
+    noise_per_prompt: bool = False  # true: prompt i of seed s draws noise seed s * 100000 + i, not s for all
     scorers: list[str] = field(default_factory=lambda: ["brightness"])
     num_steps: int = 20
     guidance_scale: float = 5.0
@@ -162,6 +163,8 @@ class EvalConfig:
     # before and after training (0: skip). Shows whether the objective was learned.
     train_pairs: int = 32
     train_pair_draws: int = 4
+    every_n_steps: int = 0  # > 0: also every N steps, written as a curve (eval/curve.json, eval/curve.png)
+    gallery: bool = False  # the gallery page of base vs tuned on these prompts (eval/gallery/index.html)
 
     def sampling(self) -> SamplingSettings:
         """The evaluation's sampling settings (also the validation samples')."""
@@ -460,6 +463,9 @@ def validate(cfg: Config) -> None:
         _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
         _require(e.train_pairs >= 0, "eval.train_pairs", e.train_pairs, "an integer >= 0")
         _require(e.train_pair_draws >= 1, "eval.train_pair_draws", e.train_pair_draws, "an integer >= 1")
+        _require(e.every_n_steps >= 0, "eval.every_n_steps", e.every_n_steps, "an integer >= 0")
+        _require(not e.noise_per_prompt or max(e.seeds, default=0) < 40_000, "eval.seeds", e.seeds,
+                 "seeds < 40000 with eval.noise_per_prompt (noise seed s * 100000 + prompt index)")
         _require(e.prompts_file is None or _is_file(e.prompts_file), "eval.prompts_file", e.prompts_file,
                  "null or an existing prompt file")
         if e.prompts_file is not None and not e.prompts:  # read now, not after the model has loaded

@@ -49,6 +49,37 @@ def test_curve_needs_scores_and_writes_a_figure(tmp_path):
         score_curve([], tmp_path / "empty.png")
 
 
+def test_bad_evaluation_settings_are_refused_naming_the_key():
+    from diffalign.config import ConfigError
+
+    config = ROOT / "configs" / "toy-sdxl" / "dpo-geneval.yaml"
+    with pytest.raises(ConfigError, match="eval.every_n_steps"):
+        load_config(config, ["eval.every_n_steps=-1"])
+    with pytest.raises(ConfigError, match="eval.seeds.*noise_per_prompt"):
+        load_config(config, ["eval.seeds=[50000]"])
+
+
+def test_noise_per_prompt_gives_each_caption_the_toy_genevals_noise(tmp_path, one_thread):
+    """With ``eval.noise_per_prompt`` the trainer's held-out images are the toy GenEval's (noise seed
+    ``s * 100000 + i``), so its accuracy is ``diffalign toy eval``'s on the same captions."""
+    from diffalign.evaluation import generate_and_score
+    from diffalign.models import load_pipeline
+    from diffalign.scorers import make_scorer
+    from diffalign.toy.geneval import GenEvalSettings, sample_hits
+
+    cfg = load_config(ROOT / "configs" / "toy-sdxl" / "dpo-geneval.yaml", ["eval.num_steps=4"])
+    assert cfg.eval.noise_per_prompt
+    pipe = load_pipeline("toy-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    result = generate_and_score(pipe, HELDOUT, [1], [make_scorer("toy_geneval")], cfg.eval, tmp_path)
+    assert [s for _, s in result["jobs"]] == [100_000, 100_001, 100_002]
+    settings = GenEvalSettings(num_steps=4, guidance_scale=cfg.eval.guidance_scale)
+    hits, _ = sample_hits(pipe, HELDOUT, [100_000, 100_001, 100_002], settings)
+    assert result["checks"]["toy_geneval"] == hits
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [100_000, 100_001, 100_002]
+
+
 @pytest.mark.slow
 def test_main_job_writes_grid_curve_and_gallery_from_its_evaluations(tmp_path, one_thread):
     """The README main job's config, shortened: every curve point is a real held-out evaluation (step 0 =

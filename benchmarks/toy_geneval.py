@@ -223,6 +223,8 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true", help="only the reward diagnosis (no training)")
     parser.add_argument("--diagnose-prompts", type=int, default=64)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the finished runs under --out")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the missing runs, evaluate later (--eval-only judges them all at once)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/toy-geneval")
     args = parser.parse_args()
@@ -243,6 +245,8 @@ def main() -> None:
                     row = run_one(method, reward, seed, args)
                     print(json.dumps(row))
                     result_file.write_text(json.dumps(row))
+    if args.train_only:
+        return
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     if not results:
         parser.error(f"no finished runs under {out}")

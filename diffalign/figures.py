@@ -1,9 +1,9 @@
 """Figures of an evaluation you can read at a glance: a labelled before/after grid and a curve over steps.
 
 - :func:`before_after_grid`: one cell per (prompt, seed), the models' images (same noise) one above the
-  other, enlarged without smoothing; under each image its named checks as ticks and crosses (a scorer's
-  ``hits``, e.g. ``toy_geneval``'s colour / shape / count ...) or its scores, and the caption under the
-  cell.
+  other, enlarged without smoothing; over each image "all right" or "N wrong", under it its named checks as
+  ticks and crosses (a scorer's ``hits``, e.g. ``toy_geneval``'s colour / shape / count ...) and its
+  scores, and the caption under the cell.
 - :func:`score_curve`: each scorer's held-out mean over training steps (matplotlib), with its named
   checks as thinner lines.
 
@@ -98,6 +98,10 @@ def before_after_grid(images: Mapping[str, torch.Tensor], captions: Sequence[str
         y = pad + (i // columns) * (cell_height + 2 * pad)
         for label, block in zip(labels, blocks[i], strict=True):
             draw.text((x, y), label, font=bold, fill=INK)
+            if checks and label in checks:  # the GenEval verdict: every named check right, or how many not
+                wrong = sum(v < 1.0 for v in checks[label][i].values())
+                draw.text((x + bold.getlength(label + "  "), y), f"{wrong} wrong" if wrong else "all right",
+                          font=bold, fill=WRONG if wrong else RIGHT)
             y += line
             canvas.paste(pils[label][i], (x, y))
             y += tile + 2

@@ -3,14 +3,16 @@
     python benchmarks/toy_geneval.py --diagnose         # how well each reward ranks a prompt's samples
     python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness \\
         "toy_geneval:measure=fraction" --seeds 0 1 2 3 4 --eval-guidance 1 3  # method x reward x seed grid
+    python benchmarks/toy_geneval.py --methods dpo mapo seppo --seeds 0 1 2 3 4 --eval-guidance 1
 
-Every run goes through the real trainer (``diffalign.train.train``) from ``configs/toy-sdxl/{METHOD}.yaml``
-with ``method.reward`` set to the cell's reward; it trains on the training captions only. Then every finished
-run and the base model are judged by the toy GenEval (:mod:`diffalign.toy.geneval`) on all 126 held-out
-captions (whose colour/shape/background triples the model never saw), on the same noise for every model, at
-each ``--eval-guidance``: all-attributes accuracy and each attribute, base vs tuned, the paired change with a
-caption-bootstrap 95 % interval per run and a t-interval over seeds per cell. ``toy_saturation`` (image
-statistics) is reported too, to show whether a reward is hacked.
+Every run goes through the real trainer (``diffalign.train.train``) from its ``configs/toy-sdxl/`` config
+(:data:`METHOD_CONFIGS`): the online methods with ``method.reward`` set to the cell's reward, DPO / MaPO /
+SePPO on ``--pairs`` (labelled by the toy GenEval); all train on the training captions only. Then every
+finished run and the base model are judged by the toy GenEval (:mod:`diffalign.toy.geneval`) on all 126
+held-out captions (whose colour/shape/background triples the model never saw), on the same noise for every
+model, at each ``--eval-guidance``: all-attributes accuracy and each attribute, base vs tuned, the paired
+change with a caption-bootstrap 95 % interval per run and a t-interval over seeds per cell.
+``toy_saturation`` (image statistics) is reported too, to show whether a reward is hacked.
 
 ``--diagnose`` samples ``--diagnose-prompts`` training captions x 4 from the base model at the training
 guidance and reports, per reward: its mean and within-prompt spread, the share of prompt groups whose
@@ -18,8 +20,10 @@ rewards differ (the online methods drop the others), and how well it agrees with
 GenEval's attribute fraction (a reward that ranks a prompt's samples unlike the GenEval cannot teach it).
 
 Results: one ``result.json`` per run under ``--out`` (the grid resumes: finished runs are not rerun),
-``geneval.json`` and Markdown table rows on stdout. Cells: ``--methods`` (prdp, ddpo) x ``--rewards`` x
-``--seeds``; ``--tag`` and ``--online-override`` make a variant (e.g. ``method.guidance_scale=1``).
+``geneval.json`` and Markdown table rows on stdout. Cells: ``--methods`` x ``--rewards`` (online methods;
+the pairs for the others) x ``--seeds``; ``--tag`` with ``--online-override`` / ``--pairs-override`` make a
+variant (e.g. ``method.guidance_scale=1``). The "train reward" column of a pairs method is its implicit
+accuracy (first -> last logged window).
 """
 
 from __future__ import annotations
@@ -37,9 +41,14 @@ import numpy as np
 import torch
 from alignment import interval  # the image benchmark's 95 % t-interval (this script's folder is on sys.path)
 
-#: Online methods take any reward; DPO / MaPO need AI-feedback pairs labelled by the reward (not in this
-#: script yet).
-METHODS = ("prdp", "ddpo")
+#: method -> the toy-sdxl config it trains from. Online methods (PRDP, DDPO) take any reward
+#: (``--rewards``); DPO, MaPO and SePPO (winners = the pairs' chosen images) train on ``--pairs``, AI-feedback
+#: pairs labelled by the toy GenEval (the README main job's, ``data/toy-geneval-pairs``); DPO with the main
+#: job's own settings.
+METHOD_CONFIGS = {"prdp": "prdp.yaml", "ddpo": "ddpo.yaml", "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml",
+                  "seppo": "seppo.yaml"}
+METHODS = tuple(METHOD_CONFIGS)
+PAIR_METHODS = ("dpo", "mapo", "seppo")
 
 
 def slug(text: str) -> str:
@@ -55,13 +64,17 @@ def run_one(method: str, reward: str, seed: int, args) -> dict:
     from diffalign.train import train
 
     out = Path(args.out) / run_name(method, reward, seed, args.tag)
-    overrides = [f"train.output_dir={out}", f"train.seed={seed}", f"method.reward={reward}",
-                 "eval.scorers=[toy_geneval,toy_saturation]", "log.progress_bar=false", *args.online_override]
-    cfg = load_config(f"configs/toy-sdxl/{method}.yaml", overrides)
+    overrides = [f"train.output_dir={out}", f"train.seed={seed}", "log.progress_bar=false"]
+    if method in PAIR_METHODS:  # the pairs say the reward; the judge below evaluates every run alike
+        overrides += [f"data.source={args.pairs}", "eval.enabled=false", *args.pairs_override]
+    else:
+        overrides += [f"method.reward={reward}", "eval.scorers=[toy_geneval,toy_saturation]",
+                      *args.online_override]
+    cfg = load_config(f"configs/toy-sdxl/{METHOD_CONFIGS[method]}", overrides)
     t0, cpu0 = time.time(), time.process_time()
     train(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rewards = [m["reward_mean"] for m in metrics if "reward_mean" in m]
+    rewards = [m.get("reward_mean", m.get("implicit_acc")) for m in metrics if "loss" in m]
     return {
         "method": method,
         "reward": reward,
@@ -196,8 +209,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--tag", default="", help="names a variant of the grid (with --online-override)")
     parser.add_argument(
-        "--online-override", nargs="*", default=[], help="extra dotted.key=value for every run"
+        "--online-override", nargs="*", default=[], help="extra dotted.key=value for every online run"
     )
+    parser.add_argument("--pairs", default="data/toy-geneval-pairs",
+                        help="DPO / MaPO / SePPO: the pairs folder they train on")
+    parser.add_argument("--pairs-override", nargs="*", default=[],
+                        help="extra dotted.key=value for every DPO / MaPO / SePPO run")
     parser.add_argument("--eval-guidance", nargs="+", type=float, default=[1.0, 3.0])
     parser.add_argument("--eval-seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out captions (default all 126)")
@@ -206,6 +223,8 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true", help="only the reward diagnosis (no training)")
     parser.add_argument("--diagnose-prompts", type=int, default=64)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the finished runs under --out")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the missing runs, evaluate later (--eval-only judges them all at once)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/toy-geneval")
     args = parser.parse_args()
@@ -218,7 +237,7 @@ def main() -> None:
         return
     if not args.eval_only:
         for method in args.methods:
-            for reward in args.rewards:
+            for reward in [f"pairs-{Path(args.pairs).name}"] if method in PAIR_METHODS else args.rewards:
                 for seed in args.seeds:
                     result_file = out / run_name(method, reward, seed, args.tag) / "result.json"
                     if result_file.is_file():
@@ -226,6 +245,8 @@ def main() -> None:
                     row = run_one(method, reward, seed, args)
                     print(json.dumps(row))
                     result_file.write_text(json.dumps(row))
+    if args.train_only:
+        return
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     if not results:
         parser.error(f"no finished runs under {out}")

@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
+from diffalign.config_types import ConfigError, build_dataclass
 from diffalign.families import FAMILIES
 from diffalign.methods import METHODS
 from diffalign.methods.base import SAMPLING_KINDS
@@ -30,14 +30,6 @@ from diffalign.models import check_num_frames, pipeline_class_name, resolve_mode
 from diffalign.prompts import read_prompts
 from diffalign.sampling import SamplingSettings, settings_of
 from diffalign.scorers import check_scorer_names
-
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message names the key path, the value and what was expected."""
-
-    def __init__(self, path: str, value: Any, expected: str):
-        self.path, self.value, self.expected = path, value, expected
-        super().__init__(f"config key {path!r}: got {value!r}, expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,6 +149,7 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=list)  # empty: use prompts_file, else the validation prompts
     prompts_file: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
+    noise_per_prompt: bool = False  # true: prompt i of seed s draws noise seed s * 100000 + i, not s for all
     scorers: list[str] = field(default_factory=lambda: ["brightness"])
     num_steps: int = 20
     guidance_scale: float = 5.0
@@ -169,6 +162,8 @@ class EvalConfig:
     # before and after training (0: skip). Shows whether the objective was learned.
     train_pairs: int = 32
     train_pair_draws: int = 4
+    every_n_steps: int = 0  # > 0: also every N steps, written as a curve (eval/curve.json, eval/curve.png)
+    gallery: bool = False  # the gallery page of base vs tuned on these prompts (eval/gallery/index.html)
 
     def sampling(self) -> SamplingSettings:
         """The evaluation's sampling settings (also the validation samples')."""
@@ -194,97 +189,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Typed conversion
-# ----------------------------------------------------------------------------------------------------
-def _describe(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is list:
-        return f"a list of {_describe(args[0])}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _convert(value: Any, tp, path: str):
-    """``value`` (parsed YAML) as type ``tp``, or ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, path)
-            except ConfigError:
-                pass
-        raise ConfigError(path, value, _describe(tp))
-    if origin is Literal:
-        if value in args and type(value) is type(args[args.index(value)]):
-            return value
-        raise ConfigError(path, value, _describe(tp))
-    if origin is list:
-        if isinstance(value, str | int | float) and not isinstance(value, bool) and args[0] is not str:
-            value = [value]
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(path, value, _describe(tp))
-        return [_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):  # no setting means anything at NaN or inf
-            return number
-        if number is not None:
-            raise ConfigError(path, value, "a finite number")
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"{path}: unsupported config field type {tp!r}")
-    raise ConfigError(path, value, _describe(tp))
-
-
-#: Keys renamed since earlier releases -> their name now (one set of sampling names everywhere).
-RENAMED_KEYS = {"num_inference_steps": "num_steps", "ref_num_inference_steps": "ref_num_steps"}
-
-
-def build_dataclass(cls, values: Any, path: str):
-    """An instance of dataclass ``cls`` from a mapping; unknown keys and bad values raise ConfigError."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(
-            path, values, f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}"
-        )
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in values:
-        if key not in names and RENAMED_KEYS.get(key) in names:
-            raise ConfigError(f"{path}.{key}", values[key],
-                              f"{path}.{RENAMED_KEYS[key]} (renamed; same meaning)")
-        if key not in names:
-            raise ConfigError(
-                f"{path}.{key}", values[key], f"no such key; {path} has: {', '.join(sorted(names))}"
-            )
-    kwargs = {key: _convert(value, hints[key], f"{path}.{key}") for key, value in values.items()}
-    return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,6 +375,9 @@ def validate(cfg: Config) -> None:
         _require(e.batch_size >= 1, "eval.batch_size", e.batch_size, "an integer >= 1")
         _require(e.train_pairs >= 0, "eval.train_pairs", e.train_pairs, "an integer >= 0")
         _require(e.train_pair_draws >= 1, "eval.train_pair_draws", e.train_pair_draws, "an integer >= 1")
+        _require(e.every_n_steps >= 0, "eval.every_n_steps", e.every_n_steps, "an integer >= 0")
+        _require(not e.noise_per_prompt or max(e.seeds, default=0) < 40_000, "eval.seeds", e.seeds,
+                 "seeds < 40000 with eval.noise_per_prompt (noise seed s * 100000 + prompt index)")
         _require(e.prompts_file is None or _is_file(e.prompts_file), "eval.prompts_file", e.prompts_file,
                  "null or an existing prompt file")
         if e.prompts_file is not None and not e.prompts:  # read now, not after the model has loaded

@@ -46,7 +46,15 @@ from diffalign.distributed import (
     use_cpu,
     whole_denoiser_on_main,
 )
-from diffalign.evaluation import compare_before_after, eval_prompts, generate_and_score, validate
+from diffalign.evaluation import (
+    HeldOutCurve,
+    compare_before_after,
+    eval_prompts,
+    gallery_base_vs_tuned,
+    gallery_of_base,
+    generate_and_score,
+    validate,
+)
 from diffalign.export import reload_exported_lora, save_full, save_lora, write_model_card
 from diffalign.families import family_of
 from diffalign.methods import METHODS
@@ -102,6 +110,8 @@ def train(cfg: Config) -> Path:
         log.info("evaluating the base model on %d prompts x %d seeds", len(prompts), len(cfg.eval.seeds))
         unet.eval()
         before = generate_and_score(pipe, prompts, cfg.eval.seeds, scorers, cfg.eval, out / "eval" / "base")
+        if cfg.eval.gallery:
+            gallery_of_base(pipe, prompts, scorers, cfg.eval, out / "eval" / "gallery")
         unet.train()
 
     # 4. optimizer, schedule, objective, accelerate
@@ -127,6 +137,8 @@ def train(cfg: Config) -> Path:
     if accelerator.is_main_process and cfg.log.report_to:
         accelerator.init_trackers(cfg.log.project, config=_flat(cfg.to_dict()))
     counter = StepCounter.from_state(resume_training(ctx, optimizer, lr_scheduler, objective))
+    curve = HeldOutCurve(out / "eval", before, counter.global_step) \
+        if before is not None and cfg.eval.every_n_steps else None
 
     # 5. train
     log.info("training %s (%s) for %d optimizer steps, lr %.3g; %s", spec.name, cfg.model.finetune,
@@ -198,7 +210,15 @@ def train(cfg: Config) -> Path:
                         if gallery_means:
                             accelerator.log(gallery_means, step=step)
                         unet.train()
-            step_start = time.perf_counter()  # logging, checkpoints and validation are not step time
+            if cfg.eval.enabled and cfg.eval.every_n_steps and step % cfg.eval.every_n_steps == 0 \
+                    and step < cfg.train.max_steps:
+                with gathered(unet), torch.random.fork_rng(devices=[]):  # nor the held-out evaluation
+                    if curve is not None:  # the main process's
+                        unet.eval()
+                        result = generate_and_score(pipe, prompts, cfg.eval.seeds, scorers, cfg.eval, None)
+                        log_metrics(accelerator, out, step, curve.add(step, result))
+                        unet.train()
+            step_start = time.perf_counter()  # logging, checkpoints and evaluations are not step time
     bar.close()
     last_metrics |= report_skips(objective, counter)
 
@@ -221,6 +241,10 @@ def train(cfg: Config) -> Path:
                                        out / "eval" / "tuned")
             evaluation = compare_before_after(out, prompts, cfg.eval.seeds, before, after,
                                               {"before": objective_before, "after": objective_after})
+            if curve is not None:
+                log_metrics(accelerator, out, cfg.train.max_steps, curve.add(cfg.train.max_steps, after))
+            if cfg.eval.gallery:
+                gallery_base_vs_tuned(pipe, prompts, scorers, cfg.eval, out / "eval" / "gallery")
         write_model_card(out, cfg, last_metrics, evaluation, time.time() - start_time)
         log.info("wrote %s", out)
     accelerator.end_training()

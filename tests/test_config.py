@@ -159,7 +159,7 @@ def test_configs_are_grouped_by_model_and_hold_no_data():
     assert not (ROOT / "configs" / "data").exists()
     for path in CONFIGS:
         cfg = load_config(path, check=False)
-        # a method's variant: <method>-<variant>.yaml (grpo-fast)
+        # <method>.yaml or <method>-<variant>.yaml (grpo-fast; toy-sdxl/dpo-geneval: the README main job)
         assert path.stem == cfg.method.name or path.stem.startswith(f"{cfg.method.name}-"), path
         assert "REFERENCE.md" not in path.read_text(), f"{path} cites a file that is not in the project"
 

@@ -105,7 +105,7 @@ def shortened(tokens: list[str]) -> list[str] | None:
 
 def test_readme_has_the_commands_we_expect():
     commands = [" ".join(c) for c in readme_commands()]
-    assert any(c.startswith("diffalign train configs/toy-sdxl/dpo.yaml") for c in commands)
+    assert any(c.startswith("diffalign train configs/toy-sdxl/dpo-geneval.yaml") for c in commands)
     assert any(c.startswith("diffalign gallery") and ":lora" in c for c in commands)
     not_run = [" ".join(c) for c in readme_commands() if shortened(c) is None]
     assert sorted(c.split()[0] for c in not_run) == ["curl", "export", "python", "python"], not_run
@@ -131,7 +131,7 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
         )
         ran.append(args[0])
     assert {"tiny", "sample", "score", "train", "pairs", "gallery", "toy"} <= set(ran)
-    assert (tmp_path / "runs" / "toy-sdxl-dpo" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "runs" / "toy-sdxl-dpo-geneval" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "gallery-run" / "index.html").is_file()
 
 

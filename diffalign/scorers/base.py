@@ -76,6 +76,12 @@ class Scorer:
 
     __call__ = score
 
+    def hits(self, images, prompts) -> list[dict[str, float]] | None:
+        """Per image, the named checks its score is made of (1 right, 0 wrong), for scorers built from such
+        checks (``toy_geneval``: colour, shape, count ...); None for the others. The trainer's before/after
+        grid draws them as ticks and crosses."""
+        return None
+
     def _score_video(self, videos: torch.Tensor, prompts: Sequence[str] | str | None) -> torch.Tensor:
         b, f = videos.shape[:2]
         index = video_frame_indices(f, self.video_frames).to(videos.device)

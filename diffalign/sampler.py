@@ -340,10 +340,16 @@ def sample(
     captured: dict[str, torch.Tensor] = {}
 
     def capture(_pipe, i, _t, callback_kwargs):
+        latents_now = callback_kwargs.pop("latents")
         if i == 0:
             captured.update({k: v.detach() for k, v in callback_kwargs.items() if v is not None})
             captured["do_cfg"] = bool(getattr(_pipe, "do_classifier_free_guidance", False))  # FLUX: none
-        return callback_kwargs
+        vae = getattr(_pipe, "vae", None)
+        if decode and vae is not None and i == getattr(_pipe, "_num_timesteps", num_steps) - 1:
+            # mixed precision: bf16 text embeddings make bf16 latents, which the pipelines hand their fp32
+            # VAE as they are (only on MPS do they cast); the VAE decodes in its own dtype
+            latents_now = latents_now.to(vae.dtype)
+        return {**callback_kwargs, "latents": latents_now}
 
     # the request as the pipeline will resolve it (its own sizes where unset), for the family's checks:
     # one clear line before sampling
@@ -367,7 +373,7 @@ def sample(
             latents=latents,
             output_type="pt" if decode else "latent",
             callback_on_step_end=capture,
-            callback_on_step_end_tensor_inputs=list(family.callback_inputs),
+            callback_on_step_end_tensor_inputs=["latents", *family.callback_inputs],
             **pipeline_kwargs,
         )
     finally:

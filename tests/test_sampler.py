@@ -240,3 +240,18 @@ def test_keep_steps_stores_less_and_recomputes_the_kept_steps(sdxl_run, tiny_sdx
     with torch.no_grad():
         lp_half = recompute_log_probs(tiny_sdxl.unet, half, steps=[2])
     assert torch.allclose(lp_half, traj.log_probs[:, [2]], atol=5e-3)
+
+
+def test_bf16_denoiser_and_text_encoders_decode_with_the_fp32_vae(tiny_sdxl_path):
+    """Mixed precision keeps the VAE in fp32 while the text encoders (and so the latents) are bf16; the
+    stock pipelines hand their VAE the latents as they are, which failed with a dtype mismatch."""
+    from diffalign.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sdxl_path))
+    pipe.set_progress_bar_config(disable=True)
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        getattr(pipe, name).to(torch.bfloat16)
+    out = sample(pipe, ["a red circle"], num_steps=2, guidance_scale=3.0, eta=1.0, seeds=[0])
+    assert out.trajectory.latents.dtype == torch.bfloat16  # the trajectory keeps the sampling dtype
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+    assert pipe.vae.dtype == torch.float32

@@ -11,8 +11,8 @@ denoiser (DDP, DeepSpeed or FSDP) and shards the data. What each combination nee
   device, so sampling and saving through the bare denoiser work. PRDP and DDPO are refused: they
   back-propagate one epoch in several pieces per optimizer step, and accelerate's DeepSpeed wrapper
   steps the optimizer at every ``backward`` (and ZeRO-2 has no ``no_sync``).
-* **FSDP2** (``distributed_type: FSDP`` with ``fsdp_version: 2``; configs/accelerate/fsdp*.yaml): DPO,
-  MaPO, PRDP, DDPO, LoRA or full fine-tune. accelerate shards the denoiser block by block (and the
+* **FSDP2** (``distributed_type: FSDP`` with ``fsdp_version: 2``; configs/accelerate/fsdp*.yaml): every
+  method but SePPO, LoRA or full fine-tune. accelerate shards the denoiser block by block (and the
   trainer shards a full fine-tune's frozen reference copy the same way); sampling and validation read it
   whole through :func:`diffalign.parallel.gathered`, checkpoints and the outputs gather its shards, and
   the online objective pads its micro-batches so every process runs as many forwards. On a machine

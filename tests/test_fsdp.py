@@ -259,3 +259,27 @@ def test_every_method_trains_under_fsdp(method, finetune, precision, tmp_path, t
     if method == "dpo":
         assert json.loads((out / "eval" / "scores.json").read_text())["scorers"]
         assert (out / "validation" / "step-000002.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method_config, blocks", [("tiny-sdxl/draft_k.yaml", None),
+                                                   ("tiny-sd3/nft.yaml", "JointTransformerBlock")])
+def test_reward_gradient_and_nft_train_under_fsdp(method_config, blocks, tmp_path):
+    """The 2026 methods' own objectives (a checkpointed differentiable chain; NFT's old policy copied in
+    and out of the sharded transformer) under FSDP2; SD3's blocks named on the launch's command line, as a
+    user of configs/accelerate/fsdp.yaml does for a flow model."""
+    out = tmp_path / "run"
+    overrides = ["train.max_steps=2", "method.num_steps=3", "optim.lr_warmup_steps=0"]
+    if "nft" in method_config:
+        overrides += ["method.num_prompts=1", "method.samples_per_prompt=2", "method.train_batch_size=2",
+                      "method.gradient_steps_per_epoch=1"]
+    command = _command(FSDP_CONFIG, method_config, out, overrides)
+    if blocks:  # accelerate's own flag, before the script
+        command[5:5] = ["--fsdp_transformer_layer_cls_to_wrap", blocks]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(out))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "FSDP2: the denoiser is sharded over 2 processes" in result.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] == m["loss"] for m in metrics)
+    weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 0  # trained

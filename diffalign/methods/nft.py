@@ -74,6 +74,7 @@ class NFTConfig:
     train_batch_size: int = 8  # re-noised samples per forward/backward piece
     max_bad_reward_fraction: float = 0.25
     async_scoring: bool = False
+    shared_group_noise: bool = False  # one initial noise per group (DanceGRPO's choice; the online setting)
 
     def sampling(self) -> SamplingSettings:
         return settings_of(self)

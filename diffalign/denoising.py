@@ -106,11 +106,14 @@ class DDPMNoise:
     scheduler: object  # diffusers DDPMScheduler from the pipeline's scheduler config
 
     @classmethod
-    def from_pipeline_config(cls, config: dict, **flow_settings) -> DDPMNoise:
+    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                             logit_std: float = 1.0, **flow_settings) -> DDPMNoise:
         """Timesteps are drawn uniformly and the losses unweighted: the flow settings must stay at their
         defaults."""
         from diffusers import DDPMScheduler
 
+        flow_settings |= {"timestep_sampling": timestep_sampling, "logit_mean": logit_mean,
+                          "logit_std": logit_std}
         changed = {k: v for k, v in flow_settings.items() if v != FLOW_DEFAULTS[k]}
         if changed:
             keys = ", ".join(f"train.flow_{k}={v!r}" for k, v in changed.items())
@@ -165,8 +168,12 @@ class FlowMatchingNoise:
     dynamic_shift: bool = False
 
     @classmethod
-    def from_pipeline_config(cls, config: dict, **flow_settings) -> FlowMatchingNoise:
-        settings = FLOW_DEFAULTS | flow_settings
+    def from_pipeline_config(cls, config: dict, timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                             logit_std: float = 1.0, **flow_settings) -> FlowMatchingNoise:
+        """The other settings (:data:`FLOW_DEFAULTS`) by keyword: ``mode_scale``, ``loss_weighting``,
+        ``dynamic_shift``."""
+        settings = FLOW_DEFAULTS | flow_settings | {"timestep_sampling": timestep_sampling,
+                                                    "logit_mean": logit_mean, "logit_std": logit_std}
         if settings["timestep_sampling"] not in TIMESTEP_DENSITIES:
             raise ValueError(f"train.flow_timestep_sampling={settings['timestep_sampling']!r}: expected one "
                              f"of {', '.join(TIMESTEP_DENSITIES)}")

@@ -199,7 +199,7 @@ def test_logit_normal_timestep_sampling_maps_uniform_draws_to_the_logit_normal(t
     assert logits.mean().item() == pytest.approx(0.5, abs=0.05) and logits.std().item() == pytest.approx(
         0.8, abs=0.05
     )
-    with pytest.raises(ValueError, match="uniform or logit_normal"):
+    with pytest.raises(ValueError, match="expected one of logit_normal, mode, uniform"):
         FlowMatchingNoise.from_pipeline_config(tiny_wan.scheduler.config, "cosine")
 
 

@@ -34,6 +34,8 @@ SHORT = {
     "toy eval": ["--num-prompts", "2", "--steps", "2"],
     "toy pretrain": ["--num-images", "16", "--vae-steps", "2", "--vae-batch-size", "4", "--unet-steps", "2",
                      "--unet-batch-size", "4", "--warmup-steps", "1"],
+    "toy pretrain-flow": ["--num-images", "16", "--num-layers", "1", "--num-heads", "2", "--steps", "2",
+                          "--batch-size", "4", "--warmup-steps", "1", "--eval-prompts", "2"],
 }
 TRAIN_SHORT = [
     "train.max_steps=2",
@@ -131,6 +133,7 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
         )
         ran.append(args[0])
     assert {"tiny", "sample", "score", "train", "pairs", "gallery", "toy"} <= set(ran)
+    assert (tmp_path / "toy-sd3-run" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "runs" / "toy-sdxl-dpo-geneval" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "gallery-run" / "index.html").is_file()
 

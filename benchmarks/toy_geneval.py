@@ -4,6 +4,8 @@
     python benchmarks/toy_geneval.py --methods prdp ddpo --rewards toy_faithfulness \\
         "toy_geneval:measure=fraction" --seeds 0 1 2 3 4 --eval-guidance 1 3  # method x reward x seed grid
     python benchmarks/toy_geneval.py --methods dpo mapo seppo --seeds 0 1 2 3 4 --eval-guidance 1
+    python benchmarks/toy_geneval.py --methods draft_k --rewards toy_faithfulness --eval-guidance 1 \
+        --eval-scorers toy_faithfulness   # a reward-gradient method needs a differentiable reward
 
 Every run goes through the real trainer (``diffalign.train.train``) from its ``configs/toy-sdxl/`` config
 (:data:`METHOD_CONFIGS`): the online methods with ``method.reward`` set to the cell's reward, DPO / MaPO /
@@ -12,7 +14,8 @@ finished run and the base model are judged by the toy GenEval (:mod:`diffalign.t
 held-out captions (whose colour/shape/background triples the model never saw), on the same noise for every
 model, at each ``--eval-guidance``: all-attributes accuracy and each attribute, base vs tuned, the paired
 change with a caption-bootstrap 95 % interval per run and a t-interval over seeds per cell.
-``toy_saturation`` (image statistics) is reported too, to show whether a reward is hacked.
+``toy_saturation`` (image statistics) is reported too, to show whether a reward is hacked
+(``--eval-scorers`` adds others to ``geneval.json``, e.g. ``toy_faithfulness``, DRaFT-K's training reward).
 
 ``--diagnose`` samples ``--diagnose-prompts`` training captions x 4 from the base model at the training
 guidance and reports, per reward: its mean and within-prompt spread, the share of prompt groups whose
@@ -41,12 +44,12 @@ import numpy as np
 import torch
 from alignment import interval  # the image benchmark's 95 % t-interval (this script's folder is on sys.path)
 
-#: method -> the toy-sdxl config it trains from. Online methods (PRDP, DDPO) take any reward
-#: (``--rewards``); DPO, MaPO and SePPO (winners = the pairs' chosen images) train on ``--pairs``, AI-feedback
-#: pairs labelled by the toy GenEval (the README main job's, ``data/toy-geneval-pairs``); DPO with the main
-#: job's own settings.
-METHOD_CONFIGS = {"prdp": "prdp.yaml", "ddpo": "ddpo.yaml", "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml",
-                  "seppo": "seppo.yaml"}
+#: method -> the toy-sdxl config it trains from. Online methods (PRDP, DDPO, GRPO, DRaFT-K) take any reward
+#: (``--rewards``; DRaFT-K only a differentiable one, e.g. ``toy_faithfulness``, not the toy GenEval);
+#: DPO, MaPO and SePPO (winners = the pairs' chosen images) train on ``--pairs``, AI-feedback pairs labelled
+#: by the toy GenEval (the README main job's, ``data/toy-geneval-pairs``); DPO with the main job's settings.
+METHOD_CONFIGS = {"prdp": "prdp.yaml", "ddpo": "ddpo.yaml", "grpo": "grpo.yaml", "draft_k": "draft_k.yaml",
+                  "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml", "seppo": "seppo.yaml"}
 METHODS = tuple(METHOD_CONFIGS)
 PAIR_METHODS = ("dpo", "mapo", "seppo")
 
@@ -97,7 +100,8 @@ def evaluate(results: list[dict], args) -> dict:
 
     specs = {"base": "toy-sdxl", **{Path(r["run"]).name: f"{r['run']}:lora" for r in results}}
     pipes = load_models(specs)
-    scorers = {"toy_saturation": make_scorer("toy_saturation")} if args.saturation else None
+    names = (["toy_saturation"] if args.saturation else []) + args.eval_scorers
+    scorers = {name: make_scorer(name) for name in names} or None
     out = {}
     for guidance in args.eval_guidance:
         settings = GenEvalSettings(splits=["heldout"], seeds=args.eval_seeds, num_prompts=args.eval_prompts,
@@ -220,6 +224,9 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=None, help="held-out captions (default all 126)")
     parser.add_argument("--no-saturation", dest="saturation", action="store_false",
                         help="skip the second reward (toy_saturation) on the evaluation images")
+    parser.add_argument("--eval-scorers", nargs="*", default=[],
+                        help="more scorers on the evaluation images (e.g. a run's training reward, "
+                             "toy_faithfulness), written to geneval.json")
     parser.add_argument("--diagnose", action="store_true", help="only the reward diagnosis (no training)")
     parser.add_argument("--diagnose-prompts", type=int, default=64)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the finished runs under --out")

@@ -467,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    """One line to stderr in one write: the processes of a launch share the pipe, and print()'s separate
+    newline write let two processes' lines run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Our own INFO lines only: third-party INFO (open_clip logs on the root logger) shows with --verbose.
@@ -477,16 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
+        _say(f"diffalign {args.command}: error: {err}")
         return 2
     except (CheckpointError, NonFiniteError, RewardError, ServiceError) as err:
-        print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
+        _say(f"diffalign {args.command}: error: {err}")
         return 1
     except ProcessFailed as err:  # one process of several failed: every process says the same line
-        print(f"diffalign {args.command}: error: {err}", file=sys.stderr)
+        _say(f"diffalign {args.command}: error: {err}")
         return err.exit_status
     except TrainingInterrupted as err:  # preempted: the conventional status of a SIGTERM'd process
-        print(f"diffalign {args.command}: stopped: {err}", file=sys.stderr)
+        _say(f"diffalign {args.command}: stopped: {err}")
         return 143
     return 0
 

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
         super().__init__(f"config key {path!r}: got {value!r}, expected {expected}")
 
 
+YAML_FALSE, YAML_TRUE = ("no", "off", "false", "n"), ("yes", "on", "true", "y")
+
+
 def _describe(tp) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
@@ -43,6 +46,10 @@ def _convert(value: Any, tp, path: str):
                 pass
         raise ConfigError(path, value, _describe(tp))
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off (yes/on) as a bool: `mixed_precision: no`
+            words = [a for a in args if isinstance(a, str) and a in (YAML_FALSE if not value else YAML_TRUE)]
+            if len(words) == 1:
+                return words[0]
         if value in args and type(value) is type(args[args.index(value)]):
             return value
         raise ConfigError(path, value, _describe(tp))

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffalign.config import ConfigError, apply_overrides, config_from_dict, load_config
 from diffalign.methods.dpo import DPOConfig
@@ -61,6 +62,18 @@ def test_overrides_are_typed():
     assert cfg.train.max_steps == 3 and cfg.method.loss_type == "hinge"
     assert cfg.lora.target_modules == ["to_q", "to_v"] and cfg.optim.max_grad_norm is None
     assert cfg.data.random_flip is False
+
+
+def test_yaml_1_1_no_is_the_word_a_choice_of_words_means(tmp_path):
+    """YAML 1.1 reads `no` as false: `train.mixed_precision=no` (and `mixed_precision: no` in a file) is the
+    choice 'no', not a type error; a bool where no word of the choice means it stays an error."""
+    cfg = load_config(ROOT / "configs/tiny-sdxl/dpo.yaml", ["train.mixed_precision=no"], check=False)
+    assert cfg.train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_minimal(train={"mixed_precision": False})))
+    assert load_config(path, check=False).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision"):
+        load_config(ROOT / "configs/tiny-sdxl/dpo.yaml", ["train.mixed_precision=yes"], check=False)
 
 
 def test_switching_method_by_override():

@@ -36,6 +36,7 @@ from diffalign.objectives.online import (
     epoch_seed,
     filter_rewards,
     make_reward,
+    reward_summary,
     sample_epoch,
 )
 from diffalign.prompt_sets import load_prompt_source
@@ -117,9 +118,7 @@ class NFTObjective:
                                                                 ctx.cfg.model.name)
         bare.train()
         keep, stats = filter_rewards(rewards, groups, m.max_bad_reward_fraction)
-        finite = rewards[torch.isfinite(rewards)]
-        stats |= timings | {"reward_mean": float(finite.mean()) if len(finite) else float("nan"),
-                            "reward_std": float(finite.std()) if len(finite) > 1 else 0.0}
+        stats |= timings | reward_summary(rewards)
         if not bool(keep.any()):
             log.warning("epoch %d: no prompt group with distinct rewards; sampling again", self.epoch)
             return None

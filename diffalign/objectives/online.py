@@ -167,6 +167,13 @@ def sample_epoch(
     return out.trajectory, rewards, groups, {"sampling_s": t1 - t0, "scoring_s": t2 - t1}
 
 
+def reward_summary(rewards: torch.Tensor) -> dict:
+    """The epoch's reward mean and std over its finite rewards (NaN / 0 when there are too few)."""
+    finite = rewards[torch.isfinite(rewards)]
+    return {"reward_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "reward_std": float(finite.std()) if len(finite) > 1 else 0.0}
+
+
 def filter_rewards(rewards: torch.Tensor, groups: torch.Tensor, max_bad_fraction: float):
     """Which samples to keep: finite rewards, in groups whose rewards are not all equal.
 
@@ -275,9 +282,7 @@ class OnlineObjective:
         )
         unet.train()
         keep, stats = filter_rewards(rewards, groups, m.max_bad_reward_fraction)
-        finite = rewards[torch.isfinite(rewards)]
-        stats |= timings | {"reward_mean": float(finite.mean()) if len(finite) else float("nan"),
-                            "reward_std": float(finite.std()) if len(finite) > 1 else 0.0}
+        stats |= timings | reward_summary(rewards)
         if not bool(keep.any()):
             log.warning("epoch %d: no prompt group with distinct rewards; sampling again", self.epoch)
             return None

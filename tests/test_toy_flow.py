@@ -33,6 +33,7 @@ def random_pipe():
 def test_training_attention_with_one_repeated_token_equals_the_stock_pipeline_with_256_t5_zeros(
     random_pipe, one_thread
 ):
+    from diffalign.toy.flow_model import CLIP_TOKENS
     from diffalign.toy.flow_pretrain import T5_ZERO_TOKENS, RepeatedTokenJointAttnProcessor, encode_captions
 
     pipe = random_pipe
@@ -41,10 +42,10 @@ def test_training_attention_with_one_repeated_token_equals_the_stock_pipeline_wi
     # all zero (as diffusers' own zeros without a T5).
     embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device="cpu",
                                               do_classifier_free_guidance=False)
-    assert torch.equal(embeds[:, 77:], torch.zeros_like(embeds[:, 77:]))
+    assert torch.equal(embeds[:, CLIP_TOKENS:], torch.zeros_like(embeds[:, CLIP_TOKENS:]))
     short, short_pooled = encode_captions(pipe, captions)
-    assert embeds.shape[1] == 77 + T5_ZERO_TOKENS and short.shape[1] == 77 + 1
-    assert torch.equal(short_pooled, pooled) and torch.equal(short, embeds[:, :78])
+    assert embeds.shape[1] == CLIP_TOKENS + T5_ZERO_TOKENS and short.shape[1] == CLIP_TOKENS + 1
+    assert torch.equal(short_pooled, pooled) and torch.equal(short, embeds[:, :CLIP_TOKENS + 1])
     x, t = torch.randn(3, 4, 16, 16), torch.tensor([999.0, 500.0, 10.0])
     transformer = pipe.transformer
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_training_attention_with_one_repeated_token_equals_the_stock_pipeline_wi
                                     timestep=t).sample
         finally:
             transformer.set_attn_processor(processors)
-        # the count matters: the stock attention over the same 78 tokens (the zero token counted once)
+        # the count matters: the stock attention over the same tokens (the zero token counted once)
         wrong = transformer(x, encoder_hidden_states=short, pooled_projections=pooled, timestep=t).sample
     assert stock.abs().mean() > 0.1
     torch.testing.assert_close(collapsed, stock, rtol=1e-4, atol=1e-5)
@@ -79,6 +80,25 @@ def test_toy_sd3_reuses_toy_sdxl_vae_and_text_states(random_pipe):
         a = sdxl.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         b = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
     assert torch.equal(a, b)
+
+
+def test_toy_sd3_pads_captions_to_fewer_clip_tokens_with_the_same_caption_states(random_pipe):
+    """CLIP is causal: the longest toy caption's states and the pooled output do not depend on the padding
+    after it, so toy-sd3's tokenizers pad to CLIP_TOKENS instead of 77."""
+    from diffalign.toy.flow_model import CLIP_TOKENS
+
+    pipe = random_pipe
+    longest = max(data.toy_prompts("train", 630, seed=0) + data.toy_prompts("heldout", 126, seed=0),
+                  key=lambda c: len(pipe.tokenizer(c).input_ids))
+    assert len(pipe.tokenizer(longest).input_ids) <= CLIP_TOKENS
+    for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        assert tokenizer.model_max_length == CLIP_TOKENS
+        padded = [tokenizer([longest], padding="max_length", max_length=n, return_tensors="pt").input_ids
+                  for n in (CLIP_TOKENS, 77)]
+        with torch.no_grad():
+            short, full = (encoder(ids, output_hidden_states=True) for ids in padded)
+        torch.testing.assert_close(short.hidden_states[-2], full.hidden_states[-2][:, :CLIP_TOKENS])
+        torch.testing.assert_close(short[0], full[0])
 
 
 @pytest.mark.slow

@@ -21,11 +21,16 @@ from diffalign.toy import TOY_GUIDANCE, TOY_NUM_STEPS, toy_sdxl_path
 from diffalign.toy.data import IMAGE_SIZE
 from diffalign.toy.model import LATENT_CHANNELS, VAE_DOWNSAMPLE
 
-#: MMDiT size: 2x2 patches of the 16x16 latents (64 image tokens), width HEADS x HEAD_DIM.
-PATCH_SIZE = 2
+#: MMDiT size: 1x1 patches of the 16x16 latents (256 image tokens; 2x2 patches, 64 tokens, drew every shape as
+#: the same blob), width HEADS x HEAD_DIM.
+PATCH_SIZE = 1
 NUM_LAYERS = 4
-NUM_HEADS = 4
+NUM_HEADS = 6
 HEAD_DIM = 16
+#: CLIP tokens per caption (the tokenizers' ``model_max_length``, which the stock pipeline pads to). The
+#: longest toy caption is 13 tokens and CLIP is causal, so 24 tokens give the caption states that 77 would;
+#: the transformer then attends over 53 fewer padding states.
+CLIP_TOKENS = 24
 #: Flow schedule shift used for training and sampling (SD3 uses 3 at 1024 px; 64 tokens need less).
 FLOW_SHIFT = 1.0
 
@@ -34,13 +39,14 @@ DEFAULT_NUM_STEPS = TOY_NUM_STEPS
 DEFAULT_GUIDANCE = TOY_GUIDANCE
 
 
-def build_transformer(num_layers: int = NUM_LAYERS, num_heads: int = NUM_HEADS, head_dim: int = HEAD_DIM):
+def build_transformer(num_layers: int = NUM_LAYERS, num_heads: int = NUM_HEADS, head_dim: int = HEAD_DIM,
+                      patch_size: int = PATCH_SIZE):
     from diffusers import SD3Transformer2DModel
 
     clip_width = 32  # toy-sdxl's two encoders, 16 wide each, concatenated (token states and pooled)
     return SD3Transformer2DModel(
         sample_size=IMAGE_SIZE // VAE_DOWNSAMPLE,
-        patch_size=PATCH_SIZE,
+        patch_size=patch_size,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         num_layers=num_layers,
@@ -49,7 +55,7 @@ def build_transformer(num_layers: int = NUM_LAYERS, num_heads: int = NUM_HEADS, 
         joint_attention_dim=clip_width,
         caption_projection_dim=num_heads * head_dim,
         pooled_projection_dim=clip_width,
-        pos_embed_max_size=IMAGE_SIZE // VAE_DOWNSAMPLE // PATCH_SIZE,
+        pos_embed_max_size=IMAGE_SIZE // VAE_DOWNSAMPLE // patch_size,
         qk_norm="rms_norm",
     )
 
@@ -70,8 +76,9 @@ def build_zero_t5(d_model: int = 32):
     return encoder.eval().requires_grad_(False), tokenizer
 
 
-def toy_sdxl_components(seed: int = 0, folder=None) -> dict:
-    """toy-sdxl's VAE, text encoders and tokenizers, ready for SD3 (see the module docstring)."""
+def toy_sdxl_components(seed: int = 0, folder=None, clip_tokens: int = CLIP_TOKENS) -> dict:
+    """toy-sdxl's VAE, text encoders and tokenizers (padding to ``clip_tokens``), ready for SD3 (see the
+    module docstring)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -84,24 +91,27 @@ def toy_sdxl_components(seed: int = 0, folder=None) -> dict:
     # transformers 5's CLIPTextModel is the text transformer itself; 4's wraps it as .text_model
     text_encoder.text_model.load_state_dict(getattr(clip_l, "text_model", clip_l).state_dict())
     text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=name, model_max_length=clip_tokens)
+                  for name in ("tokenizer", "tokenizer_2")]
     return {
         "vae": vae.eval().requires_grad_(False),
         "text_encoder": text_encoder.eval().requires_grad_(False),
         "text_encoder_2": text_encoder_2.eval().requires_grad_(False),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2"),
+        "tokenizer": tokenizers[0],
+        "tokenizer_2": tokenizers[1],
     }
 
 
 def build_flow_pipeline(seed: int = 0, transformer=None, num_layers: int = NUM_LAYERS,
-                        num_heads: int = NUM_HEADS, toy_sdxl_folder=None):
+                        num_heads: int = NUM_HEADS, toy_sdxl_folder=None, patch_size: int = PATCH_SIZE,
+                        clip_tokens: int = CLIP_TOKENS):
     """A ``StableDiffusion3Pipeline`` of the toy architecture (random transformer unless given)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    parts = toy_sdxl_components(seed + 2, toy_sdxl_folder)
+    parts = toy_sdxl_components(seed + 2, toy_sdxl_folder, clip_tokens)
     if transformer is None:
         torch.manual_seed(seed + 1)
-        transformer = build_transformer(num_layers, num_heads)
+        transformer = build_transformer(num_layers, num_heads, patch_size=patch_size)
     text_encoder_3, tokenizer_3 = build_zero_t5(transformer.config.joint_attention_dim)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT)
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler,

@@ -23,6 +23,7 @@ shipped model use the stock processor.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -37,15 +38,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffalign.toy import data
+from diffalign.toy.data import IMAGE_SIZE
 from diffalign.toy.evaluate import caption_accuracy
 from diffalign.toy.flow_model import (
+    CLIP_TOKENS,
     DEFAULT_GUIDANCE,
     DEFAULT_NUM_STEPS,
     NUM_HEADS,
     NUM_LAYERS,
+    PATCH_SIZE,
     build_flow_pipeline,
 )
-from diffalign.toy.model import count_parameters
+from diffalign.toy.model import VAE_DOWNSAMPLE, count_parameters
 from diffalign.toy.pretrain import (
     _batch_generator,
     _load_optimizer,
@@ -70,11 +74,14 @@ T5_ZERO_TOKENS = 256
 class FlowPretrainConfig:
     seed: int = 0
     num_images: int = 20000
-    # The MMDiT (toy_sd3's flow_model.NUM_LAYERS x NUM_HEADS of 16 wide heads by default).
+    # The MMDiT (flow_model's NUM_LAYERS x NUM_HEADS of 16 wide heads on PATCH_SIZE patches by default)
+    # and the CLIP tokens it reads.
     num_layers: int = NUM_LAYERS
     num_heads: int = NUM_HEADS
+    patch_size: int = PATCH_SIZE
+    clip_tokens: int = CLIP_TOKENS
     # Flow matching: logit-normal timesteps (SD3's default weighting), EMA weights are what ships.
-    steps: int = 4000
+    steps: int = 8000
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -92,9 +99,13 @@ class FlowPretrainConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             low = 0 if f.name == "warmup_steps" else 1
-            counted = f.name.endswith(("steps", "size", "every", "images", "prompts", "layers", "heads"))
+            counted = f.name.endswith(
+                ("steps", "size", "every", "images", "prompts", "layers", "heads", "tokens"))
             if counted and value < low:
                 raise ValueError(f"FlowPretrainConfig.{f.name} must be >= {low}, got {value}")
+        if (IMAGE_SIZE // VAE_DOWNSAMPLE) % self.patch_size:
+            raise ValueError(
+                f"FlowPretrainConfig.patch_size must divide the latent side, got {self.patch_size}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(
                 f"FlowPretrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
@@ -136,15 +147,29 @@ class RepeatedTokenJointAttnProcessor:
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3 conditioning of each caption with the T5 zeros collapsed to one token: [N, 77 + 1, 32] token
-    states (see the module docstring) and [N, 32] pooled."""
+    """SD3 conditioning of each caption with the T5 zeros collapsed to one token: [N, CLIP tokens + 1, 32]
+    token states (see the module docstring) and [N, 32] pooled."""
     embeds, pooled = [], []
-    for i in range(0, len(captions), batch_size):
-        e, _, p, _ = pipe.encode_prompt(captions[i : i + batch_size], None, None, device=pipe.device,
-                                        do_classifier_free_guidance=False, max_sequence_length=1)
-        embeds.append(e)
-        pooled.append(p)
+    # the pipeline warns, per batch, that T5 truncated every caption to the one token asked for
+    with diffusers_log_level(logging.ERROR):
+        for i in range(0, len(captions), batch_size):
+            e, _, p, _ = pipe.encode_prompt(captions[i : i + batch_size], None, None, device=pipe.device,
+                                            do_classifier_free_guidance=False, max_sequence_length=1)
+            embeds.append(e)
+            pooled.append(p)
     return torch.cat(embeds), torch.cat(pooled)
+
+
+@contextlib.contextmanager
+def diffusers_log_level(level: int):
+    from diffusers.utils import logging as diffusers_logging
+
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before)
 
 
 def sample_sigmas(config: FlowPretrainConfig, shift: float, b: int, g: torch.Generator) -> torch.Tensor:
@@ -223,10 +248,16 @@ def _log_accuracy(pipe, ema, config: FlowPretrainConfig, label: str) -> dict:
     return result
 
 
+def _pipeline(config: FlowPretrainConfig, device):
+    pipe = build_flow_pipeline(seed=config.seed, num_layers=config.num_layers, num_heads=config.num_heads,
+                               patch_size=config.patch_size, clip_tokens=config.clip_tokens)
+    pipe.to(device).set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _prepare(config: FlowPretrainConfig, device):
     """The pipeline (random transformer), and the training latents of the dataset's images."""
-    pipe = build_flow_pipeline(seed=config.seed, num_layers=config.num_layers, num_heads=config.num_heads)
-    pipe.to(device).set_progress_bar_config(disable=True)
+    pipe = _pipeline(config, device)
     images, captions = data.make_dataset(config.num_images, seed=config.seed, split="train")
     return pipe, images, captions
 
@@ -277,8 +308,7 @@ def export_flow_checkpoint(out: str | os.PathLike, device: str = "cpu") -> Path:
         raise FileNotFoundError(f"{out / 'checkpoint'} holds no toy-sd3 checkpoint to export")
     state, tensors = resume
     config = FlowPretrainConfig(**state["config"])
-    pipe = build_flow_pipeline(seed=config.seed, num_layers=config.num_layers, num_heads=config.num_heads)
-    pipe.to(device).set_progress_bar_config(disable=True)
+    pipe = _pipeline(config, device)
     pipe.transformer.load_state_dict(tensors["ema_transformer"])
     pipe.transformer.eval()
     log.info(f"exporting {out / 'checkpoint'} (step {state['step']})")

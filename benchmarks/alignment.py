@@ -40,10 +40,12 @@ METHOD_CONFIGS = {
         "dpo": "configs/toy-animatediff/dpo.yaml",
         "mapo": "configs/toy-animatediff/mapo.yaml",
     },
+    "toy-sd3": {"dpo": "configs/toy-sd3/dpo.yaml"},
 }
 SECTIONS = {
     "toy-sdxl": "## Alignment on toy-sdxl",
     "toy-animatediff": "## Alignment on toy-animatediff (video)",
+    "toy-sd3": "## Alignment on toy-sd3 (flow matching)",
 }
 
 # Two-sided 95 % Student-t quantiles by degrees of freedom.

@@ -7,7 +7,7 @@
         --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
-``configs/{CONFIGS}/{prdp,ddpo,grpo,seppo}.yaml`` (``--configs``: toy-sdxl, or toy-animatediff for PRDP and
+``configs/{CONFIGS}/{prdp,ddpo,grpo,seppo}.yaml`` (``--configs``: toy-sdxl, toy-sd3 (flow matching), or toy-animatediff for PRDP and
 DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own
 before/after evaluation: the held-out toy prompts (never trained on), fixed seeds, the target reward's mean
 for the base model and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts.
@@ -136,7 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["prdp", "ddpo", "seppo"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--configs", default="toy-sdxl", choices=["toy-sdxl", "toy-animatediff"],
+    parser.add_argument("--configs", default="toy-sdxl", choices=["toy-sdxl", "toy-animatediff", "toy-sd3"],
                         help="the config set: configs/CONFIGS/METHOD.yaml")
     parser.add_argument("--model", default=None, help="model id or folder (default: the --configs model)")
     parser.add_argument("--reward", default="toy_saturation", help="a registered scorer name (the target)")

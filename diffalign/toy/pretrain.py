@@ -318,17 +318,23 @@ def _log_accuracy(pipe, ema_unet, config: PretrainConfig, label: str) -> dict:
     return result
 
 
+#: Settings a resumed run may change: when it checkpoints and evaluates, not which steps it takes.
+BOOKKEEPING_SETTINGS = ("checkpoint_every", "eval_every", "eval_prompts")
+
+
 def open_run(out: Path, config) -> tuple[Path, tuple[dict, dict] | None]:
     """Create the run folder and its log; return ``(checkpoint folder, saved checkpoint or None)``, refusing a
-    checkpoint written with other settings (a resume must take the steps an uninterrupted run would)."""
+    checkpoint written with other settings (a resume must take the steps an uninterrupted run would;
+    ``BOOKKEEPING_SETTINGS`` may change)."""
     out.mkdir(parents=True, exist_ok=True)
     _setup_logging(out)
     ckpt = out / "checkpoint"
     resume = load_checkpoint(ckpt)
     if resume is not None:
         saved = resume[0]["config"]
-        if saved != asdict(config):
-            diff = {k: (saved.get(k), v) for k, v in asdict(config).items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in asdict(config).items()
+                if saved.get(k) != v and k not in BOOKKEEPING_SETTINGS}
+        if diff or saved.keys() != asdict(config).keys():
             raise ValueError(f"{ckpt} was written with other settings (saved, now): {diff}; "
                              "use the same settings or a new --out folder")
     return ckpt, resume

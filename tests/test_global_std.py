@@ -78,8 +78,9 @@ def test_per_group_std_is_each_process_own(ranks):
                            adv_clip_max=m.adv_clip_max)
     n0 = len(parts[0]["rewards"])
     for part, expected in zip(parts, (one[:n0], one[n0:]), strict=True):
-        local = group_advantages(torch.tensor(part["rewards"]), torch.tensor(part["groups"]), global_std=False,
-                                 eps=m.std_eps, unbiased=m.std_unbiased, adv_clip_max=m.adv_clip_max)
+        local = group_advantages(torch.tensor(part["rewards"]), torch.tensor(part["groups"]),
+                                 global_std=False, eps=m.std_eps, unbiased=m.std_unbiased,
+                                 adv_clip_max=m.adv_clip_max)
         assert torch.equal(torch.tensor(part["advantages"]), local[part["kept"]])
         assert torch.equal(local, expected)
 

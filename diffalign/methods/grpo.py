@@ -60,7 +60,7 @@ class GRPOConfig(OnlineSettings):
     name: ClassVar[str] = "grpo"
     clip_range: float = 1e-4  # PPO clip on ρ_t (FG, DG); FG+ *_fast_nocfg: 1e-5
     adv_clip_max: float = 5.0
-    global_std: bool = True  # FG default: one std over all of the epoch's rewards; False: per group (DG)
+    global_std: bool = True  # FG default: one std over every process's rewards; False: per group (DG)
     std_eps: float = 1e-4  # FG 1e-4, DG 1e-8
     std_unbiased: bool = False  # FG: population std (np.std); DG: torch .std(), Bessel-corrected (unverified)
     beta: float = 0.0  # KL weight

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "helpers")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from helpers.objective_context import objective_on_tiny_model  # noqa: E402
 
 from diffalign.config import load_config  # noqa: E402
 from diffalign.parallel import ProcessFailed, gather_values, together  # noqa: E402
-from objective_context import objective_on_tiny_model  # noqa: E402
 
 SMALL = ["method.num_prompts=2", "method.samples_per_prompt=3", "method.num_steps=2",
          "method.sample_batch_size=6"]

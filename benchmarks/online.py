@@ -102,7 +102,7 @@ def main() -> None:
 
     # 1. one epoch, split
     t0 = time.perf_counter()
-    batch = objective.collect()
+    batch = objective.next_epoch()
     collect_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.inner):

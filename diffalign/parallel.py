@@ -9,6 +9,9 @@ every process raises :class:`ProcessFailed` with the same one-line message (the 
 error, which it also logs with its traceback when it is not one of ours). The trainer calls it where a
 user's data, scorer or reward can fail (the next batch, the objective's call), before any later collective.
 
+**Gathering.** :func:`gather_values` gives every process all processes' values of one epoch (GRPO's
+global std of the rewards), after the agreement on the epoch's sampling and scoring (``together``).
+
 **FSDP2** (``torch.distributed.fsdp.fully_shard``, applied by accelerate's FSDP plugin): every wrapped
 block holds a shard of its parameters and all-gathers them for its forward. Two things follow:
 
@@ -72,13 +75,16 @@ def describe(error: BaseException) -> str:
 def together(accelerator, work: Callable[..., T], *args) -> T:
     """``work(*args)`` on every process, then one all-reduce: its value when no process raised; otherwise
     every process raises :class:`ProcessFailed` with the first failing process's message. One process:
-    ``work(*args)`` as it is (its own error unchanged)."""
+    ``work(*args)`` as it is (its own error unchanged). Nested: an inner agreement's
+    :class:`ProcessFailed` passes through unchanged."""
     if accelerator.num_processes == 1:
         return work(*args)
     error: Exception | None = None
     value = None
     try:
         value = work(*args)
+    except ProcessFailed:  # a nested ``together`` agreed already: every process raises it here
+        raise
     except Exception as err:  # noqa: BLE001 - every error must reach the agreement, or the others hang
         error = err
     failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
@@ -97,6 +103,19 @@ def together(accelerator, work: Callable[..., T], *args) -> T:
     also = f", {others} other(s) failed too" if others else ""
     raise ProcessFailed(f"{message} (process {rank} of {accelerator.num_processes}{also}; every process "
                         "stopped)", status) from error
+
+
+def gather_values(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Every process's 1-D ``values`` (their lengths may differ), concatenated in process order, on the
+    CPU of every process; every process must call it. One process: ``values`` itself."""
+    if accelerator.num_processes == 1:
+        return values
+    device = accelerator.device
+    counts = accelerator.gather(torch.tensor([len(values)], device=device)).tolist()
+    padded = torch.zeros(max(counts), dtype=values.dtype, device=device)
+    padded[: len(values)] = values.to(device)
+    rows = accelerator.gather(padded).view(len(counts), -1).cpu()
+    return torch.cat([row[:count] for row, count in zip(rows, counts, strict=True)])
 
 
 # ----------------------------------------------------------------------------------------------------

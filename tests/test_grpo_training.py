@@ -76,7 +76,7 @@ def _trainable(unet):
 
 def test_first_inner_step_on_fresh_samples_has_ratio_exactly_one(grpo_ctx):
     objective = _objective(grpo_ctx)
-    batch = objective.collect()
+    batch = objective.next_epoch()
     assert batch.advantages is not None and batch.mean_ref is not None
     # Flow-GRPO's fraction: the first int(4 * 0.99) = 3 of the 4 stored DDIM steps
     columns = METHODS["grpo"].train_columns(objective.settings, len(batch.rewards), len(batch.steps), None)
@@ -104,7 +104,7 @@ def test_groups_with_equal_rewards_are_skipped_and_counted(grpo_ctx):
         return torch.where(torch.tensor([p == first for p in prompts]), torch.tensor(0.5), scores)
 
     objective.reward = reward
-    batch = objective.collect()
+    batch = objective.next_epoch()
     assert batch.stats["num_flat_groups"] == 1
     assert len(batch.rewards) == 3 and batch.groups.unique().numel() == 1
     assert first not in batch.trajectory.prompts
@@ -118,7 +118,7 @@ def test_loss_through_the_objective_equals_the_formula(grpo_ctx):
     Flow-GRPO's ``mean max(-A ρ, -A clip(ρ, 1 ± c)) + β mean ⟨(μ_θ - μ_ref)²⟩ / (2σ²)``, written out here."""
     clip, beta = 2e-3, 0.04
     objective = _objective(grpo_ctx, micro_batch_prompts=1, clip_range=clip, beta=beta)
-    batch = objective.collect()
+    batch = objective.next_epoch()
     unet = grpo_ctx.unet
     saved = [p.detach().clone() for p in _lora(unet)]
     generator = torch.Generator().manual_seed(1)
@@ -192,7 +192,7 @@ def test_window_variant_samples_the_ode_outside_and_trains_only_the_window(grpo_
     windows = set()
     for _ in range(4):
         objective.epoch += 1
-        batch = objective.collect()
+        batch = objective.collect()[0]
         stochastic = batch.trajectory.stochastic.tolist()
         start = stochastic.index(True)
         windows.add(start)
@@ -215,7 +215,7 @@ def test_window_variant_samples_the_ode_outside_and_trains_only_the_window(grpo_
 
 def test_shared_group_noise_starts_a_group_from_one_noise(grpo_ctx):
     objective = _objective(grpo_ctx, shared_group_noise=True, samples_per_prompt=3)
-    batch = objective.collect()
+    batch = objective.collect()[0]
     x_T, x_next = batch.trajectory.latents[:, 0], batch.trajectory.latents[:, 1]
     groups = batch.groups.tolist()
     for i in range(len(groups)):

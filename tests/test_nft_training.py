@@ -100,7 +100,7 @@ def test_the_objective_loss_equals_the_formula_on_its_tensors(nft_objective):
     adapters off) independently of it and compute DiffusionNFT's loss written out here."""
     objective = nft_objective
     ctx, m = objective.ctx, objective.settings
-    batch = objective.collect()
+    batch = objective.next_epoch()
     steps_state, noise_state = objective.steps_rng.get_state(), objective.noise_rng.get_state()
     out = objective(batch)
 

@@ -234,7 +234,7 @@ def _grads(unet):
 def test_micro_batch_and_step_chunked_gradients_equal_one_batch(online_ctx):
     unet = online_ctx.unet
     whole = _objective(online_ctx, "prdp", micro_batch_prompts=2, beta=0.05, clip_epsilon=1.0)
-    batch = whole.collect()
+    batch = whole.collect()[0]
     assert isinstance(batch, OnlineBatch) and batch.logp_ref is not None
     # LoRA B starts at zero: the policy is the reference, and the sampler's log-probs are log π_old
     assert torch.allclose(batch.logp_ref, batch.logp_old, atol=1e-5)
@@ -272,7 +272,7 @@ def test_gradient_steps_improve_the_objective_on_a_fixed_batch(online_ctx, name)
         p.requires_grad_(True)
     settings = {"prdp": {"beta": 0.02, "clip_epsilon": 1.0}, "ddpo": {"clip_range": 10.0}}[name]
     objective = _objective(online_ctx, name, micro_batch_prompts=2, **settings)
-    batch = objective.collect()
+    batch = objective.next_epoch()
     optimizer = torch.optim.Adam(lora, lr=3e-3)
     losses = []
     for _ in range(4):

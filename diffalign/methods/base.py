@@ -39,9 +39,11 @@ class MethodSpec:
     ``kind="pairs"``: ``pair_loss(cfg, PairLosses)``. ``kind="online"``: ``online_loss(cfg, part, logp)`` on
     a part of an epoch's samples (``part.logp_old``, ``.logp_ref``, ``.rewards``, ``.groups``,
     ``.advantages``) with the policy's log-probs ``logp`` [n, S]; ``loss_weight(cfg, part)``, how much of
-    the epoch's mean that part carries; ``advantages(cfg, rewards, groups)`` (or None) computed once per
-    epoch; optionally ``sampling_rule(cfg, family_rule, generator)``, the step rule an epoch samples with
-    (default: the family's rule at ``eta``; ``generator`` is seeded per epoch), ``train_columns(cfg,
+    the epoch's mean that part carries; ``advantages(cfg, rewards, groups, every_reward)`` (or None) computed
+    once per epoch from this process's finite rewards and their prompt groups (``every_reward``: every
+    process's finite rewards, for a std over all of them); optionally ``sampling_rule(cfg, family_rule,
+    generator)``, the step rule an epoch samples with (default: the family's rule at ``eta``; ``generator``
+    is seeded per epoch), ``train_columns(cfg,
     num_samples, num_stored_steps, generator)``, which stored steps one gradient step trains ([k], or [n, k]
     per sample), and ``step_means(cfg)``: True when the loss also takes the steps' means under the policy
     (``online_loss(cfg, part, logp, mean)``, with ``part.mean_ref`` and ``part.step_std``);
@@ -63,7 +65,7 @@ class MethodSpec:
     pair_loss: Callable[[Any, PairLosses], LossOutput] | None = None
     online_loss: Callable[[Any, Any, torch.Tensor], LossOutput] | None = None
     loss_weight: Callable[[Any, Any], float] | None = None
-    advantages: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    advantages: Callable[[Any, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     sampling_rule: Callable[..., Any] | None = None
     train_columns: Callable[..., torch.Tensor] | None = None
     step_means: Callable[[Any], bool] | None = None

@@ -84,7 +84,8 @@ def _loss_weight(cfg: DDPOConfig, part) -> float:
     return float(len(part.rewards))
 
 
-def _advantages(cfg: DDPOConfig, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def _advantages(cfg: DDPOConfig, rewards: torch.Tensor, groups: torch.Tensor,
+                every_reward: torch.Tensor) -> torch.Tensor:
     return per_prompt_advantages(rewards, groups)
 
 

@@ -24,8 +24,9 @@ CFG is ``guidance_scale: 1`` (sampling and ρ both conditional-only, as FG's ``*
 
 Wiring (``method.name: grpo``, :mod:`diffalign.objectives.online`): the config is :class:`GRPOConfig`, the
 online loop's settings plus GRPO's own; ``eta`` is DDIM's eta on the UNet families and the SDE's noise
-level ``a`` on the flow families (FG .7, DG .3). Advantages come from every finite reward of the epoch on
-this process (FG's global std is over all processes' rewards); with ``beta > 0`` the reference (LoRA
+level ``a`` on the flow families (FG .7, DG .3). Advantages come from every finite reward of the epoch:
+the groups' means from this process's (a group is sampled on one process), the global std from every
+process's (as FG, which gathers the rewards); with ``beta > 0`` the reference (LoRA
 adapters disabled) gives each step's mean once per epoch, and the policy's means are recomputed with its
 log-probs at every gradient step. ``ema: true`` keeps an EMA of the trained weights (FG's decay
 ``min((1 + n) / (10 + n), 0.9)``, every 8th optimizer step) that, as in FG, is used only at the end: the
@@ -59,7 +60,7 @@ class GRPOConfig(OnlineSettings):
     name: ClassVar[str] = "grpo"
     clip_range: float = 1e-4  # PPO clip on ρ_t (FG, DG); FG+ *_fast_nocfg: 1e-5
     adv_clip_max: float = 5.0
-    global_std: bool = True  # FG default: one std over all of the epoch's rewards; False: per group (DG)
+    global_std: bool = True  # FG default: one std over every process's rewards; False: per group (DG)
     std_eps: float = 1e-4  # FG 1e-4, DG 1e-8
     std_unbiased: bool = False  # FG: population std (np.std); DG: torch .std(), Bessel-corrected (unverified)
     beta: float = 0.0  # KL weight
@@ -118,13 +119,16 @@ def group_advantages(
     eps: float = 1e-4,
     unbiased: bool = False,
     adv_clip_max: float = 5.0,
+    std_over: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``clip((r - mean_group) / (std + eps), ±adv_clip_max)`` [n] fp32; std of all rewards or of the
-    group."""
+    group. ``std_over``: the rewards the global std is taken over when they are more than ``rewards``
+    (every process's, FG's gather; the groups' means stay those of ``rewards``)."""
     r = rewards.float()
     centered = torch.zeros_like(r)
     scale = torch.zeros_like(r)
-    all_std = r.std(unbiased=unbiased) if len(r) > 1 else r.new_zeros(())
+    pool = r if std_over is None else std_over.float()
+    all_std = pool.std(unbiased=unbiased) if len(pool) > 1 else r.new_zeros(())
     for g in groups.unique():
         member = groups == g
         centered[member] = r[member] - r[member].mean()
@@ -290,9 +294,10 @@ def _loss_weight(cfg: GRPOConfig, part) -> float:
     return float(len(part.rewards))
 
 
-def _advantages(cfg: GRPOConfig, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+def _advantages(cfg: GRPOConfig, rewards: torch.Tensor, groups: torch.Tensor,
+                every_reward: torch.Tensor) -> torch.Tensor:
     return group_advantages(rewards, groups, global_std=cfg.global_std, eps=cfg.std_eps,
-                            unbiased=cfg.std_unbiased, adv_clip_max=cfg.adv_clip_max)
+                            unbiased=cfg.std_unbiased, adv_clip_max=cfg.adv_clip_max, std_over=every_reward)
 
 
 def _train_columns(cfg: GRPOConfig, num_samples: int, num_steps: int, generator: torch.Generator):

@@ -4,7 +4,8 @@ re-noised samples. Flow-matching families only.
 One epoch::
 
     x_0 ← sample(θ_old), CFG-free, N prompts × G per process    (the shared sampler; the ODE by default)
-    r   ← optimality probability of the group advantages          (grpo.group_advantages; flat groups skipped)
+    r   ← optimality probability of the group advantages          (grpo.group_advantages; flat groups skipped;
+                                                                    the global std over every process's)
     repeat K times (one optimizer step each):
         steps ← a random timestep_fraction of the sampling schedule's sigmas (one draw for all samples)
         x_t = (1 - σ) x_0 + σ ε  (fresh ε);  v_old, v_ref without gradients;  v_θ
@@ -39,6 +40,7 @@ from diffalign.objectives.online import (
     reward_summary,
     sample_epoch,
 )
+from diffalign.parallel import gather_values, together
 from diffalign.prompt_sets import load_prompt_source
 
 log = logging.getLogger("diffalign.nft")
@@ -53,7 +55,7 @@ class NFTBatch:
     cond: dict[str, torch.Tensor]
     rewards: torch.Tensor  # [n]
     groups: torch.Tensor  # [n]
-    r: torch.Tensor  # [n] optimality probabilities
+    r: torch.Tensor | None  # [n] optimality probabilities (next_epoch's: the std is every process's)
     timesteps: torch.Tensor  # [N]
     sigmas: torch.Tensor  # [N]
     stats: dict = field(default_factory=dict)
@@ -124,13 +126,11 @@ class NFTObjective:
             return None
         index = torch.nonzero(keep, as_tuple=True)[0]
         trajectory, rewards, groups = trajectory.select(index), rewards[index], groups[index]
-        advantages = group_advantages(rewards, groups, global_std=m.global_std, eps=m.std_eps,
-                                      adv_clip_max=m.adv_clip_max)
         scheduler = trajectory.make_scheduler()
         n = trajectory.num_steps
         return NFTBatch(x0=trajectory.latents[:, -1], cond=trajectory.cond, rewards=rewards, groups=groups,
-                        r=optimality_probability(advantages, m.adv_clip_max), timesteps=trajectory.timesteps,
-                        sigmas=scheduler.sigmas[:n].float().cpu(), stats=stats)
+                        r=None, timesteps=trajectory.timesteps, sigmas=scheduler.sigmas[:n].float().cpu(),
+                        stats=stats)
 
     def batches(self):
         while True:
@@ -139,7 +139,7 @@ class NFTObjective:
             self.used += 1
             yield self.current
 
-    def next_epoch(self) -> NFTBatch:
+    def _kept_epoch(self) -> NFTBatch:
         for _ in range(MAX_EMPTY_EPOCHS):
             batch = self.collect()
             self.epoch += 1
@@ -147,6 +147,19 @@ class NFTObjective:
                 return batch
         raise RewardError(f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: "
                           f"the reward ({self.settings.reward}) does not separate samples")
+
+    def next_epoch(self) -> NFTBatch:
+        """An epoch with something to learn from, its optimality probabilities from the group advantages
+        of its kept samples (the global std: of every process's kept rewards)."""
+        m, accelerator = self.settings, self.ctx.accelerator
+        # the processes agree that each has its epoch (a scorer may fail on one) before they gather
+        batch = together(accelerator, self._kept_epoch)
+        every_reward = gather_values(accelerator, batch.rewards)
+        advantages = group_advantages(batch.rewards, batch.groups, global_std=m.global_std, eps=m.std_eps,
+                                      adv_clip_max=m.adv_clip_max, std_over=every_reward)
+        batch.r = optimality_probability(advantages, m.adv_clip_max)
+        batch.stats["reward_std_global"] = reward_summary(every_reward)["reward_std"]
+        return batch
 
     # -- one gradient step -----------------------------------------------------------------------------
     def noised(self, batch: NFTBatch):

@@ -20,7 +20,8 @@ between the methods is their hooks (``online_loss``, ``loss_weight``, ``advantag
 ``sampling_rule``, ``train_columns``, ``step_means``, ``ema_settings``; see
 :class:`~diffalign.methods.base.MethodSpec`).
 Under ``accelerate launch`` every process samples its own N prompts (the effective batch is N × B ×
-processes) and gradients are averaged as usual.
+processes) and gradients are averaged as usual; a prompt's group stays on its process, and the advantages'
+``every_reward`` (GRPO's global std) is every process's finite rewards, gathered once per epoch.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from diffalign.methods.base import LossOutput
 from diffalign.methods.grpo import ema_update, make_ema
 from diffalign.methods.online_settings import OnlineSettings
 from diffalign.objectives.context import unwrap
-from diffalign.parallel import common_count, gathered
+from diffalign.parallel import common_count, gather_values, gathered, together
 from diffalign.prompt_sets import load_prompt_source
 from diffalign.sampler import RecomputedSteps, Trajectory, recompute_steps
 from diffalign.sampling import sample_many
@@ -265,8 +266,10 @@ class OnlineObjective:
         )
 
     # -- sampling ------------------------------------------------------------------------------------
-    def collect(self) -> OnlineBatch | None:
-        """Sample, score and store one epoch; None when no prompt group has anything to learn from."""
+    def collect(self) -> tuple[OnlineBatch, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Sample, score and store one epoch: ``(batch, rewards, groups, kept)``, the batch of the kept
+        samples, every sample's rewards and groups (the advantages come from them, in :meth:`next_epoch`)
+        and the kept samples' indices; None when no prompt group has anything to learn from."""
         ctx, m = self.ctx, self.settings
         seed = epoch_seed(ctx.cfg.train.seed, self.epoch, ctx.accelerator.process_index)
         prompts = choose_prompts(self.prompts, m.num_prompts, seed)
@@ -293,11 +296,6 @@ class OnlineObjective:
         batch = OnlineBatch(
             trajectory, rewards, groups, steps, trajectory.log_probs[:, steps].float(), stats=stats
         )
-        if self.spec.advantages is not None:  # from every finite reward (GRPO's global std), then kept
-            finite = torch.isfinite(all_rewards)
-            advantages = torch.zeros(len(all_rewards))
-            advantages[finite] = self.spec.advantages(m, all_rewards[finite], all_groups[finite]).float()
-            batch.advantages = advantages[index]
         if self.needs_means:
             t0 = time.perf_counter()
             with ctx.reference() as reference:
@@ -316,7 +314,19 @@ class OnlineObjective:
                     sample_batch=m.sample_batch_size,
                 )
             stats["reference_s"] = time.perf_counter() - t0
-        return batch
+        return batch, all_rewards, all_groups, index
+
+    def _kept_epoch(self) -> tuple[OnlineBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`collect` until an epoch has something to learn from (each process on its own)."""
+        for _ in range(MAX_EMPTY_EPOCHS):
+            collected = self.collect()
+            self.epoch += 1
+            if collected is not None:
+                return collected
+        raise RewardError(
+            f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: the "
+            f"reward ({self.settings.reward}) does not separate samples"
+        )
 
     def batches(self):
         """The current epoch's batch, ``gradient_steps_per_epoch x accumulation`` times, then a new epoch."""
@@ -330,16 +340,21 @@ class OnlineObjective:
     def next_epoch(self) -> OnlineBatch:
         # FSDP: the weights gathered once for the epoch, so sampling again and the reference log-probs of
         # however many samples a process kept need no collective
+        accelerator = self.ctx.accelerator
         with gathered(self.ctx.unet, self.ctx.ref_unet):
-            for _ in range(MAX_EMPTY_EPOCHS):
-                batch = self.collect()
-                self.epoch += 1
-                if batch is not None:
-                    return batch
-        raise RewardError(
-            f"{MAX_EMPTY_EPOCHS} epochs in a row had no prompt group with distinct rewards: the "
-            f"reward ({self.settings.reward}) does not separate samples"
-        )
+            if self.spec.advantages is None:
+                return self._kept_epoch()[0]
+            # the processes agree that each has its epoch (a scorer may fail on one) before they gather
+            batch, rewards, groups, kept = together(accelerator, self._kept_epoch)
+        # from every finite reward of every process (GRPO's global std), then kept
+        finite = torch.isfinite(rewards)
+        every_reward = gather_values(accelerator, rewards[finite])
+        advantages = torch.zeros(len(rewards))
+        advantages[finite] = self.spec.advantages(self.settings, rewards[finite], groups[finite],
+                                                  every_reward).float()
+        batch.advantages = advantages[kept]
+        batch.stats["reward_std_global"] = reward_summary(every_reward)["reward_std"]
+        return batch
 
     # -- one gradient step -----------------------------------------------------------------------------
     def __call__(self, batch: OnlineBatch):

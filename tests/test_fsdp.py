@@ -56,6 +56,7 @@ FAST = ["log.progress_bar=false", "log.validation_every_n_steps=0", "checkpoint.
 PRDP = ["method.num_prompts=2", "method.samples_per_prompt=2", "method.num_steps=3",
         "method.train_timesteps=2", "method.sample_batch_size=2", "method.gradient_steps_per_epoch=2",
         "optim.lr_warmup_steps=0"]
+LORA = "pytorch_lora_weights.safetensors"
 #: gloo's default collective timeout (torch.distributed's default_pg_timeout) is 30 minutes: a run that
 #: hangs waits that long; one that stops together ends in the time it takes to start and fail
 STOP_WITHIN_S = 150
@@ -90,6 +91,18 @@ def _traces(result: subprocess.CompletedProcess) -> dict[int, list[dict]]:
             trace = json.loads(line.split("TRACE ", 1)[1])
             ranks.setdefault(trace.pop("rank"), []).append(trace)
     return ranks
+
+
+def _lora_runs_agree(full: Path, ddp: Path, resumed: Path, against_ddp: float) -> dict[Path, list[float]]:
+    """An FSDP run's LoRA output trained, within ``against_ddp`` of the same launch under DDP and 1e-6 of
+    the FSDP run interrupted and resumed; each run's logged losses."""
+    w_fsdp, w_ddp, w_resumed = (load_file(str(o / LORA)) for o in (full, ddp, resumed))
+    moved = max(w.abs().max().item() for k, w in w_fsdp.items() if "lora_B" in k)  # B starts at 0
+    assert moved > 2e-3, moved
+    assert _max_difference(w_fsdp, w_ddp) < against_ddp
+    assert _max_difference(w_fsdp, w_resumed) < 1e-6
+    return {o: [json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()]
+            for o in (full, ddp, resumed)}
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -225,22 +238,16 @@ def test_fsdp_prdp_lora_matches_ddp_and_resumes_exactly(tmp_path, tiny_sdxl_path
     assert not (resumed / "pytorch_lora_weights.safetensors").exists()
     _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed, [*PRDP, "train.max_steps=4", "--resume", "latest"])
 
-    lora = "pytorch_lora_weights.safetensors"
-    w_fsdp, w_ddp, w_resumed = (load_file(str(o / lora)) for o in (full, ddp, resumed))
-    moved = max(w.abs().max().item() for k, w in w_fsdp.items() if "lora_B" in k)  # B starts at 0
-    assert moved > 2e-3, moved
-    assert _max_difference(w_fsdp, w_ddp) < 5e-4
-    assert _max_difference(w_fsdp, w_resumed) < 1e-6
-    logged = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
-    after_resume = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert after_resume[-2:] == pytest.approx(logged[-2:], rel=1e-5)
+    losses = _lora_runs_agree(full, ddp, resumed, against_ddp=5e-4)
+    assert losses[resumed][-2:] == pytest.approx(losses[full][-2:], rel=1e-5)
+    w_resumed = load_file(str(resumed / LORA))
 
     # another process count: refused before anything trains, naming both counts
     with pytest.raises(CheckpointError, match="written by 2 processes; this run has 1"):
         train(load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml",
                           [f"train.output_dir={resumed}", *PRDP, *FAST, "train.max_steps=6",
                            "train.resume=latest"]))
-    assert _max_difference(load_file(str(resumed / lora)), w_resumed) == 0.0  # nothing was overwritten
+    assert _max_difference(load_file(str(resumed / LORA)), w_resumed) == 0.0  # nothing was overwritten
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -336,14 +343,7 @@ def test_fsdp_seppo_lora_matches_ddp_and_resumes_exactly_with_its_pool(tmp_path,
                     [*SEPPO, "train.max_steps=5", "--resume", "latest"], env=TRACE)
     assert _references(after, 2) == drawn[3:]
 
-    lora = "pytorch_lora_weights.safetensors"
-    w_fsdp, w_ddp, w_resumed = (load_file(str(o / lora)) for o in (full, ddp, resumed))
-    moved = max(w.abs().max().item() for k, w in w_fsdp.items() if "lora_B" in k)  # B starts at 0
-    assert moved > 2e-3, moved
-    assert _max_difference(w_fsdp, w_ddp) < 1e-4
-    assert _max_difference(w_fsdp, w_resumed) < 1e-6
-    losses = {o: [json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()]
-              for o in (full, ddp, resumed)}
+    losses = _lora_runs_agree(full, ddp, resumed, against_ddp=1e-4)
     assert losses[full] == pytest.approx(losses[ddp], rel=1e-3)
     assert losses[full][3] != pytest.approx(0.6931, abs=1e-3)  # ln 2: the reference was not the policy
     assert losses[resumed][-2:] == pytest.approx(losses[full][-2:], rel=1e-5)

@@ -12,13 +12,14 @@ denoiser (DDP, DeepSpeed or FSDP) and shards the data. What each combination nee
   back-propagate one epoch in several pieces per optimizer step, and accelerate's DeepSpeed wrapper
   steps the optimizer at every ``backward`` (and ZeRO-2 has no ``no_sync``).
 * **FSDP2** (``distributed_type: FSDP`` with ``fsdp_version: 2``; configs/accelerate/fsdp*.yaml): every
-  method but SePPO, LoRA or full fine-tune. accelerate shards the denoiser block by block (and the
+  method, LoRA or full fine-tune. accelerate shards the denoiser block by block (and the
   trainer shards a full fine-tune's frozen reference copy the same way); sampling and validation read it
   whole through :func:`diffalign.parallel.gathered`, checkpoints and the outputs gather its shards, and
   the online objective pads its micro-batches so every process runs as many forwards. On a machine
   without GPUs (the tests) accelerate sets FSDP up only for GPUs; :func:`enable_fsdp_on_cpu` applies
-  the same plugin to the CPU processes (gloo). FSDP1 is refused (use ``fsdp_version: 2``), and so is
-  SePPO (its pool swaps whole weights in and out of the denoiser).
+  the same plugin to the CPU processes (gloo). SePPO's pool keeps whole LoRA weights (or files of the
+  whole denoiser) and shards an entry back in when it is the reference, the same one on every process
+  (:mod:`diffalign.objectives.winners`). FSDP1 is refused (use ``fsdp_version: 2``).
 * **DeepSpeed ZeRO-3**: refused: it partitions the denoiser's parameters, which sampling, evaluation and
   saving read whole, and has no counterpart of FSDP2's explicit gather here. Use FSDP2.
 """
@@ -75,12 +76,6 @@ def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | No
                 f"FSDP version {fsdp_version} is not supported by the diffalign trainer: set "
                 "fsdp_config.fsdp_version: 2 (FSDP2, fully_shard) in the accelerate config, as "
                 "configs/accelerate/fsdp.yaml does."
-            )
-        if spec.kind == "winners":
-            raise NotImplementedError(
-                f"{spec.name} with FSDP is not supported yet: its checkpoint pool swaps whole weights in "
-                "and out of the denoiser, which FSDP holds in shards. Use DDP "
-                "(configs/accelerate/multi_gpu.yaml)."
             )
         return
     if kind == DistributedType.DEEPSPEED:

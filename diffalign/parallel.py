@@ -23,7 +23,8 @@ block holds a shard of its parameters and all-gathers them for its forward. Two 
   inside), then frees them. Peak memory there is the full denoiser, as under DDP; the training steps,
   gradients and optimizer states stay sharded.
 * checkpoints and the outputs read the shards' own values (fp32 masters under mixed precision, not the
-  bf16 a forward gathers): :func:`whole_trainable`, :func:`whole_optimizer_state`, :func:`unsharded_copy`.
+  bf16 a forward gathers): :func:`whole_trainable`, :func:`whole_optimizer_state`, :func:`unsharded_copy`,
+  :func:`whole_state_dict` (SePPO's pool files of a full fine-tune).
 
 Outside FSDP these helpers do nothing (one process) or only the agreement (DDP).
 """
@@ -38,6 +39,7 @@ from typing import TypeVar
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -191,8 +193,18 @@ def load_whole_optimizer_state(model, optimizer, state: dict) -> None:
 
 
 def load_whole_trainable(model, weights: dict[str, torch.Tensor]) -> None:
-    """Shard whole trainable parameters (read by every process) into a sharded ``model``."""
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    """Shard whole tensors (trainable parameters, or a frozen copy's :func:`whole_state_dict`; read by every
+    process) into a sharded ``model``; ``weights`` is left as it is."""
+    # set_model_state_dict fills the dict it is handed with the model's own entries: a copy keeps the caller's
+    set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def whole_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` by name; of a sharded one, gathered whole on the main
+    process's CPU (``{}`` on the others; every process must call it)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _bare_optimizer(optimizer):

@@ -20,6 +20,14 @@ What is compared, and why these tolerances:
   tolerance as the DDP test (5e-4 on weights after lr-1e-3 steps).
 * Resume: a run killed by SIGTERM after its first step (it saves a checkpoint) and resumed under FSDP ends
   where an uninterrupted FSDP run ends (weights, optimizer state, online epoch, RNG restored), to 1e-6.
+* SePPO, LoRA and full fine-tune: its reference is drawn alike on every process and its x_ref sampled with
+  per-process seeds, so, as for PRDP, FSDP must train what the same launch under DDP trains. LoRA, 5
+  steps at lr 1e-3: measured 4e-6 on the weights (the losses within 2e-4 relative), while leaving out
+  the one swap of an older policy into the shards moves them by 8e-4: the bound is 1e-4. Full fine-tune
+  at lr 1e-4: 6e-5, as for DPO. The pool is filled every step and capped at 2, so the 4th step's
+  reference (drawn from seed 0's stream: steps 0, 1, 0, 2, 4) is a policy two steps old, swapped into
+  the shards and out again; a resume from step 3 (in the second epoch of 8 winners, 4 per step)
+  crosses into the third and is exact.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ FAST = ["log.progress_bar=false", "log.validation_every_n_steps=0", "checkpoint.
 PRDP = ["method.num_prompts=2", "method.samples_per_prompt=2", "method.num_steps=3",
         "method.train_timesteps=2", "method.sample_batch_size=2", "method.gradient_steps_per_epoch=2",
         "optim.lr_warmup_steps=0"]
+LORA = "pytorch_lora_weights.safetensors"
 #: gloo's default collective timeout (torch.distributed's default_pg_timeout) is 30 minutes: a run that
 #: hangs waits that long; one that stops together ends in the time it takes to start and fail
 STOP_WITHIN_S = 150
@@ -74,6 +83,28 @@ def _launch(config: Path, method_config: str, out: Path, overrides: list[str], e
     return result
 
 
+def _traces(result: subprocess.CompletedProcess) -> dict[int, list[dict]]:
+    """Each rank's objective calls (tests/mp_launch.py's ``TRACE`` lines), in order."""
+    ranks: dict[int, list[dict]] = {}
+    for line in result.stderr.splitlines():
+        if line.startswith("TRACE "):
+            trace = json.loads(line.split("TRACE ", 1)[1])
+            ranks.setdefault(trace.pop("rank"), []).append(trace)
+    return ranks
+
+
+def _lora_runs_agree(full: Path, ddp: Path, resumed: Path, against_ddp: float) -> dict[Path, list[float]]:
+    """An FSDP run's LoRA output trained, within ``against_ddp`` of the same launch under DDP and 1e-6 of
+    the FSDP run interrupted and resumed; each run's logged losses."""
+    w_fsdp, w_ddp, w_resumed = (load_file(str(o / LORA)) for o in (full, ddp, resumed))
+    moved = max(w.abs().max().item() for k, w in w_fsdp.items() if "lora_B" in k)  # B starts at 0
+    assert moved > 2e-3, moved
+    assert _max_difference(w_fsdp, w_ddp) < against_ddp
+    assert _max_difference(w_fsdp, w_resumed) < 1e-6
+    return {o: [json.loads(line)["loss"] for line in (o / "metrics.jsonl").read_text().splitlines()]
+            for o in (full, ddp, resumed)}
+
+
 def _max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
@@ -82,17 +113,16 @@ def _max_difference(a: dict, b: dict) -> float:
 # ----------------------------------------------------------------------------------------------------
 # What is refused, clearly (fast)
 # ----------------------------------------------------------------------------------------------------
-def test_fsdp2_is_accepted_and_fsdp1_and_seppo_are_refused_clearly():
+def test_fsdp2_is_accepted_for_every_method_and_fsdp1_is_refused_clearly():
     from accelerate.utils import DistributedType
 
     from diffalign.distributed import check_distributed
 
-    for name in ("dpo", "mapo", "prdp", "ddpo"):
+    for name in METHODS:
         check_distributed(DistributedType.FSDP, None, METHODS[name], fsdp_version=2)
     with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         check_distributed(DistributedType.FSDP, None, METHODS["dpo"], fsdp_version=1)
-    with pytest.raises(NotImplementedError, match="seppo with FSDP is not supported"):
-        check_distributed(DistributedType.FSDP, None, METHODS["seppo"], fsdp_version=2)
+    check_distributed(DistributedType.FSDP, None, METHODS["seppo"], fsdp_version=2)
 
 
 def test_together_leaves_one_process_errors_as_they_are():
@@ -208,22 +238,16 @@ def test_fsdp_prdp_lora_matches_ddp_and_resumes_exactly(tmp_path, tiny_sdxl_path
     assert not (resumed / "pytorch_lora_weights.safetensors").exists()
     _launch(FSDP_CONFIG, "tiny-sdxl/prdp.yaml", resumed, [*PRDP, "train.max_steps=4", "--resume", "latest"])
 
-    lora = "pytorch_lora_weights.safetensors"
-    w_fsdp, w_ddp, w_resumed = (load_file(str(o / lora)) for o in (full, ddp, resumed))
-    moved = max(w.abs().max().item() for k, w in w_fsdp.items() if "lora_B" in k)  # B starts at 0
-    assert moved > 2e-3, moved
-    assert _max_difference(w_fsdp, w_ddp) < 5e-4
-    assert _max_difference(w_fsdp, w_resumed) < 1e-6
-    logged = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").read_text().splitlines()]
-    after_resume = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert after_resume[-2:] == pytest.approx(logged[-2:], rel=1e-5)
+    losses = _lora_runs_agree(full, ddp, resumed, against_ddp=5e-4)
+    assert losses[resumed][-2:] == pytest.approx(losses[full][-2:], rel=1e-5)
+    w_resumed = load_file(str(resumed / LORA))
 
     # another process count: refused before anything trains, naming both counts
     with pytest.raises(CheckpointError, match="written by 2 processes; this run has 1"):
         train(load_config(ROOT / "configs" / "tiny-sdxl" / "prdp.yaml",
                           [f"train.output_dir={resumed}", *PRDP, *FAST, "train.max_steps=6",
                            "train.resume=latest"]))
-    assert _max_difference(load_file(str(resumed / lora)), w_resumed) == 0.0  # nothing was overwritten
+    assert _max_difference(load_file(str(resumed / LORA)), w_resumed) == 0.0  # nothing was overwritten
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -283,3 +307,83 @@ def test_reward_gradient_and_nft_train_under_fsdp(method_config, blocks, tmp_pat
     assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] == m["loss"] for m in metrics)
     weights = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 0  # trained
+
+
+# ----------------------------------------------------------------------------------------------------
+# SePPO under FSDP: the same as DDP, its pool whole in checkpoints, resumed exactly
+# ----------------------------------------------------------------------------------------------------
+SEPPO = ["train.batch_size=2", "data.max_pairs=8", "method.pool_interval=1", "method.pool_size=2",
+         "method.ref_num_steps=2", "optim.lr_warmup_steps=0"]
+TRACE = {"DIFFALIGN_TRACE_LOSS": "1"}
+
+
+def _references(result: subprocess.CompletedProcess, steps: int) -> list[float]:
+    """The reference step each call drew, checked to be the same on both ranks."""
+    ranks = _traces(result)
+    drawn = [[t["reference_step"] for t in ranks[r]] for r in (0, 1)]
+    assert len(drawn[0]) == steps and drawn[0] == drawn[1], drawn
+    return drawn[0]
+
+
+@pytest.mark.slow
+def test_fsdp_seppo_lora_matches_ddp_and_resumes_exactly_with_its_pool(tmp_path, tiny_sdxl_path):
+    from diffalign.checkpoints import read_tree
+
+    full, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    runs = {out: _launch(config, "tiny-sdxl/seppo.yaml", out, [*SEPPO, "train.max_steps=5"], env=TRACE)
+            for out, config in ((full, FSDP_CONFIG), (ddp, DDP_CONFIG))}
+    assert "FSDP2: the denoiser is sharded over 2 processes" in runs[full].stderr
+    drawn = _references(runs[full], 5)
+    assert _references(runs[ddp], 5) == drawn
+    # the 4th step's reference is an older policy than the current one (a real swap), the 5th the newest
+    assert drawn[3] == 2 and drawn[4] == 4, drawn
+    _launch(FSDP_CONFIG, "tiny-sdxl/seppo.yaml", resumed,
+            [*SEPPO, "train.max_steps=3", "checkpoint.every_n_steps=3"])
+    after = _launch(FSDP_CONFIG, "tiny-sdxl/seppo.yaml", resumed,
+                    [*SEPPO, "train.max_steps=5", "--resume", "latest"], env=TRACE)
+    assert _references(after, 2) == drawn[3:]
+
+    losses = _lora_runs_agree(full, ddp, resumed, against_ddp=1e-4)
+    assert losses[full] == pytest.approx(losses[ddp], rel=1e-3)
+    assert losses[full][3] != pytest.approx(0.6931, abs=1e-3)  # ln 2: the reference was not the policy
+    assert losses[resumed][-2:] == pytest.approx(losses[full][-2:], rel=1e-5)
+
+    # the checkpoint's pool: whole LoRA tensors, the same on both ranks; the newest entry is the policy
+    checkpoint = resumed / "checkpoints" / "checkpoint-3"
+    trained = load_file(str(checkpoint / "trainable.safetensors"))
+    pools = [read_tree(checkpoint, f"rank-{r}")["objective"]["pool"]["entries"] for r in (0, 1)]
+    assert [e["step"] for e in pools[0]] == [0, 2, 3] and pools[0][0]["lora"] is None
+    for mine, theirs in zip(pools[0][1:], pools[1][1:], strict=True):
+        assert _max_difference(mine["lora"], theirs["lora"]) == 0.0
+        assert {k: v.shape for k, v in mine["lora"].items()} == {k: v.shape for k, v in trained.items()}
+    assert _max_difference(pools[0][-1]["lora"], trained) == 0.0
+
+
+@pytest.mark.slow
+def test_fsdp_seppo_full_finetune_matches_ddp_through_a_resume(tmp_path, tiny_sdxl_path):
+    """The pool's files are the whole denoiser, gathered by the main process alone (the guard would end a
+    rank writing them), and a reference is loaded into the sharded frozen copy from them; the FSDP run is
+    interrupted after step 3 and resumed, so the 4th step loads the older policy from a restored file."""
+    full = [*SEPPO, "model.finetune=full", "optim.learning_rate=1e-4"]
+    ddp, resumed = tmp_path / "ddp", tmp_path / "resumed"
+    drawn = _references(_launch(DDP_CONFIG, "tiny-sdxl/seppo.yaml", ddp, [*full, "train.max_steps=4"],
+                                env=TRACE), 4)
+    first = _launch(FSDP_CONFIG, "tiny-sdxl/seppo.yaml", resumed,
+                    [*full, "train.max_steps=3", "checkpoint.every_n_steps=3"], env=TRACE)
+    assert "and its frozen reference copy too" in first.stderr
+    after = _launch(FSDP_CONFIG, "tiny-sdxl/seppo.yaml", resumed,
+                    [*full, "train.max_steps=4", "--resume", "latest"], env=TRACE)
+    assert _references(first, 3) + _references(after, 1) == drawn and drawn[3] == 2
+
+    name = "unet/diffusion_pytorch_model.safetensors"
+    w_ddp, w_fsdp = load_file(str(ddp / name)), load_file(str(resumed / name))
+    base = load_pipeline(str(tiny_sdxl_path)).unet.state_dict()
+    assert _max_difference(w_ddp, base) > 3e-4 * 0.5
+    assert _max_difference(w_fsdp, w_ddp) < 6e-5
+    pool = sorted(p.name for p in (resumed / "seppo_pool").iterdir())
+    assert pool == sorted(p.name for p in (ddp / "seppo_pool").iterdir()) == [
+        "step-0.safetensors", "step-3.safetensors", "step-4.safetensors"]
+    for step in (0, 4):  # whole files: the base model, and the output's weights
+        saved = load_file(str(resumed / "seppo_pool" / f"step-{step}.safetensors"))
+        expected = base if step == 0 else w_fsdp
+        assert _max_difference(saved, expected) == 0.0

@@ -17,8 +17,9 @@ into the logits; Adam normalises tiny gradients). A real mismatch is far larger:
 or the VAE posterior drawn from the global RNG (which every rank seeds alike), moves weights by 4e-3 to
 6e-3. The tolerance, 5e-4 on weights and 1e-3 relative on the logged loss, sits between the two.
 
-SePPO, PRDP and DDPO sample online with per-process seeds (a rank's prompts, sampling seeds and SePPO's
-reference draws depend on its process index, so the ranks see different samples), so one process with
+SePPO, PRDP and DDPO sample online with per-process seeds (a rank's prompts and sampling seeds depend on
+its process index, so the ranks see different samples; SePPO's reference, drawn from its pool, is the same
+on every rank), so one process with
 twice the batch draws other samples: no match is expected. Their tests check that they run, that the
 ranks differ, and that the logged metrics are the mean over the ranks.
 """

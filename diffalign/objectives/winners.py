@@ -15,6 +15,15 @@ the initial model. Every ``pool_interval`` optimizer steps the policy is added: 
 tensors (a few MB), full UNets as safetensors files under ``output_dir/seppo_pool``. The pool is part of
 a training checkpoint (LoRA entries as tensors, full-UNet files hard-linked into the checkpoint), so a
 resumed run draws its references from the same pool as an uninterrupted one.
+
+Several processes draw the same reference at every step (one stream seeded by ``train.seed`` alone; the
+sampling seeds of ``x_ref`` stay per process): under FSDP2 the processes hold shards of one denoiser, so
+they must swap in the same policy, and under DDP a step then has one reference, as on one process.
+Under FSDP2 a LoRA entry is the whole LoRA weights on every process's CPU (gathered when added, sharded
+back in when used): a few MB each, the same tensors as without FSDP, so a checkpoint holds whole tensors
+whatever the launch; a full fine-tune's files are gathered whole by the main process, and a reference
+is loaded into the sharded frozen copy from them. The reference then samples and gives its losses with
+its weights gathered once (:func:`~diffalign.parallel.gathered`), as the online objectives sample.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from diffalign.denoising import denoising_losses, encode_images, sample_latents
 from diffalign.files import save_safetensors
 from diffalign.methods.base import LossOutput
 from diffalign.objectives.context import TrainContext, unwrap
+from diffalign.parallel import gathered, is_sharded, load_whole_trainable, whole_state_dict, whole_trainable
 from diffalign.sampler import sample
 from diffalign.winners import WinnersDataset, open_winners
 
@@ -81,9 +91,10 @@ class CheckpointPool:
 
     def _save(self, step: int, model) -> Path:
         path = self.directory / f"step-{step}.safetensors"
+        weights = whole_state_dict(model)  # FSDP: gathered on the main process (every process takes part)
         if self._writes_files:
             self.directory.mkdir(parents=True, exist_ok=True)
-            save_safetensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+            save_safetensors({k: v.detach().contiguous().cpu() for k, v in weights.items()}, path)
         if self.accelerator is not None:
             # the ranks' weights are the same: they all use the main's file
             self.accelerator.wait_for_everyone()
@@ -95,9 +106,8 @@ class CheckpointPool:
 
     def add(self, step: int) -> None:
         if self.finetune == "lora":
-            entry = PoolEntry(
-                step, lora={n: p.detach().to("cpu", copy=True) for n, p in self._trainable().items()}
-            )
+            weights = whole_trainable(self.unet)  # FSDP: every LoRA layer gathered whole
+            entry = PoolEntry(step, lora={n: w.to("cpu", copy=True) for n, w in weights.items()})
         else:
             entry = PoolEntry(step, path=self._save(step, self.unet))
         self.entries.append(entry)
@@ -140,8 +150,12 @@ class CheckpointPool:
         """Yield the denoiser of ``entry`` and make it the pipeline's denoiser meanwhile (no gradients)."""
         with torch.no_grad():
             if self.finetune != "lora":
-                if self.loaded_step != entry.step:
-                    self.ref_unet.load_state_dict(load_file(str(entry.path)))
+                if self.loaded_step != entry.step:  # every process alike: the same entries, the same draws
+                    weights = load_file(str(entry.path))
+                    if is_sharded(self.ref_unet):
+                        load_whole_trainable(self.ref_unet, weights)
+                    else:
+                        self.ref_unet.load_state_dict(weights)
                     self.loaded_step = entry.step
                 original = getattr(self.pipe, self.denoiser_attr)
                 setattr(self.pipe, self.denoiser_attr, self.ref_unet)
@@ -157,9 +171,12 @@ class CheckpointPool:
                     self.unet.enable_adapters()
             else:
                 params = self._trainable()
-                current = {n: p.detach().clone() for n, p in params.items()}
-                for n, p in params.items():
-                    p.copy_(entry.lora[n])
+                current = {n: p.detach().clone() for n, p in params.items()}  # FSDP: this process's shards
+                if is_sharded(self.unet):
+                    load_whole_trainable(self.unet, entry.lora)
+                else:
+                    for n, p in params.items():
+                        p.copy_(entry.lora[n])
                 try:
                     yield self.unet
                 finally:
@@ -192,6 +209,8 @@ class SePPOObjective:
         self.pool = CheckpointPool(ctx.pipe, ctx.unet, ctx.ref_unet, cfg.model.finetune,
                                    Path(cfg.train.output_dir) / "seppo_pool", m.pool_size, ctx.accelerator,
                                    denoiser_attr=ctx.family.denoiser_attr)
+        # which reference: the same on every process; x_ref's sampling seeds: the process's own
+        self.reference_rng = random.Random(cfg.train.seed)
         self.rng = random.Random(cfg.train.seed + 7919 * ctx.accelerator.process_index)
         log.info("seppo: %d winners from %s; reference %s, pool every %d steps (size %s), flip %s",
                  len(source), source.description, m.reference, m.pool_interval, m.pool_size, m.flip)
@@ -203,13 +222,17 @@ class SePPOObjective:
         return {
             "data": self.batches_of.state_dict(),
             "rng": self.rng.getstate(),
+            "reference_rng": self.reference_rng.getstate(),
             "pool": self.pool.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_of.load_state_dict(state["data"])
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        # a checkpoint from before the shared reference stream drew the reference from the process's own
+        reference = state.get("reference_rng", state["rng"])
+        for rng, saved in ((self.rng, state["rng"]), (self.reference_rng, reference)):
+            version, internal, gauss = saved
+            rng.setstate((version, tuple(internal), gauss))
         self.pool.load_state_dict(state["pool"])
 
     def on_step_end(self, step: int) -> None:
@@ -226,13 +249,14 @@ class SePPOObjective:
         cond_w = family.encode_prompt(ctx.pipe, captions, device)
         for key in family.micro_conditioning:
             cond_w[key] = batch[key]
-        entry = self.pool.choose(m.reference, self.rng)
+        entry = self.pool.choose(m.reference, self.reference_rng)
         seeds = [self.rng.randrange(2**31) for _ in range(b)]
         settings = m.reference_sampling(ctx.cfg.data.resolution, self.dataset.num_frames)
         num_t = scheduler.config.num_train_timesteps
         noise_w = torch.randn_like(latents_w)
         t_w = torch.randint(0, num_t, (b,), device=device)
-        with self.pool.use(entry) as reference:
+        # FSDP: the reference's weights gathered once (after the swap) for its sampling and losses
+        with self.pool.use(entry) as reference, gathered(reference):
             was_training = reference.training
             reference.eval()
             generated = sample(ctx.pipe, captions, seeds=seeds, decode=False, **settings.sample_kwargs())

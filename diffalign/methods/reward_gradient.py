@@ -24,6 +24,8 @@ families) of the trained denoiser on one batch of images with captions per micro
 (``method.pretrain_data``, read like SePPO's winners: a preference set's chosen images, a JSONL of
 ``prompt`` / ``image`` or a ``diffalign sample`` folder). The term is the same code for every variant, so
 every variant takes it (``L = reward loss + w · L_pretrain``); it is off (``w = 0``, no data) by default.
+IR's ReFL_SDXL.py takes the pretraining loss as an optimizer step of its own (weight 1), before each reward
+step on the same batch's captions; here the two are one summed loss per micro-step (one step, one clip).
 
 Unverified (named settings): DRaFT-LV's re-noising (only the abstract was read: ``lv_renoisings`` and the
 caller's ``add_noise``); AlignProp's rounding of the normal draw (``int``, toward zero, is used here).

@@ -44,12 +44,13 @@ import numpy as np
 import torch
 from alignment import interval  # the image benchmark's 95 % t-interval (this script's folder is on sys.path)
 
-#: method -> the toy-sdxl config it trains from. Online methods (PRDP, DDPO, GRPO, DRaFT-K) take any reward
-#: (``--rewards``; DRaFT-K only a differentiable one, e.g. ``toy_faithfulness``, not the toy GenEval);
+#: method -> the toy-sdxl config it trains from. Online methods (PRDP, DDPO, GRPO, DRaFT-K, ReFL) take any
+#: reward (``--rewards``; DRaFT-K and ReFL only a differentiable one, e.g. ``toy_faithfulness``, not the toy
+#: GenEval; ReFL's config adds its pretraining loss on the pairs' chosen images);
 #: DPO, MaPO and SePPO (winners = the pairs' chosen images) train on ``--pairs``, AI-feedback pairs labelled
 #: by the toy GenEval (the README main job's, ``data/toy-geneval-pairs``); DPO with the main job's settings.
 METHOD_CONFIGS = {"prdp": "prdp.yaml", "ddpo": "ddpo.yaml", "grpo": "grpo.yaml", "draft_k": "draft_k.yaml",
-                  "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml", "seppo": "seppo.yaml"}
+                  "refl": "refl.yaml", "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml", "seppo": "seppo.yaml"}
 METHODS = tuple(METHOD_CONFIGS)
 PAIR_METHODS = ("dpo", "mapo", "seppo")
 

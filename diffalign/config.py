@@ -483,7 +483,8 @@ def load_config(
 #: relative to that file's folder; given as a command-line override, relative to the current folder.
 #: ``train.output_dir`` is not among them: runs are written where the command runs.
 INPUT_PATH_KEYS = (("model", "name"), ("model", "vae"), ("model", "motion_adapter"), ("data", "source"),
-                   ("eval", "prompts_file"), ("method", "prompts"), ("train", "resume"))
+                   ("eval", "prompts_file"), ("method", "prompts"), ("method", "pretrain_data"),
+                   ("train", "resume"))
 
 
 def resolve_config_paths(raw: dict, folder: Path) -> None:

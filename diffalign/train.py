@@ -60,6 +60,7 @@ from diffalign.families import family_of
 from diffalign.methods import METHODS
 from diffalign.models import load_pipeline
 from diffalign.objectives import OBJECTIVES, TrainContext
+from diffalign.objectives.reward_gradient import open_pretraining_data
 from diffalign.parallel import fsdp_blocks, gathered, is_sharded, together
 from diffalign.run_state import (
     NonFiniteError,
@@ -260,6 +261,8 @@ def open_training_data(cfg: Config, spec):
         return open_pairs(cfg.data.source, cfg.data.format, cfg.data.split, cfg.data.max_pairs)
     if spec.kind == "winners":  # SePPO: winning images only (a preference set, or images with prompts)
         return open_winners(cfg.data)
+    if spec.kind == "reward_gradient":  # ReFL's pretraining images with captions, or None
+        return open_pretraining_data(cfg)
     return None
 
 

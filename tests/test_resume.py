@@ -39,6 +39,9 @@ METHOD_OVERRIDES = {
     # of K=3 steps and an old policy that moves at their end
     "alignprop": ["method.truncation_mean=6.0", "method.truncation_std=2.0"],
     "draft_lv": [],
+    # ReFL's pretraining images: 6 of them in batches of 2, so its data crosses an epoch every 3 steps
+    "refl": ["method.pretrain_loss_weight=0.5", f"method.pretrain_data={ROOT / 'data' / 'shapes-pairs'}",
+             "data.max_pairs=6", "data.resolution=32"],
     "nft": ["method.gradient_steps_per_epoch=3"],
 }
 #: Methods whose tiny config is not tiny-sdxl's (DiffusionNFT needs a flow family).

@@ -156,13 +156,13 @@ def test_a_non_differentiable_reward_is_one_config_error_before_anything_loads(r
     assert len(err) == 1 and "is not differentiable" in err[0] and "Traceback" not in err[0]
 
 
-def test_a_variant_refuses_another_variant_s_settings_and_refl_pretraining():
+def test_a_variant_refuses_another_variant_s_settings_and_a_pretraining_weight_without_data():
     path = ROOT / "configs" / "tiny-sdxl"
     with pytest.raises(ConfigError, match=r"method.k.*unset: k is a setting of draft_k, not of alignprop"):
         load_config(path / "alignprop.yaml", ["method.k=2"])
     with pytest.raises(ConfigError, match=r"method.refl_threshold.*a setting of refl"):
         load_config(path / "draft.yaml", ["method.refl_threshold=1.0"])
-    with pytest.raises(ConfigError, match=r"method.pretrain_loss_weight.*needs an image dataset"):
+    with pytest.raises(ConfigError, match=r"method.pretrain_loss_weight.*method.pretrain_data set"):
         load_config(path / "refl.yaml", ["method.pretrain_loss_weight=0.5"])
     with pytest.raises(ConfigError, match=r"method.k.*\[1, num_steps\]"):
         load_config(path / "draft_k.yaml", ["method.k=9"])

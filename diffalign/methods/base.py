@@ -51,7 +51,8 @@ class MethodSpec:
     evaluates and exports (None: no EMA).
     ``kind="winners"``: ``winners_loss(cfg, model_w, ref_w, model_r, ref_r)`` on the denoising
     losses of the winners and of the reference's own samples. ``kind="reward_gradient"``:
-    ``reward_loss(cfg, rewards)`` on differentiable rewards [n]. ``kind="nft"``: ``velocity_loss(cfg, v_theta,
+    ``reward_loss(cfg, rewards, pretrain_loss)`` on differentiable rewards [n] (``pretrain_loss``: a denoising
+    loss, or None). ``kind="nft"``: ``velocity_loss(cfg, v_theta,
     v_old, v_ref, x_t, x0, t, r)`` on velocities of re-noised samples. ``check_family(family)`` raises
     NotImplementedError for a model family the method does not apply to.
     """
@@ -71,7 +72,7 @@ class MethodSpec:
     step_means: Callable[[Any], bool] | None = None
     ema_settings: Callable[[Any], tuple[float, int] | None] | None = None
     winners_loss: Callable[..., LossOutput] | None = None
-    reward_loss: Callable[[Any, torch.Tensor], LossOutput] | None = None
+    reward_loss: Callable[..., LossOutput] | None = None
     velocity_loss: Callable[..., LossOutput] | None = None
     check_family: Callable[[Any], None] | None = None
 

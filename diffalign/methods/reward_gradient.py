@@ -18,8 +18,14 @@ the gradient steps are checkpointed (``torch.utils.checkpoint``) so memory holds
 In the trainer each variant is a method of its own (``method.name: draft | draft_k | draft_lv | alignprop |
 refl``, :class:`DRaFTConfig` ...) run by :mod:`diffalign.objectives.reward_gradient`: it samples the chain
 with the shared sampler (no graph), recomputes the gradient steps from the stored latents with a graph,
-decodes with the VAE and scores with a differentiable scorer. ReFL's pretraining loss is not wired into
-the trainer (it needs an image dataset): ``pretrain_loss_weight`` must stay 0 there.
+decodes with the VAE and scores with a differentiable scorer. ReFL's pretraining loss ``L_pretrain`` is the
+model family's own denoising loss (epsilon / v MSE for DDPM families, the flow-matching loss for flow
+families) of the trained denoiser on one batch of images with captions per micro-step
+(``method.pretrain_data``, read like SePPO's winners: a preference set's chosen images, a JSONL of
+``prompt`` / ``image`` or a ``diffalign sample`` folder). The term is the same code for every variant, so
+every variant takes it (``L = reward loss + w · L_pretrain``); it is off (``w = 0``, no data) by default.
+IR's ReFL_SDXL.py takes the pretraining loss as an optimizer step of its own (weight 1), before each reward
+step on the same batch's captions; here the two are one summed loss per micro-step (one step, one clip).
 
 Unverified (named settings): DRaFT-LV's re-noising (only the abstract was read: ``lv_renoisings`` and the
 caller's ``add_noise``); AlignProp's rounding of the normal draw (``int``, toward zero, is used here).
@@ -56,7 +62,7 @@ class RewardGradientConfig:
     truncation_std: float = 5.0  # 0: the fixed truncation int(mean) (AlignProp's 49 = DRaFT-1)
     refl_step_range: list[int] = field(default_factory=lambda: [30, 39])  # ReFL: m ~ U{lo .. hi}, both ends
     refl_threshold: float = 2.0  # ReFL: L = ReLU(c - r)
-    pretrain_loss_weight: float = 0.0  # ReFL: weight of the pretraining (denoising MSE) loss; 0: none
+    pretrain_loss_weight: float = 0.0  # ReFL's w: weight of the pretraining (denoising) loss; 0: none
     loss_scale: float = 1.0  # AlignProp .01, ReFL 1e-3
     checkpoint: bool = True  # gradient checkpointing of the gradient steps
 
@@ -234,18 +240,19 @@ class RewardLoss(NamedTuple):
 
 def reward_gradient_loss(rewards: torch.Tensor, cfg: RewardGradientConfig,
                          pretrain_loss: torch.Tensor | None = None) -> RewardLoss:
-    """``-scale · mean r``, or ReFL's ``scale · mean ReLU(c - r) + w · pretrain_loss``."""
+    """``-scale · mean r``, or ReFL's ``scale · mean ReLU(c - r)``; plus ``w · pretrain_loss`` when
+    ``pretrain_loss_weight`` ``w > 0`` (ReFL's pretraining term, the same for every variant)."""
     extra = {"reward_mean": rewards.detach().mean()}
     if cfg.variant == "refl":
         loss = cfg.loss_scale * torch.relu(cfg.refl_threshold - rewards).mean()
         extra["below_threshold"] = (rewards.detach() < cfg.refl_threshold).float().mean()
-        if cfg.pretrain_loss_weight > 0:
-            if pretrain_loss is None:
-                raise ValueError("ReFL with pretrain_loss_weight > 0 needs the pretraining (denoising) loss")
-            loss = loss + cfg.pretrain_loss_weight * pretrain_loss
-            extra["pretrain_loss"] = pretrain_loss.detach()
     else:
         loss = -cfg.loss_scale * rewards.mean()
+    if cfg.pretrain_loss_weight > 0:
+        if pretrain_loss is None:
+            raise ValueError("pretrain_loss_weight > 0 needs the pretraining (denoising) loss")
+        loss = loss + cfg.pretrain_loss_weight * pretrain_loss
+        extra["pretrain_loss"] = pretrain_loss.detach()
     return RewardLoss(loss, extra)
 
 
@@ -260,6 +267,10 @@ class RewardGradientTraining(RewardGradientConfig):
     prompts: str = "ddpo-animals"  # a prompt file, a shipped set or a dataset (as the online methods)
     prompt_column: str = "prompt"
     reward: str = "aesthetic"  # a differentiable scorer spec, e.g. "hpsv2" or "toy_saturation"
+    # ReFL's pretraining images with captions (with pretrain_loss_weight > 0): data.source's grammar, read
+    # as SePPO reads its winners (a preference set's chosen images, a JSONL of prompt / image, a `diffalign
+    # sample` folder), preprocessed by data.resolution / random_flip / format / split / max_pairs
+    pretrain_data: str = ""
     num_steps: int = 50
     guidance_scale: float = 5.0
     guidance_rescale: float = 0.0
@@ -278,7 +289,7 @@ class RewardGradientTraining(RewardGradientConfig):
 #: (it would be ignored).
 VARIANT_SETTINGS = {"draft": (), "draft_k": ("k",), "draft_lv": ("lv_renoisings",),
                     "alignprop": ("truncation_mean", "truncation_std"),
-                    "refl": ("refl_step_range", "refl_threshold", "pretrain_loss_weight")}
+                    "refl": ("refl_step_range", "refl_threshold")}
 
 
 @dataclass
@@ -338,13 +349,16 @@ def _validate(cfg: RewardGradientTraining, require) -> None:
     require(cfg.guidance_scale >= 0, "method.guidance_scale", cfg.guidance_scale, "a number >= 0")
     validate_sizes(cfg, require)
     validate_reward_gradient_settings(cfg, require, cfg.num_steps)
-    require(cfg.pretrain_loss_weight == 0, "method.pretrain_loss_weight", cfg.pretrain_loss_weight,
-            "0: ReFL's pretraining (denoising) loss needs an image dataset, which the trainer does not read "
-            "for ReFL yet")
+    require(cfg.pretrain_loss_weight == 0 or bool(cfg.pretrain_data), "method.pretrain_loss_weight",
+            cfg.pretrain_loss_weight, "0, or method.pretrain_data set: the pretraining (denoising) loss is "
+            "computed on its images with captions")
+    require(cfg.pretrain_loss_weight > 0 or not cfg.pretrain_data, "method.pretrain_data", cfg.pretrain_data,
+            "unset while method.pretrain_loss_weight is 0 (the images would be read for nothing)")
 
 
-def _reward_loss(cfg: RewardGradientTraining, rewards: torch.Tensor) -> LossOutput:
-    out = reward_gradient_loss(rewards, cfg)
+def _reward_loss(cfg: RewardGradientTraining, rewards: torch.Tensor,
+                 pretrain_loss: torch.Tensor | None = None) -> LossOutput:
+    out = reward_gradient_loss(rewards, cfg, pretrain_loss)
     nan = torch.tensor(float("nan"))
     std = rewards.detach().std() if len(rewards) > 1 else torch.zeros(())
     return LossOutput(out.loss, nan, nan, {**out.extra, "reward_std": std})

@@ -8,6 +8,13 @@ One micro-step::
     x ← the gradient steps recomputed from the stored x_a with a graph, each one checkpointed
     r ← differentiable scorer(VAE decode(x), prompts);  loss ← the variant's loss on r
 
+With ``method.pretrain_loss_weight`` ``w > 0`` (ReFL's pretraining term) each micro-step also draws one
+batch of ``train.batch_size`` images with captions from ``method.pretrain_data`` (epoch-shuffled, resumable:
+:class:`~diffalign.data.EpochBatches`) and adds ``w ·`` the family's denoising loss of the trained denoiser
+on it (:func:`~diffalign.denoising.denoising_losses`, as DPO computes it), its noise, timestep and VAE
+posterior sample drawn from ``(seed, epoch, image index)``, so a resumed run draws what an uninterrupted
+one would.
+
 The chain before the first gradient step is the sampler's own (a constant for autograd, as in
 :func:`~diffalign.methods.reward_gradient.sample_for_reward`, which would recompute it without a graph): the
 gradient steps start from the stored latents, so no step runs twice. The recomputed steps call the denoiser
@@ -19,11 +26,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch.utils.checkpoint import checkpoint as checkpoint_call
 
-from diffalign.denoising import decode_latents
+from diffalign.config_types import ConfigError
+from diffalign.data import DataError, EpochBatches
+from diffalign.denoising import (
+    decode_latents,
+    denoising_losses,
+    encode_images,
+    keyed_generator,
+    pair_noise,
+    sample_latents,
+)
 from diffalign.methods.reward_gradient import (
     differentiable_sample,
     draft_lv_sample,
@@ -37,6 +54,7 @@ from diffalign.prompt_sets import load_prompt_source
 from diffalign.sampler import Trajectory, predict
 from diffalign.sampling import sample_many
 from diffalign.scorers import make_scorer
+from diffalign.winners import WinnersDataset, open_winners
 
 log = logging.getLogger("diffalign.reward_gradient")
 
@@ -117,6 +135,38 @@ def latents_for_reward(cfg, chain: ChainSteps, latents: torch.Tensor, generator:
     return differentiable_sample(chain.step, start, timesteps[steps[0]:], local, cfg.checkpoint), steps
 
 
+def open_pretraining_data(cfg):
+    """The images with captions of ``method.pretrain_data`` (None when unset), opened and checked before any
+    model loads; a dataset that cannot be read is one :class:`ConfigError` naming the key."""
+    source = getattr(cfg.method, "pretrain_data", "")
+    if not source:
+        return None
+    try:
+        return open_winners(replace(cfg.data, source=source))
+    except DataError as err:
+        raise ConfigError("method.pretrain_data", source, "images with captions: a preference set (its "
+                          "chosen images), a JSONL of prompt / image or a `diffalign sample` folder "
+                          f"({err})") from None
+
+
+def pretraining_loss(ctx, batch: dict, noise_key: str) -> torch.Tensor:
+    """The mean denoising loss of the trained denoiser on a batch of images with captions (the family's own
+    training noise); the VAE posterior sample, noise and timestep of each image drawn from ``(noise_key,
+    its dataset index)``."""
+    vae, family, device, dtype = ctx.pipe.vae, ctx.family, ctx.device, ctx.weight_dtype
+    indices = batch["index"]
+    generators = [keyed_generator(f"{noise_key}/posterior/{i}") for i in indices.tolist()]
+    latents = sample_latents(vae, encode_images(vae, batch["pixels"]), generators).to(device, dtype)
+    cond = family.encode_prompt(ctx.pipe, batch["caption"], device)
+    cond = {k: v.to(device, dtype) for k, v in cond.items()}
+    for key in family.micro_conditioning:  # SDXL: original size, crop offsets, target size per image
+        cond[key] = batch[key].to(device, dtype)
+    noise, timesteps = pair_noise(indices, noise_key, tuple(latents.shape[1:]),
+                                  ctx.noise_scheduler.config.num_train_timesteps)
+    return denoising_losses(ctx.unet, family, ctx.noise_scheduler, latents, noise.to(device, dtype),
+                            timesteps.to(device), cond).mean()
+
+
 class RewardGradientObjective:
     """DRaFT / DRaFT-K / DRaFT-LV / AlignProp / ReFL for the trainer (``MethodSpec.kind="reward_gradient"``).
     ``batches()`` draws each micro-step's prompts and seeds; each call samples, back-propagates through the
@@ -131,6 +181,18 @@ class RewardGradientObjective:
         self.sampling = m.sampling().for_model(ctx.pipe, ctx.cfg.model.name)
         self.calls = 0  # micro-steps drawn so far: seeds each one's prompts and initial noise
         self.generator = torch.Generator().manual_seed(ctx.cfg.train.seed)  # truncation / re-noising draws
+        self.batches_of = self.pretrain_batches = None  # ReFL's pretraining images (batches_of: skip report)
+        if m.pretrain_loss_weight > 0:
+            cfg = ctx.cfg
+            source = ctx.source if ctx.source is not None else open_pretraining_data(cfg)
+            frames = ctx.prep.num_frames if ctx.prep is not None else None
+            dataset = WinnersDataset(source, cfg.data.resolution, cfg.data.random_flip, cfg.train.seed,
+                                     frames, cfg.data.frame_policy)
+            self.batches_of = EpochBatches(dataset, ctx.accelerator, batch_size=cfg.train.batch_size,
+                                           seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                           max_bad_fraction=cfg.data.max_bad_fraction)
+            log.info("%s: pretraining loss (weight %g) on %d images with captions from %s", m.name,
+                     m.pretrain_loss_weight, len(source), source.description)
         log.info("%s: %d prompts from %s; reward %s; %d steps", m.name, len(self.prompts), m.prompts,
                  m.reward, self.sampling.num_steps)
 
@@ -176,15 +238,29 @@ class RewardGradientObjective:
         images = self.decode(x)
         copies = len(x) // len(prompts)  # DRaFT-LV scores each re-noised copy
         rewards = self.scorer.score(images, prompts * copies).to(ctx.device)
-        out = self.spec.reward_loss(m, rewards)
+        pretrain = None
+        if self.batches_of is not None:
+            if self.pretrain_batches is None:
+                self.pretrain_batches = iter(self.batches_of)
+            images_batch = next(self.pretrain_batches)
+            key = f"pretrain/{ctx.cfg.train.seed}/{self.batches_of.epoch}"
+            pretrain = pretraining_loss(ctx, images_batch, key)
+        out = self.spec.reward_loss(m, rewards, pretrain)
         timings = {"sampling_s": t1 - t0, "forward_s": time.perf_counter() - t1,
                    "first_gradient_step": float(steps[0]), "gradient_steps": float(len(steps))}
         return out._replace(extra={**out.extra, **{k: torch.tensor(v) for k, v in timings.items()}})
 
-    # -- checkpoints: the micro-step counter and the variant's random draws ---------------------------
+    # -- checkpoints: the micro-step counter, the variant's random draws, the pretraining data position ---
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "generator": self.generator.get_state()}
+        state = {"calls": self.calls, "generator": self.generator.get_state()}
+        if self.batches_of is not None:
+            state["pretrain"] = self.batches_of.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = state["calls"]
         self.generator.set_state(state["generator"])
+        # a checkpoint saved without the pretraining term: its images start from the first batch
+        if self.batches_of is not None and state.get("pretrain") is not None:
+            self.batches_of.load_state_dict(state["pretrain"])
+            self.pretrain_batches = None  # a fresh iterator starts at the restored position

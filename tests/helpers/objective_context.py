@@ -27,5 +27,6 @@ def objective_on_tiny_model(cfg, dtype: torch.dtype = torch.float32):
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
     pipe.to(dtype=dtype)
     spec = METHODS[cfg.method.name]
-    ctx = TrainContext(cfg, spec, Accelerator(cpu=True), pipe, family, denoiser, None, dtype)
+    noise = family.make_training_noise(pipe.scheduler.config)  # the trainer's (default flow settings)
+    ctx = TrainContext(cfg, spec, Accelerator(cpu=True), pipe, family, denoiser, noise, dtype)
     return ctx, OBJECTIVES[spec.kind](ctx)

@@ -7,10 +7,11 @@
         --override train.device=cuda
 
 Every run goes through the real trainer (``diffalign.train.train``) from the shipped configs
-``configs/{CONFIGS}/{prdp,ddpo,grpo,seppo}.yaml`` (``--configs``: toy-sdxl, toy-sd3 (flow matching), or toy-animatediff for PRDP and
-DDPO on video, rewarded by the frame average of the image reward) and is judged by the trainer's own
-before/after evaluation: the held-out toy prompts (never trained on), fixed seeds, the target reward's mean
-for the base model and for the tuned one. PRDP and DDPO optimise the reward online on the training prompts.
+``configs/{CONFIGS}/{prdp,ddpo,grpo,seppo}.yaml`` (``--configs``: toy-sdxl, toy-sd3 (flow matching), or
+toy-animatediff for PRDP and DDPO on video, rewarded by the frame average of the image reward) and is judged
+by the trainer's own before/after evaluation: the held-out toy prompts (never trained on), fixed seeds, the
+target reward's mean for the base model and for the tuned one. PRDP and DDPO optimise the reward online on the
+training prompts.
 SePPO gets only winners: for each training prompt the base model samples ``--candidates`` images and the one
 the reward likes best is kept (made once per benchmark run and shared by every SePPO run).
 

@@ -13,6 +13,7 @@ weights load; ``load_pipeline`` does the loading with the real diffusers code pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -352,18 +353,28 @@ def load_pipeline(
     return pipe
 
 
-def _merge_lora(pipe, folder: str, base: str) -> None:
-    """Load a LoRA folder and merge it into the weights (the pipeline is then a plain model)."""
+@contextlib.contextmanager
+def diffusers_log_level(level: int):
+    """diffusers' logging verbosity set to ``level`` inside the block, restored after it."""
     from diffusers.utils import logging as diffusers_logging
 
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "No LoRA keys associated to CLIPTextModel": UNet-only
+    before = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(level)
     try:
-        pipe.load_lora_weights(folder)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelLoadError(f"could not load LoRA folder {folder} onto {base}: {_first_line(err)}") from None
+        yield
     finally:
-        diffusers_logging.set_verbosity(level)
+        diffusers_logging.set_verbosity(before)
+
+
+def _merge_lora(pipe, folder: str, base: str) -> None:
+    """Load a LoRA folder and merge it into the weights (the pipeline is then a plain model)."""
+    # quiet: "No LoRA keys associated to CLIPTextModel" (the LoRA is denoiser-only)
+    with diffusers_log_level(logging.ERROR):
+        try:
+            pipe.load_lora_weights(folder)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(
+                f"could not load LoRA folder {folder} onto {base}: {_first_line(err)}") from None
     pipe.fuse_lora()
     pipe.unload_lora_weights()
 
@@ -377,21 +388,17 @@ def _first_line(err: BaseException) -> str:
 
 def _load_or_explain(cls, source: ModelSource, **kwargs):
     """``cls.from_pretrained``, with any failure to find or read the model as one ModelError line."""
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    if source.kind == "hub":  # offline, diffusers logs "Couldn't connect to the Hub" before the error below
-        diffusers_logging.set_verbosity_error()
-    try:
-        return cls.from_pretrained(source.location(), **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        if source.kind == "hub":
+    # offline, diffusers logs "Couldn't connect to the Hub" before the error below
+    quiet = diffusers_log_level(logging.ERROR) if source.kind == "hub" else contextlib.nullcontext()
+    with quiet:
+        try:
+            return cls.from_pretrained(source.location(), **kwargs)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if source.kind == "hub":
+                raise ModelLoadError(
+                    f"could not load {source.name!r} from the model hub ({_first_line(err)}). "
+                    "Without network access, download it elsewhere and pass its local folder instead."
+                ) from None
             raise ModelLoadError(
-                f"could not load {source.name!r} from the model hub ({_first_line(err)}). "
-                "Without network access, download it elsewhere and pass its local folder instead."
+                f"could not load {cls.__name__} from {source.location()}: {_first_line(err)}"
             ) from None
-        raise ModelLoadError(
-            f"could not load {cls.__name__} from {source.location()}: {_first_line(err)}"
-        ) from None
-    finally:
-        diffusers_logging.set_verbosity(level)

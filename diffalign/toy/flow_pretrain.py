@@ -23,7 +23,6 @@ shipped model use the stock processor.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffalign.models import diffusers_log_level
 from diffalign.toy import data
 from diffalign.toy.data import IMAGE_SIZE
 from diffalign.toy.evaluate import caption_accuracy
@@ -158,18 +158,6 @@ def encode_captions(pipe, captions: list[str], batch_size: int = 256) -> tuple[t
             embeds.append(e)
             pooled.append(p)
     return torch.cat(embeds), torch.cat(pooled)
-
-
-@contextlib.contextmanager
-def diffusers_log_level(level: int):
-    from diffusers.utils import logging as diffusers_logging
-
-    before = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(level)
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(before)
 
 
 def sample_sigmas(config: FlowPretrainConfig, shift: float, b: int, g: torch.Generator) -> torch.Tensor:

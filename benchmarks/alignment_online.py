@@ -17,8 +17,9 @@ the reward likes best is kept (made once per benchmark run and shared by every S
 
 Methods: ``prdp``, ``ddpo``, ``grpo`` (``grpo-fast``: its window variant), ``seppo`` (reference uniform
 over the pool, sign flip), the SePPO ablations ``seppo-initial``, ``seppo-latest``, ``seppo-flip-off``,
-``seppo-indicator``, and ``draft_k`` (reward gradient: ``train.batch_size`` prompts per step, one
-deterministic chain each).
+``seppo-indicator``, the reward-gradient methods ``draft_k``, ``draft_lv``, ``alignprop`` and ``refl``
+(``train.batch_size`` prompts per step, one chain each, all from ``draft_k.yaml``), and ``nft`` (DiffusionNFT,
+flow families: ``--configs toy-sd3``).
 Results: a JSON file and Markdown table rows (mean ± std of the change over seeds).
 """
 
@@ -46,6 +47,14 @@ METHODS = {
     "seppo-flip-off": ("seppo", ["method.flip='off'"]),  # quoted: YAML reads a bare off as false
     "seppo-indicator": ("seppo", ["method.flip=indicator"]),
     "draft_k": ("draft_k", []),  # DRaFT-K (K = 1): the reward's gradient through the last DDIM step
+    # the other reward-gradient variants on draft_k's config (its budget: batch_size chains per step);
+    # AlignProp's truncation N(42, 5) of 50 steps scaled to the config's 20: N(17, 2)
+    "draft_lv": ("draft_k", ["method.name=draft_lv"]),
+    "alignprop": ("draft_k", ["method.name=alignprop", "method.truncation_mean=17",
+                              "method.truncation_std=2"]),
+    # ReFL at draft_k's loss scale (its threshold 2 makes ReLU(2 - r) = 2 - r for a reward in [0, 1])
+    "refl": ("draft_k", ["method.name=refl", "method.refl_step_range=[15,19]"]),
+    "nft": ("nft", []),  # DiffusionNFT: flow families only (toy-sd3)
 }
 
 
@@ -186,9 +195,9 @@ def main() -> None:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     print(
         f"\n| method | seeds | base {args.reward} | tuned | change (mean ± std) | 95 % CI | per seed | "
-        "improved | wall min/run | CPU min/run | machine, date |"
+        "improved | wall min/run | CPU min/run | change per CPU min | machine, date |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.methods:
         rows = [r for r in results if r["method"] == name]
         if not rows:
@@ -201,7 +210,9 @@ def main() -> None:
             f"{statistics.mean(r['tuned'] for r in rows):.4f} | {statistics.mean(deltas):+.4f} ± {std:.4f} | "
             f"± {interval(deltas)[1]:.4f} | {', '.join(f'{d:+.4f}' for d in deltas)} | "
             f"{sum(d > 0 for d in deltas)}/{len(rows)} | {statistics.mean(r['minutes'] for r in rows):.1f} | "
-            f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | {machine(rows)}, {date} |"
+            f"{statistics.mean(cpu) if cpu else float('nan'):.1f} | "
+            f"{statistics.mean(deltas) / statistics.mean(cpu) if cpu else float('nan'):+.5f} | "
+            f"{machine(rows)}, {date} |"
         )
 
 

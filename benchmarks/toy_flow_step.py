@@ -14,9 +14,10 @@ import time
 
 import torch
 
+from diffalign.flow_matching import RepeatedContextAttnProcessor
 from diffalign.toy import data
 from diffalign.toy.flow_model import build_flow_pipeline
-from diffalign.toy.flow_pretrain import T5_ZERO_TOKENS, RepeatedTokenJointAttnProcessor, encode_captions
+from diffalign.toy.flow_pretrain import T5_ZERO_TOKENS, encode_captions
 
 
 def main() -> None:
@@ -36,15 +37,17 @@ def main() -> None:
     stock_processors = transformer.attn_processors
     x = torch.randn(args.batch_size, 4, 16, 16)
     t = torch.rand(args.batch_size) * 1000
-    variants = {"stock (333 tokens)": (stock_processors, stock_embeds),
-                "one repeated token (78)": (RepeatedTokenJointAttnProcessor(T5_ZERO_TOKENS), short_embeds)}
+    variants = {"stock (333 tokens)": (stock_processors, stock_embeds, None),
+                "one repeated token (78)": (RepeatedContextAttnProcessor(), short_embeds,
+                                            {"context_repeats": T5_ZERO_TOKENS})}
     seconds = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):
-        for name, (processor, embeds) in variants.items():
+        for name, (processor, embeds, kwargs) in variants.items():
             # set_attn_processor empties a dict it is given: hand it a copy
             transformer.set_attn_processor(dict(processor) if isinstance(processor, dict) else processor)
             start = time.perf_counter()
-            out = transformer(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
+            out = transformer(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
+                              joint_attention_kwargs=kwargs).sample
             out.square().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

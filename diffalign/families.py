@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from diffalign.denoising import DDPMNoise, FlowMatchingNoise
-from diffalign.flow_matching import latent_image_ids, pack_latents, unpack_latents
+from diffalign.flow_matching import latent_image_ids, pack_latents, unpack_latents, use_repeated_context
 from diffalign.steps import DDIMStep, FlowSDEStep
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class Family:
     ``check_sampling(pipe, request)`` says why a sampling request (``height``/``width`` resolved, the
     guidance and the pipeline keywords) cannot be sampled (None when it can); ``prepare_sampling(pipe,
     prompts, request) -> (pipeline inputs, conditioning)`` encodes the prompts once for pipelines whose
-    callback lacks conditioning tensors (FLUX): the inputs replace ``prompt`` in the pipeline call and the
+    callback lacks conditioning tensors (FLUX) or whose encoding the family shortens (SD3's zero T5 states as
+    one repeated token): the inputs replace ``prompt`` (and ``negative_prompt``) in the pipeline call and the
     conditioning joins the callback's tensors for ``capture``.
     """
 
@@ -195,20 +196,84 @@ def _raise_if(problem: str | None) -> None:
         raise ValueError(problem)
 
 
+def _collapse_zero_t5(transformer, embeds: list[torch.Tensor], t5_tokens: int) -> list[torch.Tensor] | None:
+    """``embeds`` with their T5 part (the last ``t5_tokens`` states) as one token, when that part is exactly
+    zero in all of them (SD3 without T5, or a zero T5 like toy-sd3's) and the transformer can count the token
+    ``t5_tokens`` times (:class:`~diffalign.flow_matching.RepeatedContextAttnProcessor`); None otherwise."""
+    if t5_tokens < 2 or any(e.shape[1] <= t5_tokens or e[:, -t5_tokens:].count_nonzero() for e in embeds):
+        return None
+    if not use_repeated_context(transformer):
+        return None
+    return [e[:, : e.shape[1] - t5_tokens + 1] for e in embeds]
+
+
+def _sd3_embeddings(pipe, captions: list[str], device, negative_prompt=None, do_cfg: bool = False):
+    """``(cond, uncond)`` as StableDiffusion3Pipeline.__call__ encodes them (the same prompt for CLIP-L,
+    CLIP-G and T5, T5 at the call's default length); zero T5 states are one token counted that many times
+    (``context_repeats``, see :func:`_collapse_zero_t5`)."""
+    _raise_if(_sd3_t5_problem(pipe))
+    t5_tokens = _call_default(pipe, "max_sequence_length")
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=do_cfg,
+        negative_prompt=negative_prompt, max_sequence_length=t5_tokens)
+    cond = {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if do_cfg else {}
+    parts = [d for d in (cond, uncond) if d]
+    collapsed = _collapse_zero_t5(pipe.transformer, [d["encoder_hidden_states"] for d in parts], t5_tokens)
+    for d, short in zip(parts, collapsed or [None] * len(parts), strict=True):
+        if short is None:
+            break
+        d["encoder_hidden_states"] = short
+        d["context_repeats"] = torch.full((len(captions),), float(t5_tokens), device=short.device)
+    return cond, uncond
+
+
 @torch.no_grad()
 def _encode_sd3(pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
-    _raise_if(_sd3_t5_problem(pipe))
-    # the same prompt for CLIP-L, CLIP-G and T5, T5 at the length StableDiffusion3Pipeline.__call__ uses
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=captions, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=False,
-        max_sequence_length=_call_default(pipe, "max_sequence_length"))
-    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    return _sd3_embeddings(pipe, captions, device)[0]
+
+
+@torch.no_grad()
+def _prepare_sd3(pipe, prompts: list[str], request: dict) -> tuple[dict, dict]:
+    # encoded once here and handed to the pipeline, so that zero T5 states can be one repeated token (the
+    # pipeline would encode all of them); the callback's embeddings then are these
+    do_cfg = request["guidance_scale"] > 1  # StableDiffusion3Pipeline.do_classifier_free_guidance
+    cond, uncond = _sd3_embeddings(pipe, prompts, pipe._execution_device, request["negative_prompt"], do_cfg)
+    inputs = {"prompt_embeds": cond["encoder_hidden_states"],
+              "pooled_prompt_embeds": cond["pooled_projections"], "negative_prompt": None}
+    if do_cfg:
+        inputs |= {"negative_prompt_embeds": uncond["encoder_hidden_states"],
+                   "negative_pooled_prompt_embeds": uncond["pooled_projections"]}
+    if "context_repeats" in cond:
+        inputs["joint_attention_kwargs"] = {"context_repeats": _call_default(pipe, "max_sequence_length")}
+        return inputs, {"context_repeats": cond["context_repeats"]}
+    return inputs, {}
+
+
+_split_sd3 = _split_negative_positive({"prompt_embeds": "encoder_hidden_states",
+                                       "pooled_prompt_embeds": "pooled_projections"})
+
+
+def _capture_sd3(tensors, b, do_cfg):
+    cond, uncond = _split_sd3(tensors, b, do_cfg)
+    if "context_repeats" in tensors:  # zero T5 states as one token (the same count with and without CFG)
+        for d in (cond, uncond) if uncond else (cond,):
+            d["context_repeats"] = tensors["context_repeats"]
+    return cond, uncond
 
 
 def _call_sd3(transformer, x, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
     # t in [0, 1000] (sigma * 1000), as StableDiffusion3Pipeline passes it
+    repeats = cond.get("context_repeats")
+    kwargs = None
+    if repeats is not None:
+        if not use_repeated_context(transformer):
+            raise ValueError(f"{type(transformer).__name__}: conditioning with a repeated zero-T5 token "
+                             "needs the stock joint attention processors; a custom one is set")
+        kwargs = {"context_repeats": int(round(float(repeats[0])))}
     return transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
-                       pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+                       pooled_projections=cond["pooled_projections"], joint_attention_kwargs=kwargs,
+                       return_dict=False)[0]
 
 
 def _size_rule(pipe, packing: int) -> tuple[int, str]:
@@ -323,11 +388,10 @@ FAMILIES: dict[str, Family] = {
                   make_training_noise=FlowMatchingNoise.from_pipeline_config, video=True,
                   check_frames=_wan_frames),
     "sd3": Family("sd3", ("StableDiffusion3Pipeline",), "transformer",
-                  ("prompt_embeds", "pooled_prompt_embeds"),
-                  _split_negative_positive({"prompt_embeds": "encoder_hidden_states",
-                                            "pooled_prompt_embeds": "pooled_projections"}),
-                  _call_sd3, _encode_sd3, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
-                  make_training_noise=FlowMatchingNoise.from_pipeline_config, check_sampling=_check_sd3),
+                  ("prompt_embeds", "pooled_prompt_embeds"), _capture_sd3, _call_sd3, _encode_sd3,
+                  make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
+                  make_training_noise=FlowMatchingNoise.from_pipeline_config, check_sampling=_check_sd3,
+                  prepare_sampling=_prepare_sd3),
     "flux": Family("flux", ("FluxPipeline",), "transformer", ("prompt_embeds",), _capture_flux, _call_flux,
                    _encode_flux, make_step_rule=lambda eta: FlowSDEStep(noise_level=eta),
                    make_training_noise=FlowMatchingNoise.from_pipeline_config, check_sampling=_check_flux,

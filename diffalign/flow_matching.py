@@ -7,6 +7,9 @@ FLUX's dynamic ``mu`` from its packed token count), the flow interpolation ``x_t
 target ``ε - x0``, FLUX's 2x2 latent packing and image ids, and the LoRA targets of each family. diffusers'
 own helpers do the work wherever they exist (``compute_density_for_timestep_sampling``,
 ``compute_loss_weighting_for_sd3``, ``calculate_shift``, ``FluxPipeline``'s packing static methods).
+
+One model-side piece: :class:`RepeatedContextAttnProcessor`, SD3's joint attention where one context token
+may stand for many identical ones (SD3 without T5: 256 zero states; see the class).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -172,3 +177,69 @@ def latent_image_ids(
 def packed_seq_len(latent_height: int, latent_width: int) -> int:
     """How many tokens FLUX's packed latents hold (what :func:`flux_mu` takes)."""
     return (latent_height // 2) * (latent_width // 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SD3's joint attention with a repeated context token
+# ----------------------------------------------------------------------------------------------------
+class RepeatedContextAttnProcessor:
+    """diffusers' ``JointAttnProcessor2_0``, where the last context token may stand for ``context_repeats``
+    identical tokens (a ``joint_attention_kwargs`` entry): its key gets ``log(context_repeats)`` added to
+    every attention logit, which is what that many copies contribute to the softmax.
+
+    SD3 without T5 (or with a T5 whose states are zero) conditions on 256 zero T5 states after CLIP's. Every
+    block processes tokens one by one except in attention, where identical queries get identical outputs,
+    so the 256 stay identical through the model and one of them, counted 256 times, is the same function
+    (equal up to float rounding) at a fraction of the tokens. Called without ``context_repeats`` (a stock
+    pipeline call) it is exactly the stock processor.
+    """
+
+    def __init__(self):
+        self.stock = JointAttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 context_repeats: int | None = None, **kwargs):
+        if context_repeats is None or encoder_hidden_states is None:  # SD3.5's attn2 has no context
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+        b, n = hidden_states.shape[:2]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = (heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)),
+                   heads(attn.to_v(hidden_states)))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = math.log(context_repeats)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        image, context = out[:, :n], out[:, n:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return attn.to_out[1](attn.to_out[0](image)), context
+
+
+def use_repeated_context(model: torch.nn.Module) -> bool:
+    """Give ``model``'s joint attention :class:`RepeatedContextAttnProcessor` (it is the stock one on
+    calls without ``context_repeats``). False, and nothing changed, when some attention runs a processor of
+    the user's (IP-Adapter, a custom one): a repeated context token cannot be counted there. Checked on
+    every call (a module walk: microseconds next to a forward), so processors set later are seen."""
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    ready = bool(attentions) and all(
+        type(m.processor) in (JointAttnProcessor2_0, RepeatedContextAttnProcessor) for m in attentions)
+    if ready:
+        for m in attentions:
+            if type(m.processor) is JointAttnProcessor2_0:
+                m.set_processor(RepeatedContextAttnProcessor())
+    return ready

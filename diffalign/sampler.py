@@ -365,8 +365,7 @@ def sample(
     pipe.scheduler = recorder
     try:
         out = pipe(
-            **prompt_inputs,
-            negative_prompt=negative_prompt,
+            **{"negative_prompt": negative_prompt, **prompt_inputs},  # pre-encoded inputs replace it
             num_inference_steps=num_steps,
             guidance_scale=guidance_scale,
             generator=generator,

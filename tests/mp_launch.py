@@ -11,6 +11,9 @@ Environment variables:
 * ``DIFFALIGN_TRACE_LOSS=1``: every rank prints ``TRACE {"rank": r, "loss": ..., <extra metrics>}`` on
   stderr for each objective call (its local, unreduced values), so a test can check what the trainer logs
   against the ranks.
+* ``DIFFALIGN_COUNT_CHECKPOINTS=1``: every rank prints ``TRACE {"rank": r, "checkpointed": n}`` on stderr
+  at exit: how many block forwards ran under ``torch.utils.checkpoint`` with gradients on (diffusers'
+  gradient checkpointing), so a test sees that the setting reached the sharded model.
 * ``DIFFALIGN_FAIL=RANK:WHAT:CALL``: on rank ``RANK`` only, make the ``CALL``-th (1-based) call of a real
   failure point fail, as a broken scorer or data would: ``reward`` (the brightness scorer raises),
   ``nan_reward`` (it returns NaN for every sample) or ``data`` (the unreadable-row counter raises its
@@ -106,6 +109,23 @@ def install_loss_trace() -> None:
         cls.__call__ = traced
 
 
+def install_checkpoint_count() -> None:
+    import atexit
+
+    import torch
+    import torch.utils.checkpoint
+
+    original, count = torch.utils.checkpoint.checkpoint, [0]
+
+    def counted(*args, **kwargs):
+        count[0] += torch.is_grad_enabled()
+        return original(*args, **kwargs)
+
+    torch.utils.checkpoint.checkpoint = counted  # diffusers looks it up at every call
+    atexit.register(lambda: sys.stderr.write(
+        "TRACE " + json.dumps({"rank": _rank(), "checkpointed": count[0]}) + "\n"))
+
+
 def install_failure(what: str, call: int) -> None:
     import torch
 
@@ -152,6 +172,8 @@ def main() -> int:
         install_write_guard(roots)
     if os.environ.get("DIFFALIGN_TRACE_LOSS") == "1":
         install_loss_trace()
+    if os.environ.get("DIFFALIGN_COUNT_CHECKPOINTS") == "1":
+        install_checkpoint_count()
     if os.environ.get("DIFFALIGN_FAIL"):
         rank, what, call = os.environ["DIFFALIGN_FAIL"].split(":")
         if int(rank) == _rank():

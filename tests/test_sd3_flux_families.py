@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from helpers.lora_loading import load_messages, lost_keys
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -222,13 +223,43 @@ def test_sd3_without_t5_samples_with_zero_t5_states_and_warns_once(tiny_sd3, cap
     warnings = [r.getMessage() for r in caplog.records if "without T5" in r.getMessage()]
     assert len(warnings) == 1 and "text_encoder_3 is None" in warnings[0]
     embeds = first.trajectory.cond["encoder_hidden_states"]
-    clip_tokens = 77  # CLIP-L/G states first, then T5's, zeros without it
+    clip_tokens = 77  # CLIP-L/G states first, then T5's 256 zeros, here as one zero token counted 256 times
+    assert embeds.shape[1] == clip_tokens + 1
     assert embeds[:, clip_tokens:].abs().max() == 0 and embeds[:, :clip_tokens].abs().max() > 0
     with_t5 = sample(tiny_sd3, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False)
-    assert with_t5.trajectory.cond["encoder_hidden_states"][:, clip_tokens:].abs().max() > 0
+    assert with_t5.trajectory.cond["encoder_hidden_states"].shape[1] == clip_tokens + 256
+    assert "context_repeats" not in with_t5.trajectory.cond
     # the training captions' encoding agrees with the sampler's
     cond = FAMILIES["sd3"].encode_prompt(no_t5, PROMPTS, "cpu")
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds)
+    assert cond["context_repeats"].tolist() == [256.0, 256.0]
+
+
+def test_sd3_zero_t5_states_as_one_repeated_token_are_the_stock_pipeline(tiny_sd3):
+    """Without T5 the stock pipeline feeds 256 identical zero states; the family feeds one, counted 256 times
+    in attention (RepeatedContextAttnProcessor): the same latents up to float rounding, exact recompute,
+    and the stock processors' results unchanged for calls without the count."""
+    no_t5 = type(tiny_sd3)(**{**tiny_sd3.components, "text_encoder_3": None, "tokenizer_3": None})
+    no_t5.set_progress_bar_config(disable=True)
+    no_t5.transformer.set_attn_processor(JointAttnProcessor2_0())
+    stock_with_t5 = _stock_latents(tiny_sd3, "sd3", [0, 1], 4.0)
+    stock = _stock_latents(no_t5, "sd3", [0, 1], 4.0)
+    out = sample(no_t5, PROMPTS, seeds=[0, 1], num_steps=4, guidance_scale=4.0, eta=0.0, height=32, width=32,
+                 decode=False)
+    traj = out.trajectory
+    assert traj.do_cfg and traj.cond["encoder_hidden_states"].shape[1] == 78
+    assert traj.uncond["context_repeats"].tolist() == [256.0, 256.0]
+    assert {type(p).__name__ for p in no_t5.transformer.attn_processors.values()} == {
+        "RepeatedContextAttnProcessor"}
+    torch.testing.assert_close(traj.latents[:, -1], stock, rtol=1e-4, atol=1e-5)
+    assert (stock - traj.latents[:, 0]).abs().max() > 0.1  # it denoised
+    # stock calls (no count) on the same transformer are bit-exact as before
+    assert torch.equal(_stock_latents(tiny_sd3, "sd3", [0, 1], 4.0), stock_with_t5)
+    noisy = sample(no_t5, PROMPTS, seeds=[3, 4], num_steps=4, guidance_scale=4.0, eta=0.7, height=32,
+                   width=32, decode=False).trajectory
+    with torch.no_grad():
+        again = recompute_log_probs(no_t5.transformer, noisy, chunk_size=3)
+    torch.testing.assert_close(again, noisy.log_probs, atol=1e-5, rtol=0)
 
 
 def test_t5_encoder_without_its_tokenizer_is_one_line(tiny_sd3):

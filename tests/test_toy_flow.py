@@ -36,8 +36,9 @@ def random_pipe():
 def test_training_attention_with_one_repeated_token_equals_the_stock_pipeline_with_256_t5_zeros(
     random_pipe, one_thread
 ):
+    from diffalign.flow_matching import use_repeated_context
     from diffalign.toy.flow_model import CLIP_TOKENS
-    from diffalign.toy.flow_pretrain import T5_ZERO_TOKENS, RepeatedTokenJointAttnProcessor, encode_captions
+    from diffalign.toy.flow_pretrain import T5_ZERO_TOKENS, encode_captions
 
     pipe = random_pipe
     captions = data.toy_prompts("train", 3, seed=0)
@@ -54,14 +55,17 @@ def test_training_attention_with_one_repeated_token_equals_the_stock_pipeline_wi
     with torch.no_grad():
         stock = transformer(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
         processors = transformer.attn_processors
-        transformer.set_attn_processor(RepeatedTokenJointAttnProcessor(T5_ZERO_TOKENS))
+        assert use_repeated_context(transformer)
         try:
-            collapsed = transformer(x, encoder_hidden_states=short, pooled_projections=pooled,
-                                    timestep=t).sample
+            collapsed = transformer(x, encoder_hidden_states=short, pooled_projections=pooled, timestep=t,
+                                    joint_attention_kwargs={"context_repeats": T5_ZERO_TOKENS}).sample
+            # without the count it is the stock processor, bit for bit
+            again = transformer(x, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t).sample
         finally:
             transformer.set_attn_processor(processors)
         # the count matters: the stock attention over the same tokens (the zero token counted once)
         wrong = transformer(x, encoder_hidden_states=short, pooled_projections=pooled, timestep=t).sample
+    assert torch.equal(again, stock)
     assert stock.abs().mean() > 0.1
     torch.testing.assert_close(collapsed, stock, rtol=1e-4, atol=1e-5)
     assert (wrong - stock).abs().max() > 1e-3

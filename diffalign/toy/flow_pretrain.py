@@ -17,8 +17,8 @@ empty prompt, trained by dropping captions, so classifier-free guidance works wi
 toy-sd3's T5 gives 256 zero token states after the 77 CLIP ones (``flow_model``). They stay identical
 through every block (each token is processed alone except in attention, where identical queries get
 identical outputs), so training sees one such token whose attention key counts 256 times
-(:class:`RepeatedTokenJointAttnProcessor`): the same function at a third of the tokens. Sampling and the
-shipped model use the stock processor.
+(:class:`~diffalign.flow_matching.RepeatedContextAttnProcessor`): the same function at a third of the
+tokens, as the SD3 family samples and trains it; the shipped model has the stock processors.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, fields
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffalign.flow_matching import use_repeated_context
 from diffalign.models import diffusers_log_level
 from diffalign.toy import data
 from diffalign.toy.data import IMAGE_SIZE
@@ -111,40 +111,6 @@ class FlowPretrainConfig:
                 f"FlowPretrainConfig.caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
-class RepeatedTokenJointAttnProcessor:
-    """diffusers' ``JointAttnProcessor2_0`` where the last context token stands for ``repeats`` identical
-    tokens: its key gets ``log(repeats)`` added to every attention logit, which is what ``repeats`` copies of
-    it contribute to the softmax."""
-
-    def __init__(self, repeats: int):
-        self.log_repeats = math.log(repeats)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n = hidden_states.shape[:2]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = (heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)),
-                   heads(attn.to_v(hidden_states)))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_repeats
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        image, context = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            context = attn.to_add_out(context)
-        return attn.to_out[1](attn.to_out[0](image)), context
-
-
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3 conditioning of each caption with the T5 zeros collapsed to one token: [N, CLIP tokens + 1, 32]
@@ -170,7 +136,8 @@ def flow_matching_loss(transformer, z0, noise, sigmas, embeds, pooled) -> torch.
     s = sigmas.view(-1, 1, 1, 1)
     zt = (1 - s) * z0 + s * noise
     pred = transformer(hidden_states=zt, timestep=sigmas * 1000, encoder_hidden_states=embeds,
-                       pooled_projections=pooled).sample
+                       pooled_projections=pooled,
+                       joint_attention_kwargs={"context_repeats": T5_ZERO_TOKENS}).sample
     return F.mse_loss(pred.float(), (noise - z0).float())
 
 
@@ -185,7 +152,7 @@ def train_transformer(pipe, ema, latent_mean, latent_std, caption_ids, cond, unc
         _load_optimizer(optimizer, resume[1]["optimizer"])
         start = resume[0]["step"]
     stock = transformer.attn_processors
-    transformer.set_attn_processor(RepeatedTokenJointAttnProcessor(T5_ZERO_TOKENS))
+    use_repeated_context(transformer)
     embeds, pooled = cond
     scale, shift = pipe.vae.config.scaling_factor, pipe.scheduler.config.shift
     transformer.train()

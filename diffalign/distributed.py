@@ -62,12 +62,14 @@ def check_launch(accelerator, cfg, spec) -> None:
     )
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
     check_distributed(accelerator.distributed_type, stage, spec,
-                      fsdp_version=fsdp.fsdp_version if fsdp is not None else None)
+                      fsdp_version=fsdp.fsdp_version if fsdp is not None else None,
+                      fsdp_activation_checkpointing=bool(getattr(fsdp, "activation_checkpointing", False)))
 
 
-def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | None = 2) -> None:
-    """Refuse a distributed type (DeepSpeed ZeRO stage, FSDP version) the trainer cannot run ``spec``
-    under."""
+def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | None = 2,
+                      fsdp_activation_checkpointing: bool = False) -> None:
+    """Refuse a distributed type (DeepSpeed ZeRO stage, FSDP version and options) the trainer cannot run
+    ``spec`` under."""
     from accelerate.utils import DistributedType
 
     if kind == DistributedType.FSDP:
@@ -77,6 +79,14 @@ def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | No
                 "fsdp_config.fsdp_version: 2 (FSDP2, fully_shard) in the accelerate config, as "
                 "configs/accelerate/fsdp.yaml does."
             )
+        if fsdp_activation_checkpointing:
+            # accelerate's wrapper puts each block under a _checkpoint_wrapped_module, renaming every
+            # parameter that checkpoints, SePPO's pool, NFT's old policy and the outputs are keyed by
+            raise NotImplementedError(
+                "fsdp_activation_checkpointing (and its _offload) is not supported by the diffalign "
+                "trainer: it renames the denoiser's parameters. Set it to false in the accelerate config "
+                "and model.gradient_checkpointing=true in the diffalign config (diffusers' checkpointing of "
+                "the same blocks, which works under FSDP2).")
         return
     if kind == DistributedType.DEEPSPEED:
         if zero_stage == 3:

@@ -13,7 +13,8 @@ What is compared, and why these tolerances:
   steps at lr 1e-4: 1.9e-5 at most on the weights for FSDP and for DDP alike against one process (5.6e-6
   FSDP against DDP), while the weights moved by 3.0e-4 (Adam moves a weight by about lr per step, so a
   weight whose tiny gradient changes sign moves the most); the bound, 6e-5, is five times below the
-  movement and three times above the noise.
+  movement and three times above the noise. The FSDP run checkpoints its blocks' activations
+  (``model.gradient_checkpointing``, counted on both ranks): recomputing a forward changes nothing.
 * PRDP, LoRA: an online method samples per process (each rank's prompts and seeds depend on its index),
   so one process with twice the prompts draws other samples and no match is expected. The same launch
   under DDP draws the same samples: FSDP must train exactly what DDP trains, within the same float32
@@ -123,6 +124,9 @@ def test_fsdp2_is_accepted_for_every_method_and_fsdp1_is_refused_clearly():
     with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
         check_distributed(DistributedType.FSDP, None, METHODS["dpo"], fsdp_version=1)
     check_distributed(DistributedType.FSDP, None, METHODS["seppo"], fsdp_version=2)
+    with pytest.raises(NotImplementedError, match="model.gradient_checkpointing=true") as err:
+        check_distributed(DistributedType.FSDP, None, METHODS["prdp"], fsdp_activation_checkpointing=True)
+    assert "fsdp_activation_checkpointing" in str(err.value)
 
 
 def test_together_leaves_one_process_errors_as_they_are():
@@ -174,7 +178,8 @@ def test_a_failing_process_stops_every_process_with_one_message(method, failure,
 # FSDP trains what one process with twice the batch trains (DPO, full fine-tune)
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_fsdp_dpo_full_finetune_matches_one_process_with_twice_the_batch(tmp_path, tiny_sdxl_path):
+def test_fsdp_dpo_full_finetune_with_checkpointing_matches_one_process_with_twice_the_batch(tmp_path,
+                                                                                        tiny_sdxl_path):
     from diffalign.config import load_config
     from diffalign.train import train
 
@@ -183,10 +188,14 @@ def test_fsdp_dpo_full_finetune_matches_one_process_with_twice_the_batch(tmp_pat
     one, two = tmp_path / "one", tmp_path / "two"
     train(load_config(ROOT / "configs" / "tiny-sdxl" / "dpo.yaml",
                       [f"train.output_dir={one}", *common, "train.batch_size=4"]))
+    # the FSDP run with diffusers' gradient checkpointing of the sharded blocks: the same weights
     result = _launch(FSDP_CONFIG, "tiny-sdxl/dpo.yaml", two,
-                     [*common, "train.batch_size=2", "checkpoint.every_n_steps=3"])
+                     [*common, "train.batch_size=2", "checkpoint.every_n_steps=3",
+                      "model.gradient_checkpointing=true"], env={"DIFFALIGN_COUNT_CHECKPOINTS": "1"})
     assert "FSDP2: the denoiser is sharded over 2 processes" in result.stderr
     assert "and its frozen reference copy too" in result.stderr
+    checkpointed = {rank: t[-1]["checkpointed"] for rank, t in _traces(result).items()}
+    assert set(checkpointed) == {0, 1} and min(checkpointed.values()) > 0, checkpointed
 
     name = "unet/diffusion_pytorch_model.safetensors"
     w1, w2 = load_file(str(one / name)), load_file(str(two / name))

@@ -8,7 +8,7 @@
         --eval-scorers toy_faithfulness   # a reward-gradient method needs a differentiable reward
 
 Every run goes through the real trainer (``diffalign.train.train``) from its ``configs/toy-sdxl/`` config
-(:data:`METHOD_CONFIGS`): the online methods with ``method.reward`` set to the cell's reward, DPO / MaPO /
+(:data:`METHOD_CONFIGS`; ``--configs toy-sd3``: the toy flow model and its configs, e.g. ``--methods nft``): the online methods with ``method.reward`` set to the cell's reward, DPO / MaPO /
 SePPO on ``--pairs`` (labelled by the toy GenEval); all train on the training captions only. Then every
 finished run and the base model are judged by the toy GenEval (:mod:`diffalign.toy.geneval`) on all 126
 held-out captions (whose colour/shape/background triples the model never saw), on the same noise for every
@@ -47,10 +47,12 @@ from alignment import interval  # the image benchmark's 95 % t-interval (this sc
 #: method -> the toy-sdxl config it trains from. Online methods (PRDP, DDPO, GRPO, DRaFT-K, ReFL) take any
 #: reward (``--rewards``; DRaFT-K and ReFL only a differentiable one, e.g. ``toy_faithfulness``, not the toy
 #: GenEval; ReFL's config adds its pretraining loss on the pairs' chosen images);
+#: NFT only on a flow model (``--configs toy-sd3``, whose configs/toy-sd3/ has the online ones and nft);
 #: DPO, MaPO and SePPO (winners = the pairs' chosen images) train on ``--pairs``, AI-feedback pairs labelled
 #: by the toy GenEval (the README main job's, ``data/toy-geneval-pairs``); DPO with the main job's settings.
 METHOD_CONFIGS = {"prdp": "prdp.yaml", "ddpo": "ddpo.yaml", "grpo": "grpo.yaml", "draft_k": "draft_k.yaml",
-                  "refl": "refl.yaml", "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml", "seppo": "seppo.yaml"}
+                  "refl": "refl.yaml", "dpo": "dpo-geneval.yaml", "mapo": "mapo.yaml", "seppo": "seppo.yaml",
+                  "nft": "nft.yaml"}
 METHODS = tuple(METHOD_CONFIGS)
 PAIR_METHODS = ("dpo", "mapo", "seppo")
 
@@ -74,7 +76,7 @@ def run_one(method: str, reward: str, seed: int, args) -> dict:
     else:
         overrides += [f"method.reward={reward}", "eval.scorers=[toy_geneval,toy_saturation]",
                       *args.online_override]
-    cfg = load_config(f"configs/toy-sdxl/{METHOD_CONFIGS[method]}", overrides)
+    cfg = load_config(f"configs/{args.configs}/{METHOD_CONFIGS[method]}", overrides)
     t0, cpu0 = time.time(), time.process_time()
     train(cfg)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -99,7 +101,7 @@ def evaluate(results: list[dict], args) -> dict:
     from diffalign.scorers import make_scorer
     from diffalign.toy.geneval import GenEvalSettings, load_models, toy_geneval
 
-    specs = {"base": "toy-sdxl", **{Path(r["run"]).name: f"{r['run']}:lora" for r in results}}
+    specs = {"base": args.configs, **{Path(r["run"]).name: f"{r['run']}:lora" for r in results}}
     pipes = load_models(specs)
     names = (["toy_saturation"] if args.saturation else []) + args.eval_scorers
     scorers = {name: make_scorer(name) for name in names} or None
@@ -233,9 +235,14 @@ def main() -> None:
     parser.add_argument("--eval-only", action="store_true", help="evaluate the finished runs under --out")
     parser.add_argument("--train-only", action="store_true",
                         help="train the missing runs, evaluate later (--eval-only judges them all at once)")
+    parser.add_argument("--configs", default="toy-sdxl", choices=["toy-sdxl", "toy-sd3"],
+                        help="the toy model and its config set: configs/CONFIGS/METHOD.yaml")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/toy-geneval")
     args = parser.parse_args()
+    missing = [m for m in args.methods if not Path(f"configs/{args.configs}/{METHOD_CONFIGS[m]}").is_file()]
+    if missing:
+        parser.error(f"no configs/{args.configs}/ config for {', '.join(missing)}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,10 @@ denoiser (DDP, DeepSpeed or FSDP) and shards the data. What each combination nee
   without GPUs (the tests) accelerate sets FSDP up only for GPUs; :func:`enable_fsdp_on_cpu` applies
   the same plugin to the CPU processes (gloo). SePPO's pool keeps whole LoRA weights (or files of the
   whole denoiser) and shards an entry back in when it is the reference, the same one on every process
-  (:mod:`diffalign.objectives.winners`). FSDP1 is refused (use ``fsdp_version: 2``).
+  (:mod:`diffalign.objectives.winners`). FSDP1 is refused (use ``fsdp_version: 2``), as are accelerate's
+  ``fsdp_activation_checkpointing`` (its wrapper renames the parameters; diffusers' own
+  ``model.gradient_checkpointing`` works on the shards) and parameter offload on CPU processes (it pins
+  host memory: GPUs only).
 * **DeepSpeed ZeRO-3**: refused: it partitions the denoiser's parameters, which sampling, evaluation and
   saving read whole, and has no counterpart of FSDP2's explicit gather here. Use FSDP2.
 """
@@ -61,13 +64,15 @@ def check_launch(accelerator, cfg, spec) -> None:
         else None
     )
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    offload = type(getattr(fsdp, "cpu_offload", None)).__name__ == "CPUOffloadPolicy"
     check_distributed(accelerator.distributed_type, stage, spec,
                       fsdp_version=fsdp.fsdp_version if fsdp is not None else None,
-                      fsdp_activation_checkpointing=bool(getattr(fsdp, "activation_checkpointing", False)))
+                      fsdp_activation_checkpointing=bool(getattr(fsdp, "activation_checkpointing", False)),
+                      fsdp_offload_on_cpu=offload and accelerator.device.type == "cpu")
 
 
 def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | None = 2,
-                      fsdp_activation_checkpointing: bool = False) -> None:
+                      fsdp_activation_checkpointing: bool = False, fsdp_offload_on_cpu: bool = False) -> None:
     """Refuse a distributed type (DeepSpeed ZeRO stage, FSDP version and options) the trainer cannot run
     ``spec`` under."""
     from accelerate.utils import DistributedType
@@ -87,6 +92,10 @@ def check_distributed(kind, zero_stage: int | None, spec, fsdp_version: int | No
                 "trainer: it renames the denoiser's parameters. Set it to false in the accelerate config "
                 "and model.gradient_checkpointing=true in the diffalign config (diffusers' checkpointing of "
                 "the same blocks, which works under FSDP2).")
+        if fsdp_offload_on_cpu:
+            raise NotImplementedError(
+                "fsdp_offload_params needs GPUs: FSDP2 offloads the shards to pinned host memory, and CPU "
+                "processes hold them in host memory already; set fsdp_offload_params: false for a CPU run")
         return
     if kind == DistributedType.DEEPSPEED:
         if zero_stage == 3:

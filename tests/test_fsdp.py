@@ -127,6 +127,8 @@ def test_fsdp2_is_accepted_for_every_method_and_fsdp1_is_refused_clearly():
     with pytest.raises(NotImplementedError, match="model.gradient_checkpointing=true") as err:
         check_distributed(DistributedType.FSDP, None, METHODS["prdp"], fsdp_activation_checkpointing=True)
     assert "fsdp_activation_checkpointing" in str(err.value)
+    with pytest.raises(NotImplementedError, match="fsdp_offload_params needs GPUs"):
+        check_distributed(DistributedType.FSDP, None, METHODS["dpo"], fsdp_offload_on_cpu=True)
 
 
 def test_together_leaves_one_process_errors_as_they_are():

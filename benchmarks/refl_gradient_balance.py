@@ -22,10 +22,9 @@ from accelerate import Accelerator
 from diffalign.config import load_config
 from diffalign.families import family_of
 from diffalign.methods import METHODS
-from diffalign.models import load_pipeline
 from diffalign.objectives import OBJECTIVES, TrainContext
 from diffalign.objectives.reward_gradient import ChainSteps, latents_for_reward, pretraining_loss
-from diffalign.train import lora_config
+from diffalign.train import load_models
 
 
 def main() -> None:
@@ -38,21 +37,15 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     if not getattr(cfg.method, "pretrain_data", ""):
         parser.error("the config needs method.pretrain_data and method.pretrain_loss_weight > 0")
-    pipe = load_pipeline(cfg.model.name)
-    pipe.set_progress_bar_config(disable=True)
-    family = family_of(pipe)
-    denoiser = getattr(pipe, family.denoiser_attr)
-    denoiser.requires_grad_(False)
-    denoiser.add_adapter(lora_config(denoiser, cfg.lora))
-    noise = family.make_training_noise(pipe.scheduler.config)
-    spec = METHODS[cfg.method.name]
-    ctx = TrainContext(cfg, spec, Accelerator(cpu=True), pipe, family, denoiser, noise, torch.float32)
+    spec, accelerator = METHODS[cfg.method.name], Accelerator(cpu=True)
+    pipe, denoiser, _, noise, dtype, _ = load_models(cfg, spec, accelerator)  # the trainer's own models
+    ctx = TrainContext(cfg, spec, accelerator, pipe, family_of(pipe), denoiser, noise, dtype)
     objective = OBJECTIVES[spec.kind](ctx)
     lora = [p for n, p in denoiser.named_parameters() if "lora_" in n]
 
     prompts, seeds = next(objective.batches())
     trajectory = objective.sample_chain(prompts, seeds)
-    chain = ChainSteps(denoiser, family, trajectory, ctx.device, ctx.weight_dtype)
+    chain = ChainSteps(denoiser, ctx.family, trajectory, ctx.device, ctx.weight_dtype)
     x, _ = latents_for_reward(cfg.method, chain, trajectory.latents, objective.generator)
     rewards = objective.scorer.score(objective.decode(x), prompts)
     reward_term = spec.reward_loss(cfg.method, rewards, torch.zeros(())).loss  # w · 0: the reward term alone

@@ -1,5 +1,6 @@
-"""toy-sd3's training step: the stock joint attention over 77 CLIP + 256 zero T5 tokens against the same
-function with the zeros as one token counted 256 times (what ``diffalign toy pretrain-flow`` trains with).
+"""toy-sd3's training step: the stock joint attention over its CLIP + 256 zero T5 tokens against the same
+function with the zeros as one token counted 256 times (what ``diffalign toy pretrain-flow`` trains with and
+the ``sd3`` family samples and trains with wherever the T5 states are zero).
 
     python benchmarks/toy_flow_step.py --threads 1 --repeats 5
 
@@ -37,9 +38,9 @@ def main() -> None:
     stock_processors = transformer.attn_processors
     x = torch.randn(args.batch_size, 4, 16, 16)
     t = torch.rand(args.batch_size) * 1000
-    variants = {"stock (333 tokens)": (stock_processors, stock_embeds, None),
-                "one repeated token (78)": (RepeatedContextAttnProcessor(), short_embeds,
-                                            {"context_repeats": T5_ZERO_TOKENS})}
+    repeated = (RepeatedContextAttnProcessor(), short_embeds, {"context_repeats": T5_ZERO_TOKENS})
+    variants = {f"stock ({stock_embeds.shape[1]} context tokens)": (stock_processors, stock_embeds, None),
+                f"one repeated token ({short_embeds.shape[1]})": repeated}
     seconds = {name: [] for name in variants}
     for repeat in range(args.repeats + 1):
         for name, (processor, embeds, kwargs) in variants.items():

@@ -262,6 +262,28 @@ def test_sd3_zero_t5_states_as_one_repeated_token_are_the_stock_pipeline(tiny_sd
     torch.testing.assert_close(again, noisy.log_probs, atol=1e-5, rtol=0)
 
 
+class _UsersProcessor(JointAttnProcessor2_0):
+    """A processor of the user's (as IP-Adapter's would be): a repeated token cannot be counted there."""
+
+
+def test_sd3_zero_t5_states_stay_whole_under_a_users_attention_processor(tiny_sd3):
+    no_t5 = type(tiny_sd3)(**{**tiny_sd3.components, "text_encoder_3": None, "tokenizer_3": None})
+    no_t5.set_progress_bar_config(disable=True)
+    processors = no_t5.transformer.attn_processors
+    no_t5.transformer.set_attn_processor(_UsersProcessor())
+    try:
+        traj = sample(no_t5, PROMPTS, seeds=[0, 1], num_steps=2, height=32, width=32, decode=False).trajectory
+        assert traj.cond["encoder_hidden_states"].shape[1] == 77 + 256 and "context_repeats" not in traj.cond
+        collapsed = {"encoder_hidden_states": traj.cond["encoder_hidden_states"][:, :78],
+                     "pooled_projections": traj.cond["pooled_projections"],
+                     "context_repeats": torch.full((2,), 256.0)}
+        with pytest.raises(ValueError, match="needs the stock joint attention processors"):
+            t = traj.timesteps[:1].expand(2)
+            FAMILIES["sd3"].call(no_t5.transformer, traj.latents[:, 0], t, collapsed)
+    finally:
+        no_t5.transformer.set_attn_processor(processors)
+
+
 def test_t5_encoder_without_its_tokenizer_is_one_line(tiny_sd3):
     broken = type(tiny_sd3)(**{**tiny_sd3.components, "tokenizer_3": None})
     with pytest.raises(ValueError, match="text_encoder_3 .* but no tokenizer_3") as err:

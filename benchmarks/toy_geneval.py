@@ -8,7 +8,8 @@
         --eval-scorers toy_faithfulness   # a reward-gradient method needs a differentiable reward
 
 Every run goes through the real trainer (``diffalign.train.train``) from its ``configs/toy-sdxl/`` config
-(:data:`METHOD_CONFIGS`; ``--configs toy-sd3``: the toy flow model and its configs, e.g. ``--methods nft``): the online methods with ``method.reward`` set to the cell's reward, DPO / MaPO /
+(:data:`METHOD_CONFIGS`; ``--configs toy-sd3``: the toy flow model and its configs, e.g. ``--methods nft``):
+the online methods with ``method.reward`` set to the cell's reward, DPO / MaPO /
 SePPO on ``--pairs`` (labelled by the toy GenEval); all train on the training captions only. Then every
 finished run and the base model are judged by the toy GenEval (:mod:`diffalign.toy.geneval`) on all 126
 held-out captions (whose colour/shape/background triples the model never saw), on the same noise for every

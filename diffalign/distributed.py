@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.distributed.fsdp import CPUOffloadPolicy
 
 from diffalign.parallel import is_sharded, unsharded_copy
 
@@ -64,7 +65,7 @@ def check_launch(accelerator, cfg, spec) -> None:
         else None
     )
     fsdp = getattr(accelerator.state, "fsdp_plugin", None)
-    offload = type(getattr(fsdp, "cpu_offload", None)).__name__ == "CPUOffloadPolicy"
+    offload = isinstance(getattr(fsdp, "cpu_offload", None), CPUOffloadPolicy)
     check_distributed(accelerator.distributed_type, stage, spec,
                       fsdp_version=fsdp.fsdp_version if fsdp is not None else None,
                       fsdp_activation_checkpointing=bool(getattr(fsdp, "activation_checkpointing", False)),

@@ -220,11 +220,10 @@ def _sd3_embeddings(pipe, captions: list[str], device, negative_prompt=None, do_
     uncond = {"encoder_hidden_states": negative, "pooled_projections": negative_pooled} if do_cfg else {}
     parts = [d for d in (cond, uncond) if d]
     collapsed = _collapse_zero_t5(pipe.transformer, [d["encoder_hidden_states"] for d in parts], t5_tokens)
-    for d, short in zip(parts, collapsed or [None] * len(parts), strict=True):
-        if short is None:
-            break
-        d["encoder_hidden_states"] = short
-        d["context_repeats"] = torch.full((len(captions),), float(t5_tokens), device=short.device)
+    if collapsed is not None:
+        for d, short in zip(parts, collapsed, strict=True):
+            d["encoder_hidden_states"] = short
+            d["context_repeats"] = torch.full((len(captions),), float(t5_tokens), device=short.device)
     return cond, uncond
 
 

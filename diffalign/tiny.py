@@ -484,7 +484,7 @@ def build_tiny(kind: str, seed: int = 0):
     return _BUILDERS[kind](seed)
 
 
-def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
+def save_pipeline(pipe, out_dir: str | os.PathLike, replace: bool = True) -> Path:
     """Write ``pipe`` as a diffusers folder (safetensors), atomically: a crash leaves the old folder or none.
 
     CLIP tokenizers are written as ``vocab.json`` + ``merges.txt``, as the real SD/SDXL repositories ship
@@ -499,12 +499,13 @@ def save_pipeline(pipe, out_dir: str | os.PathLike) -> Path:
                 (tmp / name / "tokenizer.json").unlink(missing_ok=True)
                 write_clip_tokenizer_files(tmp / name)
 
-    return write_folder_atomically(out_dir, write)
+    return write_folder_atomically(out_dir, write, replace)
 
 
-def write_folder_atomically(out_dir: str | os.PathLike, write) -> Path:
+def write_folder_atomically(out_dir: str | os.PathLike, write, replace: bool = True) -> Path:
     """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder
-    or none."""
+    or none. With ``replace=False`` (a cache that processes started together may all fill) a folder another
+    process put there first is kept and ours dropped, so nobody loading it sees it removed."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -512,8 +513,14 @@ def write_folder_atomically(out_dir: str | os.PathLike, write) -> Path:
         write(tmp)
         apply_umask(tmp)
         if out.exists():
+            if not replace:
+                return out
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # a non-empty folder appeared in between: another process's identical build
+            if replace or not out.exists():
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -537,5 +544,5 @@ def cached_tiny(kind: str, seed: int = 0) -> Path:
     """Path of the tiny ``kind`` pipeline folder, built on first use."""
     path = cache_dir() / "tiny" / f"{kind}-seed{seed}-v{TINY_VERSION}"
     if not (path / "model_index.json").exists():
-        save_tiny(kind, path, seed)
+        save_pipeline(build_tiny(kind, seed), path, replace=False)
     return path

@@ -6,7 +6,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from diffalign.tiny import build_clip_tokenizer, save_tiny
+from diffalign.tiny import build_clip_tokenizer, save_tiny, write_folder_atomically
 
 # Strings without HTML entities or '!': open_clip also html-unescapes (HF's CLIP tokenizer does not), and
 # SDXL's second tokenizer pads with '!', which HF then splits out as a special token (the real one does too).
@@ -80,3 +80,26 @@ def test_sdxl_architecture_is_real_sdxl(tiny_sdxl):
     )
     assert type(tiny_sdxl.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert tiny_sdxl.tokenizer_2.pad_token == "!"
+
+
+def test_a_cache_build_keeps_the_folder_another_process_placed_first(tmp_path):
+    """Processes started together (an ``accelerate launch`` on a fresh cache) all build it: the first folder
+    in place stays, so a process already loading it never sees it removed; an ordinary save replaces."""
+    out = tmp_path / "cache" / "model"
+
+    def write(marker):
+        def fill(tmp):
+            (tmp / "who").write_text(marker)
+        return fill
+
+    def loses_the_race(tmp):  # the other process renames its build into place while ours is being written
+        write("other")(tmp)
+        write_folder_atomically(out, write("first"))
+
+    write_folder_atomically(out, loses_the_race, replace=False)
+    assert (out / "who").read_text() == "first"
+    write_folder_atomically(out, write("later"), replace=False)
+    assert (out / "who").read_text() == "first"
+    assert [p.name for p in out.parent.iterdir()] == ["model"]  # no build left aside
+    write_folder_atomically(out, write("saved"))
+    assert (out / "who").read_text() == "saved"

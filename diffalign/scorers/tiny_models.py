@@ -221,12 +221,12 @@ def _write(kind: str, out: Path, seed: int) -> None:
         raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
 
 
-def save_tiny_scorer(kind: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def save_tiny_scorer(kind: str, out_dir: str | os.PathLike, seed: int = 0, replace: bool = True) -> Path:
     """Write the tiny ``kind`` scorer model folder, atomically."""
     if kind not in TINY_SCORER_KINDS:
         raise ValueError(f"unknown tiny scorer kind {kind!r}; expected one of {', '.join(TINY_SCORER_KINDS)}")
 
-    return write_folder_atomically(out_dir, lambda tmp: _write(kind, tmp, seed))
+    return write_folder_atomically(out_dir, lambda tmp: _write(kind, tmp, seed), replace)
 
 
 def cached_tiny_scorer(kind: str, seed: int = 0) -> Path:
@@ -234,7 +234,7 @@ def cached_tiny_scorer(kind: str, seed: int = 0) -> Path:
 
     path = cache_dir() / "tiny-scorers" / f"{kind}-seed{seed}-v{TINY_SCORER_VERSION}"
     if not path.is_dir() or not any(path.iterdir()):
-        save_tiny_scorer(kind, path, seed)
+        save_tiny_scorer(kind, path, seed, replace=False)
     return path
 
 

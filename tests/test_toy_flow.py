@@ -47,7 +47,8 @@ def test_training_attention_with_one_repeated_token_equals_the_stock_pipeline_wi
     embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, device="cpu",
                                               do_classifier_free_guidance=False)
     assert torch.equal(embeds[:, CLIP_TOKENS:], torch.zeros_like(embeds[:, CLIP_TOKENS:]))
-    short, short_pooled = encode_captions(pipe, captions)
+    short, short_pooled = encode_captions(pipe, captions)  # the sd3 family's training encoding
+    assert {type(p).__name__ for p in pipe.transformer.attn_processors.values()} == {"JointAttnProcessor2_0"}
     assert embeds.shape[1] == CLIP_TOKENS + T5_ZERO_TOKENS and short.shape[1] == CLIP_TOKENS + 1
     assert torch.equal(short_pooled, pooled) and torch.equal(short, embeds[:, :CLIP_TOKENS + 1])
     x, t = torch.randn(3, 4, 16, 16), torch.tensor([999.0, 500.0, 10.0])

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffalign.families import FAMILIES
 from diffalign.flow_matching import use_repeated_context
-from diffalign.models import diffusers_log_level
 from diffalign.toy import data
 from diffalign.toy.data import IMAGE_SIZE
 from diffalign.toy.evaluate import caption_accuracy
@@ -113,16 +113,19 @@ class FlowPretrainConfig:
 
 @torch.no_grad()
 def encode_captions(pipe, captions: list[str], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """SD3 conditioning of each caption with the T5 zeros collapsed to one token: [N, CLIP tokens + 1, 32]
-    token states (see the module docstring) and [N, 32] pooled."""
+    """SD3 conditioning of each caption as the ``sd3`` family encodes training captions, the T5 zeros as one
+    token (see the module docstring): [N, CLIP tokens + 1, 32] token states and [N, 32] pooled."""
     embeds, pooled = [], []
-    # the pipeline warns, per batch, that T5 truncated every caption to the one token asked for
-    with diffusers_log_level(logging.ERROR):
+    processors = pipe.transformer.attn_processors  # the family sets its own; the pipe keeps stock ones
+    try:
         for i in range(0, len(captions), batch_size):
-            e, _, p, _ = pipe.encode_prompt(captions[i : i + batch_size], None, None, device=pipe.device,
-                                            do_classifier_free_guidance=False, max_sequence_length=1)
-            embeds.append(e)
-            pooled.append(p)
+            cond = FAMILIES["sd3"].encode_prompt(pipe, captions[i : i + batch_size], pipe.device)
+            if "context_repeats" not in cond:
+                raise RuntimeError("toy-sd3's T5 must give zero token states (they train as one token)")
+            embeds.append(cond["encoder_hidden_states"])
+            pooled.append(cond["pooled_projections"])
+    finally:
+        pipe.transformer.set_attn_processor(processors)
     return torch.cat(embeds), torch.cat(pooled)
 
 

@@ -504,21 +504,19 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, replace: bool = True) -> Pat
 
 def write_folder_atomically(out_dir: str | os.PathLike, write, replace: bool = True) -> Path:
     """Call ``write(tmp)`` on a fresh sibling folder, then swap it into place: a crash leaves the old folder
-    or none. With ``replace=False`` (a cache that processes started together may all fill) a folder another
-    process put there first is kept and ours dropped, so nobody loading it sees it removed."""
+    or none. With ``replace=False`` (a cache that processes started together may all fill) a non-empty folder
+    another process put there first is kept and ours dropped, so nobody loading it sees it removed."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
         apply_umask(tmp)
-        if out.exists():
-            if not replace:
-                return out
+        if replace and out.exists():
             shutil.rmtree(out)
         try:
-            os.replace(tmp, out)
-        except OSError:  # a non-empty folder appeared in between: another process's identical build
+            os.replace(tmp, out)  # onto an empty folder it succeeds, onto a non-empty one it fails
+        except OSError:  # not replacing: a non-empty folder is there, another process's identical build
             if replace or not out.exists():
                 raise
     finally:

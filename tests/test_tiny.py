@@ -103,3 +103,7 @@ def test_a_cache_build_keeps_the_folder_another_process_placed_first(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["model"]  # no build left aside
     write_folder_atomically(out, write("saved"))
     assert (out / "who").read_text() == "saved"
+    empty = tmp_path / "cache" / "empty"  # an empty folder is no build: the cache fills it
+    empty.mkdir()
+    write_folder_atomically(empty, write("built"), replace=False)
+    assert (empty / "who").read_text() == "built"

@@ -158,4 +158,5 @@ def test_readme_states_the_suite_time():
     text = README.read_text(encoding="utf-8")
     match = re.search(r"python -m pytest\s+#.*~(\d+) min on 2 cores", text)
     assert match, "the README states how long the suite takes"
-    assert 1 <= int(match.group(1)) <= 90  # a time CI's 90-minute limit allows (measured: BENCHMARKS.md)
+    # measured 16 min 50 s on 2 idle cores, two xdist workers (BENCHMARKS.md "Test suite time"); ~5 was wrong
+    assert int(match.group(1)) >= 10

@@ -541,6 +541,8 @@ def cache_dir() -> Path:
 def cached_tiny(kind: str, seed: int = 0) -> Path:
     """Path of the tiny ``kind`` pipeline folder, built on first use."""
     path = cache_dir() / "tiny" / f"{kind}-seed{seed}-v{TINY_VERSION}"
-    if not (path / "model_index.json").exists():
-        save_pipeline(build_tiny(kind, seed), path, replace=False)
+    index = path / "model_index.json"
+    if not index.exists():
+        # builds land whole (renamed into place), so a folder without its index is a leftover to replace
+        save_pipeline(build_tiny(kind, seed), path, replace=path.exists())
     return path

@@ -6,7 +6,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from diffalign.tiny import build_clip_tokenizer, save_tiny, write_folder_atomically
+from diffalign.tiny import build_clip_tokenizer, cached_tiny, save_tiny, write_folder_atomically
 
 # Strings without HTML entities or '!': open_clip also html-unescapes (HF's CLIP tokenizer does not), and
 # SDXL's second tokenizer pads with '!', which HF then splits out as a special token (the real one does too).
@@ -107,3 +107,11 @@ def test_a_cache_build_keeps_the_folder_another_process_placed_first(tmp_path):
     empty.mkdir()
     write_folder_atomically(empty, write("built"), replace=False)
     assert (empty / "who").read_text() == "built"
+
+
+def test_a_cached_tiny_folder_without_its_index_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path))
+    path = cached_tiny("sd")
+    (path / "model_index.json").unlink()  # what a crash of a non-atomic write would leave
+    assert cached_tiny("sd") == path and (path / "model_index.json").is_file()
+    DiffusionPipeline.from_pretrained(path)
